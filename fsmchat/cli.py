@@ -1,0 +1,82 @@
+"""Command line: ``fsmchat [options]`` serves; ``fsmchat diagrams`` draws the lifecycle.
+
+Every mistake in the arguments ends with status 2 and one line on stderr that names the option,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import NoReturn
+
+from fsmchat import __version__, diagrams
+from fsmchat.events import FORMATS, LEVELS
+from fsmchat.server import Options, run
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid port {text!r}: expected a whole number from 0 to 65535") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {port}: must be from 0 to 65535")
+    return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(
+            f"invalid number of seconds {text!r}: expected a number of 0 or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fsmchat",
+        description="An event-driven chat relay: every byte a client sends is forwarded to every "
+                    "other connected client. One select() loop, a state machine per connection, "
+                    "one JSON status event per line on stdout.",
+        epilog="Draw the connection lifecycle with: fsmchat diagrams --help",
+    )
+    parser.add_argument("--port", type=_port, default=8080,
+                        help="TCP port to listen on; 0 picks a free one, reported in the "
+                             "server.started event (default: %(default)s)")
+    parser.add_argument("--host", default=None, metavar="ADDR",
+                        help="address or host name to listen on (default: every interface, "
+                             "IPv6 and IPv4)")
+    parser.add_argument("--log-level", choices=LEVELS, default="debug",
+                        help="least important events shown: debug shows every read and write, "
+                             "info only the lifecycle (accepts, closes, start, stop), warning only "
+                             "problems (default: %(default)s)")
+    parser.add_argument("--log-format", choices=FORMATS, default="json",
+                        help="json: one JSON object per line, for jq and log aggregators; "
+                             "console: the same events for people (default: %(default)s)")
+    parser.add_argument("--drain-timeout", type=_seconds, default=5.0, metavar="SECONDS",
+                        help="on SIGINT/SIGTERM, how long connections may take to receive what "
+                             "is queued for them before they are closed anyway; a second signal "
+                             "closes them at once (default: %(default)s)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["diagrams"]:
+        return diagrams.main(args[1:])
+    ns = build_parser().parse_args(args)
+    options = Options(host=ns.host, port=ns.port, log_level=ns.log_level,
+                      log_format=ns.log_format, drain_timeout=ns.drain_timeout)
+    return run(options)

@@ -1,0 +1,207 @@
+"""One client connection: a socket, its outgoing queue, and its place in the lifecycle.
+
+Every connection is a model of the one shared ``transitions`` machine built from
+``lifecycle.TRANSITIONS``. The loop's readiness reaches it as triggers through ``fire``, and the
+table decides what a trigger means in the current state:
+
+- a row that changes state goes through the machine, which checks the source, sets ``state`` and
+  runs the row's action;
+- an internal row (``readable``/``writable``, the hot path) runs the same action directly, which
+  skips the machine's bookkeeping (it costs microseconds per call) but not the table: the row is
+  looked up exactly as the machine would, and a trigger with no row raises ``InvalidTrigger``.
+
+Actions do the socket work and may fire the next trigger (an empty queue while draining fires
+``drained``); they never close a socket mid-turn: ``detach`` hands the connection to the hub, which
+releases it when the loop step ends (Redis's CLOSE_ASAP), so no descriptor is reused while the
+loop still holds its number.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from structlog.typing import FilteringBoundLogger
+from transitions import Machine
+
+from fsmchat import lifecycle
+from fsmchat.lifecycle import InvalidTrigger, State, Trigger
+from fsmchat.loop import EventLoop
+from fsmchat.outqueue import OutQueue
+
+RECV_SIZE = 64 * 1024
+"""Bytes one recv may return: one message, and the most one sender gets per loop turn."""
+
+_REASONS = {errno.ECONNRESET: "reset", errno.EPIPE: "broken_pipe", errno.ETIMEDOUT: "timeout"}
+
+logging.getLogger("transitions").setLevel(logging.WARNING)  # it logs every callback at INFO
+
+
+class Hub(Protocol):
+    """What a connection needs from the server around it."""
+
+    loop: EventLoop
+    log: FilteringBoundLogger
+    readers: dict[int, Connection]  # connections that take new messages
+
+    def broadcast(self, sender: Connection, data: bytes) -> None: ...
+
+    def release_soon(self, conn: Connection) -> None: ...
+
+    def forget(self, conn: Connection) -> None: ...
+
+
+class Connection:
+    state: str  # owned by MACHINE
+
+    def __init__(self, sock: socket.socket, peer: str, hub: Hub) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.hub = hub
+        self.queue = OutQueue()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.opened = time.monotonic()
+        self.reason = ""  # why it closes; set by the first thing that decides so
+        MACHINE.add_model(self)
+
+    def __repr__(self) -> str:
+        return f"<Connection fd={self.fd} {self.peer} {self.state}>"
+
+    # -- triggers -------------------------------------------------------------------------
+
+    def fire(self, trigger: Trigger) -> None:
+        state = self.state
+        step = _STEPS.get((state, trigger))
+        if step is None:
+            raise InvalidTrigger(state, trigger)
+        dest, action = step
+        if dest is None:
+            action(self)
+            return
+        self.hub.log.debug("connection.state", fd=self.fd, **{"from": state, "to": dest},
+                           trigger=trigger)
+        MACHINE.events[trigger].trigger(self)
+
+    def on_readable(self) -> None:
+        self.fire(Trigger.READABLE)
+
+    def on_writable(self) -> None:
+        self.fire(Trigger.WRITABLE)
+
+    def close_because(self, reason: str) -> None:
+        """Close without delivering what is queued, unless it is closing already."""
+        if lifecycle.allowed(self.state, Trigger.FAIL):
+            self.reason = self.reason or reason
+            self.fire(Trigger.FAIL)
+
+    def enqueue(self, data: bytes) -> None:
+        if not self.queue:
+            self.hub.loop.want_write(self.fd, True)
+        self.queue.append(data)
+
+    # -- actions, named by lifecycle.TRANSITIONS ---------------------------------------------
+
+    def join(self) -> None:
+        self.hub.readers[self.fd] = self
+        self.hub.loop.want_read(self.fd, True)
+
+    def receive(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._failed("recv", exc)
+            return
+        if not data:
+            self.reason = "peer_closed"
+            self.fire(Trigger.HANGUP)
+            return
+        self.bytes_in += len(data)
+        self.hub.log.debug("data.received", fd=self.fd, bytes=len(data))
+        self.hub.broadcast(self, data)
+
+    def flush(self) -> None:
+        queue = self.queue
+        try:
+            if len(queue) == 1:
+                sent = self.sock.send(queue.head())
+            else:
+                sent = self.sock.sendmsg(queue.chunk())
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._failed("send", exc)
+            return
+        queue.consume(sent)
+        self.bytes_out += sent
+        self.hub.log.debug("data.sent", fd=self.fd, bytes=sent, queued=queue.nbytes)
+        if not queue:
+            self.hub.loop.want_write(self.fd, False)
+            if self.state == State.DRAINING:
+                self.fire(Trigger.DRAINED)
+
+    def leave(self) -> None:
+        self.reason = self.reason or "server_shutdown"
+        self.hub.readers.pop(self.fd, None)
+        self.hub.loop.want_read(self.fd, False)
+        if not self.queue:
+            self.fire(Trigger.DRAINED)
+
+    def detach(self) -> None:
+        self.hub.readers.pop(self.fd, None)
+        self.hub.loop.unregister(self.fd)
+        self.queue.clear()
+        self.hub.release_soon(self)
+
+    def finish(self) -> None:
+        self.sock.close()
+        MACHINE.remove_model(self)
+        self.hub.forget(self)
+        self.hub.log.info("connection.closed", fd=self.fd, peer=self.peer, reason=self.reason,
+                          bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                          seconds=round(time.monotonic() - self.opened, 3))
+
+    def _failed(self, op: str, exc: OSError) -> None:
+        code = exc.errno or 0
+        name = errno.errorcode.get(code, str(code))
+        self.hub.log.warning("connection.error", fd=self.fd, peer=self.peer, op=op,
+                             error=f"{name}: {exc.strerror}")
+        self.close_because(_REASONS.get(code, name.lower()))
+
+
+MACHINE = Machine(
+    model=None,
+    states=[state.value for state in State],
+    initial=lifecycle.INITIAL.value,
+    transitions=[
+        {"trigger": row.trigger.value, "source": [s.value for s in row.sources],
+         "dest": row.dest.value if row.dest else None, "after": row.action}
+        for row in lifecycle.TRANSITIONS
+    ],
+    auto_transitions=False,
+    send_event=False,
+)
+"""The one machine every connection shares (add_model/remove_model), built from the table."""
+
+_Action = Callable[[Connection], None]
+
+
+def _steps() -> dict[tuple[str, str], tuple[State | None, _Action]]:
+    def noop(conn: Connection) -> None:
+        pass
+
+    return {
+        key: (row.dest, getattr(Connection, row.action) if row.action else noop)
+        for key, row in lifecycle.ROWS.items()
+    }
+
+
+_STEPS = _steps()
+"""(state, trigger) -> (dest, action): lifecycle.ROWS with the actions resolved once."""

@@ -1,0 +1,128 @@
+"""Status events: one JSON object per line on stdout, written once per loop turn.
+
+structlog turns each call into ``{"timestamp", "level", "event", ...fields}`` (orjson renders it);
+the ``EventSink`` keeps the rendered lines until the loop is about to sleep and then writes them in
+one call, so ``jq`` on a pipe sees every event within a turn but a busy turn costs one ``write``,
+not one per event. ``CATALOGUE`` lists every event the server emits, with its level and fields:
+the README's table and the tests read it.
+
+Rules it keeps:
+- Debug-level calls cost a no-op method call when the level is higher (structlog's filtering
+  logger), so per-read and per-write events are free at ``--log-level info``.
+- A log consumer that goes away (EPIPE) stops the logging, never the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import orjson
+import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("json", "console")
+
+
+@dataclass(frozen=True, slots=True)
+class EventSpec:
+    name: str
+    level: str
+    fields: tuple[str, ...]
+    doc: str
+
+
+CATALOGUE: tuple[EventSpec, ...] = (
+    EventSpec("server.started", "info", ("host", "port", "pid"),
+              "the listener is bound; port is the one actually bound (useful with --port 0)"),
+    EventSpec("server.failed", "error", ("host", "port", "error"),
+              "the server could not start (port in use, address not available, ...)"),
+    EventSpec("server.stopping", "info", ("signal", "connections"),
+              "a signal arrived: no more accepts, every connection drains"),
+    EventSpec("server.forced", "warning", ("reason", "connections"),
+              "connections still draining are closed at once (second signal or drain timeout)"),
+    EventSpec("server.stopped", "info", ("connections", "bytes_in", "bytes_out", "seconds"),
+              "everything is closed; totals since start"),
+    EventSpec("connection.accepted", "info", ("fd", "peer"), "a client connected"),
+    EventSpec("connection.rejected", "warning", ("peer", "reason"),
+              "a client was accepted and closed at once (reason: fd_limit)"),
+    EventSpec("connection.state", "debug", ("fd", "from", "to", "trigger"),
+              "a connection moved in its lifecycle"),
+    EventSpec("connection.error", "warning", ("fd", "peer", "op", "error"),
+              "a socket call failed; the connection closes, nothing else is affected"),
+    EventSpec("connection.closed", "info",
+              ("fd", "peer", "reason", "bytes_in", "bytes_out", "seconds"),
+              "a connection is gone; reason says why"),
+    EventSpec("accept.failed", "warning", ("error", "retry_in"),
+              "accept failed (out of descriptors or memory); the listener pauses, then retries"),
+    EventSpec("data.received", "debug", ("fd", "bytes"), "one recv: one message"),
+    EventSpec("data.sent", "debug", ("fd", "bytes", "queued"),
+              "one send; queued is what is still waiting for that client"),
+    EventSpec("lifecycle.bug", "error", ("fd", "state", "trigger", "exception"),
+              "a trigger the table does not allow, or an exception in an action; "
+              "the connection is closed and the server goes on"),
+)
+
+
+class EventSink:
+    """The structlog 'logger': collects rendered lines; the loop flushes them once per turn."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._lines: list[bytes] = []
+        self._broken = False
+
+    def msg(self, line: bytes | str) -> None:
+        if isinstance(line, str):
+            line = line.encode()
+        self._lines.append(line)
+
+    debug = info = warning = error = critical = msg
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        lines, self._lines = self._lines, []
+        if self._broken:
+            return
+        lines.append(b"")
+        try:
+            self._stream.write(b"\n".join(lines))
+            self._stream.flush()
+        except BrokenPipeError:
+            self._broken = True
+
+
+def _header_first(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """timestamp, level, event first, so a raw line reads well before any field."""
+    return {
+        "timestamp": event.pop("timestamp"),
+        "level": event.pop("level"),
+        "event": event.pop("event"),
+        **event,
+    }
+
+
+def _dumps(event: EventDict, **_: Any) -> bytes:
+    return orjson.dumps(event, default=str)
+
+
+def make_logger(sink: EventSink, level: str, fmt: str) -> FilteringBoundLogger:
+    renderer: structlog.typing.Processor
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer(serializer=_dumps)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False, sort_keys=False)
+    processors: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        _header_first,
+        renderer,
+    ]
+    wrapper = structlog.make_filtering_bound_logger(logging.getLevelName(level.upper()))
+    logger: FilteringBoundLogger = structlog.wrap_logger(
+        sink, processors=processors, wrapper_class=wrapper).bind()
+    return logger

@@ -1,0 +1,125 @@
+"""The event loop: descriptors, interest masks and timers, nothing else.
+
+Modelled on Redis's ``ae.c``: each turn runs ``before_sleep``, waits in the one ``select`` call of
+the package for as long as the nearest timer allows, then hands every ready descriptor to its
+handler (reads first, then writes) and runs the timers that are due. The loop knows nothing of
+chat, connections or logging; handlers decide what readiness means.
+
+Rules it keeps:
+- A descriptor is watched for writing only while someone asked for it (``want_write``); callers
+  ask only while they have output pending, so an idle socket never wakes the loop.
+- Interest is re-checked before each dispatch: a handler may drop another descriptor's interest
+  (or unregister it) in the same turn, and a dropped descriptor is then not called.
+- The select timeout is the time to the nearest timer; with no timer the loop sleeps until a
+  descriptor is ready. It never polls.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import select
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Handler(Protocol):
+    def on_readable(self) -> None: ...
+
+    def on_writable(self) -> None: ...
+
+
+class Timer:
+    """A callback due at a monotonic deadline; ``cancel`` makes it a no-op."""
+
+    __slots__ = ("deadline", "seq", "callback", "cancelled")
+
+    def __init__(self, deadline: float, seq: int, callback: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.seq = seq
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __lt__(self, other: Timer) -> bool:
+        return (self.deadline, self.seq) < (other.deadline, other.seq)
+
+
+class EventLoop:
+    def __init__(self) -> None:
+        self._handlers: dict[int, Handler] = {}  # fd -> who handles its readiness
+        self._reads: set[int] = set()  # fds select watches for reading
+        self._writes: set[int] = set()  # fds select watches for writing
+        self._timers: list[Timer] = []  # heap by deadline; cancelled ones drop out when due
+        self._seq = itertools.count()  # ties between equal deadlines go first-come first-served
+        self._running = False
+        self.before_sleep: Callable[[], None] = lambda: None  # end of every turn, before select
+        self.turns = 0  # loop iterations so far
+
+    def register(self, fd: int, handler: Handler, *, read: bool = True) -> None:
+        self._handlers[fd] = handler
+        if read:
+            self._reads.add(fd)
+
+    def unregister(self, fd: int) -> None:
+        self._handlers.pop(fd, None)
+        self._reads.discard(fd)
+        self._writes.discard(fd)
+
+    def want_read(self, fd: int, on: bool) -> None:
+        if on:
+            self._reads.add(fd)
+        else:
+            self._reads.discard(fd)
+
+    def want_write(self, fd: int, on: bool) -> None:
+        if on:
+            self._writes.add(fd)
+        else:
+            self._writes.discard(fd)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + delay, next(self._seq), callback)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def stop(self) -> None:
+        """End ``run`` after the current turn."""
+        self._running = False
+
+    def run(self) -> None:
+        self._running = True
+        reads, writes, handlers = self._reads, self._writes, self._handlers
+        while self._running:
+            self.before_sleep()
+            if not self._running:
+                break
+            readable, writable, _ = select.select(reads, writes, (), self._timeout())
+            self.turns += 1
+            for fd in readable:
+                if fd in reads:
+                    handlers[fd].on_readable()
+            for fd in writable:
+                if fd in writes:
+                    handlers[fd].on_writable()
+            if self._timers:
+                self._run_due_timers()
+
+    def _timeout(self) -> float | None:
+        timers = self._timers
+        while timers and timers[0].cancelled:
+            heapq.heappop(timers)
+        if not timers:
+            return None
+        return max(0.0, timers[0].deadline - time.monotonic())
+
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0].deadline <= now:
+            timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                timer.callback()

@@ -1,0 +1,309 @@
+"""The chat: a listener, the table of connections, broadcast and an orderly shutdown.
+
+The server owns what is shared between connections; each connection owns its socket, queue and
+state. A readable listener means ``accept`` (in a bounded batch), a readable client means a
+``readable`` trigger on that client's model: the two are told apart by the handler the loop holds
+for each descriptor. At the end of each loop step the server releases the connections that moved to
+``closing`` during it, and stops the loop once it is stopping and nobody is left.
+
+Rules it keeps:
+- A message is appended, as the same bytes object, to the queue of every *other* connection in
+  ``reading``; connections that are draining or closing take no new messages.
+- A descriptor ``select`` cannot watch (at or above FD_SETSIZE) is never handed to the loop: the
+  client is closed at once with a ``connection.rejected`` warning.
+- Running out of descriptors pauses accepting for a moment (or until a connection closes) instead
+  of spinning on a listener that stays readable.
+- First SIGINT/SIGTERM: stop accepting, let every connection drain. Second signal, or the drain
+  timeout: close whatever is left. Either way the process ends with status 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from structlog.typing import FilteringBoundLogger
+
+from fsmchat.connection import Connection
+from fsmchat.events import EventSink, make_logger
+from fsmchat.lifecycle import InvalidTrigger, Trigger
+from fsmchat.loop import EventLoop, Timer
+from fsmchat.signals import SignalWatch
+
+FD_SETSIZE = 1024
+"""select() watches descriptors below this number only (glibc's fixed fd_set)."""
+
+ACCEPT_BATCH = 64
+"""Connections accepted per readable listener event, so a connect storm cannot starve chat."""
+
+ACCEPT_RETRY = 0.25
+"""Seconds the listener rests after accept ran out of descriptors or memory."""
+
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    host: str | None  # None: every interface, IPv6 and IPv4 where the system allows
+    port: int
+    log_level: str = "debug"
+    log_format: str = "json"
+    drain_timeout: float = 5.0
+
+
+class Reader:
+    """A loop handler for descriptors that are only ever read: listeners, the signal socket."""
+
+    __slots__ = ("on_readable",)
+
+    def __init__(self, on_readable: Callable[[], None]) -> None:
+        self.on_readable = on_readable
+
+    def on_writable(self) -> None:
+        raise AssertionError("a read-only descriptor was reported writable")
+
+
+class ChatServer:
+    def __init__(self, listener: socket.socket, loop: EventLoop, log: FilteringBoundLogger,
+                 *, drain_timeout: float) -> None:
+        self.listener = listener
+        self.loop = loop
+        self.log = log
+        self.drain_timeout = drain_timeout
+        self.connections: dict[int, Connection] = {}  # every connection not yet closed, by fd
+        self.readers: dict[int, Connection] = {}  # those in `reading`: they take new messages
+        self._closing: list[Connection] = []  # moved to `closing` this step; released after it
+        self._accept_timer: Timer | None = None  # set while accepting is paused
+        self.stopping = False
+        self.started = time.monotonic()
+        self.accepted = 0
+        self.bytes_in = 0  # of connections already closed; live ones add theirs at the end
+        self.bytes_out = 0
+        loop.register(listener.fileno(), Reader(self._accept))
+
+    # -- the Hub a connection sees ----------------------------------------------------------
+
+    def broadcast(self, sender: Connection, data: bytes) -> None:
+        for conn in self.readers.values():
+            if conn is not sender:
+                conn.enqueue(data)
+
+    def release_soon(self, conn: Connection) -> None:
+        self._closing.append(conn)
+
+    def forget(self, conn: Connection) -> None:
+        del self.connections[conn.fd]
+        self.bytes_in += conn.bytes_in
+        self.bytes_out += conn.bytes_out
+        if self._accept_timer is not None:
+            self._resume_accepting()
+
+    # -- loop callbacks ---------------------------------------------------------------------
+
+    def end_of_step(self) -> None:
+        """Release what closed during the step; stop once stopping and nobody is left."""
+        while self._closing:
+            closing, self._closing = self._closing, []
+            for conn in closing:
+                self.fire(conn, Trigger.RELEASE)
+        if self.stopping and not self.connections:
+            self.loop.stop()
+
+    def on_signals(self, received: list[signal.Signals]) -> None:
+        for signum in received:
+            if not self.stopping:
+                self._begin_shutdown(signum)
+            else:
+                self._force_close("second_signal")
+
+    def fire(self, conn: Connection, trigger: Trigger) -> None:
+        """Fire a trigger the server decided on; a bug is logged and closes that client only."""
+        try:
+            conn.fire(trigger)
+        except Exception as exc:  # noqa: BLE001 - one client's bug must not stop the others
+            self.bug(conn, trigger, exc)
+
+    def bug(self, conn: Connection, trigger: str, exc: Exception) -> None:
+        self.log.error("lifecycle.bug", fd=conn.fd, state=conn.state, trigger=trigger,
+                       exception=repr(exc), exc_info=not isinstance(exc, InvalidTrigger))
+        try:
+            conn.close_because("internal_error")
+        except Exception:  # noqa: BLE001 - the table itself is broken: take it out by hand
+            self.loop.unregister(conn.fd)
+            self.readers.pop(conn.fd, None)
+            conn.sock.close()
+            self.connections.pop(conn.fd, None)
+
+    # -- accepting ----------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause_accepting(exc)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone, try the next
+            self._admit(sock, format_peer(address))
+
+    def _admit(self, sock: socket.socket, peer: str) -> None:
+        fd = sock.fileno()
+        if fd >= FD_SETSIZE:
+            self.log.warning("connection.rejected", peer=peer, reason="fd_limit")
+            sock.close()
+            return
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(sock, peer, self)
+        self.connections[fd] = conn
+        self.accepted += 1
+        self.loop.register(fd, _Guarded(conn, self), read=False)
+        self.log.info("connection.accepted", fd=fd, peer=peer)
+        self.fire(conn, Trigger.START)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        self.loop.want_read(self.listener.fileno(), False)
+        self._accept_timer = self.loop.call_later(ACCEPT_RETRY, self._resume_accepting)
+        self.log.warning("accept.failed", error=f"{errno.errorcode.get(exc.errno or 0)}: "
+                         f"{exc.strerror}", retry_in=ACCEPT_RETRY)
+
+    def _resume_accepting(self) -> None:
+        if self._accept_timer is not None:
+            self._accept_timer.cancel()
+            self._accept_timer = None
+        if not self.stopping:
+            self.loop.want_read(self.listener.fileno(), True)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def _begin_shutdown(self, signum: signal.Signals) -> None:
+        self.stopping = True
+        self.log.info("server.stopping", signal=signum.name, connections=len(self.connections))
+        self.loop.unregister(self.listener.fileno())
+        self.listener.close()
+        if self._accept_timer is not None:
+            self._accept_timer.cancel()
+        for conn in list(self.readers.values()):
+            self.fire(conn, Trigger.SHUTDOWN)
+        self.loop.call_later(self.drain_timeout, lambda: self._force_close("drain_timeout"))
+
+    def _force_close(self, reason: str) -> None:
+        if not self.connections:
+            return
+        self.log.warning("server.forced", reason=reason, connections=len(self.connections))
+        for conn in list(self.connections.values()):
+            try:
+                conn.close_because(reason)
+            except Exception as exc:  # noqa: BLE001
+                self.bug(conn, Trigger.FAIL, exc)
+
+    def totals(self) -> dict[str, float]:
+        live = self.connections.values()
+        return {
+            "connections": self.accepted,
+            "bytes_in": self.bytes_in + sum(c.bytes_in for c in live),
+            "bytes_out": self.bytes_out + sum(c.bytes_out for c in live),
+            "seconds": round(time.monotonic() - self.started, 3),
+        }
+
+
+class _Guarded:
+    """The loop handler for a client: readiness becomes a trigger; a bug closes that client only."""
+
+    __slots__ = ("conn", "server")
+
+    def __init__(self, conn: Connection, server: ChatServer) -> None:
+        self.conn = conn
+        self.server = server
+
+    def on_readable(self) -> None:
+        try:
+            self.conn.fire(Trigger.READABLE)
+        except Exception as exc:  # noqa: BLE001
+            self.server.bug(self.conn, Trigger.READABLE, exc)
+
+    def on_writable(self) -> None:
+        try:
+            self.conn.fire(Trigger.WRITABLE)
+        except Exception as exc:  # noqa: BLE001
+            self.server.bug(self.conn, Trigger.WRITABLE, exc)
+
+
+def format_peer(address: object) -> str:
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]  # an IPv4 client on a dual-stack listener
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address) or "unnamed"
+
+
+class ListenError(Exception):
+    """The listener could not be set up; ``usage`` is True when the host itself is bad."""
+
+    def __init__(self, message: str, *, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+def open_listener(host: str | None, port: int) -> socket.socket:
+    try:
+        if host is None:
+            try:
+                sock = socket.create_server(("::", port), family=socket.AF_INET6,
+                                            dualstack_ipv6=True, backlog=socket.SOMAXCONN)
+            except (OSError, ValueError):  # no IPv6 here: every IPv4 interface then
+                sock = socket.create_server(("0.0.0.0", port), backlog=socket.SOMAXCONN)
+        else:
+            family, _, _, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            sock = socket.create_server(address[:2], family=family, backlog=socket.SOMAXCONN)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot resolve --host {host!r}: {exc.strerror}", usage=True) from None
+    except OSError as exc:
+        where = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
+        raise ListenError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def run(options: Options) -> int:
+    """Serve until a signal ends it; return the exit status."""
+    sink = EventSink(sys.stdout.buffer)
+    log = make_logger(sink, options.log_level, options.log_format)
+    try:
+        listener = open_listener(options.host, options.port)
+    except ListenError as exc:
+        log.error("server.failed", host=options.host, port=options.port, error=str(exc))
+        sink.flush()
+        print(f"fsmchat: {exc}", file=sys.stderr)
+        return 2 if exc.usage else 1
+    loop = EventLoop()
+    server = ChatServer(listener, loop, log, drain_timeout=options.drain_timeout)
+    signals = SignalWatch((signal.SIGINT, signal.SIGTERM))
+    loop.register(signals.fileno(), Reader(lambda: server.on_signals(signals.take())))
+
+    def end_of_step() -> None:
+        server.end_of_step()
+        sink.flush()
+
+    loop.before_sleep = end_of_step
+    host, port = listener.getsockname()[:2]
+    log.info("server.started", host=host, port=port, pid=os.getpid())
+    try:
+        loop.run()
+    finally:
+        signals.close()
+    log.info("server.stopped", **server.totals())
+    sink.flush()
+    return 0

@@ -1,0 +1,519 @@
+"""Black-box harness for fsmchat: a real server process and real TCP clients.
+
+The server is started as ``python -m fsmchat --port 0 --host 127.0.0.1`` and its
+stdout (one structlog JSON object per line) is read by a background thread of
+the *test* process into a list guarded by a :class:`threading.Condition`.
+Tests wait on that list instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import IO, Any
+
+import pytest
+
+Event = dict[str, Any]
+
+HOST = "127.0.0.1"
+#: Upper bound for any single wait on the server (events, bytes, exit).
+WAIT = 10.0
+#: Hard per-test guard (SIGALRM in the test process's main thread).
+TEST_TIMEOUT = 60.0
+#: How long a "nothing arrives" read waits; only used after a positive proof.
+QUIET = 0.25
+
+
+class TestTimeoutError(Exception):
+    """Raised in the main thread when a test exceeds TEST_TIMEOUT."""
+
+
+@pytest.fixture(autouse=True)
+def _per_test_timeout() -> Iterator[None]:
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise TestTimeoutError(f"test exceeded {TEST_TIMEOUT:.0f}s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --------------------------------------------------------------------------
+# Server process
+# --------------------------------------------------------------------------
+
+
+def server_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fsmchat", *args]
+
+
+def server_env() -> dict[str, str]:
+    """The environment for the server: inherited, minus output-buffering crutches.
+
+    The server must flush its own log lines; we do not set PYTHONUNBUFFERED.
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    """Run the server command to completion (for argument / startup errors)."""
+    return subprocess.run(
+        server_command(*args),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=server_env(),
+        check=False,
+    )
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for tests that cannot read server.started)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def peer_of(sock: socket.socket) -> str:
+    """How the server names this client: "ip:port" of the client's local address."""
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+@dataclass
+class Client:
+    """A connected client and the server's view of it."""
+
+    sock: socket.socket
+    fd: int
+    peer: str
+    #: Index of this connection's ``connection.accepted`` event in the log.
+    accepted_index: int
+
+
+class ServerProcess:
+    """A running ``python -m fsmchat`` plus threads that collect its output."""
+
+    def __init__(self, args: Sequence[str]) -> None:
+        self.args = list(args)
+        self.proc = subprocess.Popen(
+            server_command(*args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=server_env(),
+        )
+        self._cond = threading.Condition()
+        self._lines: list[str] = []
+        self._events: list[Event] = []
+        #: For each raw stdout line, the index into _events (None if not JSON).
+        self._line_event: list[int | None] = []
+        self._bad_lines: list[str] = []
+        self._stdout_eof = False
+        self._stderr = bytearray()
+        self._clients: list[socket.socket] = []
+        self._port: int | None = None
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._out_thread = threading.Thread(
+            target=self._read_stdout, args=(self.proc.stdout,), daemon=True
+        )
+        self._err_thread = threading.Thread(
+            target=self._read_stderr, args=(self.proc.stderr,), daemon=True
+        )
+        self._out_thread.start()
+        self._err_thread.start()
+
+    # ---- output collection (background threads) -------------------------
+
+    def _read_stdout(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            parsed: Any
+            try:
+                parsed = json.loads(line)
+            except ValueError:
+                parsed = None
+            with self._cond:
+                self._lines.append(line)
+                if isinstance(parsed, dict):
+                    self._line_event.append(len(self._events))
+                    self._events.append(parsed)
+                else:
+                    self._line_event.append(None)
+                    self._bad_lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._stdout_eof = True
+            self._cond.notify_all()
+
+    def _read_stderr(self, stream: IO[bytes]) -> None:
+        while chunk := stream.read1(65536):
+            with self._cond:
+                self._stderr += chunk
+
+    # ---- accessors --------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            self._port = int(self.wait_for(lambda e: e.get("event") == "server.started")["port"])
+        return self._port
+
+    @port.setter
+    def port(self, value: int) -> None:
+        self._port = value
+
+    def events(self, name: str | None = None) -> list[Event]:
+        with self._cond:
+            return [e for e in self._events if name is None or e.get("event") == name]
+
+    def lines(self) -> list[str]:
+        with self._cond:
+            return list(self._lines)
+
+    def bad_lines(self) -> list[str]:
+        """Stdout lines that were not a JSON object."""
+        with self._cond:
+            return list(self._bad_lines)
+
+    def stderr(self) -> str:
+        with self._cond:
+            return self._stderr.decode("utf-8", errors="replace")
+
+    def describe(self, tail: int = 15) -> str:
+        with self._cond:
+            last = self._lines[-tail:]
+        return (
+            f"server {self.args} exit={self.proc.poll()}\n"
+            f"--- last stdout lines ---\n" + "\n".join(last) + "\n"
+            f"--- stderr ---\n{self.stderr()[-3000:]}"
+        )
+
+    # ---- waiting ---------------------------------------------------------
+
+    def _wait(self, feed: Callable[[int, Event], bool], timeout: float, what: str) -> None:
+        """Feed every event (old and new, in order) to ``feed`` until it returns True."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                while seen < len(self._events):
+                    if feed(seen, self._events[seen]):
+                        return
+                    seen += 1
+                if self._stdout_eof:
+                    raise AssertionError(f"server output ended before {what}\n{self.describe()}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.describe()}")
+                self._cond.wait(remaining)
+
+    def wait_for_index(
+        self, predicate: Callable[[Event], bool], timeout: float = WAIT, what: str = "an event"
+    ) -> int:
+        found: list[int] = []
+
+        def feed(i: int, e: Event) -> bool:
+            if predicate(e):
+                found.append(i)
+                return True
+            return False
+
+        self._wait(feed, timeout, what)
+        return found[0]
+
+    def wait_for(
+        self, predicate: Callable[[Event], bool], timeout: float = WAIT, what: str = "an event"
+    ) -> Event:
+        index = self.wait_for_index(predicate, timeout, what)
+        with self._cond:
+            return self._events[index]
+
+    def wait_event(self, name: str, timeout: float = WAIT, **fields: Any) -> Event:
+        """First event called ``name`` whose fields equal ``fields``."""
+        return self.wait_for(
+            lambda e: e.get("event") == name and all(e.get(k) == v for k, v in fields.items()),
+            timeout,
+            f"{name} {fields}",
+        )
+
+    def wait_count(
+        self, predicate: Callable[[Event], bool], count: int, timeout: float = WAIT, what: str = "events"
+    ) -> list[Event]:
+        hits: list[Event] = []
+
+        def feed(i: int, e: Event) -> bool:
+            if predicate(e):
+                hits.append(e)
+            return len(hits) >= count
+
+        self._wait(feed, timeout, f"{count} x {what}")
+        return hits
+
+    def wait_line(self, predicate: Callable[[str], bool], timeout: float = WAIT) -> str:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                while seen < len(self._lines):
+                    if predicate(self._lines[seen]):
+                        return self._lines[seen]
+                    seen += 1
+                if self._stdout_eof:
+                    raise AssertionError(f"server output ended before the line\n{self.describe()}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"timed out waiting for a line\n{self.describe()}")
+                self._cond.wait(remaining)
+
+    # ---- per-connection views ---------------------------------------------
+
+    def connection_events(self, client: Client, name: str | None = None) -> list[Event]:
+        """Events about ``client``'s fd during this connection's life (fds get reused)."""
+        with self._cond:
+            out: list[Event] = []
+            for e in self._events[client.accepted_index + 1 :]:
+                if e.get("fd") != client.fd:
+                    continue
+                if e.get("event") == "connection.accepted":
+                    break
+                if name is None or e.get("event") == name:
+                    out.append(e)
+            return out
+
+    def bytes_received_from(self, client: Client) -> int:
+        return sum(int(e["bytes"]) for e in self.connection_events(client, "data.received"))
+
+    def bytes_sent_to(self, client: Client) -> int:
+        return sum(int(e["bytes"]) for e in self.connection_events(client, "data.sent"))
+
+    def wait_received_from(self, client: Client, total: int, timeout: float = WAIT) -> None:
+        """Wait until the server logged data.received bytes for ``client`` summing to ``total``."""
+        got = 0
+
+        def feed(i: int, e: Event) -> bool:
+            nonlocal got
+            if i <= client.accepted_index or e.get("fd") != client.fd:
+                return False
+            if e.get("event") == "data.received":
+                got += int(e["bytes"])
+            return got >= total
+
+        self._wait(feed, timeout, f"data.received from fd {client.fd} summing to {total}")
+        assert got == total, f"server received {got} bytes from fd {client.fd}, client sent {total}"
+
+    def wait_connection_event(
+        self, client: Client, name: str, predicate: Callable[[Event], bool] = lambda e: True, timeout: float = WAIT
+    ) -> Event:
+        """First ``name`` event for this connection (after its accepted event) matching ``predicate``."""
+        found: list[Event] = []
+
+        def feed(i: int, e: Event) -> bool:
+            if i > client.accepted_index and e.get("fd") == client.fd and e.get("event") == name and predicate(e):
+                found.append(e)
+                return True
+            return False
+
+        self._wait(feed, timeout, f"{name} for fd {client.fd}")
+        return found[0]
+
+    def wait_closed(self, client: Client, timeout: float = WAIT) -> Event:
+        """The connection.closed event of this connection."""
+        return self.wait_connection_event(client, "connection.closed", timeout=timeout)
+
+    # ---- clients -------------------------------------------------------------
+
+    def raw_connect(self, rcvbuf: int | None = None) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._clients.append(sock)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(WAIT)
+        sock.connect((HOST, self.port))
+        return sock
+
+    def connect(self, rcvbuf: int | None = None) -> Client:
+        """Connect and wait until the server has accepted (registered) this client."""
+        sock = self.raw_connect(rcvbuf)
+        peer = peer_of(sock)
+        index = self.wait_for_index(
+            lambda e: e.get("event") == "connection.accepted" and e.get("peer") == peer,
+            what=f"connection.accepted for {peer}",
+        )
+        with self._cond:
+            fd = int(self._events[index]["fd"])
+        return Client(sock=sock, fd=fd, peer=peer, accepted_index=index)
+
+    def connect_many(self, count: int) -> list[Client]:
+        return [self.connect() for _ in range(count)]
+
+    # ---- process control -------------------------------------------------------
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = WAIT) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"server did not exit within {timeout}s\n{self.describe()}") from None
+        self._out_thread.join(WAIT)
+        self._err_thread.join(WAIT)
+        return code
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = WAIT) -> int:
+        self.send_signal(sig)
+        return self.wait_exit(timeout)
+
+    def close(self) -> None:
+        for sock in self._clients:
+            sock.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(WAIT)
+        finally:
+            self._out_thread.join(WAIT)
+            self._err_thread.join(WAIT)
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+StartServer = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def start_server() -> Iterator[StartServer]:
+    """Factory: ``start_server(*extra_args, started=True)``; every process is killed at teardown.
+
+    With ``started=True`` the server is given ``--port 0 --host 127.0.0.1`` and we
+    wait for ``server.started`` (and read the port from it).
+    """
+    servers: list[ServerProcess] = []
+
+    def start(*extra: str, started: bool = True) -> ServerProcess:
+        args = ["--port", "0", "--host", HOST, *extra] if started else list(extra)
+        srv = ServerProcess(args)
+        servers.append(srv)
+        if started:
+            srv.port = int(srv.wait_event("server.started")["port"])
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.close()
+
+
+@pytest.fixture
+def server(start_server: StartServer) -> ServerProcess:
+    return start_server()
+
+
+# --------------------------------------------------------------------------
+# Client-side helpers
+# --------------------------------------------------------------------------
+
+
+def recv_exactly(sock: socket.socket, count: int, timeout: float = WAIT) -> bytes:
+    """Read exactly ``count`` bytes or fail (EOF, or no progress for ``timeout``)."""
+    buf = bytearray()
+    deadline = time.monotonic() + timeout
+    while len(buf) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"got {len(buf)} of {count} bytes within {timeout}s: {bytes(buf[:80])!r}...")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(min(count - len(buf), 1 << 20))
+        except TimeoutError:
+            continue
+        if not chunk:
+            raise AssertionError(f"EOF after {len(buf)} of {count} bytes: {bytes(buf[:80])!r}...")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_until_eof(sock: socket.socket, timeout: float = WAIT) -> bytes:
+    """Read until the server closes the connection (clean EOF) or fail on timeout."""
+    buf = bytearray()
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"no EOF within {timeout}s (got {len(buf)} bytes)")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(1 << 20)
+        except TimeoutError:
+            continue
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+
+
+def assert_nothing_arrives(sock: socket.socket, wait: float = QUIET) -> None:
+    """A negative check; callers first prove a later message already arrived elsewhere."""
+    sock.settimeout(wait)
+    try:
+        data = sock.recv(65536)
+    except TimeoutError:
+        return
+    finally:
+        sock.settimeout(WAIT)
+    raise AssertionError(f"unexpected data (or EOF) on the socket: {data[:80]!r}")
+
+
+def reset(sock: socket.socket) -> None:
+    """Close abruptly: SO_LINGER (on, 0 s) makes close() send an RST."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+class BackgroundReader:
+    """Reads ``count`` bytes from a socket in a thread (for concurrent large transfers)."""
+
+    def __init__(self, sock: socket.socket, count: int, timeout: float = 30.0) -> None:
+        self.sock = sock
+        self.count = count
+        self.timeout = timeout
+        self.data = b""
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.data = recv_exactly(self.sock, self.count, self.timeout)
+        except BaseException as exc:  # reported in result()
+            self.error = exc
+
+    def result(self) -> bytes:
+        self._thread.join(self.timeout + 5)
+        assert not self._thread.is_alive(), "reader thread still running"
+        if self.error is not None:
+            raise self.error
+        return self.data
