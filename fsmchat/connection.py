@@ -95,9 +95,13 @@ class Connection:
         self.fire(Trigger.WRITABLE)
 
     def close_because(self, reason: str) -> None:
-        """Close without delivering what is queued, unless it is closing already."""
+        """Close without delivering what is queued, unless it is closing already.
+
+        ``reason`` replaces one set earlier (a drain that began for ``peer_closed`` and was cut
+        short closes for ``drain_timeout``): it says why queued data was dropped.
+        """
         if lifecycle.allowed(self.state, Trigger.FAIL):
-            self.reason = self.reason or reason
+            self.reason = reason
             self.fire(Trigger.FAIL)
 
     def enqueue(self, data: bytes) -> None:

@@ -166,7 +166,7 @@ class ServerProcess:
             self._cond.notify_all()
 
     def _read_stderr(self, stream: IO[bytes]) -> None:
-        while chunk := stream.read1(65536):
+        while chunk := os.read(stream.fileno(), 65536):
             with self._cond:
                 self._stderr += chunk
 
@@ -228,7 +228,9 @@ class ServerProcess:
                     raise AssertionError(f"server output ended before {what}\n{self.describe()}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.describe()}")
+                    raise AssertionError(
+                        f"timed out after {timeout}s waiting for {what}\n{self.describe()}"
+                    )
                 self._cond.wait(remaining)
 
     def wait_for_index(
@@ -259,19 +261,6 @@ class ServerProcess:
             timeout,
             f"{name} {fields}",
         )
-
-    def wait_count(
-        self, predicate: Callable[[Event], bool], count: int, timeout: float = WAIT, what: str = "events"
-    ) -> list[Event]:
-        hits: list[Event] = []
-
-        def feed(i: int, e: Event) -> bool:
-            if predicate(e):
-                hits.append(e)
-            return len(hits) >= count
-
-        self._wait(feed, timeout, f"{count} x {what}")
-        return hits
 
     def wait_line(self, predicate: Callable[[str], bool], timeout: float = WAIT) -> str:
         deadline = time.monotonic() + timeout
@@ -310,29 +299,46 @@ class ServerProcess:
     def bytes_sent_to(self, client: Client) -> int:
         return sum(int(e["bytes"]) for e in self.connection_events(client, "data.sent"))
 
-    def wait_received_from(self, client: Client, total: int, timeout: float = WAIT) -> None:
-        """Wait until the server logged data.received bytes for ``client`` summing to ``total``."""
+    def wait_bytes(self, client: Client, name: str, total: int, timeout: float = WAIT) -> None:
+        """Wait until ``name`` events (data.received/sent) for ``client`` sum to ``total``."""
         got = 0
 
         def feed(i: int, e: Event) -> bool:
             nonlocal got
             if i <= client.accepted_index or e.get("fd") != client.fd:
                 return False
-            if e.get("event") == "data.received":
+            if e.get("event") == name:
                 got += int(e["bytes"])
             return got >= total
 
-        self._wait(feed, timeout, f"data.received from fd {client.fd} summing to {total}")
-        assert got == total, f"server received {got} bytes from fd {client.fd}, client sent {total}"
+        self._wait(feed, timeout, f"{name} for fd {client.fd} summing to {total} bytes")
+        assert got == total, f"{name} for fd {client.fd} sums to {got} bytes, expected {total}"
+
+    def wait_received_from(self, client: Client, total: int, timeout: float = WAIT) -> None:
+        """Wait until the server logged receiving ``total`` bytes from ``client``."""
+        self.wait_bytes(client, "data.received", total, timeout)
+
+    def wait_sent_to(self, client: Client, total: int, timeout: float = WAIT) -> None:
+        """Wait until the server logged sending ``total`` bytes to ``client``."""
+        self.wait_bytes(client, "data.sent", total, timeout)
 
     def wait_connection_event(
-        self, client: Client, name: str, predicate: Callable[[Event], bool] = lambda e: True, timeout: float = WAIT
+        self,
+        client: Client,
+        name: str,
+        predicate: Callable[[Event], bool] = lambda e: True,
+        timeout: float = WAIT,
     ) -> Event:
-        """First ``name`` event for this connection (after its accepted event) matching ``predicate``."""
+        """First ``name`` event of this connection (after its accept) matching ``predicate``."""
         found: list[Event] = []
 
         def feed(i: int, e: Event) -> bool:
-            if i > client.accepted_index and e.get("fd") == client.fd and e.get("event") == name and predicate(e):
+            if (
+                i > client.accepted_index
+                and e.get("fd") == client.fd
+                and e.get("event") == name
+                and predicate(e)
+            ):
                 found.append(e)
                 return True
             return False
@@ -379,7 +385,9 @@ class ServerProcess:
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"server did not exit within {timeout}s\n{self.describe()}") from None
+            raise AssertionError(
+                f"server did not exit within {timeout}s\n{self.describe()}"
+            ) from None
         self._out_thread.join(WAIT)
         self._err_thread.join(WAIT)
         return code
@@ -445,7 +453,9 @@ def recv_exactly(sock: socket.socket, count: int, timeout: float = WAIT) -> byte
     while len(buf) < count:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise AssertionError(f"got {len(buf)} of {count} bytes within {timeout}s: {bytes(buf[:80])!r}...")
+            raise AssertionError(
+                f"got {len(buf)} of {count} bytes within {timeout}s: {bytes(buf[:80])!r}..."
+            )
         sock.settimeout(remaining)
         try:
             chunk = sock.recv(min(count - len(buf), 1 << 20))
@@ -501,14 +511,14 @@ class BackgroundReader:
         self.count = count
         self.timeout = timeout
         self.data = b""
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
             self.data = recv_exactly(self.sock, self.count, self.timeout)
-        except BaseException as exc:  # reported in result()
+        except (AssertionError, OSError) as exc:  # re-raised in result()
             self.error = exc
 
     def result(self) -> bytes:

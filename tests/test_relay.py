@@ -48,7 +48,9 @@ def test_binary_bytes_are_forwarded_unchanged(server: ServerProcess) -> None:
     assert recv_exactly(receiver.sock, len(payload)) == payload
 
 
-def test_message_without_newline_is_forwarded_without_waiting_for_more(server: ServerProcess) -> None:
+def test_message_without_newline_is_forwarded_without_waiting_for_more(
+    server: ServerProcess,
+) -> None:
     sender, receiver = server.connect_many(2)
     sender.sock.sendall(b"x")
     assert recv_exactly(receiver.sock, 1) == b"x"
@@ -114,14 +116,18 @@ def test_many_clients_all_receive_all_other_messages_in_order(server: ServerProc
         pos = 0
         while pos < len(stream):
             match = pattern.match(stream, pos)
-            assert match is not None, f"client {i}: garbled stream at {pos}: {stream[pos:pos + 60]!r}"
+            assert match is not None, (
+                f"client {i}: garbled stream at {pos}: {stream[pos : pos + 60]!r}"
+            )
             by_sender.setdefault(int(match.group(1)), []).append(match.group(0))
             pos = match.end()
         assert i not in by_sender, f"client {i} received its own messages"
         assert by_sender == {j: sent[j] for j in range(count) if j != i}
 
 
-def test_half_closed_sender_data_arrives_and_its_connection_is_closed(server: ServerProcess) -> None:
+def test_half_closed_sender_data_arrives_and_its_connection_is_closed(
+    server: ServerProcess,
+) -> None:
     quitter, listener = server.connect_many(2)
     quitter.sock.sendall(b"last words")
     quitter.sock.shutdown(socket.SHUT_WR)

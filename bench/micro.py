@@ -1,0 +1,97 @@
+"""Micro-benchmarks of the per-event costs inside one process: triggers and status events.
+
+    python bench/micro.py
+
+Prints microseconds per call for: the ``readable`` action called directly (a recv on a socket
+with nothing to read), the same through ``Connection.fire`` (the table's hot path) and through the
+``transitions`` machine, so the difference is the cost of dispatch; ``add_model``/``remove_model``
+at 1,000 connections; and one status event rendered to JSON (and one filtered out by the level).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from collections.abc import Callable
+
+from structlog.typing import FilteringBoundLogger
+
+from fsmchat.connection import MACHINE, Connection
+from fsmchat.events import EventSink, make_logger
+from fsmchat.lifecycle import Trigger
+from fsmchat.loop import EventLoop
+
+
+class _Hub:
+    def __init__(self, level: str) -> None:
+        self.loop = EventLoop()
+        self.sink = EventSink(io.BytesIO())
+        self.log = make_logger(self.sink, level, "json")
+        self.readers: dict[int, Connection] = {}
+
+    def broadcast(self, sender: Connection, data: bytes) -> None:
+        pass
+
+    def release_soon(self, conn: Connection) -> None:
+        pass
+
+    def forget(self, conn: Connection) -> None:
+        pass
+
+
+def per_call(fn: Callable[[], object], n: int) -> float:
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, time.perf_counter() - start)
+    return best / n * 1e6
+
+
+def main() -> None:
+    hub = _Hub("info")
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    conn = Connection(a, "bench", hub)
+    conn.fire(Trigger.START)
+    event = MACHINE.events[Trigger.READABLE]
+    n = 100_000
+    rows = [
+        ("readable: action called directly", per_call(conn.receive, n)),
+        ("readable: Connection.fire (table, hot path)",
+         per_call(lambda: conn.fire(Trigger.READABLE), n)),
+        ("readable: transitions Machine trigger", per_call(lambda: event.trigger(conn), n)),
+    ]
+    socks = [socket.socketpair() for _ in range(1000)]
+    start = time.perf_counter()
+    conns = [Connection(s, "bench", hub) for s, _ in socks]
+    rows.append(("Connection() incl. add_model, 1,000 live",
+                 (time.perf_counter() - start) / len(conns) * 1e6))
+    start = time.perf_counter()
+    for c in conns:
+        MACHINE.remove_model(c)
+    rows.append(("remove_model, 1,000 live", (time.perf_counter() - start) / len(conns) * 1e6))
+    for pair in socks:
+        for s in pair:
+            s.close()
+
+    for level in ("debug", "info"):
+        sink = EventSink(io.BytesIO())
+        log = make_logger(sink, level, "json")
+
+        def emit(log: FilteringBoundLogger = log, sink: EventSink = sink) -> None:
+            for _ in range(100):
+                log.debug("data.sent", fd=7, bytes=512, queued=0)
+            sink.flush()
+
+        rows.append((f"one data.sent event at --log-level {level}", per_call(emit, n // 100) / 100))
+    for name, micros in rows:
+        print(f"{name:<48} {micros:8.2f} us")
+    a.close()
+    b.close()
+
+
+if __name__ == "__main__":
+    main()
