@@ -22,7 +22,6 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Callable
 from typing import Protocol
 
 from structlog.typing import FilteringBoundLogger
@@ -82,7 +81,7 @@ class Connection:
             raise InvalidTrigger(state, trigger)
         dest, action = step
         if dest is None:
-            action(self)
+            getattr(self, action)()
             return
         self.hub.log.debug("connection.state", fd=self.fd, **{"from": state, "to": dest},
                            trigger=trigger)
@@ -172,6 +171,9 @@ class Connection:
                           bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                           seconds=round(time.monotonic() - self.opened, 3))
 
+    def _no_action(self) -> None:
+        pass
+
     def _failed(self, op: str, exc: OSError) -> None:
         code = exc.errno or 0
         name = errno.errorcode.get(code, str(code))
@@ -194,18 +196,7 @@ MACHINE = Machine(
 )
 """The one machine every connection shares (add_model/remove_model), built from the table."""
 
-_Action = Callable[[Connection], None]
-
-
-def _steps() -> dict[tuple[str, str], tuple[State | None, _Action]]:
-    def noop(conn: Connection) -> None:
-        pass
-
-    return {
-        key: (row.dest, getattr(Connection, row.action) if row.action else noop)
-        for key, row in lifecycle.ROWS.items()
-    }
-
-
-_STEPS = _steps()
-"""(state, trigger) -> (dest, action): lifecycle.ROWS with the actions resolved once."""
+_STEPS: dict[tuple[str, str], tuple[State | None, str]] = {
+    key: (row.dest, row.action or "_no_action") for key, row in lifecycle.ROWS.items()
+}
+"""(state, trigger) -> (dest, action name): lifecycle.ROWS reduced to what ``fire`` reads."""

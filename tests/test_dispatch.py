@@ -1,0 +1,126 @@
+"""The connection's two ways to fire a trigger agree, and both follow the lifecycle table.
+
+``Connection.fire`` dispatches internal rows itself (the hot path) and hands state changes to
+the shared ``transitions`` machine; the machine's own trigger methods do everything themselves.
+Fed the same triggers, both must reach the same states through the same actions, and refuse
+the same triggers.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from transitions import MachineError
+
+from fsmchat import lifecycle
+from fsmchat.connection import MACHINE, Connection
+from fsmchat.events import EventSink, make_logger
+from fsmchat.lifecycle import InvalidTrigger, State, Trigger
+from fsmchat.loop import EventLoop
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.loop = EventLoop()
+        self.log = make_logger(EventSink(io.BytesIO()), "debug", "json")
+        self.readers: dict[int, Connection] = {}
+
+    def broadcast(self, sender: Connection, data: bytes) -> None:
+        pass
+
+    def release_soon(self, conn: Connection) -> None:
+        pass
+
+    def forget(self, conn: Connection) -> None:
+        pass
+
+
+class Recording(Connection):
+    """A connection whose actions only say that they ran."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, "test", Hub())
+        self.ran: list[str] = []
+
+    def join(self) -> None:
+        self.ran.append("join")
+
+    def receive(self) -> None:
+        self.ran.append("receive")
+
+    def flush(self) -> None:
+        self.ran.append("flush")
+
+    def leave(self) -> None:
+        self.ran.append("leave")
+
+    def detach(self) -> None:
+        self.ran.append("detach")
+
+    def finish(self) -> None:
+        self.ran.append("finish")
+
+
+@pytest.fixture
+def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_the_machine_is_built_from_the_table() -> None:
+    for state in State:
+        for trigger in Trigger:
+            event = MACHINE.events[trigger.value]
+            rows = event.transitions.get(state.value, [])
+            if not lifecycle.allowed(state, trigger):
+                assert rows == []
+                continue
+            row = lifecycle.row_for(state, trigger)
+            assert len(rows) == 1
+            assert rows[0].dest == (row.dest.value if row.dest else None)
+            assert rows[0].after == ([row.action] if row.action else [])
+    assert MACHINE.initial == lifecycle.INITIAL.value
+
+
+@given(st.lists(st.sampled_from(list(Trigger)), max_size=30))
+def test_fire_and_the_machine_agree(triggers: list[Trigger]) -> None:
+    a, b = socket.socketpair()
+    fast, reference = Recording(a), Recording(b)
+    try:
+        for trigger in triggers:
+            try:
+                fast.fire(trigger)
+                fast_refused = False
+            except InvalidTrigger:
+                fast_refused = True
+            try:
+                getattr(reference, trigger.value)()
+                reference_refused = False
+            except MachineError:
+                reference_refused = True
+            assert fast_refused == reference_refused
+            assert fast.state == reference.state
+            assert fast.ran == reference.ran
+    finally:
+        for conn in (fast, reference):
+            MACHINE.remove_model(conn)
+        a.close()
+        b.close()
+
+
+def test_an_unknown_pair_is_refused_and_the_state_kept(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    conn = Recording(sockets[0])
+    with pytest.raises(InvalidTrigger):
+        conn.fire(Trigger.READABLE)  # still `accepted`: not yet in the loop
+    assert conn.state == State.ACCEPTED
+    assert conn.ran == []
+    MACHINE.remove_model(conn)
