@@ -182,21 +182,10 @@ class Connection:
         self.close_because(_REASONS.get(code, name.lower()))
 
 
-MACHINE = Machine(
-    model=None,
-    states=[state.value for state in State],
-    initial=lifecycle.INITIAL.value,
-    transitions=[
-        {"trigger": row.trigger.value, "source": [s.value for s in row.sources],
-         "dest": row.dest.value if row.dest else None, "after": row.action}
-        for row in lifecycle.TRANSITIONS
-    ],
-    auto_transitions=False,
-    send_event=False,
-)
+MACHINE = Machine(model=None, send_event=False, **lifecycle.CONNECTION.machine_config())
 """The one machine every connection shares (add_model/remove_model), built from the table."""
 
-_STEPS: dict[tuple[str, str], tuple[State | None, str]] = {
+_STEPS: dict[tuple[str, str], tuple[str | None, str]] = {
     key: (row.dest, row.action or "_no_action") for key, row in lifecycle.ROWS.items()
 }
 """(state, trigger) -> (dest, action name): lifecycle.ROWS reduced to what ``fire`` reads."""

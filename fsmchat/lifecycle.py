@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class State(StrEnum):
@@ -43,9 +44,9 @@ LIVE = (State.ACCEPTED, State.READING, State.DRAINING)
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    trigger: Trigger
-    sources: tuple[State, ...]
-    dest: State | None  # None: internal transition, the state does not change
+    trigger: str
+    sources: tuple[str, ...]
+    dest: str | None  # None: internal transition, the state does not change
     action: str | None  # method of the model run once the state has changed
     doc: str
 
@@ -68,6 +69,35 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(Trigger.RELEASE, (State.CLOSING,), State.CLOSED, "finish",
                "end of the loop step: close the socket, forget the connection"),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    """A named table with its states: what a machine and a diagram are built from."""
+
+    name: str
+    states: tuple[str, ...]
+    initial: str
+    final: str
+    transitions: tuple[Transition, ...]
+
+    def machine_config(self) -> dict[str, Any]:
+        """Keyword arguments for a ``transitions`` machine that runs this table."""
+        return {
+            "states": [str(state) for state in self.states],
+            "initial": str(self.initial),
+            "transitions": [
+                {"trigger": str(row.trigger), "source": [str(s) for s in row.sources],
+                 "dest": str(row.dest) if row.dest else None, "after": row.action}
+                for row in self.transitions
+            ],
+            "auto_transitions": False,
+        }
+
+
+CONNECTION = Lifecycle("connection", tuple(State), INITIAL, State.CLOSED, TRANSITIONS)
+LIFECYCLES = (CONNECTION,)
+"""Every machine the server runs; the diagram generator draws each one."""
 
 
 class InvalidTrigger(Exception):
@@ -100,7 +130,7 @@ def row_for(state: str, trigger: str) -> Transition:
         raise InvalidTrigger(state, trigger) from None
 
 
-def next_state(state: State, trigger: Trigger) -> State:
+def next_state(state: str, trigger: str) -> str:
     row = row_for(state, trigger)
     return state if row.dest is None else row.dest
 

@@ -84,7 +84,7 @@ def test_the_machine_is_built_from_the_table() -> None:
                 continue
             row = lifecycle.row_for(state, trigger)
             assert len(rows) == 1
-            assert rows[0].dest == (row.dest.value if row.dest else None)
+            assert rows[0].dest == row.dest
             assert rows[0].after == ([row.action] if row.action else [])
     assert MACHINE.initial == lifecycle.INITIAL.value
 

@@ -39,15 +39,14 @@ def reachable(start: State) -> set[State]:
     while todo:
         state = todo.popleft()
         for trigger in allowed(state):
-            nxt = next_state(state, trigger)
-            assert nxt is not None
+            nxt = State(next_state(state, trigger))
             if nxt not in seen:
                 seen.add(nxt)
                 todo.append(nxt)
     return seen
 
 
-def table_pairs(transitions: Iterable[Transition]) -> list[tuple[State, Trigger]]:
+def table_pairs(transitions: Iterable[Transition]) -> list[tuple[str, str]]:
     return [(source, t.trigger) for t in transitions for source in t.sources]
 
 
