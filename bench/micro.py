@@ -21,23 +21,7 @@ from fsmchat.connection import MACHINE, Connection
 from fsmchat.events import EventSink, make_logger
 from fsmchat.lifecycle import Trigger
 from fsmchat.loop import EventLoop
-
-
-class _Hub:
-    def __init__(self, level: str) -> None:
-        self.loop = EventLoop()
-        self.sink = EventSink(io.BytesIO())
-        self.log = make_logger(self.sink, level, "json")
-        self.readers: dict[int, Connection] = {}
-
-    def broadcast(self, sender: Connection, data: bytes) -> None:
-        pass
-
-    def release_soon(self, conn: Connection) -> None:
-        pass
-
-    def forget(self, conn: Connection) -> None:
-        pass
+from fsmchat.server import ChatServer
 
 
 def per_call(fn: Callable[[], object], n: int) -> float:
@@ -51,7 +35,8 @@ def per_call(fn: Callable[[], object], n: int) -> float:
 
 
 def main() -> None:
-    hub = _Hub("info")
+    listener = socket.create_server(("127.0.0.1", 0))
+    hub = ChatServer(listener, EventLoop(), make_logger(EventSink(io.BytesIO()), "info", "json"))
     a, b = socket.socketpair()
     a.setblocking(False)
     conn = Connection(a, "bench", hub)

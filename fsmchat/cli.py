@@ -12,8 +12,16 @@ import sys
 from typing import NoReturn
 
 from fsmchat import __version__, diagrams
+from fsmchat.connection import RECV_SIZE
 from fsmchat.events import FORMATS, LEVELS
-from fsmchat.server import Options, run
+from fsmchat.server import (
+    DEFAULT_MAX_QUEUE_BYTES,
+    FD_SETSIZE,
+    MAX_CLIENTS_CEILING,
+    RESERVED_FDS,
+    Options,
+    run,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +51,36 @@ def _seconds(text: str) -> float:
     return value
 
 
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _bytes(text: str) -> int:
+    number, unit = text.strip(), ""
+    if number[-1:].lower() in _UNITS:
+        number, unit = number[:-1], number[-1].lower()
+    try:
+        value = int(number, 10) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: expected bytes as a whole number, or with K, M or G") from None
+    if value < RECV_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: must be at least {RECV_SIZE} (64K), the largest message")
+    return value
+
+
+def _clients(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_CLIENTS_CEILING:
+        raise argparse.ArgumentTypeError(
+            f"invalid number {text!r}: must be from 1 to {MAX_CLIENTS_CEILING}, the most "
+            f"select() can watch with {RESERVED_FDS} descriptors kept in reserve")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fsmchat",
@@ -68,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGINT/SIGTERM, how long connections may take to receive what "
                              "is queued for them before they are closed anyway; a second signal "
                              "closes them at once (default: %(default)s)")
+    parser.add_argument("--max-clients", type=_clients, default=None, metavar="N",
+                        help="most clients connected at once; more are accepted and closed at "
+                             f"once (default: the smaller of {FD_SETSIZE} and the descriptor "
+                             f"limit, less {RESERVED_FDS}; at most {MAX_CLIENTS_CEILING})")
+    parser.add_argument("--max-queue-bytes", type=_bytes, default=DEFAULT_MAX_QUEUE_BYTES,
+                        metavar="BYTES",
+                        help="output limit per client: one whose queue would pass it is closed "
+                             "(reason queue_limit); over half of it, senders are paused until "
+                             "it catches up. Takes K, M, G (default: 4M)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -78,5 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         return diagrams.main(args[1:])
     ns = build_parser().parse_args(args)
     options = Options(host=ns.host, port=ns.port, log_level=ns.log_level,
-                      log_format=ns.log_format, drain_timeout=ns.drain_timeout)
+                      log_format=ns.log_format, drain_timeout=ns.drain_timeout,
+                      max_clients=ns.max_clients, max_queue_bytes=ns.max_queue_bytes)
     return run(options)

@@ -46,8 +46,18 @@ class Hub(Protocol):
     loop: EventLoop
     log: FilteringBoundLogger
     readers: dict[int, Connection]  # connections that take new messages
+    paused: dict[int, Connection]  # senders held back by flow control
+    high_water: int  # queued bytes past which a recipient holds senders back
+    low_water: int  # queued bytes under which it lets them go again
+    max_queue_bytes: int  # queued bytes past which a recipient is closed
 
     def broadcast(self, sender: Connection, data: bytes) -> None: ...
+
+    def overflowed(self, conn: Connection) -> None: ...
+
+    def congested(self, conn: Connection) -> None: ...
+
+    def relieved(self, conn: Connection) -> None: ...
 
     def release_soon(self, conn: Connection) -> None: ...
 
@@ -67,6 +77,7 @@ class Connection:
         self.bytes_out = 0
         self.opened = time.monotonic()
         self.reason = ""  # why it closes; set by the first thing that decides so
+        self.crowded = False  # over the high-water mark, and not yet back under the low one
         MACHINE.add_model(self)
 
     def __repr__(self) -> str:
@@ -104,9 +115,16 @@ class Connection:
             self.fire(Trigger.FAIL)
 
     def enqueue(self, data: bytes) -> None:
-        if not self.queue:
+        """Queue a message; over the limit, leave it out and have the hub close this client."""
+        queue = self.queue
+        if queue.nbytes + len(data) > self.hub.high_water:
+            if queue.nbytes + len(data) > self.hub.max_queue_bytes:
+                self.hub.overflowed(self)
+                return
+            self.hub.congested(self)
+        if not queue:
             self.hub.loop.want_write(self.fd, True)
-        self.queue.append(data)
+        queue.append(data)
 
     # -- actions, named by lifecycle.TRANSITIONS ---------------------------------------------
 
@@ -145,22 +163,36 @@ class Connection:
         queue.consume(sent)
         self.bytes_out += sent
         self.hub.log.debug("data.sent", fd=self.fd, bytes=sent, queued=queue.nbytes)
+        if self.crowded and queue.nbytes <= self.hub.low_water:
+            self.hub.relieved(self)
         if not queue:
             self.hub.loop.want_write(self.fd, False)
             if self.state == State.DRAINING:
                 self.fire(Trigger.DRAINED)
 
+    def pause_reading(self) -> None:
+        self.hub.paused[self.fd] = self
+        self.hub.loop.want_read(self.fd, False)
+
+    def resume_reading(self) -> None:
+        del self.hub.paused[self.fd]
+        self.hub.loop.want_read(self.fd, True)
+
     def leave(self) -> None:
         self.reason = self.reason or "server_shutdown"
         self.hub.readers.pop(self.fd, None)
+        self.hub.paused.pop(self.fd, None)
         self.hub.loop.want_read(self.fd, False)
         if not self.queue:
             self.fire(Trigger.DRAINED)
 
     def detach(self) -> None:
         self.hub.readers.pop(self.fd, None)
+        self.hub.paused.pop(self.fd, None)
         self.hub.loop.unregister(self.fd)
         self.queue.clear()
+        if self.crowded:
+            self.hub.relieved(self)
         self.hub.release_soon(self)
 
     def finish(self) -> None:

@@ -15,6 +15,8 @@ Rules it keeps:
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -35,7 +37,8 @@ class EventSpec:
 
 
 CATALOGUE: tuple[EventSpec, ...] = (
-    EventSpec("server.started", "info", ("host", "port", "pid"),
+    EventSpec("server.started", "info",
+              ("host", "port", "pid", "max_clients", "max_queue_bytes"),
               "the listener is bound; port is the one actually bound (useful with --port 0)"),
     EventSpec("server.failed", "error", ("host", "port", "error"),
               "the server could not start (port in use, address not available, ...)"),
@@ -47,7 +50,11 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "everything is closed; totals since start"),
     EventSpec("connection.accepted", "info", ("fd", "peer"), "a client connected"),
     EventSpec("connection.rejected", "warning", ("peer", "reason"),
-              "a client was accepted and closed at once (reason: fd_limit)"),
+              "a client was accepted and closed at once (server_full, fd_limit)"),
+    EventSpec("connection.queue_limit", "warning", ("fd", "peer", "queued", "limit"),
+              "a message would take a recipient's queue past --max-queue-bytes: it is closed"),
+    EventSpec("connection.stalled", "warning", ("fd", "peer", "queued"),
+              "a recipient stayed congested past the grace time: it holds senders back no more"),
     EventSpec("connection.state", "debug", ("fd", "from", "to", "trigger"),
               "a connection moved in its lifecycle"),
     EventSpec("connection.error", "warning", ("fd", "peer", "op", "error"),
@@ -56,7 +63,10 @@ CATALOGUE: tuple[EventSpec, ...] = (
               ("fd", "peer", "reason", "bytes_in", "bytes_out", "seconds"),
               "a connection is gone; reason says why"),
     EventSpec("accept.failed", "warning", ("error", "retry_in"),
-              "accept failed (out of descriptors or memory); the listener pauses, then retries"),
+              "accept failed (out of descriptors or memory); the listener pauses, then retries; "
+              "once per episode"),
+    EventSpec("accept.resumed", "info", ("failures",),
+              "accepting works again after an episode of failures"),
     EventSpec("data.received", "debug", ("fd", "bytes"), "one recv: one message"),
     EventSpec("data.sent", "debug", ("fd", "bytes", "queued"),
               "one send; queued is what is still waiting for that client"),
@@ -93,6 +103,12 @@ class EventSink:
             self._stream.flush()
         except BrokenPipeError:
             self._broken = True
+            # What is still buffered would fail again at exit: let it go to /dev/null instead.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            print("fsmchat: stdout is closed; status events are no longer written, "
+                  "serving goes on", file=sys.stderr, flush=True)
 
 
 def _header_first(_: WrappedLogger, __: str, event: EventDict) -> EventDict:

@@ -22,6 +22,7 @@ from typing import Any
 class State(StrEnum):
     ACCEPTED = "accepted"  # socket taken from the listener, not yet in the loop's read set
     READING = "reading"  # in the chat: reads messages, receives everyone else's
+    PAUSED = "paused"  # in the chat, but not read from until congested recipients catch up
     DRAINING = "draining"  # reads nothing, takes no new messages, delivers what is queued
     CLOSING = "closing"  # out of the loop; its socket is closed at the end of this loop step
     CLOSED = "closed"  # socket closed, model released
@@ -32,6 +33,8 @@ class Trigger(StrEnum):
     READABLE = "readable"  # select reported the socket readable
     WRITABLE = "writable"  # select reported the socket writable (asked only while output is queued)
     HANGUP = "hangup"  # the peer closed its sending side (recv returned EOF)
+    THROTTLE = "throttle"  # its message left a recipient's queue over the high-water mark
+    RESUME = "resume"  # no recipient holds senders back any more
     SHUTDOWN = "shutdown"  # the server is stopping
     DRAINED = "drained"  # the outgoing queue became empty while draining
     FAIL = "fail"  # a socket error, or a close forced by the server
@@ -39,7 +42,8 @@ class Trigger(StrEnum):
 
 
 INITIAL = State.ACCEPTED
-LIVE = (State.ACCEPTED, State.READING, State.DRAINING)
+IN_CHAT = (State.READING, State.PAUSED)  # take new messages
+LIVE = (State.ACCEPTED, *IN_CHAT, State.DRAINING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +60,15 @@ TRANSITIONS: tuple[Transition, ...] = (
                "join the chat: read from the client, queue others' messages to it"),
     Transition(Trigger.READABLE, (State.READING,), None, "receive",
                "recv once; broadcast what came, or hang up on EOF"),
-    Transition(Trigger.WRITABLE, (State.READING, State.DRAINING), None, "flush",
+    Transition(Trigger.WRITABLE, (*IN_CHAT, State.DRAINING), None, "flush",
                "send as much of the queue as the socket takes"),
+    Transition(Trigger.THROTTLE, (State.READING,), State.PAUSED, "pause_reading",
+               "flow control: stop reading from it, so TCP slows the sender down"),
+    Transition(Trigger.RESUME, (State.PAUSED,), State.READING, "resume_reading",
+               "every congested recipient caught up (or stalled): read again"),
     Transition(Trigger.HANGUP, (State.READING,), State.DRAINING, "leave",
                "the peer sent EOF: stop reading, deliver what is queued"),
-    Transition(Trigger.SHUTDOWN, (State.READING,), State.DRAINING, "leave",
+    Transition(Trigger.SHUTDOWN, IN_CHAT, State.DRAINING, "leave",
                "the server is stopping: stop reading, deliver what is queued"),
     Transition(Trigger.DRAINED, (State.DRAINING,), State.CLOSING, "detach",
                "everything queued was delivered"),

@@ -8,11 +8,19 @@ for each descriptor. At the end of each loop step the server releases the connec
 
 Rules it keeps:
 - A message is appended, as the same bytes object, to the queue of every *other* connection in
-  ``reading``; connections that are draining or closing take no new messages.
-- A descriptor ``select`` cannot watch (at or above FD_SETSIZE) is never handed to the loop: the
-  client is closed at once with a ``connection.rejected`` warning.
+  the chat (``reading`` or ``paused``); draining or closing connections take no new messages.
+- Output limit: a recipient whose queue would pass ``max_queue_bytes`` is closed (``queue_limit``)
+  once the broadcast is done; everyone else still gets the message.
+- Flow control: a broadcast that leaves a recipient over the high-water mark (half the limit)
+  pauses the sender, so TCP slows it down instead of the server buffering without end. Senders
+  resume when no recipient is over the low-water mark (a quarter) any more. A recipient may hold
+  senders back for ``CONGESTION_GRACE`` seconds at most: after that it is ``stalled``, holds
+  nobody, and is closed at the limit unless it reads. So a fast reader is never dropped because
+  a sender bursts, and a stuck one cannot freeze the chat.
+- Capacity: past ``max_clients``, or for a descriptor ``select`` cannot watch (at or above
+  FD_SETSIZE), the newcomer is accepted and closed at once with ``connection.rejected``.
 - Running out of descriptors pauses accepting for a moment (or until a connection closes) instead
-  of spinning on a listener that stays readable.
+  of spinning on a listener that stays readable, and says so once per episode.
 - First SIGINT/SIGTERM: stop accepting, let every connection drain. Second signal, or the drain
   timeout: close whatever is left. Either way the process ends with status 0.
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import signal
 import socket
 import sys
@@ -32,12 +41,23 @@ from structlog.typing import FilteringBoundLogger
 
 from fsmchat.connection import Connection
 from fsmchat.events import EventSink, make_logger
-from fsmchat.lifecycle import InvalidTrigger, Trigger
+from fsmchat.lifecycle import InvalidTrigger, State, Trigger
 from fsmchat.loop import EventLoop, Timer
 from fsmchat.signals import SignalWatch
 
 FD_SETSIZE = 1024
 """select() watches descriptors below this number only (glibc's fixed fd_set)."""
+
+RESERVED_FDS = 16
+"""Descriptors kept out of --max-clients: stdio, the listener, the signal socket, a newcomer
+being rejected, and room for the links to come (Redis, metrics)."""
+
+MAX_CLIENTS_CEILING = FD_SETSIZE - RESERVED_FDS
+
+DEFAULT_MAX_QUEUE_BYTES = 4 * 1024 * 1024
+
+CONGESTION_GRACE = 1.0
+"""Seconds a recipient over the high-water mark may hold senders back before it is stalled."""
 
 ACCEPT_BATCH = 64
 """Connections accepted per readable listener event, so a connect storm cannot starve chat."""
@@ -55,6 +75,15 @@ class Options:
     log_level: str = "debug"
     log_format: str = "json"
     drain_timeout: float = 5.0
+    max_clients: int | None = None  # None: default_max_clients()
+    max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
+
+
+def default_max_clients() -> int:
+    """What select() and this process's descriptor limit allow, less a reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    usable = FD_SETSIZE if soft == resource.RLIM_INFINITY else min(FD_SETSIZE, soft)
+    return max(1, usable - RESERVED_FDS)
 
 
 class Reader:
@@ -71,15 +100,24 @@ class Reader:
 
 class ChatServer:
     def __init__(self, listener: socket.socket, loop: EventLoop, log: FilteringBoundLogger,
-                 *, drain_timeout: float) -> None:
+                 *, drain_timeout: float = 5.0, max_clients: int = MAX_CLIENTS_CEILING,
+                 max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES) -> None:
         self.listener = listener
         self.loop = loop
         self.log = log
         self.drain_timeout = drain_timeout
+        self.max_clients = max_clients
+        self.max_queue_bytes = max_queue_bytes
+        self.high_water = max_queue_bytes // 2
+        self.low_water = max_queue_bytes // 4
         self.connections: dict[int, Connection] = {}  # every connection not yet closed, by fd
-        self.readers: dict[int, Connection] = {}  # those in `reading`: they take new messages
+        self.readers: dict[int, Connection] = {}  # in the chat (reading, paused): take messages
+        self.paused: dict[int, Connection] = {}  # senders held back by flow control
+        self._holding: dict[int, Timer] = {}  # recipients holding senders back -> grace timer
+        self._overflowed: list[Connection] = []  # recipients past the limit in this broadcast
         self._closing: list[Connection] = []  # moved to `closing` this step; released after it
         self._accept_timer: Timer | None = None  # set while accepting is paused
+        self._accept_failures = 0  # failed accepts in the current episode
         self.stopping = False
         self.started = time.monotonic()
         self.accepted = 0
@@ -93,6 +131,28 @@ class ChatServer:
         for conn in self.readers.values():
             if conn is not sender:
                 conn.enqueue(data)
+        if self._overflowed:
+            self._close_overflowed()
+        if self._holding and sender.state == State.READING and (
+                len(self._holding) > 1 or sender.fd not in self._holding):
+            self.fire(sender, Trigger.THROTTLE)
+
+    def overflowed(self, conn: Connection) -> None:
+        self._overflowed.append(conn)
+
+    def congested(self, conn: Connection) -> None:
+        if conn.crowded:
+            return
+        conn.crowded = True
+        self._holding[conn.fd] = self.loop.call_later(CONGESTION_GRACE, lambda: self._stall(conn))
+
+    def relieved(self, conn: Connection) -> None:
+        conn.crowded = False
+        timer = self._holding.pop(conn.fd, None)
+        if timer is not None:
+            timer.cancel()
+            if not self._holding:
+                self._resume_senders()
 
     def release_soon(self, conn: Connection) -> None:
         self._closing.append(conn)
@@ -140,6 +200,28 @@ class ChatServer:
             conn.sock.close()
             self.connections.pop(conn.fd, None)
 
+    def _close_overflowed(self) -> None:
+        overflowed, self._overflowed = self._overflowed, []
+        for conn in overflowed:
+            self.log.warning("connection.queue_limit", fd=conn.fd, peer=conn.peer,
+                             queued=conn.queue.nbytes, limit=self.max_queue_bytes)
+            try:
+                conn.close_because("queue_limit")
+            except Exception as exc:  # noqa: BLE001
+                self.bug(conn, Trigger.FAIL, exc)
+
+    def _stall(self, conn: Connection) -> None:
+        """The grace ran out: the recipient stops holding senders (it stays crowded)."""
+        del self._holding[conn.fd]
+        self.log.warning("connection.stalled", fd=conn.fd, peer=conn.peer,
+                         queued=conn.queue.nbytes)
+        if not self._holding:
+            self._resume_senders()
+
+    def _resume_senders(self) -> None:
+        for conn in list(self.paused.values()):
+            self.fire(conn, Trigger.RESUME)
+
     # -- accepting ----------------------------------------------------------------------------
 
     def _accept(self) -> None:
@@ -153,12 +235,16 @@ class ChatServer:
                     self._pause_accepting(exc)
                     return
                 continue  # ECONNABORTED and the like: that client is gone, try the next
+            if self._accept_failures:
+                self.log.info("accept.resumed", failures=self._accept_failures)
+                self._accept_failures = 0
             self._admit(sock, format_peer(address))
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
         fd = sock.fileno()
-        if fd >= FD_SETSIZE:
-            self.log.warning("connection.rejected", peer=peer, reason="fd_limit")
+        if len(self.connections) >= self.max_clients or fd >= FD_SETSIZE:
+            reason = "fd_limit" if fd >= FD_SETSIZE else "server_full"
+            self.log.warning("connection.rejected", peer=peer, reason=reason)
             sock.close()
             return
         sock.setblocking(False)
@@ -174,8 +260,10 @@ class ChatServer:
     def _pause_accepting(self, exc: OSError) -> None:
         self.loop.want_read(self.listener.fileno(), False)
         self._accept_timer = self.loop.call_later(ACCEPT_RETRY, self._resume_accepting)
-        self.log.warning("accept.failed", error=f"{errno.errorcode.get(exc.errno or 0)}: "
-                         f"{exc.strerror}", retry_in=ACCEPT_RETRY)
+        if not self._accept_failures:
+            self.log.warning("accept.failed", error=f"{errno.errorcode.get(exc.errno or 0)}: "
+                             f"{exc.strerror}", retry_in=ACCEPT_RETRY)
+        self._accept_failures += 1
 
     def _resume_accepting(self) -> None:
         if self._accept_timer is not None:
@@ -289,7 +377,9 @@ def run(options: Options) -> int:
         print(f"fsmchat: {exc}", file=sys.stderr)
         return 2 if exc.usage else 1
     loop = EventLoop()
-    server = ChatServer(listener, loop, log, drain_timeout=options.drain_timeout)
+    max_clients = options.max_clients or default_max_clients()
+    server = ChatServer(listener, loop, log, drain_timeout=options.drain_timeout,
+                        max_clients=max_clients, max_queue_bytes=options.max_queue_bytes)
     signals = SignalWatch((signal.SIGINT, signal.SIGTERM))
     loop.register(signals.fileno(), Reader(lambda: server.on_signals(signals.take())))
 
@@ -299,7 +389,8 @@ def run(options: Options) -> int:
 
     loop.before_sleep = end_of_step
     host, port = listener.getsockname()[:2]
-    log.info("server.started", host=host, port=port, pid=os.getpid())
+    log.info("server.started", host=host, port=port, pid=os.getpid(), max_clients=max_clients,
+             max_queue_bytes=options.max_queue_bytes)
     try:
         loop.run()
     finally:

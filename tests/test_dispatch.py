@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given
@@ -22,48 +22,33 @@ from fsmchat.connection import MACHINE, Connection
 from fsmchat.events import EventSink, make_logger
 from fsmchat.lifecycle import InvalidTrigger, State, Trigger
 from fsmchat.loop import EventLoop
+from fsmchat.server import ChatServer
 
 
-class Hub:
-    def __init__(self) -> None:
-        self.loop = EventLoop()
-        self.log = make_logger(EventSink(io.BytesIO()), "debug", "json")
-        self.readers: dict[int, Connection] = {}
-
-    def broadcast(self, sender: Connection, data: bytes) -> None:
-        pass
-
-    def release_soon(self, conn: Connection) -> None:
-        pass
-
-    def forget(self, conn: Connection) -> None:
-        pass
+def hub() -> ChatServer:
+    """A real server around the connection; its listener is never accepted from."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    return ChatServer(listener, EventLoop(), make_logger(EventSink(io.BytesIO()), "debug", "json"))
 
 
 class Recording(Connection):
-    """A connection whose actions only say that they ran."""
+    """A connection whose actions (every one the table names) only say that they ran."""
 
     def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock, "test", Hub())
+        super().__init__(sock, "test", hub())
         self.ran: list[str] = []
 
-    def join(self) -> None:
-        self.ran.append("join")
 
-    def receive(self) -> None:
-        self.ran.append("receive")
+def _recorder(name: str) -> Callable[[Recording], None]:
+    def action(self: Recording) -> None:
+        self.ran.append(name)
 
-    def flush(self) -> None:
-        self.ran.append("flush")
+    return action
 
-    def leave(self) -> None:
-        self.ran.append("leave")
 
-    def detach(self) -> None:
-        self.ran.append("detach")
-
-    def finish(self) -> None:
-        self.ran.append("finish")
+for _row in lifecycle.TRANSITIONS:
+    if _row.action:
+        setattr(Recording, _row.action, _recorder(_row.action))
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from conftest import Event, ServerProcess, recv_exactly, recv_until_eof, reset
+from conftest import Event, ServerProcess, StartServer, recv_exactly, recv_until_eof, reset
 
 from fsmchat.lifecycle import INITIAL, State, Trigger, next_state
 
@@ -150,7 +150,9 @@ def test_server_stopped_totals_match_what_clients_did(server: ServerProcess) -> 
     assert sum(e["bytes_out"] for e in closed) == delivered
 
 
-def test_data_sent_reports_the_remaining_queue(server: ServerProcess) -> None:
+def test_data_sent_reports_the_remaining_queue(start_server: StartServer) -> None:
+    # The reader waits on purpose while megabytes queue up: allow more than the 4 MiB default.
+    server = start_server("--max-queue-bytes", "64M")
     writer = server.connect()
     reader = server.connect(rcvbuf=16 * 1024)
     payload = os.urandom(8 * 1024 * 1024)

@@ -54,6 +54,7 @@ def test_states_and_triggers_have_the_documented_values() -> None:
     assert {s.name: s.value for s in State} == {
         "ACCEPTED": "accepted",
         "READING": "reading",
+        "PAUSED": "paused",
         "DRAINING": "draining",
         "CLOSING": "closing",
         "CLOSED": "closed",
@@ -63,6 +64,8 @@ def test_states_and_triggers_have_the_documented_values() -> None:
         "READABLE": "readable",
         "WRITABLE": "writable",
         "HANGUP": "hangup",
+        "THROTTLE": "throttle",
+        "RESUME": "resume",
         "SHUTDOWN": "shutdown",
         "DRAINED": "drained",
         "FAIL": "fail",

@@ -11,6 +11,7 @@ import socket
 from conftest import (
     BackgroundReader,
     ServerProcess,
+    StartServer,
     assert_nothing_arrives,
     recv_exactly,
     recv_until_eof,
@@ -141,7 +142,9 @@ def test_half_closed_sender_data_arrives_and_its_connection_is_closed(
     assert server.proc.poll() is None
 
 
-def test_half_closed_client_still_gets_what_was_queued_for_it(server: ServerProcess) -> None:
+def test_half_closed_client_still_gets_what_was_queued_for_it(start_server: StartServer) -> None:
+    # The reader waits on purpose while megabytes queue up: allow more than the 4 MiB default.
+    server = start_server("--max-queue-bytes", "64M")
     talker = server.connect()
     quitter = server.connect(rcvbuf=16 * 1024)
     payload = os.urandom(8 * 1024 * 1024)

@@ -11,6 +11,14 @@ import pytest
 from conftest import Client, ServerProcess, StartServer, recv_until_eof
 
 BACKLOG_BYTES = 8 * 1024 * 1024
+#: These tests keep BACKLOG_BYTES queued in the server for a reader that waits on purpose:
+#: the output limit must let that much wait (the default, 4 MiB, would close the reader).
+BACKLOG_LIMIT = ("--max-queue-bytes", "64M")
+
+
+@pytest.fixture
+def server(start_server: StartServer) -> ServerProcess:
+    return start_server(*BACKLOG_LIMIT)
 
 
 def queue_backlog(server: ServerProcess) -> tuple[Client, Client, bytes]:
@@ -92,7 +100,7 @@ def test_listening_port_is_released_after_stop(server: ServerProcess) -> None:
 
 
 def test_drain_timeout_closes_a_reader_that_never_reads(start_server: StartServer) -> None:
-    server = start_server("--drain-timeout", "0.5")
+    server = start_server("--drain-timeout", "0.5", *BACKLOG_LIMIT)
     _, reader, payload = queue_backlog(server)
     began = time.monotonic()
     server.send_signal(signal.SIGTERM)
@@ -109,7 +117,7 @@ def test_drain_timeout_closes_a_reader_that_never_reads(start_server: StartServe
 def test_drain_waits_at_least_the_drain_timeout_for_a_slow_reader(
     start_server: StartServer,
 ) -> None:
-    server = start_server("--drain-timeout", "1.5")
+    server = start_server("--drain-timeout", "1.5", *BACKLOG_LIMIT)
     _, reader, _ = queue_backlog(server)
     began = time.monotonic()
     server.send_signal(signal.SIGTERM)
@@ -120,7 +128,7 @@ def test_drain_waits_at_least_the_drain_timeout_for_a_slow_reader(
 
 
 def test_second_sigterm_closes_everything_at_once(start_server: StartServer) -> None:
-    server = start_server("--drain-timeout", "60")
+    server = start_server("--drain-timeout", "60", *BACKLOG_LIMIT)
     writer, reader, _ = queue_backlog(server)
     server.send_signal(signal.SIGTERM)
     server.wait_event("server.stopping")
