@@ -81,6 +81,15 @@ class EventLoop:
         else:
             self._writes.discard(fd)
 
+    def handler(self, fd: int) -> Handler:
+        return self._handlers[fd]
+
+    def wants_read(self, fd: int) -> bool:
+        return fd in self._reads
+
+    def wants_write(self, fd: int) -> bool:
+        return fd in self._writes
+
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         timer = Timer(time.monotonic() + delay, next(self._seq), callback)
         heapq.heappush(self._timers, timer)
@@ -106,7 +115,7 @@ class EventLoop:
                 if fd in writes:
                     handlers[fd].on_writable()
             if self._timers:
-                self._run_due_timers()
+                self.run_timers(time.monotonic())
 
     def _timeout(self) -> float | None:
         timers = self._timers
@@ -116,8 +125,8 @@ class EventLoop:
             return None
         return max(0.0, timers[0].deadline - time.monotonic())
 
-    def _run_due_timers(self) -> None:
-        now = time.monotonic()
+    def run_timers(self, now: float) -> None:
+        """Run the timers due at ``now`` (a ``time.monotonic`` reading), earliest first."""
         timers = self._timers
         while timers and timers[0].deadline <= now:
             timer = heapq.heappop(timers)

@@ -238,9 +238,10 @@ class ChatServer:
             if self._accept_failures:
                 self.log.info("accept.resumed", failures=self._accept_failures)
                 self._accept_failures = 0
-            self._admit(sock, format_peer(address))
+            self.admit(sock, format_peer(address))
 
-    def _admit(self, sock: socket.socket, peer: str) -> None:
+    def admit(self, sock: socket.socket, peer: str) -> None:
+        """Take an accepted socket into the chat, or turn it away when there is no room."""
         fd = sock.fileno()
         if len(self.connections) >= self.max_clients or fd >= FD_SETSIZE:
             reason = "fd_limit" if fd >= FD_SETSIZE else "server_full"
