@@ -1,4 +1,4 @@
-"""Command line: ``fsmchat [options]`` serves; ``fsmchat diagrams`` draws the lifecycle.
+"""Command line: ``fsmchat [options]`` serves; ``fsmchat diagrams [options]`` draws the lifecycles.
 
 Every mistake in the arguments ends with status 2 and one line on stderr that names the option,
 never a traceback.
@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from fsmchat import __version__, diagrams
 from fsmchat.connection import RECV_SIZE
 from fsmchat.events import FORMATS, LEVELS
+from fsmchat.lifecycle import LIFECYCLES
 from fsmchat.server import (
     DEFAULT_MAX_QUEUE_BYTES,
     FD_SETSIZE,
@@ -122,9 +125,49 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["diagrams"]:
-        return diagrams.main(args[1:])
+        return diagrams_main(args[1:])
     ns = build_parser().parse_args(args)
     options = Options(host=ns.host, port=ns.port, log_level=ns.log_level,
                       log_format=ns.log_format, drain_timeout=ns.drain_timeout,
                       max_clients=ns.max_clients, max_queue_bytes=ns.max_queue_bytes)
     return run(options)
+
+
+def build_diagrams_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fsmchat diagrams",
+        description="Draw every lifecycle the server runs, from the same tables it runs: "
+                    "Mermaid (.mmd), Graphviz source (.dot) and, when Graphviz's dot is "
+                    "installed, SVG (.svg).",
+    )
+    parser.add_argument("--out", type=Path, default=Path("diagrams"), metavar="DIR",
+                        help="folder to write into, created if missing (default: %(default)s)")
+    parser.add_argument("--format", choices=diagrams.FORMATS, action="append", dest="formats",
+                        help="write only this format; repeat for several (default: all; svg is "
+                             "skipped with a note when dot is not installed)")
+    return parser
+
+
+def diagrams_main(argv: list[str]) -> int:
+    args = build_diagrams_parser().parse_args(argv)
+    formats: list[str] = args.formats or list(diagrams.FORMATS)
+    have_dot = shutil.which("dot") is not None
+    if "svg" in formats and not have_dot:
+        if args.formats:
+            print("fsmchat diagrams: --format svg needs Graphviz's dot, which is not installed "
+                  "(Debian: apt-get install graphviz)", file=sys.stderr)
+            return 1
+        print("fsmchat diagrams: dot not found, SVG skipped (install Graphviz for it); "
+              "Mermaid and DOT sources written", file=sys.stderr)
+        formats.remove("svg")
+    out: Path = args.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for lifecycle in LIFECYCLES:
+            written = diagrams.write(lifecycle, out, formats)
+            for path in written:
+                print(path)
+    except OSError as exc:
+        print(f"fsmchat diagrams: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0

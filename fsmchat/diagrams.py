@@ -14,16 +14,13 @@ runs, the final state), never a live model's current state. The committed files 
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import graphviz
 from transitions.extensions import GraphMachine
 
-from fsmchat.lifecycle import LIFECYCLES, Lifecycle, Transition
+from fsmchat.lifecycle import Lifecycle, Transition
 
 FORMATS = {"mermaid": "mmd", "dot": "dot", "svg": "svg"}
 LAYOUT = {"rankdir": "TB", "nodesep": "0.8", "ranksep": "0.6"}
@@ -70,51 +67,6 @@ def dot(lifecycle: Lifecycle) -> str:
 def svg(dot_source: str) -> bytes:
     rendered: bytes = graphviz.Source(dot_source).pipe(format="svg")
     return rendered
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="fsmchat diagrams",
-        description="Draw every lifecycle the server runs, from the same tables it runs: "
-                    "Mermaid (.mmd), Graphviz source (.dot) and, when Graphviz's dot is "
-                    "installed, SVG (.svg).",
-    )
-    parser.add_argument("--out", type=Path, default=Path("diagrams"), metavar="DIR",
-                        help="folder to write into, created if missing (default: %(default)s)")
-    parser.add_argument("--format", choices=FORMATS, action="append", dest="formats",
-                        help="write only this format; repeat for several (default: all; svg is "
-                             "skipped with a note when dot is not installed)")
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    formats: list[str] = args.formats or list(FORMATS)
-    have_dot = shutil.which("dot") is not None
-    if "svg" in formats and not have_dot:
-        if args.formats:
-            print("fsmchat diagrams: --format svg needs Graphviz's dot, which is not installed "
-                  "(Debian: apt-get install graphviz)", file=sys.stderr)
-            return 1
-        print("fsmchat diagrams: dot not found, SVG skipped (install Graphviz for it); "
-              "Mermaid and DOT sources written", file=sys.stderr)
-        formats.remove("svg")
-    out: Path = args.out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for lifecycle in LIFECYCLES:
-            written = write(lifecycle, out, formats)
-            for path in written:
-                print(path)
-    except OSError as exc:
-        print(f"fsmchat diagrams: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def write(lifecycle: Lifecycle, out: Path, formats: list[str]) -> list[Path]:
