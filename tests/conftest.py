@@ -527,3 +527,179 @@ class BackgroundReader:
         if self.error is not None:
             raise self.error
         return self.data
+
+
+# --------------------------------------------------------------------------
+# Helpers for the robustness tests (slow readers, limits, faults)
+# --------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def wait_event_count(
+    server: ServerProcess,
+    name: str,
+    count: int,
+    timeout: float = WAIT,
+    predicate: Callable[[Event], bool] = lambda e: True,
+) -> list[Event]:
+    """Wait until ``count`` events called ``name`` (and matching ``predicate``) were logged.
+
+    Returns the first ``count`` of them, in log order.
+    """
+    matched: list[Event] = []
+    if count <= 0:
+        return matched
+
+    def feed(e: Event) -> bool:
+        if e.get("event") == name and predicate(e):
+            matched.append(e)
+        return len(matched) >= count
+
+    server.wait_for(feed, timeout, f"{count} {name} events (saw {len(matched)})")
+    return matched
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    """A ``kB`` line of /proc/PID/status (``VmRSS``, ``VmHWM``, ...), in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+"""Units of proc_cpu_ticks per second."""
+
+
+def proc_cpu_ticks(pid: int) -> int:
+    """CPU time a process has used so far (utime + stime), in CLOCK_TICKS."""
+    with open(f"/proc/{pid}/stat") as stat:
+        text = stat.read()
+    # The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    # There, index 0 is field 3 (state); utime and stime are fields 14 and 15.
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def proc_fd_count(pid: int) -> int:
+    """How many descriptors a process has open (entries in /proc/PID/fd)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def closed_by_server(sock: socket.socket, timeout: float = WAIT) -> bytes:
+    """Read until the server's EOF or reset; return what arrived first (b"" if nothing did)."""
+    try:
+        return recv_until_eof(sock, timeout)
+    except ConnectionResetError:
+        return b""
+
+
+class StreamReader:
+    """Reads a socket in a thread: counts the bytes and can keep, hash or pause on them.
+
+    - ``limit``: stop after exactly this many bytes (else read until EOF or ``stop``).
+    - ``keep``: keep the bytes (``data``); otherwise only count them.
+    - ``on_chunk``: called with every chunk read (e.g. a hash object's ``update``).
+    - ``pauses``: ``(offset, seconds)`` pairs: once ``offset`` bytes have arrived, stop reading
+      for ``seconds`` (a bursty consumer).
+    - ``timeout``: an error when no byte arrives for this long.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        limit: int | None = None,
+        keep: bool = False,
+        on_chunk: Callable[[memoryview], object] | None = None,
+        pauses: Sequence[tuple[int, float]] = (),
+        timeout: float = 30.0,
+    ) -> None:
+        self.sock = sock
+        self.limit = limit
+        self.timeout = timeout
+        self.received = 0
+        self.eof = False
+        self.error: Exception | None = None
+        self._keep = bytearray() if keep else None
+        self._on_chunk = on_chunk
+        self._pauses = sorted(pauses)
+        self._stopping = False
+        self._done = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        buffer = bytearray(1 << 20)
+        view = memoryview(buffer)
+        pauses = list(self._pauses)
+        try:
+            self.sock.settimeout(self.timeout)
+            while self.limit is None or self.received < self.limit:
+                want = len(buffer)
+                if self.limit is not None:
+                    want = min(want, self.limit - self.received)
+                count = self.sock.recv_into(view[:want])
+                if count == 0:
+                    with self._cond:
+                        self.eof = True
+                    break
+                chunk = view[:count]
+                if self._on_chunk is not None:
+                    self._on_chunk(chunk)
+                if self._keep is not None:
+                    self._keep += chunk
+                with self._cond:
+                    self.received += count
+                    self._cond.notify_all()
+                while pauses and self.received >= pauses[0][0]:
+                    time.sleep(pauses.pop(0)[1])
+        except OSError as exc:  # includes TimeoutError; re-raised in result()
+            if not self._stopping:
+                self.error = exc
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    @property
+    def data(self) -> bytes:
+        assert self._keep is not None, "StreamReader(keep=True) keeps the data"
+        with self._cond:
+            return bytes(self._keep)
+
+    def wait_received(self, count: int, timeout: float = WAIT) -> None:
+        """Wait until at least ``count`` bytes have arrived."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.received < count:
+                remaining = deadline - time.monotonic()
+                if self._done or remaining <= 0:
+                    raise AssertionError(
+                        f"reader got {self.received} of {count} bytes "
+                        f"(eof={self.eof}, error={self.error!r})"
+                    )
+                self._cond.wait(remaining)
+
+    def result(self) -> StreamReader:
+        """Wait for the thread to end (limit reached, EOF); re-raise its error."""
+        self._thread.join(self.timeout + 5)
+        assert not self._thread.is_alive(), f"reader still running after {self.received} bytes"
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def stop(self) -> None:
+        """End the thread (the socket stops reading) and wait for it."""
+        self._stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError as exc:  # closed or reset: the thread ends on its own
+            self._thread.join(WAIT)
+            if self._thread.is_alive():
+                raise AssertionError("reader thread did not end") from exc
+            return
+        self._thread.join(WAIT)
