@@ -19,46 +19,37 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 """sendmsg refuses more buffers than this in one call."""
 
 
-class OutQueue:
-    __slots__ = ("_buffers", "nbytes")
+class OutQueue(deque[Buffer]):
+    """A deque of buffers that also counts its bytes; ``len`` and truth stay C-level calls."""
+
+    __slots__ = ("nbytes",)
 
     def __init__(self) -> None:
-        self._buffers: deque[Buffer] = deque()
+        super().__init__()
         self.nbytes = 0  # bytes queued, counting only the unsent part of the head
 
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def __bool__(self) -> bool:
-        return bool(self._buffers)
-
-    def append(self, data: bytes) -> None:
-        self._buffers.append(data)
+    def push(self, data: bytes) -> None:
+        self.append(data)
         self.nbytes += len(data)
 
     def chunk(self) -> list[Buffer]:
         """The buffers for one ``sendmsg`` call, oldest first."""
-        buffers = self._buffers
-        if len(buffers) <= IOV_MAX:
-            return list(buffers)
-        return list(islice(buffers, IOV_MAX))
-
-    def head(self) -> Buffer:
-        return self._buffers[0]
+        if len(self) <= IOV_MAX:
+            return list(self)
+        return list(islice(self, IOV_MAX))
 
     def consume(self, sent: int) -> None:
         """Drop ``sent`` bytes from the front: whole buffers, then a cut into the next one."""
         self.nbytes -= sent
-        buffers = self._buffers
         while sent:
-            first = buffers[0]
+            first = self[0]
             size = len(first)
             if sent < size:
-                buffers[0] = memoryview(first)[sent:]
+                self[0] = memoryview(first)[sent:]
                 return
-            buffers.popleft()
+            self.popleft()
             sent -= size
 
     def clear(self) -> None:
-        self._buffers.clear()
+        super().clear()
         self.nbytes = 0

@@ -21,7 +21,7 @@ def test_partial_sends_keep_the_unsent_tail_in_order(
 ) -> None:
     queue = OutQueue()
     for message in messages:
-        queue.append(message)
+        queue.push(message)
     expected = b"".join(messages)
     for share in sends:
         if not queue:
@@ -37,19 +37,19 @@ def test_partial_sends_keep_the_unsent_tail_in_order(
 def test_a_broadcast_buffer_is_shared_not_copied() -> None:
     message = b"x" * 1000
     first, second = OutQueue(), OutQueue()
-    first.append(message)
-    second.append(message)
-    assert first.head() is message and second.head() is message
+    first.push(message)
+    second.push(message)
+    assert first[0] is message and second[0] is message
     first.consume(10)
-    head = first.head()
+    head = first[0]
     assert isinstance(head, memoryview) and head.obj is message
-    assert second.head() is message
+    assert second[0] is message
 
 
 def test_one_send_call_never_gets_more_buffers_than_the_system_takes() -> None:
     queue = OutQueue()
     for _ in range(IOV_MAX + 5):
-        queue.append(b"ab")
+        queue.push(b"ab")
     assert len(queue.chunk()) == IOV_MAX
     queue.consume(2 * IOV_MAX)
     assert len(queue.chunk()) == 5
@@ -57,6 +57,6 @@ def test_one_send_call_never_gets_more_buffers_than_the_system_takes() -> None:
 
 def test_clear_forgets_everything() -> None:
     queue = OutQueue()
-    queue.append(b"abc")
+    queue.push(b"abc")
     queue.clear()
     assert not queue and queue.nbytes == 0
