@@ -2,7 +2,8 @@
 
     python bench/micro.py
 
-Prints microseconds per call for: the ``readable`` action called directly (a recv on a socket
+Prints microseconds per call for: one delivery (a 64-byte message queued, then the
+``writable`` trigger sends it); the ``readable`` action called directly (a recv on a socket
 with nothing to read), the same through ``Connection.fire`` (the table's hot path) and through the
 ``transitions`` machine, so the difference is the cost of dispatch; ``add_model``/``remove_model``
 at 1,000 connections; and one status event rendered to JSON (and one filtered out by the level).
@@ -49,6 +50,15 @@ def main() -> None:
          per_call(lambda: conn.fire(Trigger.READABLE), n)),
         ("readable: transitions Machine trigger", per_call(lambda: event.trigger(conn), n)),
     ]
+    message = b"m" * 64
+
+    def deliver() -> None:
+        for _ in range(100):
+            conn.enqueue(message)
+            conn.on_writable()
+        b.recv(1 << 16)
+
+    rows.append(("delivery: enqueue + writable + send (64 B)", per_call(deliver, n // 100) / 100))
     socks = [socket.socketpair() for _ in range(1000)]
     start = time.perf_counter()
     conns = [Connection(s, "bench", hub) for s, _ in socks]

@@ -62,6 +62,8 @@ class Hub(Protocol):
 
     def release_soon(self, conn: Connection) -> None: ...
 
+    def bug(self, conn: Connection, trigger: str, exc: Exception) -> None: ...
+
     def forget(self, conn: Connection) -> None: ...
 
 
@@ -88,7 +90,7 @@ class Connection:
 
     def fire(self, trigger: Trigger) -> None:
         state = self.state
-        step = _STEPS.get((state, trigger))
+        step = _STEPS[state].get(trigger)
         if step is None:
             raise InvalidTrigger(state, trigger)
         dest, action = step
@@ -100,10 +102,16 @@ class Connection:
         MACHINE.events[trigger].trigger(self)
 
     def on_readable(self) -> None:
-        self.fire(Trigger.READABLE)
+        try:
+            self.fire(Trigger.READABLE)
+        except Exception as exc:  # noqa: BLE001 - a bug closes this client, never the loop
+            self.hub.bug(self, Trigger.READABLE, exc)
 
     def on_writable(self) -> None:
-        self.fire(Trigger.WRITABLE)
+        try:
+            self.fire(Trigger.WRITABLE)
+        except Exception as exc:  # noqa: BLE001
+            self.hub.bug(self, Trigger.WRITABLE, exc)
 
     def close_because(self, reason: str) -> None:
         """Close without delivering what is queued, unless it is closing already.
@@ -222,7 +230,7 @@ every connection would carry some thirty bound helpers (``readable``, ``may_read
 ``is_reading``, ...), about 9 kB each, that nothing here calls: triggers go through
 ``MACHINE.events``."""
 
-_STEPS: dict[tuple[str, str], tuple[str | None, str]] = {
-    key: (row.dest, row.action or "_no_action") for key, row in lifecycle.ROWS.items()
-}
-"""(state, trigger) -> (dest, action name): lifecycle.ROWS reduced to what ``fire`` reads."""
+_STEPS: dict[str, dict[str, tuple[str | None, str]]] = {state: {} for state in State}
+for (_state, _trigger), _row in lifecycle.ROWS.items():
+    _STEPS[_state][_trigger] = (_row.dest, _row.action or "_no_action")
+"""state -> trigger -> (dest, action name): lifecycle.ROWS reduced to what ``fire`` reads."""

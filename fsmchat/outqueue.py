@@ -40,6 +40,9 @@ class OutQueue(deque[Buffer]):
 
     def consume(self, sent: int) -> None:
         """Drop ``sent`` bytes from the front: whole buffers, then a cut into the next one."""
+        if sent == self.nbytes:  # all of it, the usual case
+            self.clear()
+            return
         self.nbytes -= sent
         while sent:
             first = self[0]

@@ -254,7 +254,7 @@ class ChatServer:
         conn = Connection(sock, peer, self)
         self.connections[fd] = conn
         self.accepted += 1
-        self.loop.register(fd, _Guarded(conn, self), read=False)
+        self.loop.register(fd, conn, read=False)
         self.log.info("connection.accepted", fd=fd, peer=peer)
         self.fire(conn, Trigger.START)
 
@@ -304,28 +304,6 @@ class ChatServer:
             "bytes_out": self.bytes_out + sum(c.bytes_out for c in live),
             "seconds": round(time.monotonic() - self.started, 3),
         }
-
-
-class _Guarded:
-    """The loop handler for a client: readiness becomes a trigger; a bug closes that client only."""
-
-    __slots__ = ("conn", "server")
-
-    def __init__(self, conn: Connection, server: ChatServer) -> None:
-        self.conn = conn
-        self.server = server
-
-    def on_readable(self) -> None:
-        try:
-            self.conn.fire(Trigger.READABLE)
-        except Exception as exc:  # noqa: BLE001
-            self.server.bug(self.conn, Trigger.READABLE, exc)
-
-    def on_writable(self) -> None:
-        try:
-            self.conn.fire(Trigger.WRITABLE)
-        except Exception as exc:  # noqa: BLE001
-            self.server.bug(self.conn, Trigger.WRITABLE, exc)
 
 
 def format_peer(address: object) -> str:
