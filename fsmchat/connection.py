@@ -79,7 +79,7 @@ class Connection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.opened = time.monotonic()
-        self.reason = ""  # why it closes; set by the first thing that decides so
+        self.reason = ""  # why it closes: set when a drain begins, replaced by a forced close
         self.crowded = False  # over the high-water mark, and not yet back under the low one
         MACHINE.add_model(self)
 

@@ -197,6 +197,9 @@ class ChatServer:
         except Exception:  # noqa: BLE001 - the table itself is broken: take it out by hand
             self.loop.unregister(conn.fd)
             self.readers.pop(conn.fd, None)
+            self.paused.pop(conn.fd, None)
+            if conn.crowded:
+                self.relieved(conn)
             conn.sock.close()
             self.connections.pop(conn.fd, None)
 
