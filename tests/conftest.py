@@ -703,3 +703,32 @@ class StreamReader:
                 raise AssertionError("reader thread did not end") from exc
             return
         self._thread.join(WAIT)
+
+
+# --------------------------------------------------------------------------
+# A backlog queued inside the server
+# --------------------------------------------------------------------------
+
+
+BACKLOG_BYTES = 8 * 1024 * 1024
+#: These tests keep BACKLOG_BYTES queued in the server for a reader that waits on purpose:
+#: the output limit must let that much wait (the default, 4 MiB, would close the reader).
+BACKLOG_LIMIT = ("--max-queue-bytes", "64M")
+
+
+def queue_backlog(server: ServerProcess) -> tuple[Client, Client, bytes]:
+    """A writer sends BACKLOG_BYTES to a reader that does not read (small receive buffer).
+
+    Returns once the server has received every byte, with part of them still
+    queued inside the server for the reader.
+    """
+    writer = server.connect()
+    reader = server.connect(rcvbuf=16 * 1024)
+    payload = os.urandom(BACKLOG_BYTES)
+    writer.sock.settimeout(30)
+    writer.sock.sendall(payload)
+    server.wait_received_from(writer, len(payload), timeout=20)
+    assert server.bytes_sent_to(reader) < len(payload), (
+        "precondition: data should be queued in the server"
+    )
+    return writer, reader, payload

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import socket
 
-from conftest import Event, ServerProcess, StartServer, recv_exactly, recv_until_eof, reset
+from conftest import (
+    BACKLOG_LIMIT,
+    Event,
+    ServerProcess,
+    StartServer,
+    queue_backlog,
+    recv_exactly,
+    recv_until_eof,
+    reset,
+)
 
 from fsmchat.lifecycle import INITIAL, State, Trigger, next_state
 
@@ -151,14 +159,8 @@ def test_server_stopped_totals_match_what_clients_did(server: ServerProcess) -> 
 
 
 def test_data_sent_reports_the_remaining_queue(start_server: StartServer) -> None:
-    # The reader waits on purpose while megabytes queue up: allow more than the 4 MiB default.
-    server = start_server("--max-queue-bytes", "64M")
-    writer = server.connect()
-    reader = server.connect(rcvbuf=16 * 1024)
-    payload = os.urandom(8 * 1024 * 1024)
-    writer.sock.settimeout(30)
-    writer.sock.sendall(payload)
-    server.wait_received_from(writer, len(payload), timeout=20)
+    server = start_server(*BACKLOG_LIMIT)
+    _, reader, payload = queue_backlog(server)
     assert recv_exactly(reader.sock, len(payload), timeout=20) == payload
     server.wait_sent_to(reader, len(payload))
     sends = server.connection_events(reader, "data.sent")

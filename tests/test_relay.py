@@ -9,10 +9,12 @@ import re
 import socket
 
 from conftest import (
+    BACKLOG_LIMIT,
     BackgroundReader,
     ServerProcess,
     StartServer,
     assert_nothing_arrives,
+    queue_backlog,
     recv_exactly,
     recv_until_eof,
     reset,
@@ -143,14 +145,8 @@ def test_half_closed_sender_data_arrives_and_its_connection_is_closed(
 
 
 def test_half_closed_client_still_gets_what_was_queued_for_it(start_server: StartServer) -> None:
-    # The reader waits on purpose while megabytes queue up: allow more than the 4 MiB default.
-    server = start_server("--max-queue-bytes", "64M")
-    talker = server.connect()
-    quitter = server.connect(rcvbuf=16 * 1024)
-    payload = os.urandom(8 * 1024 * 1024)
-    talker.sock.settimeout(30)
-    talker.sock.sendall(payload)
-    server.wait_received_from(talker, len(payload), timeout=20)
+    server = start_server(*BACKLOG_LIMIT)
+    talker, quitter, payload = queue_backlog(server)
     # The quitter has not read anything; much of the payload is queued in the server.
     quitter.sock.sendall(b"bye")
     quitter.sock.shutdown(socket.SHUT_WR)
