@@ -17,9 +17,12 @@ from fsmchat import __version__, diagrams
 from fsmchat.connection import RECV_SIZE
 from fsmchat.events import FORMATS, LEVELS
 from fsmchat.lifecycle import LIFECYCLES
+from fsmchat.loop import FD_SETSIZE
+from fsmchat.redis_link import RedisAddress
 from fsmchat.server import (
+    DEFAULT_CHANNEL,
     DEFAULT_MAX_QUEUE_BYTES,
-    FD_SETSIZE,
+    DEFAULT_REDIS_OUTBOX,
     MAX_CLIENTS_CEILING,
     RESERVED_FDS,
     Options,
@@ -84,6 +87,19 @@ def _clients(text: str) -> int:
     return value
 
 
+def _redis_url(text: str) -> RedisAddress:
+    try:
+        return RedisAddress.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid Redis URL {text!r}: {exc}") from None
+
+
+def _channel(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("invalid channel '': a channel needs a name")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fsmchat",
@@ -118,6 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output limit per client: one whose queue would pass it is closed "
                              "(reason queue_limit); over half of it, senders are paused until "
                              "it catches up. Takes K, M, G (default: 4M)")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="set SO_REUSEPORT on the listener, so several instances (joined "
+                             "with --redis) can listen on one port; the kernel spreads new "
+                             "connections over them")
+    several = parser.add_argument_group(
+        "several instances, one chat",
+        "Instances given the same --redis and --channel form one chat: what a client of one "
+        "sends reaches the clients of all. Redis down: local chat goes on, the links retry.")
+    several.add_argument("--redis", type=_redis_url, default=None, metavar="URL",
+                         help="join the chat through Redis pub/sub: "
+                              "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] (default: standalone)")
+    several.add_argument("--channel", type=_channel, default=None, metavar="NAME",
+                         help=f"the pub/sub channel, the same for every instance of one chat "
+                              f"(default: {DEFAULT_CHANNEL})")
+    several.add_argument("--redis-outbox", type=_bytes, default=None,
+                         metavar="BYTES",
+                         help="most bytes of messages waiting to be published while Redis is "
+                              "down or slow; past it the oldest is dropped (and counted). "
+                              "Takes K, M, G (default: 8M)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -126,10 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["diagrams"]:
         return diagrams_main(args[1:])
-    ns = build_parser().parse_args(args)
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    if ns.redis is None:
+        for value, option in ((ns.channel, "--channel"), (ns.redis_outbox, "--redis-outbox")):
+            if value is not None:
+                parser.error(f"{option} needs --redis")
     options = Options(host=ns.host, port=ns.port, log_level=ns.log_level,
                       log_format=ns.log_format, drain_timeout=ns.drain_timeout,
-                      max_clients=ns.max_clients, max_queue_bytes=ns.max_queue_bytes)
+                      max_clients=ns.max_clients, max_queue_bytes=ns.max_queue_bytes,
+                      reuse_port=ns.reuse_port, redis=ns.redis,
+                      channel=ns.channel or DEFAULT_CHANNEL,
+                      redis_outbox=ns.redis_outbox or DEFAULT_REDIS_OUTBOX)
     return run(options)
 
 

@@ -1,14 +1,8 @@
 """One client connection: a socket, its outgoing queue, and its place in the lifecycle.
 
 Every connection is a model of the one shared ``transitions`` machine built from
-``lifecycle.TRANSITIONS``. The loop's readiness reaches it as triggers through ``fire``, and the
-table decides what a trigger means in the current state:
-
-- a row that changes state goes through the machine, which checks the source, sets ``state`` and
-  runs the row's action;
-- an internal row (``readable``/``writable``, the hot path) runs the same action directly, which
-  skips the machine's bookkeeping (it costs microseconds per call) but not the table: the row is
-  looked up exactly as the machine would, and a trigger with no row raises ``InvalidTrigger``.
+``lifecycle.CONNECTION`` (see ``machine.TableModel``). The loop's readiness reaches it as
+triggers through ``fire``, and the table decides what a trigger means in the current state.
 
 Actions do the socket work and may fire the next trigger (an empty queue while draining fires
 ``drained``); they never close a socket mid-turn: ``detach`` hands the connection to the hub, which
@@ -19,26 +13,22 @@ loop still holds its number.
 from __future__ import annotations
 
 import errno
-import logging
 import socket
 import time
 from typing import Protocol
 
 from structlog.typing import FilteringBoundLogger
-from transitions import Machine
 
 from fsmchat import lifecycle
-from fsmchat.lifecycle import InvalidTrigger, State, Trigger
+from fsmchat.lifecycle import State, Trigger
 from fsmchat.loop import EventLoop
+from fsmchat.machine import TableModel
 from fsmchat.outqueue import OutQueue
 
 RECV_SIZE = 64 * 1024
 """Bytes one recv may return: one message, and the most one sender gets per loop turn."""
 
 _REASONS = {errno.ECONNRESET: "reset", errno.EPIPE: "broken_pipe", errno.ETIMEDOUT: "timeout"}
-
-# transitions logs every callback at INFO, and each binding model_override skips at WARNING.
-logging.getLogger("transitions").setLevel(logging.ERROR)
 
 
 class Hub(Protocol):
@@ -67,9 +57,7 @@ class Hub(Protocol):
     def forget(self, conn: Connection) -> None: ...
 
 
-class Connection:
-    state: str  # owned by MACHINE
-
+class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
     def __init__(self, sock: socket.socket, peer: str, hub: Hub) -> None:
         self.sock = sock
         self.fd = sock.fileno()
@@ -81,25 +69,16 @@ class Connection:
         self.opened = time.monotonic()
         self.reason = ""  # why it closes: set when a drain begins, replaced by a forced close
         self.crowded = False  # over the high-water mark, and not yet back under the low one
-        MACHINE.add_model(self)
+        self.machine.add_model(self)
 
     def __repr__(self) -> str:
         return f"<Connection fd={self.fd} {self.peer} {self.state}>"
 
     # -- triggers -------------------------------------------------------------------------
 
-    def fire(self, trigger: Trigger) -> None:
-        state = self.state
-        step = _STEPS[state].get(trigger)
-        if step is None:
-            raise InvalidTrigger(state, trigger)
-        dest, action = step
-        if dest is None:
-            getattr(self, action)()
-            return
-        self.hub.log.debug("connection.state", fd=self.fd, **{"from": state, "to": dest},
+    def changing(self, source: str, dest: str, trigger: str) -> None:
+        self.hub.log.debug("connection.state", fd=self.fd, **{"from": source, "to": dest},
                            trigger=trigger)
-        MACHINE.events[trigger].trigger(self)
 
     def on_readable(self) -> None:
         try:
@@ -160,14 +139,12 @@ class Connection:
     def flush(self) -> None:
         queue = self.queue
         try:
-            # One buffer (the usual case at chat rates): plain send, cheaper than sendmsg.
-            sent = self.sock.send(queue[0]) if len(queue) == 1 else self.sock.sendmsg(queue.chunk())
+            sent = queue.send_to(self.sock)
         except BlockingIOError:
             return
         except OSError as exc:
             self._failed("send", exc)
             return
-        queue.consume(sent)
         self.bytes_out += sent
         self.hub.log.debug("data.sent", fd=self.fd, bytes=sent, queued=queue.nbytes)
         if self.crowded and queue.nbytes <= self.hub.low_water:
@@ -204,14 +181,11 @@ class Connection:
 
     def finish(self) -> None:
         self.sock.close()
-        MACHINE.remove_model(self)
+        self.machine.remove_model(self)
         self.hub.forget(self)
         self.hub.log.info("connection.closed", fd=self.fd, peer=self.peer, reason=self.reason,
                           bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                           seconds=round(time.monotonic() - self.opened, 3))
-
-    def _no_action(self) -> None:
-        pass
 
     def _failed(self, op: str, exc: OSError) -> None:
         code = exc.errno or 0
@@ -221,16 +195,5 @@ class Connection:
         self.close_because(_REASONS.get(code, name.lower()))
 
 
-MACHINE = Machine(model=None, send_event=False, model_override=True,
-                  **lifecycle.CONNECTION.machine_config())
-"""The one machine every connection shares (add_model/remove_model), built from the table.
-
-``model_override`` binds only methods a model declares, and Connection declares none: without it
-every connection would carry some thirty bound helpers (``readable``, ``may_readable``,
-``is_reading``, ...), about 9 kB each, that nothing here calls: triggers go through
-``MACHINE.events``."""
-
-_STEPS: dict[str, dict[str, tuple[str | None, str]]] = {state: {} for state in State}
-for (_state, _trigger), _row in lifecycle.ROWS.items():
-    _STEPS[_state][_trigger] = (_row.dest, _row.action or "_no_action")
-"""state -> trigger -> (dest, action name): lifecycle.ROWS reduced to what ``fire`` reads."""
+MACHINE = Connection.machine
+"""The one machine every connection shares."""

@@ -1,9 +1,9 @@
-"""The connection lifecycle, as data.
+"""Every lifecycle the server runs, as data: client connections and Redis links.
 
-Everything that decides *which state a connection is in* lives in ``TRANSITIONS``, one table of
-rows ``trigger: sources -> dest / action``. The server builds its ``transitions`` machine from it,
-the tests walk it, and the diagram generator draws it: there is no second description to keep in
-step. This module does no I/O and imports nothing of the server.
+Everything that decides *which state a connection (or link) is in* lives in one table of rows
+``trigger: sources -> dest / action`` per kind of socket. The server builds a ``transitions``
+machine from each, the tests walk them, and the diagram generator draws them: there is no second
+description to keep in step. This module does no I/O and imports nothing of the server.
 
 Rules the table keeps:
 - A row whose ``dest`` is ``None`` is an internal transition: the action runs, the state stays.
@@ -14,7 +14,7 @@ Rules the table keeps:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -44,6 +44,15 @@ class Trigger(StrEnum):
 INITIAL = State.ACCEPTED
 IN_CHAT = (State.READING, State.PAUSED)  # take new messages
 LIVE = (State.ACCEPTED, *IN_CHAT, State.DRAINING)
+
+
+class InvalidTrigger(Exception):
+    """A trigger fired in a state that has no row for it: a bug, reported, never fatal."""
+
+    def __init__(self, state: str, trigger: str) -> None:
+        super().__init__(f"trigger {trigger!r} is not allowed in state {state!r}")
+        self.state = state
+        self.trigger = trigger
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,30 @@ class Lifecycle:
     initial: str
     final: str
     transitions: tuple[Transition, ...]
+    rows: dict[tuple[str, str], Transition] = field(init=False, repr=False, compare=False)
+    """(state, trigger) -> row: the table indexed the way a dispatcher reads it."""
+
+    def __post_init__(self) -> None:
+        rows: dict[tuple[str, str], Transition] = {}
+        for row in self.transitions:
+            for source in row.sources:
+                if (source, row.trigger) in rows:
+                    raise ValueError(f"{self.name}: two rows for {row.trigger!r} in {source!r}")
+                rows[source, row.trigger] = row
+        object.__setattr__(self, "rows", rows)
+
+    def row_for(self, state: str, trigger: str) -> Transition:
+        try:
+            return self.rows[state, trigger]
+        except KeyError:
+            raise InvalidTrigger(state, trigger) from None
+
+    def next_state(self, state: str, trigger: str) -> str:
+        row = self.row_for(state, trigger)
+        return state if row.dest is None else row.dest
+
+    def allowed(self, state: str, trigger: str) -> bool:
+        return (state, trigger) in self.rows
 
     def machine_config(self) -> dict[str, Any]:
         """Keyword arguments for a ``transitions`` machine that runs this table."""
@@ -104,44 +137,73 @@ class Lifecycle:
 
 
 CONNECTION = Lifecycle("connection", tuple(State), INITIAL, State.CLOSED, TRANSITIONS)
-LIFECYCLES = (CONNECTION,)
+
+# The connection's table, indexed: what the connection's code and tests read.
+ROWS = CONNECTION.rows
+row_for = CONNECTION.row_for
+next_state = CONNECTION.next_state
+allowed = CONNECTION.allowed
+
+
+class LinkState(StrEnum):
+    IDLE = "idle"  # created, not yet dialled
+    CONNECTING = "connecting"  # a non-blocking connect is under way: waits to be writable
+    GREETING = "greeting"  # connected; AUTH/SELECT and PING or SUBSCRIBE sent, replies awaited
+    READY = "ready"  # publishes what local clients send, or receives what the channel carries
+    PAUSED = "paused"  # subscriber not read from until congested local recipients catch up
+    BACKOFF = "backoff"  # lost or refused: waits for the retry timer; local chat goes on
+    DRAINING = "draining"  # the server is stopping: publishes what waits, awaits the replies
+    CLOSED = "closed"  # socket closed for good
+
+
+class LinkTrigger(StrEnum):
+    DIAL = "dial"  # the server started, or the retry timer fired
+    WRITABLE = "writable"  # select reported the socket writable (connect done, or output queued)
+    CONNECTED = "connected"  # the non-blocking connect succeeded
+    READABLE = "readable"  # select reported the socket readable
+    GREETED = "greeted"  # every greeting command was answered without an error
+    THROTTLE = "throttle"  # what it delivered left a local recipient over the high-water mark
+    RESUME = "resume"  # no local recipient holds senders back any more
+    FAIL = "fail"  # connect refused, socket error, EOF, a protocol error or an error reply
+    SHUTDOWN = "shutdown"  # the server is stopping
+    DRAINED = "drained"  # nothing waits for Redis any more
+
+
+LINK_TRANSITIONS: tuple[Transition, ...] = (
+    Transition(LinkTrigger.DIAL, (LinkState.IDLE, LinkState.BACKOFF), LinkState.CONNECTING,
+               "open_socket", "open a non-blocking socket and start connecting"),
+    Transition(LinkTrigger.WRITABLE, (LinkState.CONNECTING,), None, "check_connect",
+               "read the connect's outcome (SO_ERROR): connected, or fail"),
+    Transition(LinkTrigger.CONNECTED, (LinkState.CONNECTING,), LinkState.GREETING, "greet",
+               "send AUTH and SELECT when asked for, then PING (publish) or SUBSCRIBE"),
+    Transition(LinkTrigger.READABLE, (LinkState.GREETING, LinkState.READY, LinkState.DRAINING),
+               None, "receive", "recv once; hand every complete reply to the link's role"),
+    Transition(LinkTrigger.WRITABLE,
+               (LinkState.GREETING, LinkState.READY, LinkState.PAUSED, LinkState.DRAINING),
+               None, "flush", "send as much of the queued commands as the socket takes"),
+    Transition(LinkTrigger.GREETED, (LinkState.GREETING,), LinkState.READY, "go_live",
+               "publish what waits in the outbox, or deliver what the channel carries"),
+    Transition(LinkTrigger.THROTTLE, (LinkState.READY,), LinkState.PAUSED, "pause_reading",
+               "flow control: stop reading the channel, so Redis buffers for us a moment"),
+    Transition(LinkTrigger.RESUME, (LinkState.PAUSED,), LinkState.READY, "resume_reading",
+               "every congested recipient caught up (or stalled): read again"),
+    Transition(LinkTrigger.FAIL,
+               (LinkState.CONNECTING, LinkState.GREETING, LinkState.READY, LinkState.PAUSED),
+               LinkState.BACKOFF, "schedule_retry",
+               "close the socket; dial again after a capped exponential delay"),
+    Transition(LinkTrigger.SHUTDOWN, (LinkState.READY, LinkState.PAUSED), LinkState.DRAINING,
+               "drain", "stop reading the channel; publish what waits"),
+    Transition(LinkTrigger.SHUTDOWN,
+               (LinkState.IDLE, LinkState.CONNECTING, LinkState.GREETING, LinkState.BACKOFF),
+               LinkState.CLOSED, "close_link", "close now; what waits is dropped and counted"),
+    Transition(LinkTrigger.DRAINED, (LinkState.DRAINING,), LinkState.CLOSED, "close_link",
+               "everything waiting was published"),
+    Transition(LinkTrigger.FAIL, (LinkState.DRAINING,), LinkState.CLOSED, "close_link",
+               "lost while draining, or the drain timed out: close, drop and count the rest"),
+)
+
+REDIS_LINK = Lifecycle("redis_link", tuple(LinkState), LinkState.IDLE, LinkState.CLOSED,
+                       LINK_TRANSITIONS)
+
+LIFECYCLES = (CONNECTION, REDIS_LINK)
 """Every machine the server runs; the diagram generator draws each one."""
-
-
-class InvalidTrigger(Exception):
-    """A trigger fired in a state that has no row for it: a bug, reported, never fatal."""
-
-    def __init__(self, state: str, trigger: str) -> None:
-        super().__init__(f"trigger {trigger!r} is not allowed in state {state!r}")
-        self.state = state
-        self.trigger = trigger
-
-
-def _rows_by_source() -> dict[tuple[str, str], Transition]:
-    rows: dict[tuple[str, str], Transition] = {}
-    for row in TRANSITIONS:
-        for source in row.sources:
-            if (source, row.trigger) in rows:
-                raise ValueError(f"two rows for {row.trigger!r} in state {source!r}")
-            rows[source, row.trigger] = row
-    return rows
-
-
-ROWS: dict[tuple[str, str], Transition] = _rows_by_source()
-"""(state, trigger) -> row: the table indexed the way a dispatcher reads it."""
-
-
-def row_for(state: str, trigger: str) -> Transition:
-    try:
-        return ROWS[state, trigger]
-    except KeyError:
-        raise InvalidTrigger(state, trigger) from None
-
-
-def next_state(state: str, trigger: str) -> str:
-    row = row_for(state, trigger)
-    return state if row.dest is None else row.dest
-
-
-def allowed(state: str, trigger: str) -> bool:
-    return (state, trigger) in ROWS

@@ -23,6 +23,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+FD_SETSIZE = 1024
+"""select() watches descriptors below this number only (glibc's fixed fd_set)."""
+
 
 class Handler(Protocol):
     def on_readable(self) -> None: ...

@@ -2,14 +2,15 @@
 
 A broadcast appends the *same* bytes object to every recipient's queue, so a message costs one
 reference per recipient, never a copy. A send that takes only part of the queue leaves the unsent
-tail of the first unfinished buffer at the head, as a memoryview (still no copy). The queue does
-no I/O: ``chunk`` says what to hand to ``send``/``sendmsg`` and ``consume`` records what was taken,
-so it is tested without sockets.
+tail of the first unfinished buffer at the head, as a memoryview (still no copy). ``chunk`` says
+what to hand to ``send``/``sendmsg`` and ``consume`` records what was taken, so the bookkeeping is
+tested without sockets; ``send_to`` is the one socket call that puts them together.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections import deque
 from itertools import islice
 
@@ -37,6 +38,14 @@ class OutQueue(deque[Buffer]):
         if len(self) <= IOV_MAX:
             return list(self)
         return list(islice(self, IOV_MAX))
+
+    def send_to(self, sock: socket.socket) -> int:
+        """One ``send`` (one buffer, the usual case at chat rates, is cheaper than ``sendmsg``) or
+        ``sendmsg`` of the head of the queue; returns the bytes taken. Raises ``OSError``,
+        ``BlockingIOError`` included."""
+        sent = sock.send(self[0]) if len(self) == 1 else sock.sendmsg(self.chunk())
+        self.consume(sent)
+        return sent
 
     def consume(self, sent: int) -> None:
         """Drop ``sent`` bytes from the front: whole buffers, then a cut into the next one."""

@@ -21,8 +21,12 @@ Rules it keeps:
   FD_SETSIZE), the newcomer is accepted and closed at once with ``connection.rejected``.
 - Running out of descriptors pauses accepting for a moment (or until a connection closes) instead
   of spinning on a listener that stays readable, and says so once per episode.
-- First SIGINT/SIGTERM: stop accepting, let every connection drain. Second signal, or the drain
-  timeout: close whatever is left. Either way the process ends with status 0.
+- With ``--redis``, every message is also published once on the Redis bus, and every message
+  from another instance reaches every local client in the chat; while local recipients are
+  congested, the subscriber is paused like a local sender (``bus``).
+- First SIGINT/SIGTERM: stop accepting, let every connection drain (and the publisher publish
+  what waits). Second signal, or the drain timeout: close whatever is left. Either way the
+  process ends with status 0.
 """
 
 from __future__ import annotations
@@ -39,14 +43,13 @@ from dataclasses import dataclass
 
 from structlog.typing import FilteringBoundLogger
 
+from fsmchat.bus import RedisBus
 from fsmchat.connection import Connection
 from fsmchat.events import EventSink, make_logger
 from fsmchat.lifecycle import InvalidTrigger, State, Trigger
-from fsmchat.loop import EventLoop, Timer
+from fsmchat.loop import FD_SETSIZE, EventLoop, Timer
+from fsmchat.redis_link import RedisAddress
 from fsmchat.signals import SignalWatch
-
-FD_SETSIZE = 1024
-"""select() watches descriptors below this number only (glibc's fixed fd_set)."""
 
 RESERVED_FDS = 16
 """Descriptors kept out of --max-clients: stdio, the listener, the signal socket, a newcomer
@@ -65,6 +68,10 @@ ACCEPT_BATCH = 64
 ACCEPT_RETRY = 0.25
 """Seconds the listener rests after accept ran out of descriptors or memory."""
 
+DEFAULT_CHANNEL = "fsmchat"
+
+DEFAULT_REDIS_OUTBOX = 8 * 1024 * 1024
+
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -77,6 +84,10 @@ class Options:
     drain_timeout: float = 5.0
     max_clients: int | None = None  # None: default_max_clients()
     max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
+    reuse_port: bool = False
+    redis: RedisAddress | None = None  # None: standalone
+    channel: str = DEFAULT_CHANNEL
+    redis_outbox: int = DEFAULT_REDIS_OUTBOX
 
 
 def default_max_clients() -> int:
@@ -123,6 +134,7 @@ class ChatServer:
         self.accepted = 0
         self.bytes_in = 0  # of connections already closed; live ones add theirs at the end
         self.bytes_out = 0
+        self.bus: RedisBus | None = None  # set by run() with --redis
         loop.register(listener.fileno(), Reader(self._accept))
 
     # -- the Hub a connection sees ----------------------------------------------------------
@@ -131,11 +143,23 @@ class ChatServer:
         for conn in self.readers.values():
             if conn is not sender:
                 conn.enqueue(data)
+        if self.bus is not None:
+            self.bus.publish(data)
         if self._overflowed:
             self._close_overflowed()
         if self._holding and sender.state == State.READING and (
                 len(self._holding) > 1 or sender.fd not in self._holding):
             self.fire(sender, Trigger.THROTTLE)
+
+    def relay(self, data: bytes) -> bool:
+        """A message from another instance, for every local client in the chat.
+
+        Returns whether a recipient now holds senders back: the subscriber then pauses."""
+        for conn in self.readers.values():
+            conn.enqueue(data)
+        if self._overflowed:
+            self._close_overflowed()
+        return bool(self._holding)
 
     def overflowed(self, conn: Connection) -> None:
         self._overflowed.append(conn)
@@ -172,7 +196,7 @@ class ChatServer:
             closing, self._closing = self._closing, []
             for conn in closing:
                 self.fire(conn, Trigger.RELEASE)
-        if self.stopping and not self.connections:
+        if self.stopping and not self.connections and (self.bus is None or self.bus.closed):
             self.loop.stop()
 
     def on_signals(self, received: list[signal.Signals]) -> None:
@@ -224,6 +248,8 @@ class ChatServer:
     def _resume_senders(self) -> None:
         for conn in list(self.paused.values()):
             self.fire(conn, Trigger.RESUME)
+        if self.bus is not None:
+            self.bus.resume()
 
     # -- accepting ----------------------------------------------------------------------------
 
@@ -287,9 +313,13 @@ class ChatServer:
             self._accept_timer.cancel()
         for conn in list(self.readers.values()):
             self.fire(conn, Trigger.SHUTDOWN)
+        if self.bus is not None:
+            self.bus.stop()
         self.loop.call_later(self.drain_timeout, lambda: self._force_close("drain_timeout"))
 
     def _force_close(self, reason: str) -> None:
+        if self.bus is not None:
+            self.bus.abort(reason)
         if not self.connections:
             return
         self.log.warning("server.forced", reason=reason, connections=len(self.connections))
@@ -301,12 +331,15 @@ class ChatServer:
 
     def totals(self) -> dict[str, float]:
         live = self.connections.values()
-        return {
+        totals: dict[str, float] = {
             "connections": self.accepted,
             "bytes_in": self.bytes_in + sum(c.bytes_in for c in live),
             "bytes_out": self.bytes_out + sum(c.bytes_out for c in live),
             "seconds": round(time.monotonic() - self.started, 3),
         }
+        if self.bus is not None:
+            totals.update(self.bus.totals())
+        return totals
 
 
 def format_peer(address: object) -> str:
@@ -326,18 +359,22 @@ class ListenError(Exception):
         self.usage = usage
 
 
-def open_listener(host: str | None, port: int) -> socket.socket:
+def open_listener(host: str | None, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listener; ``reuse_port`` lets other processes listen on the same port."""
     try:
         if host is None:
             try:
                 sock = socket.create_server(("::", port), family=socket.AF_INET6,
-                                            dualstack_ipv6=True, backlog=socket.SOMAXCONN)
+                                            dualstack_ipv6=True, backlog=socket.SOMAXCONN,
+                                            reuse_port=reuse_port)
             except (OSError, ValueError):  # no IPv6 here: every IPv4 interface then
-                sock = socket.create_server(("0.0.0.0", port), backlog=socket.SOMAXCONN)
+                sock = socket.create_server(("0.0.0.0", port), backlog=socket.SOMAXCONN,
+                                            reuse_port=reuse_port)
         else:
             family, _, _, _, address = socket.getaddrinfo(
                 host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-            sock = socket.create_server(address[:2], family=family, backlog=socket.SOMAXCONN)
+            sock = socket.create_server(address[:2], family=family, backlog=socket.SOMAXCONN,
+                                        reuse_port=reuse_port)
     except socket.gaierror as exc:
         raise ListenError(f"cannot resolve --host {host!r}: {exc.strerror}", usage=True) from None
     except OSError as exc:
@@ -352,7 +389,7 @@ def run(options: Options) -> int:
     sink = EventSink(sys.stdout.buffer)
     log = make_logger(sink, options.log_level, options.log_format)
     try:
-        listener = open_listener(options.host, options.port)
+        listener = open_listener(options.host, options.port, reuse_port=options.reuse_port)
     except ListenError as exc:
         log.error("server.failed", host=options.host, port=options.port, error=str(exc))
         sink.flush()
@@ -371,8 +408,16 @@ def run(options: Options) -> int:
 
     loop.before_sleep = end_of_step
     host, port = listener.getsockname()[:2]
+    redis: dict[str, str] = {}
+    if options.redis is not None:
+        server.bus = RedisBus(options.redis, options.channel, loop, log,
+                              outbox_limit=options.redis_outbox, deliver=server.relay)
+        redis = {"instance": server.bus.origin.decode(), "redis": options.redis.url(),
+                 "channel": options.channel}
     log.info("server.started", host=host, port=port, pid=os.getpid(), max_clients=max_clients,
-             max_queue_bytes=options.max_queue_bytes)
+             max_queue_bytes=options.max_queue_bytes, **redis)
+    if server.bus is not None:
+        server.bus.start()
     try:
         loop.run()
     finally:

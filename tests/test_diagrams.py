@@ -101,7 +101,8 @@ def test_without_dot_the_sources_are_still_written(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "dot" in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["connection.dot", "connection.mmd"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{lifecycle.name}.{ext}" for lifecycle in LIFECYCLES for ext in ("dot", "mmd"))
 
 
 def test_asking_for_svg_without_dot_is_an_error(tmp_path: Path) -> None:
@@ -114,7 +115,8 @@ def test_asking_for_svg_without_dot_is_an_error(tmp_path: Path) -> None:
 def test_format_selects_one(tmp_path: Path) -> None:
     result = generate(tmp_path, "--format", "mermaid")
     assert result.returncode == 0, result.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["connection.mmd"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{lifecycle.name}.mmd" for lifecycle in LIFECYCLES)
 
 
 def test_a_bad_format_is_a_one_line_usage_error(tmp_path: Path) -> None:
@@ -123,10 +125,11 @@ def test_a_bad_format_is_a_one_line_usage_error(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1 and "--format" in result.stderr
 
 
-def test_readme_embeds_the_current_mermaid_diagram() -> None:
+def test_readme_embeds_the_current_mermaid_diagrams() -> None:
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```mermaid\n(.*?)```", readme, re.S)
-    assert (COMMITTED / "connection.mmd").read_text() in blocks
+    for lifecycle in LIFECYCLES:
+        assert (COMMITTED / f"{lifecycle.name}.mmd").read_text() in blocks, lifecycle.name
 
 
 def test_readme_explains_every_state_and_trigger() -> None:

@@ -1,0 +1,348 @@
+"""The Redis bus: several instances of the server share one chat over one pub/sub channel.
+
+Each instance has two links (``redis_link``): one publishes every message a local client sends,
+one is subscribed to the channel and hands every message of another instance to the local chat.
+On the channel a message is an envelope and the client's bytes, untouched::
+
+    fsmchat1 <instance id> <sequence number>\\n<message>
+
+The instance id (16 hex digits, new at every start) lets an instance drop its own messages when
+they come back; the sequence number (1, 2, 3, ... per instance) lets a receiver drop repeats and
+count what it missed. A payload without the envelope, from ``redis-cli PUBLISH`` say, is
+delivered as it is.
+
+Delivery (README, "Several instances" says the same to users):
+- Per sender, order holds everywhere: one publish link, one channel, one subscriber per instance.
+- Messages wait in the outbox while the publish link is down, and up to a window of them wait
+  for Redis's reply while it is up; a reply takes a message out. A link lost before the reply
+  sends it again on reconnect, and receivers drop the repeat by its sequence number.
+- The outbox is bounded (``--redis-outbox``): past it, the oldest waiting message is dropped and
+  counted (``redis.dropped``), and receivers count the gap (``redis.missed``).
+- After an outage, the outbox waits (up to ``HOLD_MAX``) until as many subscribers are back as
+  the last message before the outage reached, so instances that reconnect a little later than
+  this one still get it.
+- Pub/sub itself keeps nothing: an instance whose subscriber is down misses what others publish
+  in that time, and finds out by the gap in their sequence numbers. At most once, then, across
+  an outage of its subscriber or beyond the outbox's bound; exactly once otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import hiredis
+from structlog.typing import FilteringBoundLogger
+
+from fsmchat.lifecycle import LinkState, LinkTrigger
+from fsmchat.loop import EventLoop, Timer
+from fsmchat.redis_link import RedisAddress, RedisLink
+
+ENVELOPE = b"fsmchat1 "
+"""What every payload of ours starts with; the number is the envelope's version."""
+
+ENVELOPE_MAX = 64
+"""An envelope line is never longer: past this, a payload is not ours."""
+
+CRLF = b"\r\n"
+
+WINDOW_MAX = 1024 * 1024
+"""Bytes of PUBLISH commands sent and not yet answered, at most (half the outbox if smaller):
+enough to keep Redis busy, few enough that the rest of the outbox can still be dropped."""
+
+HOLD_MAX = 5.0
+"""Seconds the outbox may wait after a reconnect for the other instances' subscribers."""
+
+HOLD_POLL = 0.1
+"""Seconds between two PUBSUB NUMSUB questions while the outbox waits."""
+
+DROP_REPORT = 1.0
+"""Seconds between two redis.dropped warnings while messages are being dropped."""
+
+ORIGINS_MAX = 4096
+"""Instances whose last sequence number is remembered; the oldest is forgotten past this."""
+
+Message = tuple[int, bytes, bytes]
+"""(sequence number, RESP head up to the client's bytes, the client's bytes)."""
+
+
+def new_origin() -> bytes:
+    return os.urandom(8).hex().encode()
+
+
+def unpack(payload: bytes) -> tuple[bytes | None, int, bytes]:
+    """(origin, sequence number, message) of a payload; origin None for a foreign payload."""
+    if payload.startswith(ENVELOPE):
+        end = payload.find(b"\n", len(ENVELOPE), ENVELOPE_MAX)
+        if end > 0:
+            fields = payload[len(ENVELOPE):end].split(b" ")
+            if len(fields) == 2 and fields[1].isdigit():
+                return fields[0], int(fields[1]), payload[end + 1:]
+    return None, 0, payload
+
+
+class PublishLink(RedisLink):
+    """PUBLISHes every local message once, in order, from a bounded outbox."""
+
+    role = "publish"
+
+    def __init__(self, address: RedisAddress, loop: EventLoop, log: FilteringBoundLogger, *,
+                 channel: bytes, origin: bytes, outbox_limit: int) -> None:
+        super().__init__(address, loop, log)
+        self.channel = channel
+        self.prefix = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(channel), channel)
+        self.envelope = ENVELOPE + origin + b" "
+        self.outbox_limit = outbox_limit
+        self.window = min(WINDOW_MAX, outbox_limit // 2)
+        self.seq = 0
+        self.unsent: deque[Message] = deque()  # waiting to be written, oldest first
+        self.unsent_bytes = 0
+        self.inflight: deque[Message] = deque()  # written, waiting for Redis's reply
+        self.inflight_bytes = 0
+        self.audience = 0  # subscribers the last PUBLISH reached
+        self.hold_started: float | None = None  # set while the outbox waits for them
+        self.hold_timer: Timer | None = None
+        self.hold_logged = False  # redis.holding said for the current hold
+        self.questions = 0  # PUBSUB NUMSUB sent and not yet answered
+        self.published = 0
+        self.dropped = 0
+        self.unreported = 0  # dropped since the last redis.dropped warning
+        self.report_timer: Timer | None = None
+
+    def publish(self, data: bytes) -> None:
+        self.seq += 1
+        envelope = b"%s%d\n" % (self.envelope, self.seq)
+        head = b"%s$%d\r\n%s" % (self.prefix, len(envelope) + len(data), envelope)
+        self.unsent.append((self.seq, head, data))
+        self.unsent_bytes += len(head) + len(data) + 2
+        if self.unsent_bytes + self.inflight_bytes > self.outbox_limit:
+            self._drop_oldest()
+        if self.state == LinkState.READY and self.hold_started is None:
+            self._fill()
+
+    def _fill(self) -> None:
+        """Hand waiting messages to the socket, up to the window."""
+        unsent, inflight, window = self.unsent, self.inflight, self.window
+        while unsent and self.inflight_bytes < window:
+            message = unsent.popleft()
+            size = len(message[1]) + len(message[2]) + 2
+            self.unsent_bytes -= size
+            inflight.append(message)
+            self.inflight_bytes += size
+            self.push(message[1], message[2], CRLF)
+
+    def _drop_oldest(self) -> None:
+        dropped = 0
+        while self.unsent and self.unsent_bytes + self.inflight_bytes > self.outbox_limit:
+            _, head, data = self.unsent.popleft()
+            self.unsent_bytes -= len(head) + len(data) + 2
+            dropped += 1
+        self.dropped += dropped
+        self.unreported += dropped
+        if self.report_timer is None:
+            self._report_drops()
+
+    def _report_drops(self) -> None:
+        """Warn now, then at most once per DROP_REPORT while drops go on."""
+        self.report_timer = None
+        if self.unreported:
+            self.log.warning("redis.dropped", reason="outbox_full", messages=self.unreported,
+                             limit=self.outbox_limit)
+            self.unreported = 0
+            self.report_timer = self.loop.call_later(DROP_REPORT, self._report_drops)
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def ready(self) -> None:
+        if self.unsent and self.audience:
+            self.hold_started = time.monotonic()
+            self._ask_audience()
+        else:
+            self._fill()
+
+    def _ask_audience(self) -> None:
+        self.hold_timer = None
+        if self.state == LinkState.READY:
+            self.questions += 1
+            self.send_command(b"PUBSUB", b"NUMSUB", self.channel)
+
+    def on_reply(self, reply: Any) -> None:
+        if type(reply) is int:
+            seq, head, data = self.inflight.popleft()
+            self.inflight_bytes -= len(head) + len(data) + 2
+            self.published += 1
+            self.audience = reply
+            self.log.debug("redis.published", seq=seq, bytes=len(data), receivers=reply)
+            self._fill()
+        elif isinstance(reply, list) and self.questions:
+            self.questions -= 1
+            if self.hold_started is not None:
+                self._audience_counted(int(reply[1]))
+        elif isinstance(reply, hiredis.ReplyError):
+            self.lose(f"PUBLISH refused: {reply}")
+            return
+        else:
+            self.lose(f"unexpected reply {reply!r:.80}")
+            return
+        if self.state == LinkState.DRAINING and self.idle():
+            self.fire(LinkTrigger.DRAINED)
+
+    def _audience_counted(self, subscribers: int) -> None:
+        assert self.hold_started is not None
+        waited = time.monotonic() - self.hold_started
+        if subscribers < self.audience and waited < HOLD_MAX:
+            if not self.hold_logged:
+                self.hold_logged = True
+                self.log.info("redis.holding", messages=len(self.unsent),
+                              subscribers=subscribers, expected=self.audience)
+            self.hold_timer = self.loop.call_later(HOLD_POLL, self._ask_audience)
+            return
+        if self.hold_logged:
+            self.log.info("redis.flushing", messages=len(self.unsent), subscribers=subscribers,
+                          waited=round(waited, 3))
+        self._end_hold()
+        self._fill()
+
+    def _end_hold(self) -> None:
+        self.hold_started = None
+        self.hold_logged = False
+        if self.hold_timer is not None:
+            self.hold_timer.cancel()
+            self.hold_timer = None
+
+    def lost(self) -> None:
+        self._end_hold()
+        self.questions = 0
+        self.unsent.extendleft(reversed(self.inflight))
+        self.unsent_bytes += self.inflight_bytes
+        self.inflight.clear()
+        self.inflight_bytes = 0
+
+    def drain(self) -> None:
+        if self.hold_started is not None:  # stopping: nobody can wait for latecomers now
+            self._end_hold()
+            self._fill()
+        super().drain()
+
+    def idle(self) -> bool:
+        return not self.unsent and not self.inflight
+
+    def closed(self) -> None:
+        if self.report_timer is not None:
+            self.report_timer.cancel()
+        if self.unreported:
+            self.log.warning("redis.dropped", reason="outbox_full", messages=self.unreported,
+                             limit=self.outbox_limit)
+        left = len(self.unsent) + len(self.inflight)
+        if left:
+            self.dropped += left
+            self.log.warning("redis.dropped", reason="shutdown", messages=left,
+                             limit=self.outbox_limit)
+        self.unsent.clear()
+        self.inflight.clear()
+        self._end_hold()
+
+    def counters(self) -> dict[str, int]:
+        return {"published": self.published, "dropped": self.dropped}
+
+
+class SubscribeLink(RedisLink):
+    """Receives the channel; hands other instances' messages to the local chat, once, in order."""
+
+    role = "subscribe"
+
+    def __init__(self, address: RedisAddress, loop: EventLoop, log: FilteringBoundLogger, *,
+                 channel: bytes, origin: bytes, deliver: Callable[[bytes], bool]) -> None:
+        super().__init__(address, loop, log)
+        self.channel = channel
+        self.origin = origin
+        self.deliver = deliver  # returns True when local recipients are congested
+        self.last_seq: dict[bytes, int] = {}  # origin -> newest sequence number delivered
+        self.received = 0
+        self.missed = 0
+        self.duplicates = 0
+
+    def greeting(self) -> list[tuple[bytes, ...]]:
+        return [(b"SUBSCRIBE", self.channel)]
+
+    def on_reply(self, reply: Any) -> None:
+        if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+            self._message(reply[2])
+        elif isinstance(reply, hiredis.ReplyError):
+            self.lose(f"subscriber refused: {reply}")
+
+    def _message(self, payload: bytes) -> None:
+        origin, seq, data = unpack(payload)
+        if origin is not None:
+            if origin == self.origin:
+                return
+            last = self.last_seq.get(origin)
+            if last is None:
+                if len(self.last_seq) >= ORIGINS_MAX:
+                    del self.last_seq[next(iter(self.last_seq))]
+            elif seq <= last:
+                self.duplicates += 1
+                return
+            elif seq > last + 1:
+                self.missed += seq - last - 1
+                self.log.warning("redis.missed", origin=origin.decode(), messages=seq - last - 1)
+            self.last_seq[origin] = seq
+        self.received += 1
+        self.log.debug("redis.received", origin=origin and origin.decode(), seq=seq,
+                       bytes=len(data))
+        if self.deliver(data) and self.state == LinkState.READY:
+            self.fire(LinkTrigger.THROTTLE)
+
+    def unpause(self) -> None:
+        if self.state == LinkState.PAUSED:
+            self.fire(LinkTrigger.RESUME)
+
+    def counters(self) -> dict[str, int]:
+        return {"received": self.received, "missed": self.missed}
+
+
+class RedisBus:
+    """The two links of one instance, and the totals ``server.stopped`` reports."""
+
+    def __init__(self, address: RedisAddress, channel: str, loop: EventLoop,
+                 log: FilteringBoundLogger, *, outbox_limit: int,
+                 deliver: Callable[[bytes], bool]) -> None:
+        self.address = address
+        self.channel = channel
+        self.origin = new_origin()
+        name = channel.encode()
+        self.publisher = PublishLink(address, loop, log, channel=name, origin=self.origin,
+                                     outbox_limit=outbox_limit)
+        self.subscriber = SubscribeLink(address, loop, log, channel=name, origin=self.origin,
+                                        deliver=deliver)
+        self.publish = self.publisher.publish
+        self.resume = self.subscriber.unpause
+
+    def start(self) -> None:
+        self.subscriber.start()
+        self.publisher.start()
+
+    def stop(self) -> None:
+        self.subscriber.stop()
+        self.publisher.stop()
+
+    def abort(self, reason: str) -> None:
+        self.subscriber.abort(reason)
+        self.publisher.abort(reason)
+
+    @property
+    def closed(self) -> bool:
+        return (self.publisher.state == LinkState.CLOSED
+                and self.subscriber.state == LinkState.CLOSED)
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "redis_published": self.publisher.published,
+            "redis_received": self.subscriber.received,
+            "redis_dropped": self.publisher.dropped,
+            "redis_missed": self.subscriber.missed,
+            "redis_duplicates": self.subscriber.duplicates,
+        }
