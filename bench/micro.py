@@ -6,7 +6,9 @@ Prints microseconds per call for: one delivery (a 64-byte message queued, then t
 ``writable`` trigger sends it); the ``readable`` action called directly (a recv on a socket
 with nothing to read), the same through ``Connection.fire`` (the table's hot path) and through the
 ``transitions`` machine, so the difference is the cost of dispatch; ``add_model``/``remove_model``
-at 1,000 connections; and one status event rendered to JSON (and one filtered out by the level).
+at 1,000 connections; one status event rendered to JSON (and one filtered out by the level); and
+with ``--redis``, the bus's own work per message: wrapping one for PUBLISH, and unwrapping,
+checking and handing on one from another instance (no socket I/O in either).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from collections.abc import Callable
 
 from structlog.typing import FilteringBoundLogger
 
+from fsmchat.bus import PublishLink, SubscribeLink
 from fsmchat.connection import MACHINE, Connection
 from fsmchat.events import EventSink, make_logger
 from fsmchat.lifecycle import Trigger
 from fsmchat.loop import EventLoop
+from fsmchat.redis_link import RedisAddress
 from fsmchat.server import ChatServer
 
 
@@ -82,10 +86,31 @@ def main() -> None:
             sink.flush()
 
         rows.append((f"one data.sent event at --log-level {level}", per_call(emit, n // 100) / 100))
+    rows.extend(bus_rows(n))
     for name, micros in rows:
         print(f"{name:<48} {micros:8.2f} us")
     a.close()
     b.close()
+
+
+def bus_rows(n: int) -> list[tuple[str, float]]:
+    loop, address = EventLoop(), RedisAddress("127.0.0.1")
+    log = make_logger(EventSink(io.BytesIO()), "info", "json")
+    publisher = PublishLink(address, loop, log, channel=b"fsmchat", origin=b"0" * 16,
+                            outbox_limit=1 << 40)
+    message = b"m" * 64
+    rows = [("bus: wrap one message for PUBLISH (64 B)",
+             per_call(lambda: publisher.publish(message), n))]
+    subscriber = SubscribeLink(address, loop, log, channel=b"fsmchat", origin=b"0" * 16,
+                               deliver=lambda data: False)
+    replies = iter([[b"message", b"fsmchat", b"fsmchat1 1111222233334444 %d\n%s" % (seq, message)]
+                    for seq in range(1, 5 * n + 1)])  # per_call runs n calls 5 times
+
+    def receive() -> None:
+        subscriber.on_reply(next(replies))
+
+    rows.append(("bus: unwrap, check and hand on one message", per_call(receive, n)))
+    return rows
 
 
 if __name__ == "__main__":

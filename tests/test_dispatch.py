@@ -1,4 +1,4 @@
-"""The connection's two ways to fire a trigger agree, and both follow the lifecycle table.
+"""Each model's two ways to fire a trigger agree, and both follow its lifecycle table.
 
 ``Connection.fire`` dispatches internal rows itself (the hot path) and hands state changes to
 the shared ``transitions`` machine; the machine's own ``Event.trigger`` does everything itself.
@@ -18,10 +18,12 @@ from hypothesis import strategies as st
 from transitions import MachineError
 
 from fsmchat import lifecycle
+from fsmchat.bus import PublishLink
 from fsmchat.connection import MACHINE, Connection
 from fsmchat.events import EventSink, make_logger
-from fsmchat.lifecycle import InvalidTrigger, State, Trigger
+from fsmchat.lifecycle import REDIS_LINK, InvalidTrigger, LinkState, LinkTrigger, State, Trigger
 from fsmchat.loop import EventLoop
+from fsmchat.redis_link import RedisAddress, RedisLink
 from fsmchat.server import ChatServer
 
 
@@ -109,3 +111,65 @@ def test_an_unknown_pair_is_refused_and_the_state_kept(
     assert conn.state == State.ACCEPTED
     assert conn.ran == []
     MACHINE.remove_model(conn)
+
+
+# -- the Redis link: the same two paths, on its own table ----------------------------------------
+
+
+class RecordingLink(PublishLink):
+    """A publish link whose actions only say that they ran (no socket is ever opened)."""
+
+    def __init__(self) -> None:
+        super().__init__(RedisAddress("127.0.0.1"), EventLoop(),
+                         make_logger(EventSink(io.BytesIO()), "debug", "json"),
+                         channel=b"test", origin=b"0" * 16, outbox_limit=1 << 20)
+        self.ran: list[str] = []
+
+
+for _row in lifecycle.LINK_TRANSITIONS:
+    if _row.action:
+        setattr(RecordingLink, _row.action, _recorder(_row.action))
+
+
+def test_the_link_machine_is_built_from_its_table() -> None:
+    machine = RedisLink.machine
+    for state in LinkState:
+        for trigger in LinkTrigger:
+            rows = machine.events[trigger.value].transitions.get(state.value, [])
+            if not REDIS_LINK.allowed(state, trigger):
+                assert rows == []
+                continue
+            row = REDIS_LINK.row_for(state, trigger)
+            assert len(rows) == 1
+            assert rows[0].dest == row.dest
+            assert rows[0].after == ([row.action] if row.action else [])
+    assert machine.initial == REDIS_LINK.initial
+
+
+@given(st.lists(st.sampled_from(list(LinkTrigger)), max_size=30))
+def test_link_fire_and_the_machine_agree(triggers: list[LinkTrigger]) -> None:
+    fast, reference = RecordingLink(), RecordingLink()
+    try:
+        for trigger in triggers:
+            try:
+                fast.fire(trigger)
+                fast_refused = False
+            except InvalidTrigger:
+                fast_refused = True
+            try:
+                RedisLink.machine.events[trigger.value].trigger(reference)
+                reference_refused = False
+            except MachineError:
+                reference_refused = True
+            assert fast_refused == reference_refused
+            assert fast.state == reference.state
+            assert fast.ran == reference.ran
+    finally:
+        for link in (fast, reference):
+            RedisLink.machine.remove_model(link)
+
+
+def test_a_model_may_not_name_an_attribute_like_a_trigger() -> None:
+    """The machine would silently replace it with its trigger function (model_override)."""
+    with pytest.raises(TypeError, match="fail"):
+        type("Clashing", (RedisLink,), {"fail": lambda self: None})

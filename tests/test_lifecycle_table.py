@@ -1,4 +1,4 @@
-"""The connection lifecycle as data (``fsmchat.lifecycle``): pure, no sockets."""
+"""The lifecycles as data (``fsmchat.lifecycle``): pure, no sockets."""
 
 from __future__ import annotations
 
@@ -12,8 +12,14 @@ from hypothesis import strategies as st
 
 from fsmchat.lifecycle import (
     INITIAL,
+    LIFECYCLES,
+    LINK_TRANSITIONS,
+    REDIS_LINK,
     TRANSITIONS,
     InvalidTrigger,
+    Lifecycle,
+    LinkState,
+    LinkTrigger,
     State,
     Transition,
     Trigger,
@@ -173,3 +179,27 @@ def test_next_state_either_returns_a_state_or_raises_invalid_trigger(
     else:
         assert listed
         assert isinstance(result, State)
+
+
+@pytest.mark.parametrize("table", LIFECYCLES, ids=lambda t: t.name)
+def test_every_lifecycle_is_closed_off_and_reaches_its_end(table: Lifecycle) -> None:
+    """In every table: the final state is terminal and every other state can reach it."""
+    edges: dict[str, set[str]] = {state: set() for state in table.states}
+    for row in table.transitions:
+        assert row.action is None or row.action != row.trigger, row
+        for source in row.sources:
+            assert source in edges and (row.dest is None or row.dest in edges), row
+            edges[source].add(row.dest or source)
+    assert edges[table.final] == set()
+    for state in table.states:
+        seen, todo = {state}, [state]
+        while todo:
+            for nxt in edges[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        assert table.final in seen, f"{table.name}: {state} cannot reach {table.final}"
+
+
+def test_the_link_table_uses_every_link_trigger() -> None:
+    assert {row.trigger for row in LINK_TRANSITIONS} == set(LinkTrigger)
+    assert REDIS_LINK.initial == LinkState.IDLE
