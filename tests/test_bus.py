@@ -1,0 +1,223 @@
+"""The bus's bookkeeping, in process: the envelope, repeats and gaps, the outbox and its window.
+
+The black-box tests (``test_redis.py``) run real instances against a real Redis; these pin down
+what is hard to provoke from outside: a reply lost with the link, a repeat, a gap, the exact
+bound of the outbox. The links are driven through their machine; what a publish link sends is
+read from the other end of a socketpair and parsed with hiredis, as Redis would parse it.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from collections.abc import Iterator
+
+import hiredis
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fsmchat.bus import DROP_REPORT, ENVELOPE, PublishLink, SubscribeLink, unpack
+from fsmchat.events import EventSink, make_logger
+from fsmchat.lifecycle import LinkState
+from fsmchat.loop import EventLoop
+from fsmchat.redis_link import RedisAddress, RedisLink
+
+ORIGIN = b"00112233aabbccdd"
+OTHER = b"ffeeddccbbaa9988"
+
+
+class Harness:
+    """A loop, a log that can be read back, and links that are forgotten at the end."""
+
+    def __init__(self) -> None:
+        self.loop = EventLoop()
+        self.out = io.BytesIO()
+        self.sink = EventSink(self.out)
+        self.log = make_logger(self.sink, "debug", "json")
+        self.links: list[RedisLink] = []
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+
+    def publisher(self, outbox_limit: int = 1 << 20) -> PublishLink:
+        link = PublishLink(RedisAddress("127.0.0.1"), self.loop, self.log, channel=b"chat",
+                           origin=ORIGIN, outbox_limit=outbox_limit)
+        self.links.append(link)
+        return link
+
+    def subscriber(self, delivered: list[bytes]) -> SubscribeLink:
+        def deliver(data: bytes) -> bool:
+            delivered.append(data)
+            return False
+
+        link = SubscribeLink(RedisAddress("127.0.0.1"), self.loop, self.log, channel=b"chat",
+                             origin=ORIGIN, deliver=deliver)
+        self.links.append(link)
+        return link
+
+    def connect(self, link: RedisLink) -> socket.socket:
+        """Put the link in ``ready`` on one end of a socketpair; return the 'Redis' end."""
+        if link.retry_timer is not None:  # it is this reconnect
+            link.retry_timer.cancel()
+            link.retry_timer = None
+        ours, theirs = socket.socketpair()
+        self.pairs.append((ours, theirs))
+        ours.setblocking(False)
+        link.sock, link.fd = ours, ours.fileno()
+        self.loop.register(link.fd, link, read=False)
+        link.machine.set_state(str(LinkState.READY), model=link)
+        link.ready()
+        return theirs
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        self.sink.flush()
+        lines = [orjson.loads(line) for line in self.out.getvalue().splitlines()]
+        return [e for e in lines if e["event"] == name]
+
+    def close(self) -> None:
+        for link in self.links:
+            if link in link.machine.models:
+                link.machine.remove_model(link)
+        for pair in self.pairs:
+            for sock in pair:
+                sock.close()
+
+
+@pytest.fixture
+def bus() -> Iterator[Harness]:
+    harness = Harness()
+    yield harness
+    harness.close()
+
+
+def published(link: PublishLink, redis_end: socket.socket) -> list[list[bytes]]:
+    """Flush the link into the socketpair and parse every command Redis would see."""
+    while link.queue:
+        link.flush()
+    reader = hiredis.Reader()
+    redis_end.setblocking(False)
+    try:
+        while chunk := redis_end.recv(1 << 20):
+            reader.feed(chunk)
+    except BlockingIOError:
+        pass
+    commands = []
+    while (command := reader.gets()) is not False:
+        commands.append(command)
+    return commands
+
+
+@given(st.binary(max_size=2048))
+def test_a_message_crosses_the_envelope_unchanged(data: bytes) -> None:
+    harness = Harness()
+    try:
+        link = harness.publisher()
+        redis_end = harness.connect(link)
+        link.publish(data)
+        [command] = published(link, redis_end)
+        assert command[:2] == [b"PUBLISH", b"chat"]
+        assert unpack(command[2]) == (ORIGIN, 1, data)
+    finally:
+        harness.close()
+
+
+@pytest.mark.parametrize("payload", [
+    b"hello", b"", ENVELOPE, ENVELOPE + b"abc\n", ENVELOPE + b"a b c\nx", ENVELOPE + b"a -1\nx",
+    ENVELOPE + b"a 1" + b" " * 80 + b"\nx",
+])
+def test_a_payload_without_a_whole_envelope_is_foreign_and_kept_whole(payload: bytes) -> None:
+    assert unpack(payload) == (None, 0, payload)
+
+
+def test_repeats_and_own_messages_are_dropped_and_gaps_counted(bus: Harness) -> None:
+    delivered: list[bytes] = []
+    link = bus.subscriber(delivered)
+    bus.connect(link)
+    sent = [(OTHER, 1), (OTHER, 2), (OTHER, 2), (ORIGIN, 3), (OTHER, 5), (OTHER, 3), (OTHER, 6)]
+    for origin, seq in sent:
+        link.on_reply([b"message", b"chat", b"%s%s %d\n%d" % (ENVELOPE, origin, seq, seq)])
+    link.on_reply([b"message", b"chat", b"from redis-cli"])
+    assert delivered == [b"1", b"2", b"5", b"6", b"from redis-cli"]
+    assert (link.received, link.duplicates, link.missed) == (5, 2, 2)
+    [missed] = bus.events("redis.missed")
+    assert missed["origin"] == OTHER.decode() and missed["messages"] == 2
+
+
+def test_the_first_message_of_an_instance_is_no_gap(bus: Harness) -> None:
+    """An instance that joins late starts wherever the sender's numbering is."""
+    delivered: list[bytes] = []
+    link = bus.subscriber(delivered)
+    bus.connect(link)
+    link.on_reply([b"message", b"chat", b"%s%s 41\nx" % (ENVELOPE, OTHER)])
+    assert delivered == [b"x"] and link.missed == 0
+
+
+def test_what_redis_did_not_confirm_is_sent_again_first_and_in_order(bus: Harness) -> None:
+    link = bus.publisher()
+    redis_end = bus.connect(link)
+    for i in range(5):
+        link.publish(b"m%d" % i)
+    assert [unpack(c[2])[1] for c in published(link, redis_end)] == [1, 2, 3, 4, 5]
+    link.on_reply(1)
+    link.on_reply(1)  # Redis took 1 and 2; the link is lost before 3, 4 and 5 are confirmed
+    link.lose("test")
+    link.publish(b"m5")
+    assert [seq for seq, _, _ in link.unsent] == [3, 4, 5, 6]
+    redis_end = bus.connect(link)
+    assert published(link, redis_end) == [[b"PUBSUB", b"NUMSUB", b"chat"]]
+    link.on_reply([b"chat", 1])  # the one subscriber that heard 1 and 2 is back
+    assert [unpack(c[2]) for c in published(link, redis_end)] == [
+        (ORIGIN, 3, b"m2"), (ORIGIN, 4, b"m3"), (ORIGIN, 5, b"m4"), (ORIGIN, 6, b"m5")]
+    assert link.published == 2
+
+
+def test_the_outbox_keeps_the_newest_within_its_bound(bus: Harness) -> None:
+    limit = 64 * 1024
+    link = bus.publisher(outbox_limit=limit)
+    size = 1000
+    for i in range(200):
+        link.publish(b"%04d" % i + b"x" * (size - 4))
+    kept = [data[:4] for _, _, data in link.unsent]
+    assert kept == [b"%04d" % i for i in range(200 - len(kept), 200)]
+    assert link.unsent_bytes <= limit < link.unsent_bytes + size + 100
+    assert link.dropped == 200 - len(kept)
+    reports = bus.events("redis.dropped")
+    assert len(reports) == 1, "a burst of drops is one warning until the next report is due"
+    bus.loop.run_timers(time.monotonic() + DROP_REPORT)
+    reports = bus.events("redis.dropped")
+    assert sum(int(str(r["messages"])) for r in reports) == link.dropped
+    assert {r["reason"] for r in reports} == {"outbox_full"}
+
+
+def test_no_more_than_a_window_waits_for_replies(bus: Harness) -> None:
+    link = bus.publisher(outbox_limit=128 * 1024)
+    redis_end = bus.connect(link)
+    for _ in range(100):
+        link.publish(b"y" * 1000)
+    assert link.inflight_bytes < link.window + 1100 and link.unsent
+    first = len(published(link, redis_end))
+    for _ in range(first):
+        link.on_reply(2)
+    assert len(published(link, redis_end)) > 0, "replies let the next messages go"
+    assert link.audience == 2
+
+
+def test_after_an_outage_the_outbox_waits_for_the_audience(bus: Harness) -> None:
+    link = bus.publisher()
+    redis_end = bus.connect(link)
+    link.publish(b"before")
+    published(link, redis_end)
+    link.on_reply(3)  # three subscribers heard it
+    link.lose("test")
+    link.publish(b"during")
+    redis_end = bus.connect(link)
+    assert published(link, redis_end) == [[b"PUBSUB", b"NUMSUB", b"chat"]]
+    link.on_reply([b"chat", 1])
+    assert bus.events("redis.holding")[0]["expected"] == 3
+    bus.loop.run_timers(time.monotonic() + 1)
+    assert published(link, redis_end) == [[b"PUBSUB", b"NUMSUB", b"chat"]]
+    link.on_reply([b"chat", 3])
+    [command] = published(link, redis_end)
+    assert unpack(command[2])[2] == b"during"
+    assert bus.events("redis.flushing")[0]["subscribers"] == 3
