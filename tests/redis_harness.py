@@ -1,0 +1,322 @@
+"""A real, throwaway ``redis-server`` for the multi-instance tests, and its pytest fixtures.
+
+Each ``RedisServer`` listens on 127.0.0.1 on a port of its own, keeps nothing on disk
+(``--save "" --appendonly no``) and can be killed (SIGKILL, like a crash) and started again on the
+same port, so fsmchat instances pointed at it see a real outage and a real recovery. Start-up is
+awaited, never slept on: its "Ready to accept connections" line, then a PING over a socket.
+
+Test modules load the fixtures with ``pytest_plugins = ["redis_harness"]`` and import the rest;
+as they import it first, pytest could not rewrite its asserts anyway (and would warn), so it
+does not try: PYTEST_DONT_REWRITE. Its asserts carry their own messages.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+import pytest
+from conftest import HOST, WAIT, ServerProcess, StartServer
+
+#: RESP replies, decoded: simple strings and bulk strings as bytes, integers, arrays, nil.
+Reply = bytes | int | list["Reply"] | None
+
+
+class RedisError(Exception):
+    """Redis answered a command with an error reply (``-ERR ...``)."""
+
+
+def fixed_port() -> int:
+    """A free 127.0.0.1 port below the ephemeral range.
+
+    A Redis that is down leaves its port free for a while; a port the kernel never hands out as
+    the local end of an outgoing connection cannot be taken by a client (or by fsmchat's own
+    reconnect attempt, connecting to itself) before Redis comes back on it.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+        low = int(ports.read().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(10001, low))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port found in 10000..{low - 1}")
+
+
+def _encode_command(*args: bytes | str) -> bytes:
+    """A command as a RESP array of bulk strings (binary safe)."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _RespReader:
+    """Reads RESP replies from a blocking socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise AssertionError("Redis closed the connection")
+        self.buffer += chunk
+
+    def _line(self) -> bytes:
+        while (end := self.buffer.find(b"\r\n")) < 0:
+            self._fill()
+        line = bytes(self.buffer[:end])
+        del self.buffer[: end + 2]
+        return line
+
+    def _exactly(self, count: int) -> bytes:
+        while len(self.buffer) < count + 2:
+            self._fill()
+        data = bytes(self.buffer[:count])
+        del self.buffer[: count + 2]
+        return data
+
+    def reply(self) -> Reply:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            raise RedisError(rest.decode(errors="replace"))
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            return None if size < 0 else self._exactly(size)
+        if kind == b"*":
+            size = int(rest)
+            return None if size < 0 else [self.reply() for _ in range(size)]
+        raise AssertionError(f"not a RESP reply: {line[:80]!r}")
+
+
+class RedisServer:
+    """One ``redis-server`` process on a fixed 127.0.0.1 port; restartable on that port."""
+
+    READY = "Ready to accept connections"
+
+    def __init__(
+        self, workdir: Path, port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(
+                "redis-server is not on PATH: these tests need a real Redis "
+                "(Debian/Ubuntu: apt-get install redis-server)",
+                pytrace=False,
+            )
+        self.binary = binary
+        self.workdir = workdir
+        self.port = port if port is not None else fixed_port()
+        #: More redis-server options, e.g. ``("--requirepass", "secret")``.
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._cond = threading.Condition()
+        self._lines: list[str] = []
+        self._eof = False
+        self._reader: threading.Thread | None = None
+
+    # ---- addresses ---------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """How fsmchat names this Redis in its events: ``host:port``."""
+        return f"{HOST}:{self.port}"
+
+    @property
+    def password(self) -> str | None:
+        """The ``--requirepass`` among the extra options, if any."""
+        args = self.extra_args
+        for i, arg in enumerate(args[:-1]):
+            if arg == "--requirepass":
+                return args[i + 1]
+        return None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # ---- process control -------------------------------------------------------
+
+    def start(self, timeout: float = WAIT) -> None:
+        """Start (or restart) on ``self.port``; return once it answers PING."""
+        assert not self.running, "redis-server is already running"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self._cond:
+            self._lines = []
+            self._eof = False
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port", str(self.port),
+                "--bind", HOST,
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.workdir),
+                "--daemonize", "no",
+                "--loglevel", "notice",
+                "--logfile", "",
+                *self.extra_args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert self.proc.stdout is not None
+        self._reader = threading.Thread(
+            target=self._read_output, args=(self.proc.stdout,), daemon=True
+        )
+        self._reader.start()
+        self._wait_line(lambda line: self.READY in line, timeout)
+        pong = self.command("PING", password=self.password)
+        assert pong == b"PONG", f"redis-server answered PING with {pong!r}"
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no goodbye to clients) and wait until it is gone."""
+        proc = self.proc
+        assert proc is not None and proc.poll() is None, "redis-server is not running"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT)
+        self._finish()
+
+    def close(self) -> None:
+        """Teardown: kill it if it still runs."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(WAIT)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._reader is not None:
+            self._reader.join(WAIT)
+            self._reader = None
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    # ---- output --------------------------------------------------------------
+
+    def _read_output(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            with self._cond:
+                self._lines.append(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self._lines)
+
+    def _wait_line(self, predicate: Callable[[str], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                while seen < len(self._lines):
+                    if predicate(self._lines[seen]):
+                        return
+                    seen += 1
+                remaining = deadline - time.monotonic()
+                if self._eof or remaining <= 0:
+                    why = "exited" if self._eof else f"was not ready within {timeout}s"
+                    raise AssertionError(
+                        f"redis-server on port {self.port} {why}:\n" + "\n".join(self._lines[-20:])
+                    )
+                self._cond.wait(remaining)
+
+    # ---- talking to it ---------------------------------------------------------
+
+    def command(self, *args: bytes | str, password: str | None = None) -> Reply:
+        """Send one command on a fresh connection and return its decoded reply."""
+        with socket.create_connection((HOST, self.port), timeout=WAIT) as sock:
+            reader = _RespReader(sock)
+            if password is not None:
+                sock.sendall(_encode_command("AUTH", password))
+                ok = reader.reply()
+                assert ok == b"OK", f"AUTH answered {ok!r}"
+            sock.sendall(_encode_command(*args))
+            return reader.reply()
+
+    def publish(self, channel: bytes | str, payload: bytes | str) -> int:
+        """PUBLISH as any Redis client would; returns how many subscribers got it."""
+        receivers = self.command("PUBLISH", channel, payload, password=self.password)
+        assert isinstance(receivers, int), f"PUBLISH answered {receivers!r}"
+        return receivers
+
+
+RedisFactory = Callable[..., RedisServer]
+
+
+def bug_free(start_server: StartServer) -> Iterator[StartServer]:
+    """Wrap the ``start_server`` factory: after the test, no server may have logged a bug.
+
+    The Redis links are state machines like the connections: a trigger their table does not allow
+    is logged as ``lifecycle.bug`` and survived, so a test that only looks at the chat would not
+    notice it. Test modules override ``start_server`` with this.
+    """
+    servers: list[ServerProcess] = []
+
+    def start(*args: str, started: bool = True) -> ServerProcess:
+        server = start_server(*args, started=started)
+        servers.append(server)
+        return server
+
+    yield start
+    bugs = [(s.args, e) for s in servers for e in s.events("lifecycle.bug")]
+    assert not bugs, f"lifecycle.bug logged: {bugs[:3]}"
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[RedisFactory]:
+    """Factory: ``redis_factory(*redis_args, started=True, port=None)``; killed at teardown."""
+    servers: list[RedisServer] = []
+
+    def make(*redis_args: str, started: bool = True, port: int | None = None) -> RedisServer:
+        redis = RedisServer(tmp_path / f"redis{len(servers)}", port, redis_args)
+        servers.append(redis)
+        if started:
+            redis.start()
+        return redis
+
+    yield make
+    for redis in servers:
+        redis.close()
+
+
+@pytest.fixture
+def listen_port() -> int:
+    """A free fixed port for servers that must share one (--reuse-port); see fixed_port."""
+    return fixed_port()
+
+
+@pytest.fixture
+def redis_server(redis_factory: RedisFactory) -> RedisServer:
+    """A running Redis for one test."""
+    return redis_factory()
+
