@@ -65,8 +65,8 @@ DROP_REPORT = 1.0
 ORIGINS_MAX = 4096
 """Instances whose last sequence number is remembered; the oldest is forgotten past this."""
 
-Message = tuple[int, bytes, bytes]
-"""(sequence number, RESP head up to the client's bytes, the client's bytes)."""
+Message = tuple[int, bytes, bytes, int]
+"""(sequence number, RESP head up to the client's bytes, the client's bytes, bytes on the wire)."""
 
 
 def new_origin() -> bytes:
@@ -116,8 +116,9 @@ class PublishLink(RedisLink):
         self.seq += 1
         envelope = b"%s%d\n" % (self.envelope, self.seq)
         head = b"%s$%d\r\n%s" % (self.prefix, len(envelope) + len(data), envelope)
-        self.unsent.append((self.seq, head, data))
-        self.unsent_bytes += len(head) + len(data) + 2
+        size = len(head) + len(data) + 2
+        self.unsent.append((self.seq, head, data, size))
+        self.unsent_bytes += size
         if self.unsent_bytes + self.inflight_bytes > self.outbox_limit:
             self._drop_oldest()
         if self.state == LinkState.READY and self.hold_started is None:
@@ -128,17 +129,15 @@ class PublishLink(RedisLink):
         unsent, inflight, window = self.unsent, self.inflight, self.window
         while unsent and self.inflight_bytes < window:
             message = unsent.popleft()
-            size = len(message[1]) + len(message[2]) + 2
-            self.unsent_bytes -= size
+            self.unsent_bytes -= message[3]
             inflight.append(message)
-            self.inflight_bytes += size
+            self.inflight_bytes += message[3]
             self.push(message[1], message[2], CRLF)
 
     def _drop_oldest(self) -> None:
         dropped = 0
         while self.unsent and self.unsent_bytes + self.inflight_bytes > self.outbox_limit:
-            _, head, data = self.unsent.popleft()
-            self.unsent_bytes -= len(head) + len(data) + 2
+            self.unsent_bytes -= self.unsent.popleft()[3]
             dropped += 1
         self.dropped += dropped
         self.unreported += dropped
@@ -171,8 +170,8 @@ class PublishLink(RedisLink):
 
     def on_reply(self, reply: Any) -> None:
         if type(reply) is int:
-            seq, head, data = self.inflight.popleft()
-            self.inflight_bytes -= len(head) + len(data) + 2
+            seq, _, data, size = self.inflight.popleft()
+            self.inflight_bytes -= size
             self.published += 1
             self.audience = reply
             self.log.debug("redis.published", seq=seq, bytes=len(data), receivers=reply)

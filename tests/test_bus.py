@@ -163,7 +163,7 @@ def test_what_redis_did_not_confirm_is_sent_again_first_and_in_order(bus: Harnes
     link.on_reply(1)  # Redis took 1 and 2; the link is lost before 3, 4 and 5 are confirmed
     link.lose("test")
     link.publish(b"m5")
-    assert [seq for seq, _, _ in link.unsent] == [3, 4, 5, 6]
+    assert [message[0] for message in link.unsent] == [3, 4, 5, 6]
     redis_end = bus.connect(link)
     assert published(link, redis_end) == [[b"PUBSUB", b"NUMSUB", b"chat"]]
     link.on_reply([b"chat", 1])  # the one subscriber that heard 1 and 2 is back
@@ -178,7 +178,7 @@ def test_the_outbox_keeps_the_newest_within_its_bound(bus: Harness) -> None:
     size = 1000
     for i in range(200):
         link.publish(b"%04d" % i + b"x" * (size - 4))
-    kept = [data[:4] for _, _, data in link.unsent]
+    kept = [message[2][:4] for message in link.unsent]
     assert kept == [b"%04d" % i for i in range(200 - len(kept), 200)]
     assert link.unsent_bytes <= limit < link.unsent_bytes + size + 100
     assert link.dropped == 200 - len(kept)
