@@ -110,6 +110,88 @@ class Client:
     accepted_index: int
 
 
+class LineReader:
+    """Reads a process's output stream in a thread into a list of lines, under a Condition.
+
+    ``on_line`` (optional) sees every line as it is added, with ``cond`` held: owners keep
+    their own views of the output (guarded by the same ``cond``) in step with ``lines``.
+    """
+
+    def __init__(self, stream: IO[bytes], on_line: Callable[[str], None] | None = None) -> None:
+        self.cond = threading.Condition()
+        #: Every line so far, decoded, without its line ending.
+        self.lines: list[str] = []
+        #: The stream has ended: no more lines will come.
+        self.eof = False
+        self._on_line = on_line
+        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _run(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            with self.cond:
+                self.lines.append(line)
+                if self._on_line is not None:
+                    self._on_line(line)
+                self.cond.notify_all()
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    def join(self, timeout: float = WAIT) -> None:
+        self._thread.join(timeout)
+
+    def tail(self, count: int) -> list[str]:
+        with self.cond:
+            return self.lines[-count:]
+
+    def wait_until(
+        self, ready: Callable[[], bool], timeout: float, failure: Callable[[bool], str]
+    ) -> None:
+        """Wait (``cond`` held) until ``ready()`` holds; it is checked again after every line.
+
+        Otherwise an AssertionError with the message ``failure(ended)``: ``ended`` is True when
+        the stream ended first, False when ``timeout`` ran out.
+        """
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not ready():
+                if self.eof:
+                    raise AssertionError(failure(True))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(failure(False))
+                self.cond.wait(remaining)
+
+    def wait_line(
+        self,
+        predicate: Callable[[str], bool],
+        timeout: float = WAIT,
+        failure: Callable[[bool], str] | None = None,
+    ) -> str:
+        """The first line (old or new) for which ``predicate`` holds; see wait_until."""
+        seen = 0
+        found: list[str] = []
+
+        def ready() -> bool:
+            nonlocal seen
+            while seen < len(self.lines):
+                line = self.lines[seen]
+                seen += 1
+                if predicate(line):
+                    found.append(line)
+                    return True
+            return False
+
+        def default_failure(ended: bool) -> str:
+            why = "the output ended" if ended else f"timed out after {timeout}s"
+            return f"{why} before the line:\n" + "\n".join(self.lines[-20:])
+
+        self.wait_until(ready, timeout, failure or default_failure)
+        return found[0]
+
+
 class ServerProcess:
     """A running ``python -m fsmchat`` plus threads that collect its output."""
 
@@ -122,48 +204,37 @@ class ServerProcess:
             stderr=subprocess.PIPE,
             env=server_env(),
         )
-        self._cond = threading.Condition()
-        self._lines: list[str] = []
         self._events: list[Event] = []
         #: For each raw stdout line, the index into _events (None if not JSON).
         self._line_event: list[int | None] = []
         self._bad_lines: list[str] = []
-        self._stdout_eof = False
         self._stderr = bytearray()
         self._clients: list[socket.socket] = []
         self._port: int | None = None
         assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._out_thread = threading.Thread(
-            target=self._read_stdout, args=(self.proc.stdout,), daemon=True
-        )
+        self._stdout = LineReader(self.proc.stdout, self._add_line)
+        #: Guards the stdout views (lines, events, bad lines) and the stderr bytes.
+        self._cond = self._stdout.cond
         self._err_thread = threading.Thread(
             target=self._read_stderr, args=(self.proc.stderr,), daemon=True
         )
-        self._out_thread.start()
         self._err_thread.start()
 
     # ---- output collection (background threads) -------------------------
 
-    def _read_stdout(self, stream: IO[bytes]) -> None:
-        for raw in stream:
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            parsed: Any
-            try:
-                parsed = json.loads(line)
-            except ValueError:
-                parsed = None
-            with self._cond:
-                self._lines.append(line)
-                if isinstance(parsed, dict):
-                    self._line_event.append(len(self._events))
-                    self._events.append(parsed)
-                else:
-                    self._line_event.append(None)
-                    self._bad_lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self._stdout_eof = True
-            self._cond.notify_all()
+    def _add_line(self, line: str) -> None:
+        """Each stdout line, in the reader thread with ``_cond`` held: an event or a bad line."""
+        parsed: Any
+        try:
+            parsed = json.loads(line)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            self._line_event.append(len(self._events))
+            self._events.append(parsed)
+        else:
+            self._line_event.append(None)
+            self._bad_lines.append(line)
 
     def _read_stderr(self, stream: IO[bytes]) -> None:
         while chunk := os.read(stream.fileno(), 65536):
@@ -192,7 +263,7 @@ class ServerProcess:
 
     def lines(self) -> list[str]:
         with self._cond:
-            return list(self._lines)
+            return list(self._stdout.lines)
 
     def bad_lines(self) -> list[str]:
         """Stdout lines that were not a JSON object."""
@@ -204,8 +275,7 @@ class ServerProcess:
             return self._stderr.decode("utf-8", errors="replace")
 
     def describe(self, tail: int = 15) -> str:
-        with self._cond:
-            last = self._lines[-tail:]
+        last = self._stdout.tail(tail)
         return (
             f"server {self.args} exit={self.proc.poll()}\n"
             f"--- last stdout lines ---\n" + "\n".join(last) + "\n"
@@ -216,22 +286,22 @@ class ServerProcess:
 
     def _wait(self, feed: Callable[[int, Event], bool], timeout: float, what: str) -> None:
         """Feed every event (old and new, in order) to ``feed`` until it returns True."""
-        deadline = time.monotonic() + timeout
         seen = 0
-        with self._cond:
-            while True:
-                while seen < len(self._events):
-                    if feed(seen, self._events[seen]):
-                        return
-                    seen += 1
-                if self._stdout_eof:
-                    raise AssertionError(f"server output ended before {what}\n{self.describe()}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(
-                        f"timed out after {timeout}s waiting for {what}\n{self.describe()}"
-                    )
-                self._cond.wait(remaining)
+
+        def ready() -> bool:
+            nonlocal seen
+            while seen < len(self._events):
+                if feed(seen, self._events[seen]):
+                    return True
+                seen += 1
+            return False
+
+        def failure(ended: bool) -> str:
+            if ended:
+                return f"server output ended before {what}\n{self.describe()}"
+            return f"timed out after {timeout}s waiting for {what}\n{self.describe()}"
+
+        self._stdout.wait_until(ready, timeout, failure)
 
     def wait_for_index(
         self, predicate: Callable[[Event], bool], timeout: float = WAIT, what: str = "an event"
@@ -263,20 +333,12 @@ class ServerProcess:
         )
 
     def wait_line(self, predicate: Callable[[str], bool], timeout: float = WAIT) -> str:
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._cond:
-            while True:
-                while seen < len(self._lines):
-                    if predicate(self._lines[seen]):
-                        return self._lines[seen]
-                    seen += 1
-                if self._stdout_eof:
-                    raise AssertionError(f"server output ended before the line\n{self.describe()}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"timed out waiting for a line\n{self.describe()}")
-                self._cond.wait(remaining)
+        def failure(ended: bool) -> str:
+            if ended:
+                return f"server output ended before the line\n{self.describe()}"
+            return f"timed out waiting for a line\n{self.describe()}"
+
+        return self._stdout.wait_line(predicate, timeout, failure)
 
     # ---- per-connection views ---------------------------------------------
 
@@ -388,7 +450,7 @@ class ServerProcess:
             raise AssertionError(
                 f"server did not exit within {timeout}s\n{self.describe()}"
             ) from None
-        self._out_thread.join(WAIT)
+        self._stdout.join(WAIT)
         self._err_thread.join(WAIT)
         return code
 
@@ -404,7 +466,7 @@ class ServerProcess:
         try:
             self.proc.wait(WAIT)
         finally:
-            self._out_thread.join(WAIT)
+            self._stdout.join(WAIT)
             self._err_thread.join(WAIT)
             for stream in (self.proc.stdout, self.proc.stderr):
                 if stream is not None:
@@ -467,22 +529,48 @@ def recv_exactly(sock: socket.socket, count: int, timeout: float = WAIT) -> byte
     return bytes(buf)
 
 
-def recv_until_eof(sock: socket.socket, timeout: float = WAIT) -> bytes:
-    """Read until the server closes the connection (clean EOF) or fail on timeout."""
+def recv_until(
+    sock: socket.socket,
+    done: Callable[[bytearray], bool],
+    what: str,
+    timeout: float = WAIT,
+    *,
+    eof_ends: bool = False,
+) -> bytes:
+    """Read until ``done(what arrived so far)`` holds and return it all; fail on timeout.
+
+    EOF: with ``eof_ends`` it ends the read (what arrived is returned), else it is a failure.
+    ``what`` names the awaited thing in the messages.
+    """
     buf = bytearray()
     deadline = time.monotonic() + timeout
-    while True:
+    while not done(buf):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise AssertionError(f"no EOF within {timeout}s (got {len(buf)} bytes)")
+            raise AssertionError(f"no {what} within {timeout}s (got {len(buf)} bytes)")
         sock.settimeout(remaining)
         try:
             chunk = sock.recv(1 << 20)
         except TimeoutError:
             continue
         if not chunk:
-            return bytes(buf)
+            if eof_ends:
+                break
+            raise AssertionError(f"EOF after {len(buf)} bytes, before {what}")
         buf += chunk
+    return bytes(buf)
+
+
+def recv_until_eof(sock: socket.socket, timeout: float = WAIT) -> bytes:
+    """Read until the server closes the connection (clean EOF) or fail on timeout."""
+    return recv_until(sock, lambda buf: False, "EOF", timeout, eof_ends=True)
+
+
+def recv_until_suffix(sock: socket.socket, suffix: bytes, timeout: float = WAIT) -> bytes:
+    """Read until what arrived ends with ``suffix`` (a marker sent last); return it all."""
+    data = recv_until(sock, lambda buf: buf.endswith(suffix), repr(suffix), timeout)
+    sock.settimeout(WAIT)
+    return data
 
 
 def assert_nothing_arrives(sock: socket.socket, wait: float = QUIET) -> None:

@@ -17,14 +17,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
 
 import pytest
-from conftest import HOST, WAIT, ServerProcess, StartServer
+from conftest import HOST, WAIT, LineReader, ServerProcess, StartServer
 
 #: RESP replies, decoded: simple strings and bulk strings as bytes, integers, arrays, nil.
 Reply = bytes | int | list["Reply"] | None
@@ -130,10 +127,8 @@ class RedisServer:
         #: More redis-server options, e.g. ``("--requirepass", "secret")``.
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
-        self._cond = threading.Condition()
-        self._lines: list[str] = []
-        self._eof = False
-        self._reader: threading.Thread | None = None
+        #: The output of the current (or last) run.
+        self._output: LineReader | None = None
 
     # ---- addresses ---------------------------------------------------------
 
@@ -165,9 +160,6 @@ class RedisServer:
         """Start (or restart) on ``self.port``; return once it answers PING."""
         assert not self.running, "redis-server is already running"
         self.workdir.mkdir(parents=True, exist_ok=True)
-        with self._cond:
-            self._lines = []
-            self._eof = False
         self.proc = subprocess.Popen(
             [
                 self.binary,
@@ -186,11 +178,13 @@ class RedisServer:
             stderr=subprocess.STDOUT,
         )
         assert self.proc.stdout is not None
-        self._reader = threading.Thread(
-            target=self._read_output, args=(self.proc.stdout,), daemon=True
-        )
-        self._reader.start()
-        self._wait_line(lambda line: self.READY in line, timeout)
+        output = self._output = LineReader(self.proc.stdout)
+
+        def failure(ended: bool) -> str:
+            why = "exited" if ended else f"was not ready within {timeout}s"
+            return f"redis-server on port {self.port} {why}:\n" + "\n".join(output.lines[-20:])
+
+        output.wait_line(lambda line: self.READY in line, timeout, failure)
         pong = self.command("PING", password=self.password)
         assert pong == b"PONG", f"redis-server answered PING with {pong!r}"
 
@@ -212,43 +206,19 @@ class RedisServer:
         self._finish()
 
     def _finish(self) -> None:
-        if self._reader is not None:
-            self._reader.join(WAIT)
-            self._reader = None
+        if self._output is not None:
+            self._output.join(WAIT)
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
 
     # ---- output --------------------------------------------------------------
 
-    def _read_output(self, stream: IO[bytes]) -> None:
-        for raw in stream:
-            with self._cond:
-                self._lines.append(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
     def output(self) -> str:
-        with self._cond:
-            return "\n".join(self._lines)
-
-    def _wait_line(self, predicate: Callable[[str], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._cond:
-            while True:
-                while seen < len(self._lines):
-                    if predicate(self._lines[seen]):
-                        return
-                    seen += 1
-                remaining = deadline - time.monotonic()
-                if self._eof or remaining <= 0:
-                    why = "exited" if self._eof else f"was not ready within {timeout}s"
-                    raise AssertionError(
-                        f"redis-server on port {self.port} {why}:\n" + "\n".join(self._lines[-20:])
-                    )
-                self._cond.wait(remaining)
+        """What the current (or last) run has printed so far."""
+        if self._output is None:
+            return ""
+        with self._output.cond:
+            return "\n".join(self._output.lines)
 
     # ---- talking to it ---------------------------------------------------------
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import re
 import select
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
@@ -28,6 +26,7 @@ from conftest import (
     ServerProcess,
     StartServer,
     recv_exactly,
+    recv_until_suffix,
     run_cli,
     wait_event_count,
 )
@@ -119,26 +118,6 @@ def assert_quiet(*clients: Client, wait: float = QUIET) -> None:
         finally:
             sock.settimeout(WAIT)
         raise AssertionError(f"unexpected data (or EOF) for {sock.getsockname()}: {data[:80]!r}")
-
-
-def recv_until_suffix(sock: socket.socket, suffix: bytes, timeout: float = WAIT) -> bytes:
-    """Read until what arrived ends with ``suffix`` (a marker sent last); return it all."""
-    buf = bytearray()
-    deadline = time.monotonic() + timeout
-    while not buf.endswith(suffix):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"no {suffix!r} within {timeout}s; got {len(buf)} bytes")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(1 << 20)
-        except TimeoutError:
-            continue
-        if not chunk:
-            raise AssertionError(f"EOF after {len(buf)} bytes, before {suffix!r}")
-        buf += chunk
-    sock.settimeout(WAIT)
-    return bytes(buf)
 
 
 def numbered(prefix: str, count: int, size: int | None = None) -> list[bytes]:
