@@ -1,0 +1,903 @@
+"""Throughput of fsmchat with 1, 2 and 4 instances joined by Redis pub/sub, on one port.
+
+    python bench/multi.py [--quick] [--json PATH] [--clients 200] [--instances 1,2,4]
+
+One redis-server of its own (from PATH, on a free loopback port, no persistence), then one
+configuration after the other, each with fresh processes on a fresh port P:
+
+- ``baseline``: one ``python -m fsmchat`` without ``--redis`` (the relay as it was);
+- ``N=1``, ``N=2``, ``N=4``: N instances ``--port P --reuse-port --redis redis://127.0.0.1:R``,
+  each ready once it has logged ``redis.connected`` for its publish and its subscribe link (and
+  Redis counts N subscribers on the channel).
+
+The clients (``LoadGen``, one process: the machine has two cores) connect to P and the kernel
+spreads them over the instances (SO_REUSEPORT hashes each connection's addresses); every
+instance's ``connection.accepted`` events say how many it got. Every frame must still reach
+every other client, whichever instance each one is on. Per configuration, in this order:
+
+1. Burst: 20 clients of their own (and a generator process of its own) keep their sockets full
+   for a few seconds: the delivery rate, and whether everything arrived (nothing paces one
+   instance's senders for another instance's slow readers).
+2. CPU per delivery at a fixed paced load (200 clients x 2 msg/s: one message every 2.5 ms,
+   so every delivery is its own send): the instances' CPU summed, and Redis's apart, both from
+   /proc/PID/stat (all threads), divided by the deliveries; with ``verify`` (per-sender order).
+3. Capacity at 200 clients: the highest delivery rate with nothing lost, echoed or garbled and
+   p99 latency under 50 ms, found by doubling the per-client rate until a step fails, then
+   bisecting (run.py's ``judge`` decides, and says when the generator was the limit).
+
+Each step also records the machine's busy time (/proc/stat): what other processes used is
+flagged, since on 2 cores it shows up as latency. Prints a table (stdout; progress on stderr)
+and, with ``--json PATH``, every figure and every step. ``bench/README.md`` explains the
+figures. Every process it starts is stopped at the end, also on errors, SIGINT, SIGTERM and
+SIGHUP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from loadgen import LoadGen, StepResult, raise_nofile
+from run import (
+    CLK_TCK,
+    GEN_BUSY,
+    GEN_LIMIT,
+    GEN_MAX_MSGS,
+    HOST,
+    P99_LIMIT_MS,
+    PY,
+    ROOT,
+    Server,
+    Spec,
+    free_port,
+    judge,
+    say,
+    short,
+    stop_all,
+)
+
+CHANNEL = "fsmchat"  # the default --channel
+OTHER_LOAD = 0.15
+"""Cores used by processes not of this bench during a step (machine busy time from /proc/stat,
+less the instances, Redis and the generator) above which the step is flagged: on 2 cores that
+load takes time from the relay and shows as latency."""
+DRAIN_TIMEOUT = 2.0
+"""The instances' --drain-timeout: well under the 5 s ``Server.stop`` waits after SIGTERM, so
+an instance that needs SIGKILL is one that hung, not one still draining."""
+LINKS = frozenset({"publish", "subscribe"})
+FRAME_SIZE = 64  # LoadGen's default frame
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    clients: int
+    fixed_rate: float  # msg/s per client for the CPU figure
+    fixed_seconds: float
+    start_rate: float  # capacity: the first step's msg/s per client
+    growth: float  # capacity: factor between steps going up (or down)
+    refine: int  # capacity: bisections between the last pass and the first failure
+    step_seconds: float
+    burst_clients: int  # a separate, smaller set: 200 bursting clients overflow any queue
+    burst_seconds: float  # 0: no burst step
+    drain_timeout: float
+
+
+FULL = Profile("full", clients=200, fixed_rate=2.0, fixed_seconds=10.0, start_rate=4.0,
+               growth=2.0, refine=3, step_seconds=4.0, burst_clients=20, burst_seconds=4.0,
+               drain_timeout=5.0)
+QUICK = Profile("quick", clients=200, fixed_rate=2.0, fixed_seconds=3.0, start_rate=4.0,
+                growth=3.0, refine=0, step_seconds=1.5, burst_clients=20, burst_seconds=1.5,
+                drain_timeout=3.0)
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+class Instance(Server):
+    """An fsmchat process whose every stdout event is read (run.py's ``Server`` reads only the
+    start and the problems): the Redis links, the accepts and the final totals are needed here.
+    At ``--log-level info`` that is a few lines per connection, not per message."""
+
+    def __init__(self, spec: Spec, logdir: Path) -> None:
+        super().__init__(spec, logdir)
+        self.links: set[str] = set()  # links that logged redis.connected
+        self.accepted = 0
+        self.instance_id = ""
+        self.stopped: dict[str, Any] = {}  # the server.stopped event
+        self._log: IO[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._log = (self.logdir / f"{self.spec.name}.stdout.jsonl").open("ab")
+        super().start(timeout)
+
+    def _read_stdout(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        tail = b""
+        for _ in range(10**9):  # until EOF; bounded all the same
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            self.stdout_bytes += len(chunk)
+            if self._log is not None:
+                self._log.write(chunk)
+            data = tail + chunk
+            cut = data.rfind(b"\n") + 1
+            lines, tail = data[:cut], data[cut:]
+            self._scan(lines)
+
+    def _scan(self, lines: bytes) -> None:
+        for raw in lines.splitlines():
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            name = event.get("event")
+            if name == "connection.accepted":
+                self.accepted += 1
+            elif name == "redis.connected":
+                self.links.add(str(event.get("link")))
+            elif name == "server.started" and not self.started.is_set():
+                self.port = int(event["port"])
+                self.instance_id = str(event.get("instance", ""))
+                self.started.set()
+            elif name == "server.stopped":
+                self.stopped = event
+            if event.get("level") in ("warning", "error"):
+                self.problems[str(name)] += 1
+                if len(self.problem_lines) < 20:
+                    self.problem_lines.append(raw.decode(errors="replace"))
+
+    def stop(self) -> None:
+        super().stop()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class RedisError(Exception):
+    """An error reply (``-ERR ...``) from Redis."""
+
+
+def redis_call(port: int, *args: str, timeout: float = 2.0) -> object:
+    """One command over a fresh connection: enough for PING, PUBSUB and INFO, and no client
+    library to install."""
+    with socket.create_connection((HOST, port), timeout) as sock, sock.makefile("rb") as reader:
+        parts = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = arg.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        sock.sendall(b"".join(parts))
+        return _reply(reader)
+
+
+def _reply(reader: IO[bytes]) -> object:
+    line = reader.readline()
+    if not line.endswith(b"\r\n"):
+        raise ConnectionError("redis closed the connection")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RedisError(rest.decode(errors="replace"))
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        return None if size < 0 else reader.read(size + 2)[:-2]
+    if kind == b"*":
+        count = int(rest)
+        return None if count < 0 else [_reply(reader) for _ in range(count)]
+    raise ConnectionError(f"unexpected reply from redis: {line[:40]!r}")
+
+
+def redis_info(port: int, section: str) -> dict[str, str]:
+    reply = redis_call(port, "INFO", section)
+    text = reply.decode() if isinstance(reply, bytes) else ""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not key.startswith("#"):
+            out[key] = value
+    return out
+
+
+def publish_calls(port: int) -> int:
+    """PUBLISH commands Redis has run: frames sent over calls is how much the instances batch."""
+    stat = redis_info(port, "commandstats").get("cmdstat_publish", "")
+    found = re.search(r"calls=(\d+)", stat)
+    return int(found.group(1)) if found else 0
+
+
+def numsub(port: int, channel: str) -> int:
+    reply = redis_call(port, "PUBSUB", "NUMSUB", channel)
+    if isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], int):
+        return reply[1]
+    raise RedisError(f"unexpected PUBSUB NUMSUB reply {reply!r}")
+
+
+class Redis(Server):
+    """redis-server on a free loopback port, without persistence; ready when it answers PING
+    (a listening socket alone may still answer -LOADING)."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logfile = logdir / "redis.log"
+
+        def argv(port: int) -> list[str]:
+            return ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+                    "--appendonly", "no", "--dir", str(logdir), "--logfile", str(self.logfile)]
+
+        super().__init__(Spec("redis", argv, fixed_port=True), logdir)
+
+    def start(self, timeout: float = 15.0) -> None:
+        super().start(timeout)
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline and self.alive():
+            try:
+                if redis_call(self.port, "PING") == "PONG":
+                    return
+            except (OSError, RedisError) as exc:
+                last = str(exc)
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer PING ({last or 'exited'}; see "
+                           f"{self.logfile})")
+
+    def buffer_kills(self) -> int:
+        """Clients Redis closed for their output buffer (a subscriber too slow): its log is the
+        only place that says so in Redis 7.0."""
+        try:
+            text = self.logfile.read_text(errors="replace")
+        except OSError:
+            return 0
+        return text.count("output buffer limits")
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, from /proc/stat): less what this
+    bench's processes used, it shows what else ran during a step on a shared machine."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
+
+
+def redis_version() -> str:
+    try:
+        done = subprocess.run(["redis-server", "--version"], check=False, capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "missing"
+    return done.stdout.strip()
+
+
+def has_redis_option() -> bool:
+    """Whether the fsmchat being measured has ``--redis`` (the feature may not be in yet)."""
+    done = subprocess.run([PY, "-m", "fsmchat", "--help"], check=False, capture_output=True,
+                          text=True, cwd=ROOT, timeout=30)
+    return "--redis" in done.stdout
+
+
+# -- one configuration ---------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    name: str
+    instances: int
+    redis: bool
+    port: int = 0
+    clients: int = 0
+    per_instance: list[int] = field(default_factory=list)  # connection.accepted per instance
+    instance_ids: list[str] = field(default_factory=list)
+    subscribers: int | None = None  # PUBSUB NUMSUB before the clients connect
+    # 2. fixed load
+    fixed_deliveries_per_s: float | None = None
+    cpu_us_per_delivery: float | None = None  # the instances' CPU, summed
+    redis_us_per_delivery: float | None = None
+    cpu_us_per_message: float | None = None  # per message relayed (to clients - 1 others)
+    redis_us_per_message: float | None = None
+    fixed_p50_ms: float | None = None
+    fixed_p99_ms: float | None = None
+    fixed_server_cores: float | None = None
+    fixed_redis_cores: float | None = None
+    # 3. capacity
+    capacity: float | None = None  # deliveries/s
+    capacity_note: str = ""
+    capacity_limit: list[str] = field(default_factory=list)  # why the step above it failed
+    capacity_p99_ms: float | None = None
+    capacity_server_cores: float | None = None
+    capacity_redis_cores: float | None = None
+    capacity_frames_per_publish: float | None = None
+    # 1. burst
+    burst_per_instance: list[int] = field(default_factory=list)
+    burst_deliveries_per_s: float | None = None
+    burst_gen_bound: bool = False  # the generator used 90 % of its core: a lower bound
+    burst_lost: int | None = None
+    burst_garbled: int = 0  # bytes: frames split at a recv boundary, interleaved
+    burst_why: list[str] = field(default_factory=list)
+    burst_server_cores: float | None = None
+    burst_redis_cores: float | None = None
+    # what the processes said
+    totals: list[dict[str, Any]] = field(default_factory=list)  # server.stopped per instance
+    redis_buffer_kills: int = 0
+    problems: dict[str, int] = field(default_factory=dict)  # warning/error events, summed
+    problem_lines: list[str] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    loadavg: float = 0.0  # 1-minute load average when the configuration started
+    seconds: float = 0.0
+
+    @property
+    def other_cores(self) -> float | None:
+        """The most CPU other processes used during one step (see ``OTHER_LOAD``)."""
+        return max((s["other_cores"] for s in self.steps), default=None)
+
+
+def check_totals(cfg: Config) -> None:
+    """The instances' own counts must agree: each receives what every other one published, once
+    (nothing else publishes on the channel), and none dropped, missed or saw a duplicate."""
+    told = [t for t in cfg.totals if "redis_published" in t]
+    if len(told) < cfg.instances:
+        cfg.errors.append(f"only {len(told)} of {cfg.instances} instances logged server.stopped "
+                          "with Redis totals")
+        return
+    published = sum(int(t["redis_published"]) for t in told)
+    received = sum(int(t.get("redis_received") or 0) for t in told)
+    if received != (cfg.instances - 1) * published:
+        cfg.errors.append(f"instances received {received:,} messages from Redis, expected "
+                          f"{cfg.instances - 1} x {published:,} published")
+    for key in ("redis_dropped", "redis_missed", "redis_duplicates"):
+        if any(t.get(key) for t in told):
+            cfg.errors.append(f"{key}: {[t.get(key) for t in told]}")
+
+
+def same_argv(argv: list[str]) -> Callable[[int], list[str]]:
+    """A ``Spec`` command that ignores the port it is given: every instance gets ``--port P``,
+    the one they share."""
+    return lambda _port: argv
+
+
+@dataclass
+class Generators:
+    """Two load generators, forked before any thread. Bursts get their own: a generator that
+    has just run an overloaded 200-client step bursts at a different speed (2-3x) and meets
+    more split frames, so the burst figure would depend on what ran before it."""
+
+    main: LoadGen
+    burst: LoadGen
+
+    def close(self) -> None:
+        self.main.close()
+        self.burst.close()
+
+
+class Bench:
+    """The processes of one configuration and the steps measured on them."""
+
+    def __init__(self, gens: Generators, redis: Redis, cfg: Config, prof: Profile,
+                 logdir: Path) -> None:
+        self.gen = gens.main
+        self.gens, self.redis, self.cfg, self.prof, self.logdir = gens, redis, cfg, prof, logdir
+        self.instances: list[Instance] = []
+        self._best: dict[str, Any] | None = None  # the passing capacity step at the top rate
+        self._gen_failed: set[float] = set()  # failed rates that may be the generator's failure
+        self._failed: dict[float, list[str]] = {}  # rate -> why that capacity step failed
+
+    # -- processes --
+
+    def start(self) -> None:
+        cfg = self.cfg
+        cfg.port = free_port()
+        for i in range(cfg.instances):
+            argv = [PY, "-m", "fsmchat", "--host", HOST, "--port", str(cfg.port),
+                    "--log-level", "info", "--drain-timeout", str(DRAIN_TIMEOUT)]
+            if cfg.redis:
+                argv += ["--reuse-port", "--redis", f"redis://{HOST}:{self.redis.port}"]
+            inst = Instance(Spec(f"{cfg.name}-{i}", same_argv(argv)), self.logdir)
+            self.instances.append(inst)
+            inst.start()
+        if cfg.redis:
+            for inst in self.instances:
+                self._wait_links(inst, 15.0)
+            cfg.instance_ids = [inst.instance_id for inst in self.instances]
+            cfg.subscribers = self._wait_subscribers(cfg.instances, 5.0)
+            if cfg.subscribers != cfg.instances:
+                raise RuntimeError(f"Redis counts {cfg.subscribers} subscribers on "
+                                   f"{CHANNEL!r}, expected {cfg.instances}")
+
+    def _wait_links(self, inst: Instance, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and inst.alive():
+            if inst.links >= LINKS:
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"{inst.spec.name}: redis.connected for {sorted(inst.links)} only "
+                           f"after {timeout:g}s (alive: {inst.alive()})")
+
+    def _wait_subscribers(self, want: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        got = numsub(self.redis.port, CHANNEL)
+        while got != want and time.monotonic() < deadline:
+            time.sleep(0.05)
+            got = numsub(self.redis.port, CHANNEL)
+        return got
+
+    def stop(self) -> None:
+        cfg = self.cfg
+        for inst in self.instances:
+            inst.stop()
+            if inst.stopped:
+                cfg.totals.append({k: v for k, v in inst.stopped.items()
+                                   if k not in ("timestamp", "level", "event")})
+            elif inst.proc is not None:
+                cfg.totals.append({"exit_status": inst.proc.returncode})
+            for name, count in inst.problems.items():
+                cfg.problems[name] = cfg.problems.get(name, 0) + count
+            room = 20 - len(cfg.problem_lines)
+            cfg.problem_lines += inst.problem_lines[:max(0, room)]
+            if inst.proc is not None and inst.proc.returncode not in (0, None):
+                cfg.errors.append(f"{inst.spec.name} exited with status {inst.proc.returncode}")
+        if cfg.redis:
+            check_totals(cfg)
+
+    def check_alive(self) -> None:
+        for inst in [*self.instances, *([self.redis] if self.cfg.redis else [])]:
+            if not inst.alive():
+                code = inst.proc.returncode if inst.proc is not None else None
+                raise RuntimeError(f"{inst.spec.name} died (exit status {code})")
+
+    # -- measuring --
+
+    def cpu(self) -> tuple[float, list[float], float, float]:
+        """Now, each instance's CPU seconds, Redis's, and the machine's busy seconds less this
+        process's own (its stdout readers and the generator's coordinator)."""
+        return (time.monotonic(), [inst.cpu_seconds() for inst in self.instances],
+                self.redis.cpu_seconds(), machine_busy() - time.process_time())
+
+    def step(self, kind: str, rate: float, seconds: float, *, burst: bool = False,
+             verify: bool = False, gen: LoadGen | None = None,
+             ) -> tuple[StepResult, list[str], dict[str, Any]]:
+        """One loadgen step with the CPU used meanwhile, the PUBLISH calls, and the warning
+        events the instances logged during it (to tie a loss to its cause)."""
+        self.check_alive()
+        problems0 = Counter[str]()
+        for inst in self.instances:
+            problems0.update(inst.problems)
+        pub0 = publish_calls(self.redis.port) if self.cfg.redis else 0
+        t0, inst0, redis0, busy0 = self.cpu()
+        gen = gen or self.gen
+        res = gen.run(rate, seconds, burst=burst, verify=verify,
+                           drain_timeout=self.prof.drain_timeout)
+        t1, inst1, redis1, busy1 = self.cpu()
+        pub1 = publish_calls(self.redis.port) if self.cfg.redis else 0
+        problems1 = Counter[str]()
+        for inst in self.instances:
+            problems1.update(inst.problems)
+        wall = max(1e-9, t1 - t0)
+        server_s = sum(inst1) - sum(inst0)
+        busy = (busy1 - busy0) / wall
+        other = busy - (server_s + redis1 - redis0) / wall - res.gen_cpu_frac
+        why = judge(res)
+        row: dict[str, Any] = {
+            "kind": kind, **asdict(res), "pass": not why, "why": why, "wall_s": wall,
+            "server_cpu_s": server_s, "redis_cpu_s": redis1 - redis0,
+            "server_cores": server_s / wall, "redis_cores": (redis1 - redis0) / wall,
+            "instance_cores": [(b - a) / wall for a, b in zip(inst0, inst1, strict=True)],
+            "publish_calls": pub1 - pub0,
+            "machine_cores": busy, "other_cores": max(0.0, other),
+            "events": dict(problems1 - problems0),
+        }
+        self.cfg.steps.append(row)
+        extra = f", servers {row['server_cores']:.2f} cores"
+        if self.cfg.redis:
+            extra += f", redis {row['redis_cores']:.2f}"
+        if row["other_cores"] >= OTHER_LOAD:
+            extra += f", OTHER PROCESSES {row['other_cores']:.2f} cores"
+        if row["events"]:
+            extra += f", events {row['events']}"
+        say(f"  {kind}: " + short(res, why) + extra)
+        if why and not gen.quiesce(timeout=15):
+            say("  (still receiving 15 s after the step)")
+        return res, why, row
+
+    def connect(self, clients: int, gen: LoadGen | None = None) -> list[int] | None:
+        """Connect ``clients`` to the shared port; how many each instance accepted (from its
+        events), or None when they are not all in one chat."""
+        cfg = self.cfg
+        before = [inst.accepted for inst in self.instances]
+        conn = (gen or self.gen).connect(HOST, cfg.port, clients, timeout=30,
+                                         barrier_timeout=20)
+        deadline = time.monotonic() + 5.0  # the accept events may still be in the pipe
+        while (sum(i.accepted for i in self.instances) - sum(before) < conn.connected
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+        spread = [inst.accepted - b for inst, b in zip(self.instances, before, strict=True)]
+        say(f"  {conn.connected} clients in {conn.seconds:.1f}s, per instance "
+            f"{'+'.join(map(str, spread))}")
+        if not conn.in_chat:
+            cfg.errors.append(f"clients not all in the chat: {conn.connected} of {clients} "
+                              f"connected ({conn.errors}), a probe reached {conn.reached} of "
+                              f"{conn.connected - 1}, per instance {spread}")
+            return None
+        if sum(spread) != conn.connected:
+            cfg.errors.append(f"{sum(spread)} connection.accepted events for "
+                              f"{conn.connected} clients")
+        return spread
+
+    def fixed(self) -> None:
+        """Figure 2: CPU per delivery, paced, nothing coalesced; per-sender order verified."""
+        cfg = self.cfg
+        res, why, row = self.step("fixed", self.prof.fixed_rate, self.prof.fixed_seconds,
+                                  verify=True)
+        if res.errors:
+            cfg.errors.append(f"fixed-load step: {res.errors}")
+        if why and not res.errors:
+            cfg.errors.append(f"fixed-load step failed: {why}")
+        if res.received:
+            cfg.fixed_deliveries_per_s = res.delivered_per_s
+            cfg.cpu_us_per_delivery = row["server_cpu_s"] / res.received * 1e6
+            cfg.cpu_us_per_message = row["server_cpu_s"] / max(1, res.sent) * 1e6
+            if cfg.redis:
+                cfg.redis_us_per_delivery = row["redis_cpu_s"] / res.received * 1e6
+                cfg.redis_us_per_message = row["redis_cpu_s"] / max(1, res.sent) * 1e6
+                cfg.fixed_redis_cores = row["redis_cores"]
+        cfg.fixed_p50_ms, cfg.fixed_p99_ms = res.p50_ms, res.p99_ms
+        cfg.fixed_server_cores = row["server_cores"]
+
+    def capacity(self) -> None:
+        """Figure 3: step the rate up by ``growth`` until a step fails (down if the first one
+        fails), then bisect; a failure at the generator's own limit makes it a lower bound."""
+        cfg, prof = self.cfg, self.prof
+        n = cfg.clients
+        lo, hi = self._bracket(min(prof.start_rate, GEN_MAX_MSGS / n))
+        if lo is not None and hi is not None:
+            for _ in range(prof.refine):
+                mid = math.sqrt(lo * hi)
+                if self._trial(mid):
+                    lo = mid
+                else:
+                    hi = mid
+        if lo is None:
+            cfg.capacity_note = f"fails even at {hi:g} msg/s per client"
+            return
+        cfg.capacity = lo * n * (n - 1)
+        if hi is not None:
+            cfg.capacity_limit = [f"{hi:g} msg/s per client", *self._failed.get(hi, [])]
+        if hi is None:
+            cfg.capacity_note = (f"at least: no failure up to {lo:g} msg/s per client (the "
+                                 "generator's limit)")
+        elif hi in self._gen_failed:
+            cfg.capacity_note = (f"at least: the step above, {hi:g} msg/s per client, failed "
+                                 "with the generator at its limit")
+        best = self._best
+        if best is not None:
+            cfg.capacity_p99_ms = best["p99_ms"]
+            cfg.capacity_server_cores = best["server_cores"]
+            if cfg.redis:
+                cfg.capacity_redis_cores = best["redis_cores"]
+                if best["publish_calls"]:
+                    cfg.capacity_frames_per_publish = best["sent"] / best["publish_calls"]
+
+    def _trial(self, rate: float) -> bool:
+        _res, why, row = self.step("capacity", rate, self.prof.step_seconds)
+        if any(w.startswith(GEN_LIMIT) for w in why):
+            self._gen_failed.add(rate)
+        if not why and (self._best is None or rate > self._best["rate"]):
+            self._best = row
+        if why:
+            self._failed[rate] = why
+        return not why
+
+    def _bracket(self, rate: float) -> tuple[float | None, float | None]:
+        """The last passing and the first failing rate (None: none passed, or none failed)."""
+        growth = self.prof.growth
+        max_rate = GEN_MAX_MSGS / self.cfg.clients
+        if self._trial(rate):
+            while rate < max_rate:
+                nxt = min(rate * growth, max_rate)
+                if not self._trial(nxt):
+                    return rate, nxt
+                rate = nxt
+            return rate, None
+        hi = rate
+        for _ in range(4):
+            rate /= growth
+            if self._trial(rate):
+                return rate, hi
+            hi = rate
+        return None, hi
+
+    def burst(self) -> None:
+        """Figure 1: a few clients of their own, each sending as fast as its socket takes it."""
+        cfg = self.cfg
+        gen = self.gens.burst
+        spread = self.connect(self.prof.burst_clients, gen)
+        if spread is None:
+            return
+        cfg.burst_per_instance = spread
+        res, _why, row = self.step("burst", 0.0, self.prof.burst_seconds, burst=True, gen=gen)
+        gen.disconnect()
+        cfg.burst_deliveries_per_s = res.delivered_per_s
+        cfg.burst_gen_bound = res.gen_cpu_frac >= GEN_BUSY
+        cfg.burst_lost = res.lost
+        cfg.burst_garbled = res.garbled_bytes
+        cfg.burst_why = list(res.errors)
+        cfg.burst_server_cores = row["server_cores"]
+        if cfg.redis:
+            cfg.burst_redis_cores = row["redis_cores"]
+
+
+def run_config(gens: Generators, redis: Redis, cfg: Config, prof: Profile,
+               logdir: Path) -> None:
+    """Start the configuration's processes, measure, and stop them whatever happens."""
+    say(f"== {cfg.name}: {cfg.instances} instance(s)" + (", Redis" if cfg.redis else
+                                                          ", no Redis"))
+    t0 = time.monotonic()
+    cfg.loadavg = os.getloadavg()[0]
+    bench = Bench(gens, redis, cfg, prof, logdir)
+    kills0 = redis.buffer_kills()
+    try:
+        bench.start()
+        if prof.burst_seconds > 0:
+            bench.burst()  # first: after an overloaded capacity step, bursts split frames
+        spread = bench.connect(prof.clients)
+        if spread is not None:
+            cfg.clients, cfg.per_instance = sum(spread), spread
+            bench.fixed()
+            bench.capacity()
+    except (RuntimeError, TimeoutError, OSError, RedisError) as exc:
+        cfg.errors.append(f"{type(exc).__name__}: {exc}")
+        say(f"  error: {exc}")
+    finally:
+        for gen in (gens.main, gens.burst):
+            with contextlib.suppress(Exception):
+                gen.disconnect()
+        bench.stop()
+        cfg.redis_buffer_kills = redis.buffer_kills() - kills0
+        cfg.seconds = round(time.monotonic() - t0, 1)
+        say(f"  ({cfg.seconds:.1f}s)")
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def cell(value: float | None, fmt: str) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return fmt.format(value)
+
+
+def table(cfgs: list[Config], prof: Profile) -> str:
+    n = prof.clients
+    fixed = f"{n}x{prof.fixed_rate:g}/s"
+    base = next((c for c in cfgs if c.name == "baseline"), None)
+
+    def capacity(c: Config) -> str:
+        text = cell(c.capacity, "{:,.0f}")
+        return (">=" + text) if c.capacity_note.startswith("at least") else text
+
+    def vs_base(c: Config) -> str:
+        if base is None or not base.capacity or not c.capacity:
+            return "n/a"
+        return f"{c.capacity / base.capacity:.2f}x"
+
+    def burst(c: Config) -> str:
+        text = cell(c.burst_deliveries_per_s, "{:,.0f}")
+        return (">=" + text) if c.burst_gen_bound else text
+
+    def burst_lost(c: Config) -> str:
+        if c.burst_lost is None:
+            return "n/a"
+        if not c.burst_why:
+            return "none"
+        split = c.burst_garbled // FRAME_SIZE
+        if c.burst_lost == split and len(c.burst_why) == 2:  # lost=..., garbled_bytes=...
+            return f"{split:,} split"
+        return "FAILED (below)"
+
+    def total_us(c: Config) -> float | None:
+        if c.cpu_us_per_delivery is None:
+            return None
+        return c.cpu_us_per_delivery + (c.redis_us_per_delivery or 0.0)
+
+    rows: list[tuple[str, Any]] = [
+        ("clients per instance", lambda c: "+".join(map(str, c.per_instance)) or "n/a"),
+        (f"capacity @{n} clients, deliv/s", capacity),
+        ("  relative to baseline", vs_base),
+        ("  p99 at that load, ms", lambda c: cell(c.capacity_p99_ms, "{:.1f}")),
+        ("  instances' CPU, cores", lambda c: cell(c.capacity_server_cores, "{:.2f}")),
+        ("  Redis CPU, cores", lambda c: cell(c.capacity_redis_cores, "{:.2f}")),
+        ("  frames per PUBLISH", lambda c: cell(c.capacity_frames_per_publish, "{:.1f}")),
+        (f"CPU/delivery, us ({fixed})", lambda c: cell(c.cpu_us_per_delivery, "{:.2f}")),
+        ("  Redis CPU/delivery, us", lambda c: cell(c.redis_us_per_delivery, "{:.3f}")),
+        ("  both, us", lambda c: cell(total_us(c), "{:.2f}")),
+        (f"CPU/message, us ({fixed})", lambda c: cell(c.cpu_us_per_message, "{:,.0f}")),
+        ("  Redis CPU/message, us", lambda c: cell(c.redis_us_per_message, "{:.1f}")),
+        (f"p50 latency @{fixed}, ms", lambda c: cell(c.fixed_p50_ms, "{:.2f}")),
+        (f"p99 latency @{fixed}, ms", lambda c: cell(c.fixed_p99_ms, "{:.2f}")),
+        (f"instances' CPU @{fixed}, cores", lambda c: cell(c.fixed_server_cores, "{:.2f}")),
+        (f"Redis CPU @{fixed}, cores", lambda c: cell(c.fixed_redis_cores, "{:.2f}")),
+        (f"burst ({prof.burst_clients} clients), deliv/s", burst),
+        ("  frames lost or split", burst_lost),
+        ("warning/error events", lambda c: str(sum(c.problems.values()))),
+        ("other processes, cores (worst step)", lambda c: cell(c.other_cores, "{:.2f}")),
+    ]
+    width = max(14, *(len(c.name) + 2 for c in cfgs))
+    out = [f"{'figure':<36}" + "".join(f"{c.name:>{width}}" for c in cfgs)]
+    for label, fn in rows:
+        out.append(f"{label:<36}" + "".join(f"{fn(c):>{width}}" for c in cfgs))
+    return "\n".join(out)
+
+
+def report(cfgs: list[Config], prof: Profile) -> None:
+    print(table(cfgs, prof))
+    print()
+    for c in cfgs:
+        if c.capacity_note:
+            print(f"note: {c.name}: capacity {c.capacity_note}")
+        if c.capacity_limit:
+            print(f"note: {c.name}: the step above capacity, {c.capacity_limit[0]}, failed: "
+                  + "; ".join(c.capacity_limit[1:]))
+        for err in c.errors:
+            print(f"error: {c.name}: {err}")
+        if c.problems:
+            print(f"events: {c.name}: {c.problems}")
+        if c.redis_buffer_kills:
+            print(f"redis: {c.name}: {c.redis_buffer_kills} client(s) closed for their output "
+                  "buffer (see redis.log)")
+        keys = ("redis_published", "redis_received", "redis_dropped", "redis_missed",
+                "redis_duplicates")
+        told = [t for t in c.totals if "redis_published" in t]
+        if c.redis and told:
+            sums = {k.removeprefix("redis_"): sum(int(t.get(k) or 0) for t in told)
+                    for k in keys}
+            print(f"totals: {c.name}: {len(told)} of {c.instances} server.stopped: "
+                  + ", ".join(f"{k} {v:,}" for k, v in sums.items()))
+        if c.burst_why:
+            print(f"burst: {c.name}: {'; '.join(c.burst_why)}")
+        busy = [s for s in c.steps if s["other_cores"] >= OTHER_LOAD]
+        if busy:
+            print(f"machine: {c.name}: other processes used {OTHER_LOAD:g} cores or more during "
+                  f"{len(busy)} of {len(c.steps)} steps (up to {c.other_cores:.2f}); load "
+                  f"average {c.loadavg:.2f} at the start: its figures are not clean")
+
+
+def environment(prof: Profile, argv: list[str], redis: str) -> dict[str, Any]:
+    def run(cmd: list[str]) -> str:
+        try:
+            done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT,
+                                  timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip()
+
+    return {
+        "command": " ".join(["python", "bench/multi.py", *argv]),
+        "profile": asdict(prof),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": os.getloadavg(),
+        "git_head": run(["git", "rev-parse", "HEAD"]),
+        "git_dirty": run(["git", "status", "--porcelain"]).splitlines(),
+        "redis": redis,
+        "nofile": raise_nofile(),
+        "p99_limit_ms": P99_LIMIT_MS,
+        "generator_max_msgs_per_s": GEN_MAX_MSGS,
+    }
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def parse(args_list: list[str]) -> tuple[argparse.Namespace, Profile, list[int]]:
+    """The options, the profile they select, and the instance counts; exit 2 when the run
+    cannot happen (no redis-server, or an fsmchat without --redis)."""
+    parser = argparse.ArgumentParser(
+        description="fsmchat throughput with 1, 2 and 4 instances joined by Redis pub/sub")
+    parser.add_argument("--quick", action="store_true", help="short steps: under 2 minutes")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write every figure and step")
+    parser.add_argument("--clients", type=int, metavar="N", help="clients (default: 200)")
+    parser.add_argument("--instances", default="1,2,4", metavar="LIST",
+                        help="instance counts with Redis, comma-separated (default: 1,2,4)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the one instance without --redis")
+    parser.add_argument("--no-burst", action="store_true", help="skip the burst step")
+    parser.add_argument("--logdir", type=Path, metavar="DIR",
+                        help="each process's output (default: a new directory under /tmp)")
+    args = parser.parse_args(args_list)
+    prof = QUICK if args.quick else FULL
+    if args.clients is not None:
+        if args.clients < 2:
+            parser.error("--clients must be at least 2")
+        prof = Profile(**{**asdict(prof), "clients": args.clients})
+    if args.no_burst:
+        prof = Profile(**{**asdict(prof), "burst_seconds": 0.0})
+    try:
+        counts = [int(x) for x in args.instances.split(",") if x.strip()]
+    except ValueError:
+        parser.error("--instances takes comma-separated integers")
+    if any(c < 1 for c in counts):
+        parser.error("--instances: every count must be at least 1")
+    if redis_version() == "missing":
+        parser.error("redis-server is not on PATH (Debian: apt-get install redis-server)")
+    if counts and not has_redis_option():
+        parser.error("this fsmchat has no --redis option: nothing to measure but the baseline "
+                     "(use --instances '' to run only that)")
+    return args, prof, counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    args, prof, counts = parse(args_list)
+    redis_ver = redis_version()
+    logdir: Path = args.logdir or Path(tempfile.mkdtemp(prefix="fsmchat-multi-"))
+    logdir.mkdir(parents=True, exist_ok=True)
+    env = environment(prof, args_list, redis_ver)  # also raises the descriptor limit
+    cfgs = ([] if args.no_baseline else [Config("baseline", 1, redis=False)])
+    cfgs += [Config(f"N={c}", c, redis=True) for c in counts]
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    say(f"logs: {logdir}")
+    started = time.monotonic()
+    # Forked before any thread. They ignore Ctrl-C (sent to the whole foreground group): this
+    # process stops them, without a traceback from each.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        gens = Generators(LoadGen(procs=1, lifetime=3600), LoadGen(procs=1, lifetime=3600))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        redis = Redis(logdir)
+        redis.start()
+        env["redis_port"] = redis.port
+        for cfg in cfgs:
+            run_config(gens, redis, cfg, prof, logdir)
+    except KeyboardInterrupt as exc:
+        say(f"interrupted ({str(exc) or 'SIGINT'}); every process this bench started was stopped")
+        return 130
+    except (RuntimeError, OSError) as exc:
+        say(f"error: {exc}")
+        return 1
+    finally:
+        gens.close()
+        stop_all()
+    env["seconds"] = round(time.monotonic() - started, 1)
+    env["loadavg_after"] = os.getloadavg()
+    env["logdir"] = str(logdir)
+    if args.json:
+        args.json.write_text(json.dumps({"environment": env, "configs": [asdict(c) for c in cfgs]},
+                                        indent=1) + "\n")
+    report(cfgs, prof)
+    print(f"\n{len(cfgs)} configurations in {env['seconds'] / 60:.1f} min "
+          f"(load average before {env['loadavg_before'][0]:.2f}); logs: {logdir}"
+          + (f"; results: {args.json}" if args.json else ""))
+    return 1 if any(c.errors for c in cfgs) else 0
+
+
+if __name__ == "__main__":
+    raise_nofile()
+    sys.exit(main())
