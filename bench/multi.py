@@ -39,7 +39,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import re
 import signal
 import socket
@@ -52,8 +51,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
+import hiredis
 from loadgen import LoadGen, StepResult, raise_nofile
 from run import (
     CLK_TCK,
@@ -66,9 +66,11 @@ from run import (
     ROOT,
     Server,
     Spec,
+    base_environment,
     free_port,
     judge,
     say,
+    search_rate,
     short,
     stop_all,
 )
@@ -113,8 +115,12 @@ QUICK = Profile("quick", clients=200, fixed_rate=2.0, fixed_seconds=3.0, start_r
 
 class Instance(Server):
     """An fsmchat process whose every stdout event is read (run.py's ``Server`` reads only the
-    start and the problems): the Redis links, the accepts and the final totals are needed here.
-    At ``--log-level info`` that is a few lines per connection, not per message."""
+    start and the problems) and logged to ``NAME.stdout.jsonl``: the Redis links, the accepts
+    and the final totals are needed here. At ``--log-level info`` that is a few lines per
+    connection, not per message."""
+
+    scan_all = True
+    log_stdout = True
 
     def __init__(self, spec: Spec, logdir: Path) -> None:
         super().__init__(spec, logdir)
@@ -122,57 +128,18 @@ class Instance(Server):
         self.accepted = 0
         self.instance_id = ""
         self.stopped: dict[str, Any] = {}  # the server.stopped event
-        self._log: IO[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
-        self._log = (self.logdir / f"{self.spec.name}.stdout.jsonl").open("ab")
-        super().start(timeout)
-
-    def _read_stdout(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        tail = b""
-        for _ in range(10**9):  # until EOF; bounded all the same
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            self.stdout_bytes += len(chunk)
-            if self._log is not None:
-                self._log.write(chunk)
-            data = tail + chunk
-            cut = data.rfind(b"\n") + 1
-            lines, tail = data[:cut], data[cut:]
-            self._scan(lines)
-
-    def _scan(self, lines: bytes) -> None:
-        for raw in lines.splitlines():
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                continue
-            if not isinstance(event, dict):
-                continue
-            name = event.get("event")
-            if name == "connection.accepted":
-                self.accepted += 1
-            elif name == "redis.connected":
-                self.links.add(str(event.get("link")))
-            elif name == "server.started" and not self.started.is_set():
-                self.port = int(event["port"])
-                self.instance_id = str(event.get("instance", ""))
-                self.started.set()
-            elif name == "server.stopped":
-                self.stopped = event
-            if event.get("level") in ("warning", "error"):
-                self.problems[str(name)] += 1
-                if len(self.problem_lines) < 20:
-                    self.problem_lines.append(raw.decode(errors="replace"))
-
-    def stop(self) -> None:
-        super().stop()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    def _event(self, event: dict[str, Any], raw: bytes) -> None:
+        name = event.get("event")
+        if name == "connection.accepted":
+            self.accepted += 1
+        elif name == "redis.connected":
+            self.links.add(str(event.get("link")))
+        elif name == "server.started" and not self.started.is_set():
+            self.instance_id = str(event.get("instance", ""))  # before super() sets started
+        elif name == "server.stopped":
+            self.stopped = event
+        super()._event(event, raw)
 
 
 class RedisError(Exception):
@@ -180,35 +147,22 @@ class RedisError(Exception):
 
 
 def redis_call(port: int, *args: str, timeout: float = 2.0) -> object:
-    """One command over a fresh connection: enough for PING, PUBSUB and INFO, and no client
-    library to install."""
-    with socket.create_connection((HOST, port), timeout) as sock, sock.makefile("rb") as reader:
-        parts = [f"*{len(args)}\r\n".encode()]
-        for arg in args:
-            data = arg.encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        sock.sendall(b"".join(parts))
-        return _reply(reader)
-
-
-def _reply(reader: IO[bytes]) -> object:
-    line = reader.readline()
-    if not line.endswith(b"\r\n"):
-        raise ConnectionError("redis closed the connection")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RedisError(rest.decode(errors="replace"))
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        size = int(rest)
-        return None if size < 0 else reader.read(size + 2)[:-2]
-    if kind == b"*":
-        count = int(rest)
-        return None if count < 0 else [_reply(reader) for _ in range(count)]
-    raise ConnectionError(f"unexpected reply from redis: {line[:40]!r}")
+    """One command over a fresh connection: enough for PING, PUBSUB and INFO. hiredis (fsmchat's
+    own parser) packs it and reads the reply: simple and bulk strings come back as bytes; an
+    error reply is raised as ``RedisError``, a reply that is not RESP as ``ConnectionError``."""
+    parser = hiredis.Reader(replyError=RedisError, protocolError=ConnectionError)
+    with socket.create_connection((HOST, port), timeout) as sock:
+        sock.sendall(hiredis.pack_command(args))  # type: ignore[arg-type] # stub: a 1-tuple
+        reply = parser.gets()
+        while reply is False:  # not a whole reply yet
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            parser.feed(chunk)
+            reply = parser.gets()
+    if isinstance(reply, RedisError):
+        raise reply
+    return reply
 
 
 def redis_info(port: int, section: str) -> dict[str, str]:
@@ -255,7 +209,7 @@ class Redis(Server):
         last = ""
         while time.monotonic() < deadline and self.alive():
             try:
-                if redis_call(self.port, "PING") == "PONG":
+                if redis_call(self.port, "PING") == b"PONG":
                     return
             except (OSError, RedisError) as exc:
                 last = str(exc)
@@ -569,14 +523,8 @@ class Bench:
         fails), then bisect; a failure at the generator's own limit makes it a lower bound."""
         cfg, prof = self.cfg, self.prof
         n = cfg.clients
-        lo, hi = self._bracket(min(prof.start_rate, GEN_MAX_MSGS / n))
-        if lo is not None and hi is not None:
-            for _ in range(prof.refine):
-                mid = math.sqrt(lo * hi)
-                if self._trial(mid):
-                    lo = mid
-                else:
-                    hi = mid
+        lo, hi = search_rate(self._trial, prof.start_rate, GEN_MAX_MSGS / n,
+                             growth=prof.growth, refine=prof.refine)
         if lo is None:
             cfg.capacity_note = f"fails even at {hi:g} msg/s per client"
             return
@@ -607,25 +555,6 @@ class Bench:
         if why:
             self._failed[rate] = why
         return not why
-
-    def _bracket(self, rate: float) -> tuple[float | None, float | None]:
-        """The last passing and the first failing rate (None: none passed, or none failed)."""
-        growth = self.prof.growth
-        max_rate = GEN_MAX_MSGS / self.cfg.clients
-        if self._trial(rate):
-            while rate < max_rate:
-                nxt = min(rate * growth, max_rate)
-                if not self._trial(nxt):
-                    return rate, nxt
-                rate = nxt
-            return rate, None
-        hi = rate
-        for _ in range(4):
-            rate /= growth
-            if self._trial(rate):
-                return rate, hi
-            hi = rate
-        return None, hi
 
     def burst(self) -> None:
         """Figure 1: a few clients of their own, each sending as fast as its socket takes it."""
@@ -783,22 +712,8 @@ def report(cfgs: list[Config], prof: Profile) -> None:
 
 
 def environment(prof: Profile, argv: list[str], redis: str) -> dict[str, Any]:
-    def run(cmd: list[str]) -> str:
-        try:
-            done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT,
-                                  timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout.strip()
-
     return {
-        "command": " ".join(["python", "bench/multi.py", *argv]),
-        "profile": asdict(prof),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "loadavg_before": os.getloadavg(),
-        "git_head": run(["git", "rev-parse", "HEAD"]),
-        "git_dirty": run(["git", "status", "--porcelain"]).splitlines(),
+        **base_environment("multi.py", asdict(prof), argv),
         "redis": redis,
         "nofile": raise_nofile(),
         "p99_limit_ms": P99_LIMIT_MS,

@@ -132,6 +132,12 @@ def free_port() -> int:
 class Server:
     """One server process in its own session; stdout read all the time by a thread."""
 
+    scan_all = False
+    """Whether ``_scan`` sees every line of stdout, not only the batches read before the start
+    and those with a warning or an error: for a subclass that wants every event."""
+    log_stdout = False
+    """Whether stdout is also written, as read, to ``LOGDIR/NAME.stdout.jsonl``."""
+
     def __init__(self, spec: Spec, logdir: Path) -> None:
         self.spec = spec
         self.logdir = logdir
@@ -143,6 +149,7 @@ class Server:
         self.problems: Counter[str] = Counter()  # warning/error events by name
         self.problem_lines: list[str] = []  # the first few of them
         self._stderr: IO[bytes] | None = None
+        self._stdout_log: IO[bytes] | None = None
 
     @property
     def pid(self) -> int:
@@ -152,6 +159,8 @@ class Server:
     def start(self, timeout: float = 30.0) -> None:
         port = free_port() if self.spec.fixed_port else 0
         self._stderr = (self.logdir / f"{self.spec.name}.stderr.log").open("ab")
+        if self.log_stdout:
+            self._stdout_log = (self.logdir / f"{self.spec.name}.stdout.jsonl").open("ab")
         self.proc = subprocess.Popen(self.spec.argv(port), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=self._stderr, cwd=ROOT,
                                      start_new_session=True)
@@ -183,10 +192,12 @@ class Server:
             if not chunk:
                 break
             self.stdout_bytes += len(chunk)
+            if self._stdout_log is not None:
+                self._stdout_log.write(chunk)
             data = tail + chunk
             cut = data.rfind(b"\n") + 1
             lines, tail = data[:cut], data[cut:]
-            if not self.started.is_set() or b'"level":"warning"' in lines or \
+            if self.scan_all or not self.started.is_set() or b'"level":"warning"' in lines or \
                     b'"level":"error"' in lines:
                 self._scan(lines)
 
@@ -196,15 +207,19 @@ class Server:
                 event = json.loads(raw)
             except ValueError:
                 continue
-            if not isinstance(event, dict):
-                continue
-            if event.get("event") == "server.started" and not self.started.is_set():
-                self.port = int(event["port"])
-                self.started.set()
-            if event.get("level") in ("warning", "error"):
-                self.problems[str(event.get("event"))] += 1
-                if len(self.problem_lines) < 20:
-                    self.problem_lines.append(raw.decode(errors="replace"))
+            if isinstance(event, dict):
+                self._event(event, raw)
+
+    def _event(self, event: dict[str, Any], raw: bytes) -> None:
+        """One JSON event from stdout: the start and the problems (a subclass may read more)."""
+        name = event.get("event")
+        if name == "server.started" and not self.started.is_set():
+            self.port = int(event["port"])
+            self.started.set()
+        if event.get("level") in ("warning", "error"):
+            self.problems[str(name)] += 1
+            if len(self.problem_lines) < 20:
+                self.problem_lines.append(raw.decode(errors="replace"))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -255,6 +270,9 @@ class Server:
             proc.stdout.close()
         if self._stderr is not None:
             self._stderr.close()
+        if self._stdout_log is not None:
+            self._stdout_log.close()
+            self._stdout_log = None
         LIVE.discard(self)
 
 
@@ -405,6 +423,48 @@ def cpu_figure(gen: LoadGen, srv: Server, fig: Figures, prof: Profile) -> None:
     gen.disconnect()
 
 
+def search_rate(trial: Callable[[float], bool], start: float, max_rate: float, *,
+                growth: float, refine: int, max_up: int = 10**9, min_rate: float = 0.0,
+                ) -> tuple[float | None, float | None]:
+    """Capacity search over the per-client rate: from ``start`` (at most ``max_rate``), step up
+    by ``growth`` (at most ``max_up`` times, never past ``max_rate``) until a ``trial`` fails,
+    or down (at most 4 times, not below ``min_rate``) until one passes; then bisect ``refine``
+    times between the last pass and the first failure. Returns both (None: none passed, or none
+    failed)."""
+    lo, hi = _bracket(trial, min(start, max_rate), max_rate, growth=growth, max_up=max_up,
+                      min_rate=min_rate)
+    if lo is not None and hi is not None:
+        for _ in range(refine):
+            mid = math.sqrt(lo * hi)
+            if trial(mid):
+                lo = mid
+            else:
+                hi = mid
+    return lo, hi
+
+
+def _bracket(trial: Callable[[float], bool], rate: float, max_rate: float, *, growth: float,
+             max_up: int, min_rate: float) -> tuple[float | None, float | None]:
+    if trial(rate):
+        for _ in range(max_up):
+            if rate >= max_rate:
+                return rate, None
+            nxt = min(rate * growth, max_rate)
+            if not trial(nxt):
+                return rate, nxt
+            rate = nxt
+        return rate, None
+    hi = rate
+    for _ in range(4):
+        rate /= growth
+        if rate < min_rate:
+            break
+        if trial(rate):
+            return rate, hi
+        hi = rate
+    return None, hi
+
+
 class Ladder:
     """Capacity search: step the per-client rate up (or down) by ``growth`` until a step fails,
     then bisect between the last pass and the first failure."""
@@ -430,14 +490,9 @@ class Ladder:
 
     def search(self, start_rate: float, min_rate: float) -> tuple[float | None, str]:
         """The highest passing delivery rate, and a note when it is only a bound."""
-        lo, hi = self._bracket(min(start_rate, self.max_rate), min_rate)
-        if lo is not None and hi is not None:
-            for _ in range(self.prof.refine):
-                mid = math.sqrt(lo * hi)
-                if self.trial(mid):
-                    lo = mid
-                else:
-                    hi = mid
+        prof = self.prof
+        lo, hi = search_rate(self.trial, start_rate, self.max_rate, growth=prof.growth,
+                             refine=prof.refine, max_up=prof.max_up, min_rate=min_rate)
         n = self.n
         if lo is None:
             return None, f"fails even at {hi:g} msg/s per client"
@@ -448,26 +503,6 @@ class Ladder:
             return lo * n * (n - 1), (f"at least: the step above, {hi:g} msg/s per client, "
                                       "failed with the generator at its limit")
         return lo * n * (n - 1), ""
-
-    def _bracket(self, rate: float, min_rate: float) -> tuple[float | None, float | None]:
-        if self.trial(rate):
-            for _ in range(self.prof.max_up):
-                if rate >= self.max_rate:
-                    return rate, None
-                nxt = min(rate * self.prof.growth, self.max_rate)
-                if not self.trial(nxt):
-                    return rate, nxt
-                rate = nxt
-            return rate, None
-        hi = rate
-        for _ in range(4):
-            rate /= self.prof.growth
-            if rate < min_rate:
-                break
-            if self.trial(rate):
-                return rate, hi
-            hi = rate
-        return None, hi
 
 
 def n100_figures(gen: LoadGen, srv: Server, fig: Figures, prof: Profile) -> None:
@@ -604,16 +639,30 @@ def chart(figs: list[Figures], path: Path) -> str | None:
     return None
 
 
-def environment(prof: Profile, argv: list[str]) -> dict[str, Any]:
-    def run(cmd: list[str]) -> str:
-        """What a command prints (stdout, else stderr), or "" when it cannot run."""
-        try:
-            done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT,
-                                  timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout.strip() or done.stderr.strip()
+def command_output(cmd: list[str]) -> str:
+    """What a command prints (stdout, else stderr), or "" when it cannot run."""
+    try:
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() or done.stderr.strip()
 
+
+def base_environment(script: str, profile: dict[str, Any], argv: list[str]) -> dict[str, Any]:
+    """What every bench records first: its command and profile, the machine, the checkout."""
+    return {
+        "command": " ".join(["python", f"bench/{script}", *argv]),
+        "profile": profile,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": os.getloadavg(),
+        "git_head": command_output(["git", "rev-parse", "HEAD"]),
+        "git_dirty": command_output(["git", "status", "--porcelain"]).splitlines(),
+    }
+
+
+def environment(prof: Profile, argv: list[str]) -> dict[str, Any]:
     versions: dict[str, str] = {}
     for mod in ("fsmchat", "twisted", "matplotlib", "numpy"):
         try:
@@ -622,15 +671,9 @@ def environment(prof: Profile, argv: list[str]) -> dict[str, Any]:
             versions[mod] = "missing"
     ncat = shutil.which("ncat")
     return {
-        "command": " ".join(["python", "bench/run.py", *argv]),
-        "profile": asdict(prof),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "loadavg_before": os.getloadavg(),
-        "git_head": run(["git", "rev-parse", "HEAD"]),
-        "git_dirty": run(["git", "status", "--porcelain"]).splitlines(),
+        **base_environment("run.py", asdict(prof), argv),
         "versions": versions,
-        "ncat": run([ncat, "--version"]).split("(")[0].strip() if ncat else "missing",
+        "ncat": command_output([ncat, "--version"]).split("(")[0].strip() if ncat else "missing",
         "nofile": raise_nofile(),
         "p99_limit_ms": P99_LIMIT_MS,
     }

@@ -20,6 +20,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import hiredis
 import pytest
 from conftest import HOST, WAIT, LineReader, ServerProcess, StartServer
 
@@ -54,56 +55,30 @@ def fixed_port() -> int:
 
 def _encode_command(*args: bytes | str) -> bytes:
     """A command as a RESP array of bulk strings (binary safe)."""
-    parts = [f"*{len(args)}\r\n".encode()]
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type] # stub: a 1-tuple
+    return packed
 
 
 class _RespReader:
-    """Reads RESP replies from a blocking socket."""
+    """Reads RESP replies from a blocking socket; ``hiredis.Reader`` parses them."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buffer = bytearray()
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise AssertionError("Redis closed the connection")
-        self.buffer += chunk
-
-    def _line(self) -> bytes:
-        while (end := self.buffer.find(b"\r\n")) < 0:
-            self._fill()
-        line = bytes(self.buffer[:end])
-        del self.buffer[: end + 2]
-        return line
-
-    def _exactly(self, count: int) -> bytes:
-        while len(self.buffer) < count + 2:
-            self._fill()
-        data = bytes(self.buffer[:count])
-        del self.buffer[: count + 2]
-        return data
+        self.parser = hiredis.Reader(replyError=RedisError)
 
     def reply(self) -> Reply:
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b"+":
-            return rest
-        if kind == b"-":
-            raise RedisError(rest.decode(errors="replace"))
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            size = int(rest)
-            return None if size < 0 else self._exactly(size)
-        if kind == b"*":
-            size = int(rest)
-            return None if size < 0 else [self.reply() for _ in range(size)]
-        raise AssertionError(f"not a RESP reply: {line[:80]!r}")
+        """The next reply; an error reply is raised as ``RedisError``."""
+        reply = self.parser.gets()
+        while reply is False:  # not a whole reply yet
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError("Redis closed the connection")
+            self.parser.feed(chunk)
+            reply = self.parser.gets()
+        if isinstance(reply, RedisError):
+            raise reply
+        result: Reply = reply
+        return result
 
 
 class RedisServer:
