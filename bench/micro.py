@@ -41,7 +41,8 @@ def per_call(fn: Callable[[], object], n: int) -> float:
 
 def main() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
-    hub = ChatServer(listener, EventLoop(), make_logger(EventSink(io.BytesIO()), "info", "json"))
+    hub = ChatServer([(listener, None)], EventLoop(),
+                      make_logger(EventSink(io.BytesIO()), "info", "json"))
     a, b = socket.socketpair()
     a.setblocking(False)
     conn = Connection(a, "bench", hub)

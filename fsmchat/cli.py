@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from fsmchat import __version__, diagrams
+from fsmchat.access import Network, parse_network
 from fsmchat.connection import RECV_SIZE
 from fsmchat.events import FORMATS, LEVELS
 from fsmchat.lifecycle import LIFECYCLES
@@ -21,6 +22,7 @@ from fsmchat.loop import FD_SETSIZE
 from fsmchat.redis_link import RedisAddress
 from fsmchat.server import (
     DEFAULT_CHANNEL,
+    DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_QUEUE_BYTES,
     DEFAULT_REDIS_OUTBOX,
     MAX_CLIENTS_CEILING,
@@ -87,6 +89,30 @@ def _clients(text: str) -> int:
     return value
 
 
+def _network(text: str) -> Network:
+    try:
+        return parse_network(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid network {text!r}: expected an address or CIDR such as 10.0.0.0/8, "
+            "192.0.2.7 or 2001:db8::/32") from None
+
+
+def _rate(text: str) -> int:
+    number, unit = text.strip(), ""
+    if number[-1:].lower() in _UNITS:
+        number, unit = number[:-1], number[-1].lower()
+    try:
+        value = int(number, 10) * _UNITS[unit]
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid rate {text!r}: expected bytes per second, a whole number of 1 or more, "
+            "with K, M or G if you like")
+    return value
+
+
 def _redis_url(text: str) -> RedisAddress:
     try:
         return RedisAddress.parse(text)
@@ -138,6 +164,43 @@ def build_parser() -> argparse.ArgumentParser:
                         help="set SO_REUSEPORT on the listener, so several instances (joined "
                              "with --redis) can listen on one port; the kernel spreads new "
                              "connections over them")
+    parser.add_argument("--idle-timeout", type=_seconds, default=0.0, metavar="SECONDS",
+                        help="close a client that sends nothing for this long (reason "
+                             "idle_timeout); 0 never does (default: 0)")
+    parser.add_argument("--max-recv-rate", type=_rate, default=0, metavar="BYTES_PER_S",
+                        help="most bytes per second one client may send; over it, the server "
+                             "stops reading it until it has credit again, so TCP slows it "
+                             "down: nothing is dropped. Takes K, M, G (default: no limit)")
+    access = parser.add_argument_group(
+        "access control",
+        "A client that is not allowed is accepted and closed at once (connection.rejected, "
+        "reason denied). Deny wins over allow.")
+    access.add_argument("--allow", type=_network, action="append", default=[], metavar="CIDR",
+                        help="let in only clients from these networks (repeatable; IPv4 or "
+                             "IPv6; default: everyone)")
+    access.add_argument("--deny", type=_network, action="append", default=[], metavar="CIDR",
+                        help="keep out clients from these networks (repeatable), even when "
+                             "--allow lets them in")
+    secure = parser.add_argument_group(
+        "TLS",
+        "With --tls-cert and --tls-key, clients speak TLS: on --port, or on --tls-port beside "
+        "the plain --port. One chat either way.")
+    secure.add_argument("--tls-cert", default=None, metavar="FILE",
+                        help="the server's certificate (PEM, with any intermediates)")
+    secure.add_argument("--tls-key", default=None, metavar="FILE",
+                        help="its private key (PEM)")
+    secure.add_argument("--tls-port", type=_port, default=None, metavar="PORT",
+                        help="serve TLS on this port, beside plain TCP on --port "
+                             "(default: --port itself speaks TLS)")
+    secure.add_argument("--no-plain", action="store_true",
+                        help="with --tls-port: no plain TCP listener at all")
+    secure.add_argument("--tls-client-ca", default=None, metavar="FILE",
+                        help="require a client certificate signed by this CA (mutual TLS): "
+                             "only people given one get in")
+    secure.add_argument("--handshake-timeout", type=_seconds,
+                        default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="SECONDS",
+                        help="close a TLS client whose handshake takes longer "
+                             "(reason handshake_timeout; default: %(default)s)")
     several = parser.add_argument_group(
         "several instances, one chat",
         "Instances given the same --redis and --channel form one chat: what a client of one "
@@ -167,12 +230,28 @@ def main(argv: list[str] | None = None) -> int:
         for value, option in ((ns.channel, "--channel"), (ns.redis_outbox, "--redis-outbox")):
             if value is not None:
                 parser.error(f"{option} needs --redis")
+    if bool(ns.tls_cert) != bool(ns.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if not ns.tls_cert:
+        for value, option in ((ns.tls_port, "--tls-port"), (ns.no_plain, "--no-plain"),
+                              (ns.tls_client_ca, "--tls-client-ca")):
+            if value:
+                parser.error(f"{option} needs --tls-cert and --tls-key")
+    if ns.no_plain and ns.tls_port is None:
+        parser.error("--no-plain needs --tls-port (without it, --port speaks TLS only anyway)")
+    if ns.tls_port is not None and ns.tls_port == ns.port and ns.port != 0:
+        parser.error("--tls-port must differ from --port")
     options = Options(host=ns.host, port=ns.port, log_level=ns.log_level,
                       log_format=ns.log_format, drain_timeout=ns.drain_timeout,
                       max_clients=ns.max_clients, max_queue_bytes=ns.max_queue_bytes,
                       reuse_port=ns.reuse_port, redis=ns.redis,
                       channel=ns.channel or DEFAULT_CHANNEL,
-                      redis_outbox=ns.redis_outbox or DEFAULT_REDIS_OUTBOX)
+                      redis_outbox=ns.redis_outbox or DEFAULT_REDIS_OUTBOX,
+                      allow=tuple(ns.allow), deny=tuple(ns.deny),
+                      idle_timeout=ns.idle_timeout, handshake_timeout=ns.handshake_timeout,
+                      max_recv_rate=ns.max_recv_rate, tls_cert=ns.tls_cert,
+                      tls_key=ns.tls_key, tls_client_ca=ns.tls_client_ca,
+                      tls_port=ns.tls_port, plain=not ns.no_plain)
     return run(options)
 
 

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 import time
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat import lifecycle
 from fsmchat.lifecycle import State, Trigger
-from fsmchat.loop import EventLoop
+from fsmchat.loop import EventLoop, Timer
 from fsmchat.machine import TableModel
 from fsmchat.outqueue import OutQueue
 
@@ -41,6 +42,9 @@ class Hub(Protocol):
     high_water: int  # queued bytes past which a recipient holds senders back
     low_water: int  # queued bytes under which it lets them go again
     max_queue_bytes: int  # queued bytes past which a recipient is closed
+    max_recv_rate: int  # bytes per second a client may send (0: no limit)
+    idle_timeout: float  # seconds a client may stay silent (0: forever)
+    handshake_timeout: float  # seconds a TLS handshake may take
 
     def broadcast(self, sender: Connection, data: bytes) -> None: ...
 
@@ -69,6 +73,11 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         self.opened = time.monotonic()
         self.reason = ""  # why it closes: set when a drain begins, replaced by a forced close
         self.crowded = False  # over the high-water mark, and not yet back under the low one
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.heard = self.opened  # when it last sent something (for --idle-timeout)
+        self.tokens = float(hub.max_recv_rate)  # its token bucket (for --max-recv-rate)
+        self.timer: Timer | None = None  # the handshake's timeout, then the idle check
+        self.credit_timer: Timer | None = None  # set while `limited`
         self.machine.add_model(self)
 
     def __repr__(self) -> str:
@@ -117,13 +126,104 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
     # -- actions, named by lifecycle.TRANSITIONS ---------------------------------------------
 
     def join(self) -> None:
-        self.hub.readers[self.fd] = self
-        self.hub.loop.want_read(self.fd, True)
+        hub = self.hub
+        if self.timer is not None:  # the handshake's timeout
+            self.timer.cancel()
+            self.timer = None
+        hub.readers[self.fd] = self
+        hub.loop.want_read(self.fd, True)
+        if hub.idle_timeout:
+            self.heard = time.monotonic()
+            self.timer = hub.loop.call_later(hub.idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """The idle timer: close if nothing came since, else wait for the rest of the time.
+
+        One timer per connection, moved only when it fires: a message costs a clock reading,
+        not a heap operation."""
+        self.timer = None
+        if self.state not in lifecycle.IN_CHAT:
+            return
+        silent = time.monotonic() - self.heard
+        if silent >= self.hub.idle_timeout:
+            self.hub.log.warning("connection.idle", fd=self.fd, peer=self.peer,
+                                 seconds=round(silent, 3))
+            self._close_safely("idle_timeout")
+            return
+        self.timer = self.hub.loop.call_later(self.hub.idle_timeout - silent, self._check_idle)
+
+    def begin_handshake(self) -> None:
+        self.timer = self.hub.loop.call_later(self.hub.handshake_timeout, self._handshake_late)
+        self.shake()
+
+    def shake(self) -> None:
+        assert isinstance(self.sock, ssl.SSLSocket)
+        loop = self.hub.loop
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            loop.want_read(self.fd, True)
+            loop.want_write(self.fd, False)
+            return
+        except ssl.SSLWantWriteError:
+            loop.want_read(self.fd, False)
+            loop.want_write(self.fd, True)
+            return
+        except ssl.SSLError as exc:
+            self._tls_failed(exc)
+            return
+        except OSError as exc:
+            self._failed("handshake", exc)
+            return
+        loop.want_write(self.fd, False)
+        cipher = self.sock.cipher()
+        self.hub.log.info("connection.secured", fd=self.fd, peer=self.peer,
+                          version=self.sock.version(), cipher=cipher[0] if cipher else None,
+                          subject=_subject(self.sock.getpeercert()))
+        self.fire(Trigger.ESTABLISHED)
+
+    def _handshake_late(self) -> None:
+        self.timer = None
+        if self.state == State.HANDSHAKING:
+            self.hub.log.warning("connection.tls_error", fd=self.fd, peer=self.peer,
+                                 error=f"no handshake within {self.hub.handshake_timeout:g} s")
+            self._close_safely("handshake_timeout")
+
+    def _tls_failed(self, exc: ssl.SSLError) -> None:
+        self.hub.log.warning("connection.tls_error", fd=self.fd, peer=self.peer,
+                             error=exc.reason or str(exc))
+        self.close_because("tls_error")
+
+    def _close_safely(self, reason: str) -> None:
+        """A close decided by a timer: a bug closes this client only, never the loop."""
+        try:
+            self.close_because(reason)
+        except Exception as exc:  # noqa: BLE001
+            self.hub.bug(self, Trigger.FAIL, exc)
+
+    def wait_for_credit(self) -> None:
+        rate = self.hub.max_recv_rate
+        self.hub.loop.want_read(self.fd, False)
+        wait = -self.tokens / rate
+        self.hub.log.debug("connection.limited", fd=self.fd, credit_in=round(wait, 3))
+        self.credit_timer = self.hub.loop.call_later(wait, self._credited)
+
+    def _credited(self) -> None:
+        self.credit_timer = None
+        if self.state == State.LIMITED:
+            try:
+                self.fire(Trigger.CREDIT)
+            except Exception as exc:  # noqa: BLE001
+                self.hub.bug(self, Trigger.CREDIT, exc)
 
     def receive(self) -> None:
+        sock = self.sock
         try:
-            data = self.sock.recv(RECV_SIZE)
-        except BlockingIOError:
+            data = sock.recv(RECV_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except ssl.SSLError as exc:
+            self._tls_failed(exc)
             return
         except OSError as exc:
             self._failed("recv", exc)
@@ -132,15 +232,33 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
             self.reason = "peer_closed"
             self.fire(Trigger.HANGUP)
             return
+        if self.tls:  # what TLS decrypted already is invisible to select: take it now
+            tls = cast(ssl.SSLSocket, sock)
+            while tls.pending():
+                data += tls.recv(tls.pending())
         self.bytes_in += len(data)
         self.hub.log.debug("data.received", fd=self.fd, bytes=len(data))
-        self.hub.broadcast(self, data)
+        hub = self.hub
+        if hub.idle_timeout or hub.max_recv_rate:
+            self._heard(len(data))
+        hub.broadcast(self, data)
+
+    def _heard(self, size: int) -> None:
+        """Mark it active, and charge its token bucket; over its rate, it waits for credit."""
+        now = time.monotonic()
+        rate = self.hub.max_recv_rate
+        if rate:
+            tokens = min(float(rate), self.tokens + (now - self.heard) * rate) - size
+            self.tokens = tokens
+            if tokens < 0 and self.state == State.READING:
+                self.fire(Trigger.OVERRUN)
+        self.heard = now
 
     def flush(self) -> None:
         queue = self.queue
         try:
-            sent = queue.send_to(self.sock)
-        except BlockingIOError:
+            sent = queue.send_to(self.sock, gather=not self.tls)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return
         except OSError as exc:
             self._failed("send", exc)
@@ -159,10 +277,11 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         self.hub.loop.want_read(self.fd, False)
 
     def resume_reading(self) -> None:
-        del self.hub.paused[self.fd]
+        self.hub.paused.pop(self.fd, None)
         self.hub.loop.want_read(self.fd, True)
 
     def leave(self) -> None:
+        self._cancel_timers()
         self.reason = self.reason or "server_shutdown"
         self.hub.readers.pop(self.fd, None)
         self.hub.paused.pop(self.fd, None)
@@ -171,6 +290,7 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
             self.fire(Trigger.DRAINED)
 
     def detach(self) -> None:
+        self._cancel_timers()
         self.hub.readers.pop(self.fd, None)
         self.hub.paused.pop(self.fd, None)
         self.hub.loop.unregister(self.fd)
@@ -187,12 +307,29 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
                           bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                           seconds=round(time.monotonic() - self.opened, 3))
 
+    def _cancel_timers(self) -> None:
+        for timer in (self.timer, self.credit_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.credit_timer = None
+
     def _failed(self, op: str, exc: OSError) -> None:
         code = exc.errno or 0
         name = errno.errorcode.get(code, str(code))
         self.hub.log.warning("connection.error", fd=self.fd, peer=self.peer, op=op,
                              error=f"{name}: {exc.strerror}")
         self.close_because(_REASONS.get(code, name.lower()))
+
+
+def _subject(cert: dict[str, Any] | None) -> str | None:
+    """A client certificate's subject as ``CN=alice,O=Example``; None without a certificate."""
+    if not cert or not isinstance(cert.get("subject"), tuple):
+        return None
+    subject: tuple[tuple[tuple[str, str], ...], ...] = cert["subject"]
+    names = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+             "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST",
+             "emailAddress": "emailAddress"}
+    return ",".join(f"{names.get(key, key)}={value}" for rdn in subject for key, value in rdn)
 
 
 MACHINE = Connection.machine

@@ -21,20 +21,26 @@ from typing import Any
 
 class State(StrEnum):
     ACCEPTED = "accepted"  # socket taken from the listener, not yet in the loop's read set
+    HANDSHAKING = "handshaking"  # TLS: the handshake runs; not in the chat yet
     READING = "reading"  # in the chat: reads messages, receives everyone else's
     PAUSED = "paused"  # in the chat, but not read from until congested recipients catch up
+    LIMITED = "limited"  # in the chat, but not read from until its receive rate allows again
     DRAINING = "draining"  # reads nothing, takes no new messages, delivers what is queued
     CLOSING = "closing"  # out of the loop; its socket is closed at the end of this loop step
     CLOSED = "closed"  # socket closed, model released
 
 
 class Trigger(StrEnum):
-    START = "start"  # the socket is non-blocking and registered with the loop
+    START = "start"  # the socket is non-blocking and registered with the loop (plain TCP)
+    SECURE = "secure"  # the same, for a socket accepted on a TLS listener
+    ESTABLISHED = "established"  # the TLS handshake completed
     READABLE = "readable"  # select reported the socket readable
     WRITABLE = "writable"  # select reported the socket writable (asked only while output is queued)
     HANGUP = "hangup"  # the peer closed its sending side (recv returned EOF)
     THROTTLE = "throttle"  # its message left a recipient's queue over the high-water mark
     RESUME = "resume"  # no recipient holds senders back any more
+    OVERRUN = "overrun"  # what it sent took it past its receive rate (--max-recv-rate)
+    CREDIT = "credit"  # its rate allows reading again
     SHUTDOWN = "shutdown"  # the server is stopping
     DRAINED = "drained"  # the outgoing queue became empty while draining
     FAIL = "fail"  # a socket error, or a close forced by the server
@@ -42,8 +48,8 @@ class Trigger(StrEnum):
 
 
 INITIAL = State.ACCEPTED
-IN_CHAT = (State.READING, State.PAUSED)  # take new messages
-LIVE = (State.ACCEPTED, *IN_CHAT, State.DRAINING)
+IN_CHAT = (State.READING, State.PAUSED, State.LIMITED)  # take new messages
+LIVE = (State.ACCEPTED, State.HANDSHAKING, *IN_CHAT, State.DRAINING)
 
 
 class InvalidTrigger(Exception):
@@ -67,14 +73,26 @@ class Transition:
 TRANSITIONS: tuple[Transition, ...] = (
     Transition(Trigger.START, (State.ACCEPTED,), State.READING, "join",
                "join the chat: read from the client, queue others' messages to it"),
+    Transition(Trigger.SECURE, (State.ACCEPTED,), State.HANDSHAKING, "begin_handshake",
+               "TLS: start the handshake and its timeout"),
+    Transition(Trigger.READABLE, (State.HANDSHAKING,), None, "shake",
+               "one more handshake step; it says whether to wait to read or to write"),
+    Transition(Trigger.WRITABLE, (State.HANDSHAKING,), None, "shake",
+               "the same, when the handshake waited to write"),
+    Transition(Trigger.ESTABLISHED, (State.HANDSHAKING,), State.READING, "join",
+               "the handshake completed: join the chat"),
     Transition(Trigger.READABLE, (State.READING,), None, "receive",
-               "recv once; broadcast what came, or hang up on EOF"),
+               "recv once (and what TLS already decrypted); broadcast it, or hang up on EOF"),
     Transition(Trigger.WRITABLE, (*IN_CHAT, State.DRAINING), None, "flush",
                "send as much of the queue as the socket takes"),
     Transition(Trigger.THROTTLE, (State.READING,), State.PAUSED, "pause_reading",
                "flow control: stop reading from it, so TCP slows the sender down"),
     Transition(Trigger.RESUME, (State.PAUSED,), State.READING, "resume_reading",
                "every congested recipient caught up (or stalled): read again"),
+    Transition(Trigger.OVERRUN, (State.READING,), State.LIMITED, "wait_for_credit",
+               "rate limit: stop reading from it until its token bucket refills"),
+    Transition(Trigger.CREDIT, (State.LIMITED,), State.READING, "resume_reading",
+               "the bucket refilled: read again"),
     Transition(Trigger.HANGUP, (State.READING,), State.DRAINING, "leave",
                "the peer sent EOF: stop reading, deliver what is queued"),
     Transition(Trigger.SHUTDOWN, IN_CHAT, State.DRAINING, "leave",

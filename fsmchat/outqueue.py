@@ -19,6 +19,9 @@ Buffer = bytes | memoryview
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 """sendmsg refuses more buffers than this in one call."""
 
+JOIN_MAX = 256 * 1024
+"""Bytes joined for one send where there is no sendmsg (TLS): a few TLS records' worth."""
+
 
 class OutQueue(deque[Buffer]):
     """A deque of buffers that also counts its bytes; ``len`` and truth stay C-level calls."""
@@ -39,13 +42,30 @@ class OutQueue(deque[Buffer]):
             return list(self)
         return list(islice(self, IOV_MAX))
 
-    def send_to(self, sock: socket.socket) -> int:
+    def send_to(self, sock: socket.socket, *, gather: bool = True) -> int:
         """One ``send`` (one buffer, the usual case at chat rates, is cheaper than ``sendmsg``) or
         ``sendmsg`` of the head of the queue; returns the bytes taken. Raises ``OSError``,
-        ``BlockingIOError`` included."""
-        sent = sock.send(self[0]) if len(self) == 1 else sock.sendmsg(self.chunk())
+        ``BlockingIOError`` included. Without ``gather`` (TLS sockets have no ``sendmsg``), the
+        head buffers are joined into one ``send`` of at most ``JOIN_MAX`` bytes."""
+        if len(self) == 1:
+            sent = sock.send(self[0])
+        elif gather:
+            sent = sock.sendmsg(self.chunk())
+        else:
+            sent = sock.send(self.joined())
         self.consume(sent)
         return sent
+
+    def joined(self) -> bytes:
+        """The head buffers as one, up to ``JOIN_MAX`` bytes (or the first buffer, if larger)."""
+        parts: list[Buffer] = []
+        size = 0
+        for buffer in self:
+            if parts and size + len(buffer) > JOIN_MAX:
+                break
+            parts.append(buffer)
+            size += len(buffer)
+        return b"".join(parts)
 
     def consume(self, sent: int) -> None:
         """Drop ``sent`` bytes from the front: whole buffers, then a cut into the next one."""

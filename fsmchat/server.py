@@ -36,13 +36,16 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from structlog.typing import FilteringBoundLogger
 
+from fsmchat.access import Access, Network
 from fsmchat.bus import RedisBus
 from fsmchat.connection import Connection
 from fsmchat.events import EventSink, make_logger
@@ -50,6 +53,7 @@ from fsmchat.lifecycle import InvalidTrigger, State, Trigger
 from fsmchat.loop import FD_SETSIZE, EventLoop, Timer
 from fsmchat.redis_link import RedisAddress
 from fsmchat.signals import SignalWatch
+from fsmchat.tls import TLSSetupError, server_context
 
 RESERVED_FDS = 16
 """Descriptors kept out of --max-clients: stdio, the listener, the signal socket, a newcomer
@@ -70,6 +74,12 @@ ACCEPT_RETRY = 0.25
 
 DEFAULT_CHANNEL = "fsmchat"
 
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+KEEPALIVE_IDLE = 300
+"""Seconds of silence before TCP probes a client (then every 30 s, 4 times): a peer that
+vanished without a FIN or RST is found without any chat traffic."""
+
 DEFAULT_REDIS_OUTBOX = 8 * 1024 * 1024
 
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -88,6 +98,16 @@ class Options:
     redis: RedisAddress | None = None  # None: standalone
     channel: str = DEFAULT_CHANNEL
     redis_outbox: int = DEFAULT_REDIS_OUTBOX
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+    idle_timeout: float = 0.0  # 0: never
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_recv_rate: int = 0  # bytes per second per client; 0: no limit
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tls_port: int | None = None  # None: with --tls-cert, the --port listener speaks TLS
+    plain: bool = True  # with tls_port: also serve plain TCP on port
 
 
 def default_max_clients() -> int:
@@ -109,11 +129,18 @@ class Reader:
         raise AssertionError("a read-only descriptor was reported writable")
 
 
+Listener = tuple[socket.socket, ssl.SSLContext | None]
+"""A listening socket, and the TLS context its clients are served with (None: plain TCP)."""
+
+
 class ChatServer:
-    def __init__(self, listener: socket.socket, loop: EventLoop, log: FilteringBoundLogger,
+    def __init__(self, listeners: list[Listener], loop: EventLoop, log: FilteringBoundLogger,
                  *, drain_timeout: float = 5.0, max_clients: int = MAX_CLIENTS_CEILING,
-                 max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES) -> None:
-        self.listener = listener
+                 max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES, access: Access | None = None,
+                 idle_timeout: float = 0.0,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_recv_rate: int = 0) -> None:
+        self.listeners = listeners
         self.loop = loop
         self.log = log
         self.drain_timeout = drain_timeout
@@ -121,6 +148,10 @@ class ChatServer:
         self.max_queue_bytes = max_queue_bytes
         self.high_water = max_queue_bytes // 2
         self.low_water = max_queue_bytes // 4
+        self.access = access or Access()
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_recv_rate = max_recv_rate
         self.connections: dict[int, Connection] = {}  # every connection not yet closed, by fd
         self.readers: dict[int, Connection] = {}  # in the chat (reading, paused): take messages
         self.paused: dict[int, Connection] = {}  # senders held back by flow control
@@ -135,7 +166,8 @@ class ChatServer:
         self.bytes_in = 0  # of connections already closed; live ones add theirs at the end
         self.bytes_out = 0
         self.bus: RedisBus | None = None  # set by run() with --redis
-        loop.register(listener.fileno(), Reader(self._accept))
+        for listener, tls in listeners:
+            loop.register(listener.fileno(), Reader(partial(self._accept, listener, tls)))
 
     # -- the Hub a connection sees ----------------------------------------------------------
 
@@ -253,10 +285,10 @@ class ChatServer:
 
     # -- accepting ----------------------------------------------------------------------------
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket, tls: ssl.SSLContext | None) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, address = self.listener.accept()
+                sock, address = listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -267,28 +299,40 @@ class ChatServer:
             if self._accept_failures:
                 self.log.info("accept.resumed", failures=self._accept_failures)
                 self._accept_failures = 0
-            self.admit(sock, format_peer(address))
+            self.admit(sock, format_peer(address), tls,
+                       address[0] if isinstance(address, tuple) else "")
 
-    def admit(self, sock: socket.socket, peer: str) -> None:
-        """Take an accepted socket into the chat, or turn it away when there is no room."""
+    def admit(self, sock: socket.socket, peer: str, tls: ssl.SSLContext | None = None,
+              host: str = "") -> None:
+        """Take an accepted socket into the chat, or turn it away: not allowed, or no room."""
         fd = sock.fileno()
-        if len(self.connections) >= self.max_clients or fd >= FD_SETSIZE:
-            reason = "fd_limit" if fd >= FD_SETSIZE else "server_full"
+        reason = ""
+        if not self.access.open and not self.access.permits(host):
+            reason = "denied"
+        elif fd >= FD_SETSIZE:
+            reason = "fd_limit"
+        elif len(self.connections) >= self.max_clients:
+            reason = "server_full"
+        if reason:
             self.log.warning("connection.rejected", peer=peer, reason=reason)
             sock.close()
             return
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(sock)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         conn = Connection(sock, peer, self)
         self.connections[fd] = conn
         self.accepted += 1
         self.loop.register(fd, conn, read=False)
-        self.log.info("connection.accepted", fd=fd, peer=peer)
-        self.fire(conn, Trigger.START)
+        self.log.info("connection.accepted", fd=fd, peer=peer, tls=tls is not None)
+        self.fire(conn, Trigger.START if tls is None else Trigger.SECURE)
 
     def _pause_accepting(self, exc: OSError) -> None:
-        self.loop.want_read(self.listener.fileno(), False)
+        for listener, _ in self.listeners:
+            self.loop.want_read(listener.fileno(), False)
         self._accept_timer = self.loop.call_later(ACCEPT_RETRY, self._resume_accepting)
         if not self._accept_failures:
             self.log.warning("accept.failed", error=f"{errno.errorcode.get(exc.errno or 0)}: "
@@ -300,17 +344,22 @@ class ChatServer:
             self._accept_timer.cancel()
             self._accept_timer = None
         if not self.stopping:
-            self.loop.want_read(self.listener.fileno(), True)
+            for listener, _ in self.listeners:
+                self.loop.want_read(listener.fileno(), True)
 
     # -- shutdown -----------------------------------------------------------------------------
 
     def _begin_shutdown(self, signum: signal.Signals) -> None:
         self.stopping = True
         self.log.info("server.stopping", signal=signum.name, connections=len(self.connections))
-        self.loop.unregister(self.listener.fileno())
-        self.listener.close()
+        for listener, _ in self.listeners:
+            self.loop.unregister(listener.fileno())
+            listener.close()
         if self._accept_timer is not None:
             self._accept_timer.cancel()
+        for conn in list(self.connections.values()):
+            if conn.state == State.HANDSHAKING:  # not in the chat: nothing to deliver to it
+                self.fire(conn, Trigger.FAIL)
         for conn in list(self.readers.values()):
             self.fire(conn, Trigger.SHUTDOWN)
         if self.bus is not None:
@@ -340,6 +389,14 @@ class ChatServer:
         if self.bus is not None:
             totals.update(self.bus.totals())
         return totals
+
+
+def _keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; elsewhere the system's defaults apply
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
 
 
 def format_peer(address: object) -> str:
@@ -389,16 +446,20 @@ def run(options: Options) -> int:
     sink = EventSink(sys.stdout.buffer)
     log = make_logger(sink, options.log_level, options.log_format)
     try:
-        listener = open_listener(options.host, options.port, reuse_port=options.reuse_port)
-    except ListenError as exc:
+        listeners = open_listeners(options)
+    except (ListenError, TLSSetupError) as exc:
         log.error("server.failed", host=options.host, port=options.port, error=str(exc))
         sink.flush()
         print(f"fsmchat: {exc}", file=sys.stderr)
-        return 2 if exc.usage else 1
+        return 2 if isinstance(exc, TLSSetupError) or exc.usage else 1
     loop = EventLoop()
     max_clients = options.max_clients or default_max_clients()
-    server = ChatServer(listener, loop, log, drain_timeout=options.drain_timeout,
-                        max_clients=max_clients, max_queue_bytes=options.max_queue_bytes)
+    server = ChatServer(listeners, loop, log, drain_timeout=options.drain_timeout,
+                        max_clients=max_clients, max_queue_bytes=options.max_queue_bytes,
+                        access=Access(options.allow, options.deny),
+                        idle_timeout=options.idle_timeout,
+                        handshake_timeout=options.handshake_timeout,
+                        max_recv_rate=options.max_recv_rate)
     signals = SignalWatch((signal.SIGINT, signal.SIGTERM))
     loop.register(signals.fileno(), Reader(lambda: server.on_signals(signals.take())))
 
@@ -407,7 +468,11 @@ def run(options: Options) -> int:
         sink.flush()
 
     loop.before_sleep = end_of_step
-    host, port = listener.getsockname()[:2]
+    first, tls = listeners[0]
+    host, port = first.getsockname()[:2]
+    where: dict[str, object] = {"tls": tls is not None}
+    if len(listeners) == 2:
+        where = {"tls": False, "tls_port": listeners[1][0].getsockname()[1]}
     redis: dict[str, str] = {}
     if options.redis is not None:
         server.bus = RedisBus(options.redis, options.channel, loop, log,
@@ -415,7 +480,7 @@ def run(options: Options) -> int:
         redis = {"instance": server.bus.origin.decode(), "redis": options.redis.url(),
                  "channel": options.channel}
     log.info("server.started", host=host, port=port, pid=os.getpid(), max_clients=max_clients,
-             max_queue_bytes=options.max_queue_bytes, **redis)
+             max_queue_bytes=options.max_queue_bytes, **where, **redis)
     if server.bus is not None:
         server.bus.start()
     try:
@@ -425,3 +490,26 @@ def run(options: Options) -> int:
     log.info("server.stopped", **server.totals())
     sink.flush()
     return 0
+
+
+def open_listeners(options: Options) -> list[Listener]:
+    """The plain listener first (unless TLS replaces it), then the TLS one, if any."""
+    tls = None
+    if options.tls_cert and options.tls_key:
+        tls = server_context(options.tls_cert, options.tls_key, options.tls_client_ca)
+    listeners: list[Listener] = []
+    try:
+        if tls is None or options.tls_port is None:
+            listeners.append((open_listener(options.host, options.port,
+                                            reuse_port=options.reuse_port), tls))
+        elif options.plain:
+            listeners.append((open_listener(options.host, options.port,
+                                            reuse_port=options.reuse_port), None))
+        if tls is not None and options.tls_port is not None:
+            listeners.append((open_listener(options.host, options.tls_port,
+                                            reuse_port=options.reuse_port), tls))
+    except ListenError:
+        for sock, _ in listeners:
+            sock.close()
+        raise
+    return listeners

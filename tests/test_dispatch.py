@@ -30,7 +30,8 @@ from fsmchat.server import ChatServer
 def hub() -> ChatServer:
     """A real server around the connection; its listener is never accepted from."""
     listener = socket.create_server(("127.0.0.1", 0))
-    return ChatServer(listener, EventLoop(), make_logger(EventSink(io.BytesIO()), "debug", "json"))
+    return ChatServer([(listener, None)], EventLoop(),
+                      make_logger(EventSink(io.BytesIO()), "debug", "json"))
 
 
 class Recording(Connection):

@@ -27,6 +27,7 @@ def emitted() -> set[tuple[str, str]]:
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Attribute)
                 and node.func.attr in LEVELS
+                and not (isinstance(node.func.value, ast.Name) and node.func.value.id == "parser")
                 and node.args
                 and isinstance(node.args[0], ast.Constant)
                 and isinstance(node.args[0].value, str)

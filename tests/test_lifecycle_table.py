@@ -59,19 +59,25 @@ def table_pairs(transitions: Iterable[Transition]) -> list[tuple[str, str]]:
 def test_states_and_triggers_have_the_documented_values() -> None:
     assert {s.name: s.value for s in State} == {
         "ACCEPTED": "accepted",
+        "HANDSHAKING": "handshaking",
         "READING": "reading",
         "PAUSED": "paused",
+        "LIMITED": "limited",
         "DRAINING": "draining",
         "CLOSING": "closing",
         "CLOSED": "closed",
     }
     assert {t.name: t.value for t in Trigger} == {
         "START": "start",
+        "SECURE": "secure",
+        "ESTABLISHED": "established",
         "READABLE": "readable",
         "WRITABLE": "writable",
         "HANGUP": "hangup",
         "THROTTLE": "throttle",
         "RESUME": "resume",
+        "OVERRUN": "overrun",
+        "CREDIT": "credit",
         "SHUTDOWN": "shutdown",
         "DRAINED": "drained",
         "FAIL": "fail",

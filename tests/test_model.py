@@ -88,7 +88,7 @@ class Chat(RuleBasedStateMachine):
         self.sink = EventSink(self.output)
         self.loop = EventLoop()
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.server = ChatServer(self.listener, self.loop,
+        self.server = ChatServer([(self.listener, None)], self.loop,
                                  make_logger(self.sink, "debug", "json"),
                                  max_queue_bytes=LIMIT, drain_timeout=1.0)
         self.sockets: list[ScriptedSocket] = []
