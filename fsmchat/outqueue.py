@@ -19,8 +19,9 @@ Buffer = bytes | memoryview
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 """sendmsg refuses more buffers than this in one call."""
 
-JOIN_MAX = 256 * 1024
-"""Bytes joined for one send where there is no sendmsg (TLS): a few TLS records' worth."""
+JOIN_MAX = 64 * 1024
+"""Bytes joined for one send where there is no sendmsg (TLS): four TLS records, and little to
+join again when the socket takes only part of it."""
 
 
 class OutQueue(deque[Buffer]):

@@ -16,6 +16,8 @@ class TLSSetupError(Exception):
 def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A renegotiation could make a write wait to read; the lifecycle never needs to.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(cert, key)
     except FileNotFoundError as exc:

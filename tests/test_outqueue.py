@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fsmchat.outqueue import IOV_MAX, OutQueue
+from fsmchat.outqueue import IOV_MAX, JOIN_MAX, OutQueue
 
 
 def queued_bytes(queue: OutQueue) -> bytes:
@@ -60,3 +60,19 @@ def test_clear_forgets_everything() -> None:
     queue.push(b"abc")
     queue.clear()
     assert not queue and queue.nbytes == 0
+
+
+def test_joined_takes_whole_head_buffers_up_to_the_join_limit() -> None:
+    queue = OutQueue()
+    for size in (10, JOIN_MAX - 20, 30, 5):
+        queue.push(b"x" * size)
+    assert queue.joined() == b"x" * (JOIN_MAX - 10)
+    queue.consume(JOIN_MAX - 10)
+    assert queue.joined() == b"x" * 35
+
+
+def test_a_buffer_larger_than_the_join_limit_is_taken_alone() -> None:
+    queue = OutQueue()
+    queue.push(b"a" * (JOIN_MAX + 1))
+    queue.push(b"b")
+    assert queue.joined() == b"a" * (JOIN_MAX + 1)
