@@ -18,12 +18,15 @@ def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSL
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # A renegotiation could make a write wait to read; the lifecycle never needs to.
     context.options |= ssl.OP_NO_RENEGOTIATION
+    for path, option in ((cert, "--tls-cert"), (key, "--tls-key"), (client_ca, "--tls-client-ca")):
+        if path is not None:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise TLSSetupError(f"cannot read {option} {path}: {exc.strerror}") from None
     try:
         context.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise TLSSetupError(f"cannot read {exc.filename}: no such file") from None
-    except PermissionError as exc:
-        raise TLSSetupError(f"cannot read {exc.filename}: permission denied") from None
     except ssl.SSLError as exc:
         raise TLSSetupError(f"--tls-cert {cert} and --tls-key {key} do not make a usable "
                             f"certificate and key ({exc.reason or exc})") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 from conftest import HOST, StartServer, run_cli
@@ -24,6 +25,17 @@ OPTIONS = ("--port", "--host", "--log-level", "--log-format", "--drain-timeout")
         (["--log-format", "xml"], "--log-format"),
         (["--drain-timeout", "-1"], "--drain-timeout"),
         (["--drain-timeout", "soon"], "--drain-timeout"),
+        (["--allow", "10.0.0.0/33"], "--allow"),
+        (["--deny", "localhost"], "--deny"),
+        (["--idle-timeout", "-3"], "--idle-timeout"),
+        (["--max-recv-rate", "0"], "--max-recv-rate"),
+        (["--max-recv-rate", "fast"], "--max-recv-rate"),
+        (["--tls-cert", "c.pem"], "--tls-cert"),
+        (["--tls-port", "8443"], "--tls-port"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca"),
+        (["--no-plain"], "--no-plain"),
+        (["--tls-cert", "c.pem", "--tls-key", "k.pem", "--no-plain"], "--no-plain"),
+        (["--handshake-timeout", "x"], "--handshake-timeout"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -98,3 +110,16 @@ def test_default_host_listens_on_all_interfaces(start_server: StartServer) -> No
     with socket.create_connection((HOST, port), timeout=5):
         server.wait_event("connection.accepted")
     assert server.events("server.started")[0]["host"] in ("0.0.0.0", "", "::")
+
+
+@pytest.mark.parametrize("which", ["missing", "not a certificate"])
+def test_an_unusable_certificate_exits_2_with_one_line(tmp_path: Path, which: str) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    if which == "not a certificate":
+        cert.write_text("hello\n")
+        key.write_text("hello\n")
+    result = run_cli("--host", HOST, "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and str(cert if which == "missing" else key).split("/")[-1] in lines[0]
+    assert "Traceback" not in result.stderr
