@@ -76,6 +76,7 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.heard = self.opened  # when it last sent something (for --idle-timeout)
         self.tokens = float(hub.max_recv_rate)  # its token bucket (for --max-recv-rate)
+        self.counted = self.opened  # when the bucket was last brought up to date
         self.timer: Timer | None = None  # the handshake's timeout, then the idle check
         self.credit_timer: Timer | None = None  # set while `limited`
         self.machine.add_model(self)
@@ -144,6 +145,8 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         self.timer = None
         if self.state not in lifecycle.IN_CHAT:
             return
+        if self.state != State.READING:  # the server holds it back: it is not silent
+            self.heard = time.monotonic()
         silent = time.monotonic() - self.heard
         if silent >= self.hub.idle_timeout:
             self.hub.log.warning("connection.idle", fd=self.fd, peer=self.peer,
@@ -248,8 +251,9 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         now = time.monotonic()
         rate = self.hub.max_recv_rate
         if rate:
-            tokens = min(float(rate), self.tokens + (now - self.heard) * rate) - size
+            tokens = min(float(rate), self.tokens + (now - self.counted) * rate) - size
             self.tokens = tokens
+            self.counted = now
             if tokens < 0 and self.state == State.READING:
                 self.fire(Trigger.OVERRUN)
         self.heard = now
