@@ -62,15 +62,22 @@ def _seconds(text: str) -> float:
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
-def _bytes(text: str) -> int:
+def _with_unit(text: str) -> int | None:
+    """``512``, ``64K``, ``4M``, ``1G`` (binary units) as a number; None when it is not one."""
     number, unit = text.strip(), ""
     if number[-1:].lower() in _UNITS:
         number, unit = number[:-1], number[-1].lower()
     try:
-        value = int(number, 10) * _UNITS[unit]
+        return int(number, 10) * _UNITS[unit]
     except ValueError:
+        return None
+
+
+def _bytes(text: str) -> int:
+    value = _with_unit(text)
+    if value is None:
         raise argparse.ArgumentTypeError(
-            f"invalid size {text!r}: expected bytes as a whole number, or with K, M or G") from None
+            f"invalid size {text!r}: expected bytes as a whole number, or with K, M or G")
     if value < RECV_SIZE:
         raise argparse.ArgumentTypeError(
             f"invalid size {text!r}: must be at least {RECV_SIZE} (64K), the largest message")
@@ -99,14 +106,8 @@ def _network(text: str) -> Network:
 
 
 def _rate(text: str) -> int:
-    number, unit = text.strip(), ""
-    if number[-1:].lower() in _UNITS:
-        number, unit = number[:-1], number[-1].lower()
-    try:
-        value = int(number, 10) * _UNITS[unit]
-    except ValueError:
-        value = 0
-    if value < 1:
+    value = _with_unit(text)
+    if value is None or value < 1:
         raise argparse.ArgumentTypeError(
             f"invalid rate {text!r}: expected bytes per second, a whole number of 1 or more, "
             "with K, M or G if you like")

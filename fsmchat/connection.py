@@ -172,9 +172,6 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
             loop.want_read(self.fd, False)
             loop.want_write(self.fd, True)
             return
-        except ssl.SSLError as exc:
-            self._tls_failed(exc)
-            return
         except OSError as exc:
             self._failed("handshake", exc)
             return
@@ -224,9 +221,6 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         try:
             data = sock.recv(RECV_SIZE)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return
-        except ssl.SSLError as exc:
-            self._tls_failed(exc)
             return
         except OSError as exc:
             self._failed("recv", exc)
@@ -318,6 +312,9 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         self.timer = self.credit_timer = None
 
     def _failed(self, op: str, exc: OSError) -> None:
+        if isinstance(exc, ssl.SSLError):  # a TLS protocol error, not a socket error
+            self._tls_failed(exc)
+            return
         code = exc.errno or 0
         name = errno.errorcode.get(code, str(code))
         self.hub.log.warning("connection.error", fd=self.fd, peer=self.peer, op=op,
