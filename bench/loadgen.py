@@ -46,6 +46,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -846,7 +847,10 @@ class ConnectResult:
 class LoadGen:
     """Worker processes, each with a share of the clients, driven over pipes."""
 
-    def __init__(self, procs: int = 1, lifetime: float = 3600.0) -> None:
+    def __init__(self, procs: int = 1, lifetime: float = 3600.0, *,
+                 target: Callable[..., None] = worker_main, extra: tuple[Any, ...] = (),
+                 name: str = "loadgen") -> None:
+        """``target(control, wid, lifetime, *extra)`` runs in each worker process."""
         ctx = mp.get_context("fork")
         self.workers: list[tuple[mp.process.BaseProcess, Connection]] = []
         self.clients = 0
@@ -857,8 +861,8 @@ class LoadGen:
         self.probe_seq = 0
         for wid in range(max(1, procs)):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(child, wid, lifetime), daemon=True,
-                               name=f"loadgen-{wid}")
+            proc = ctx.Process(target=target, args=(child, wid, lifetime, *extra), daemon=True,
+                               name=f"{name}-{wid}")
             proc.start()
             child.close()
             self.workers.append((proc, parent))

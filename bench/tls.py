@@ -49,7 +49,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import selectors
 import signal
@@ -253,22 +252,8 @@ class Generator(LoadGen):
     """loadgen's ``LoadGen`` with ``CountingWorker`` processes: plain (``ca`` None) or TLS."""
 
     def __init__(self, ca: str | None, procs: int = 1, lifetime: float = 3600.0) -> None:
-        # LoadGen.__init__ with another worker target (it names loadgen's worker_main)
-        ctx = mp.get_context("fork")
-        self.workers = []
-        self.clients = 0
-        self.host = HOST
-        self.port = 0
-        self.size = 64
-        self.step = 0
-        self.probe_seq = 0
-        for wid in range(max(1, procs)):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=counting_worker_main, args=(child, wid, lifetime, ca),
-                               daemon=True, name=f"tls-bench-gen-{wid}")
-            proc.start()
-            child.close()
-            self.workers.append((proc, parent))
+        super().__init__(procs, lifetime, target=counting_worker_main, extra=(ca,),
+                         name="tls-bench-gen")
 
     def counts(self) -> list[dict[str, Any]]:
         """Every worker's counters now (the ``stats`` command does not reset them)."""
