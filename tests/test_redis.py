@@ -231,6 +231,7 @@ def test_one_senders_messages_arrive_in_order_once_on_every_instance(
 
     # The events agree: A published every message it read, with consecutive sequence numbers, and
     # each other instance received exactly those, in that order, with no gap reported.
+    a.wait_received_from(sender, len(expected))  # A's log may trail what the receivers got
     reads = len(a.connection_events(sender, "data.received"))
     published = wait_event_count(a, "redis.published", reads)
     seqs = [int(e["seq"]) for e in published]
