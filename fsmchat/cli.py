@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from fsmchat import __version__, diagrams
 from fsmchat.access import Network, parse_network
+from fsmchat.chat import DEFAULT_MAX_LINE, MAX_LINE_RANGE
 from fsmchat.connection import RECV_SIZE
 from fsmchat.events import FORMATS, LEVELS
 from fsmchat.lifecycle import LIFECYCLES
@@ -23,9 +24,12 @@ from fsmchat.redis_link import RedisAddress
 from fsmchat.server import (
     DEFAULT_CHANNEL,
     DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HISTORY_BYTES,
     DEFAULT_MAX_QUEUE_BYTES,
     DEFAULT_REDIS_OUTBOX,
+    DEFAULT_STATS_INTERVAL,
     MAX_CLIENTS_CEILING,
+    MODES,
     RESERVED_FDS,
     Options,
     run,
@@ -81,6 +85,40 @@ def _bytes(text: str) -> int:
     if value < RECV_SIZE:
         raise argparse.ArgumentTypeError(
             f"invalid size {text!r}: must be at least {RECV_SIZE} (64K), the largest message")
+    return value
+
+
+def _line_size(text: str) -> int:
+    value = _with_unit(text)
+    low, high = MAX_LINE_RANGE
+    if value is None or not low <= value <= high:
+        raise argparse.ArgumentTypeError(
+            f"invalid line size {text!r}: expected bytes from {low} to {high} (64K), "
+            "with K if you like")
+    return value
+
+
+HISTORY_MAX = 1_000_000
+
+
+def _history(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= HISTORY_MAX:
+        raise argparse.ArgumentTypeError(
+            f"invalid number of messages {text!r}: expected a whole number from 0 to "
+            f"{HISTORY_MAX:,}")
+    return value
+
+
+def _some_bytes(text: str) -> int:
+    value = _with_unit(text)
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: expected bytes, a whole number of 1 or more, with K, M "
+            "or G if you like")
     return value
 
 
@@ -217,6 +255,34 @@ def build_parser() -> argparse.ArgumentParser:
                          help="most bytes of messages waiting to be published while Redis is "
                               "down or slow; past it the oldest is dropped (and counted). "
                               "Takes K, M, G (default: 8M)")
+    chat = parser.add_argument_group(
+        "chat mode and history",
+        "raw (the default) relays bytes as they come; chat makes the relay a chat for nc and "
+        "telnet users: lines, names, /nick, /who, /me, /quit, join and leave notices, and "
+        "control characters made harmless.")
+    chat.add_argument("--mode", choices=MODES, default="raw",
+                      help="raw: every byte a client sends reaches every other client as it "
+                           "is; chat: lines, each shown as '<name> text' (default: raw)")
+    chat.add_argument("--max-line", type=_line_size, default=None, metavar="BYTES",
+                      help="chat mode: longest line; a longer one is cut into lines of this "
+                           "size, with a chat.line_cut warning. Takes K (default: 4K)")
+    chat.add_argument("--history", type=_history, default=0, metavar="N",
+                      help="give a newcomer the last N messages (raw: what one recv returned; "
+                           "chat: lines everyone saw) before anything live; 0: none "
+                           "(default: 0)")
+    chat.add_argument("--history-bytes", type=_some_bytes, default=None, metavar="BYTES",
+                      help="most bytes of history kept; the oldest go first. At most half of "
+                           "--max-queue-bytes. Takes K, M, G (default: 1M)")
+    numbers = parser.add_argument_group("numbers for operators")
+    numbers.add_argument("--stats-interval", type=_seconds, default=DEFAULT_STATS_INTERVAL,
+                         metavar="SECONDS",
+                         help="log a server.stats event this often: connections by state, "
+                              "messages and bytes, queues, closes by reason, loop figures; "
+                              "0: never (default: %(default)g)")
+    numbers.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
+                         help="serve Prometheus metrics at http://HOST:PORT/metrics, from the "
+                              "same select loop (same --host; 0 picks a free port, reported "
+                              "in server.started; default: off)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -227,6 +293,26 @@ def main(argv: list[str] | None = None) -> int:
         return diagrams_main(args[1:])
     parser = build_parser()
     ns = parser.parse_args(args)
+    _check_combinations(parser, ns)
+    options = Options(host=ns.host, port=ns.port, log_level=ns.log_level,
+                      log_format=ns.log_format, drain_timeout=ns.drain_timeout,
+                      max_clients=ns.max_clients, max_queue_bytes=ns.max_queue_bytes,
+                      reuse_port=ns.reuse_port, redis=ns.redis,
+                      channel=ns.channel or DEFAULT_CHANNEL,
+                      redis_outbox=ns.redis_outbox or DEFAULT_REDIS_OUTBOX,
+                      allow=tuple(ns.allow), deny=tuple(ns.deny),
+                      idle_timeout=ns.idle_timeout, handshake_timeout=ns.handshake_timeout,
+                      max_recv_rate=ns.max_recv_rate, tls_cert=ns.tls_cert,
+                      tls_key=ns.tls_key, tls_client_ca=ns.tls_client_ca,
+                      tls_port=ns.tls_port, plain=not ns.no_plain, mode=ns.mode,
+                      max_line=ns.max_line or DEFAULT_MAX_LINE, history=ns.history,
+                      history_bytes=ns.history_bytes or DEFAULT_HISTORY_BYTES,
+                      stats_interval=ns.stats_interval, metrics_port=ns.metrics_port)
+    return run(options)
+
+
+def _check_combinations(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    """Options that make no sense together: one line naming them, status 2."""
     if ns.redis is None:
         for value, option in ((ns.channel, "--channel"), (ns.redis_outbox, "--redis-outbox")):
             if value is not None:
@@ -242,18 +328,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--no-plain needs --tls-port (without it, --port speaks TLS only anyway)")
     if ns.tls_port is not None and ns.tls_port == ns.port and ns.port != 0:
         parser.error("--tls-port must differ from --port")
-    options = Options(host=ns.host, port=ns.port, log_level=ns.log_level,
-                      log_format=ns.log_format, drain_timeout=ns.drain_timeout,
-                      max_clients=ns.max_clients, max_queue_bytes=ns.max_queue_bytes,
-                      reuse_port=ns.reuse_port, redis=ns.redis,
-                      channel=ns.channel or DEFAULT_CHANNEL,
-                      redis_outbox=ns.redis_outbox or DEFAULT_REDIS_OUTBOX,
-                      allow=tuple(ns.allow), deny=tuple(ns.deny),
-                      idle_timeout=ns.idle_timeout, handshake_timeout=ns.handshake_timeout,
-                      max_recv_rate=ns.max_recv_rate, tls_cert=ns.tls_cert,
-                      tls_key=ns.tls_key, tls_client_ca=ns.tls_client_ca,
-                      tls_port=ns.tls_port, plain=not ns.no_plain)
-    return run(options)
+    if ns.metrics_port and ns.metrics_port in (ns.port, ns.tls_port):
+        parser.error("--metrics-port must differ from --port and --tls-port")
+    _check_chat(parser, ns)
+
+
+def _check_chat(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    if ns.max_line is not None and ns.mode != "chat":
+        parser.error("--max-line needs --mode chat")
+    if ns.history_bytes is not None and not ns.history:
+        parser.error("--history-bytes needs --history")
+    history_bytes = ns.history_bytes or DEFAULT_HISTORY_BYTES
+    if ns.history and history_bytes > ns.max_queue_bytes // 2:
+        parser.error(f"--history-bytes ({history_bytes}) must be at most half of "
+                     f"--max-queue-bytes ({ns.max_queue_bytes // 2}), or a newcomer would "
+                     "start congested")
 
 
 def build_diagrams_parser() -> argparse.ArgumentParser:

@@ -46,7 +46,11 @@ class Hub(Protocol):
     idle_timeout: float  # seconds a client may stay silent (0: forever)
     handshake_timeout: float  # seconds a TLS handshake may take
 
-    def broadcast(self, sender: Connection, data: bytes) -> None: ...
+    def received(self, sender: Connection, data: bytes) -> None: ...
+
+    def joined(self, conn: Connection) -> None: ...
+
+    def departed(self, conn: Connection) -> None: ...
 
     def overflowed(self, conn: Connection) -> None: ...
 
@@ -136,6 +140,7 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         if hub.idle_timeout:
             self.heard = time.monotonic()
             self.timer = hub.loop.call_later(hub.idle_timeout, self._check_idle)
+        hub.joined(self)
 
     def _check_idle(self) -> None:
         """The idle timer: close if nothing came since, else wait for the rest of the time.
@@ -238,7 +243,7 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         hub = self.hub
         if hub.idle_timeout or hub.max_recv_rate:
             self._heard(len(data))
-        hub.broadcast(self, data)
+        hub.received(self, data)
 
     def _heard(self, size: int) -> None:
         """Mark it active, and charge its token bucket; over its rate, it waits for credit."""
@@ -281,7 +286,8 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
     def leave(self) -> None:
         self._cancel_timers()
         self.reason = self.reason or "server_shutdown"
-        self.hub.readers.pop(self.fd, None)
+        if self.hub.readers.pop(self.fd, None) is not None:
+            self.hub.departed(self)
         self.hub.paused.pop(self.fd, None)
         self.hub.loop.want_read(self.fd, False)
         if not self.queue:
@@ -289,7 +295,8 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
 
     def detach(self) -> None:
         self._cancel_timers()
-        self.hub.readers.pop(self.fd, None)
+        if self.hub.readers.pop(self.fd, None) is not None:
+            self.hub.departed(self)
         self.hub.paused.pop(self.fd, None)
         self.hub.loop.unregister(self.fd)
         self.queue.clear()

@@ -1,4 +1,4 @@
-"""Every lifecycle the server runs, as data: client connections and Redis links.
+"""Every lifecycle the server runs, as data: client connections, Redis links, metrics requests.
 
 Everything that decides *which state a connection (or link) is in* lives in one table of rows
 ``trigger: sources -> dest / action`` per kind of socket. The server builds a ``transitions``
@@ -37,6 +37,7 @@ class Trigger(StrEnum):
     READABLE = "readable"  # select reported the socket readable
     WRITABLE = "writable"  # select reported the socket writable (asked only while output is queued)
     HANGUP = "hangup"  # the peer closed its sending side (recv returned EOF)
+    QUIT = "quit"  # chat mode: the client asked to leave (/quit)
     THROTTLE = "throttle"  # its message left a recipient's queue over the high-water mark
     RESUME = "resume"  # no recipient holds senders back any more
     OVERRUN = "overrun"  # what it sent took it past its receive rate (--max-recv-rate)
@@ -95,6 +96,8 @@ TRANSITIONS: tuple[Transition, ...] = (
                "the bucket refilled: read again"),
     Transition(Trigger.HANGUP, (State.READING,), State.DRAINING, "leave",
                "the peer sent EOF: stop reading, deliver what is queued"),
+    Transition(Trigger.QUIT, IN_CHAT, State.DRAINING, "leave",
+               "chat mode: the client typed /quit; deliver what is queued (its goodbye too)"),
     Transition(Trigger.SHUTDOWN, IN_CHAT, State.DRAINING, "leave",
                "the server is stopping: stop reading, deliver what is queued"),
     Transition(Trigger.DRAINED, (State.DRAINING,), State.CLOSING, "detach",
@@ -223,5 +226,38 @@ LINK_TRANSITIONS: tuple[Transition, ...] = (
 REDIS_LINK = Lifecycle("redis_link", tuple(LinkState), LinkState.IDLE, LinkState.CLOSED,
                        LINK_TRANSITIONS)
 
-LIFECYCLES = (CONNECTION, REDIS_LINK)
+class HttpState(StrEnum):
+    RECEIVING = "receiving"  # reads a request (h11 parses it); waits for the next one on keep-alive
+    RESPONDING = "responding"  # the response is queued: writes it, reads nothing
+    CLOSED = "closed"  # socket closed, connection forgotten
+
+
+class HttpTrigger(StrEnum):
+    READABLE = "readable"  # select reported the socket readable
+    WRITABLE = "writable"  # select reported the socket writable (asked only while output is queued)
+    REQUEST = "request"  # a whole request arrived, or a bad one did (answered 400)
+    SENT = "sent"  # the whole response was written and the connection may be reused
+    DONE = "done"  # the whole response was written and the connection must close
+    FAIL = "fail"  # EOF, a socket error or the idle timeout
+
+
+HTTP_TRANSITIONS: tuple[Transition, ...] = (
+    Transition(HttpTrigger.READABLE, (HttpState.RECEIVING,), None, "receive",
+               "recv once and feed h11; a whole request fires request"),
+    Transition(HttpTrigger.REQUEST, (HttpState.RECEIVING,), HttpState.RESPONDING, "respond",
+               "route it (GET /metrics, else 404/405/400) and queue the response"),
+    Transition(HttpTrigger.WRITABLE, (HttpState.RESPONDING,), None, "flush",
+               "send as much of the response as the socket takes"),
+    Transition(HttpTrigger.SENT, (HttpState.RESPONDING,), HttpState.RECEIVING, "next_request",
+               "keep-alive: wait for the next request"),
+    Transition(HttpTrigger.DONE, (HttpState.RESPONDING,), HttpState.CLOSED, "close",
+               "the response said Connection: close (or the request was bad): close"),
+    Transition(HttpTrigger.FAIL, (HttpState.RECEIVING, HttpState.RESPONDING), HttpState.CLOSED,
+               "close", "EOF, a socket error or the idle timeout: close"),
+)
+
+METRICS_HTTP = Lifecycle("metrics_http", tuple(HttpState), HttpState.RECEIVING, HttpState.CLOSED,
+                         HTTP_TRANSITIONS)
+
+LIFECYCLES = (CONNECTION, REDIS_LINK, METRICS_HTTP)
 """Every machine the server runs; the diagram generator draws each one."""

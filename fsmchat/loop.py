@@ -61,6 +61,7 @@ class EventLoop:
         self._running = False
         self.before_sleep: Callable[[], None] = lambda: None  # end of every turn, before select
         self.turns = 0  # loop iterations so far
+        self.select_seconds = 0.0  # time spent waiting in select so far
 
     def register(self, fd: int, handler: Handler, *, read: bool = True) -> None:
         self._handlers[fd] = handler
@@ -109,7 +110,11 @@ class EventLoop:
             self.before_sleep()
             if not self._running:
                 break
-            readable, writable, _ = select.select(reads, writes, (), self._timeout())
+            timeout = self._timeout()
+            entered = time.monotonic()
+            readable, writable, _ = select.select(reads, writes, (), timeout)
+            now = time.monotonic()
+            self.select_seconds += now - entered
             self.turns += 1
             for fd in readable:
                 if fd in reads:
@@ -118,7 +123,7 @@ class EventLoop:
                 if fd in writes:
                     handlers[fd].on_writable()
             if self._timers:
-                self.run_timers(time.monotonic())
+                self.run_timers(now if not (readable or writable) else time.monotonic())
 
     def _timeout(self) -> float | None:
         timers = self._timers

@@ -39,6 +39,7 @@ import socket
 import ssl
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -47,12 +48,17 @@ from structlog.typing import FilteringBoundLogger
 
 from fsmchat.access import Access, Network
 from fsmchat.bus import RedisBus
+from fsmchat.chat import DEFAULT_MAX_LINE, Chat
 from fsmchat.connection import Connection
 from fsmchat.events import EventSink, make_logger
-from fsmchat.lifecycle import InvalidTrigger, State, Trigger
+from fsmchat.history import History
+from fsmchat.lifecycle import IN_CHAT, InvalidTrigger, State, Trigger
 from fsmchat.loop import FD_SETSIZE, EventLoop, Timer
+from fsmchat.metrics import CONTENT_TYPE, Exposition
+from fsmchat.metrics_http import MetricsEndpoint
 from fsmchat.redis_link import RedisAddress
 from fsmchat.signals import SignalWatch
+from fsmchat.stats import Snapshot, StatsReporter, snapshot
 from fsmchat.tls import TLSSetupError, server_context
 
 RESERVED_FDS = 16
@@ -82,6 +88,12 @@ vanished without a FIN or RST is found without any chat traffic."""
 
 DEFAULT_REDIS_OUTBOX = 8 * 1024 * 1024
 
+DEFAULT_HISTORY_BYTES = 1024 * 1024
+
+DEFAULT_STATS_INTERVAL = 60.0
+
+MODES = ("raw", "chat")
+
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -108,6 +120,12 @@ class Options:
     tls_client_ca: str | None = None
     tls_port: int | None = None  # None: with --tls-cert, the --port listener speaks TLS
     plain: bool = True  # with tls_port: also serve plain TCP on port
+    mode: str = "raw"  # "raw": the byte relay; "chat": lines, names and commands
+    max_line: int = DEFAULT_MAX_LINE  # chat mode: longest line, in bytes
+    history: int = 0  # messages kept for late joiners; 0: none
+    history_bytes: int = DEFAULT_HISTORY_BYTES
+    stats_interval: float = DEFAULT_STATS_INTERVAL  # seconds between server.stats; 0: never
+    metrics_port: int | None = None  # None: no metrics listener
 
 
 def default_max_clients() -> int:
@@ -139,7 +157,8 @@ class ChatServer:
                  max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES, access: Access | None = None,
                  idle_timeout: float = 0.0,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 max_recv_rate: int = 0) -> None:
+                 max_recv_rate: int = 0, mode: str = "raw", max_line: int = DEFAULT_MAX_LINE,
+                 history: int = 0, history_bytes: int = DEFAULT_HISTORY_BYTES) -> None:
         self.listeners = listeners
         self.loop = loop
         self.log = log
@@ -162,36 +181,100 @@ class ChatServer:
         self._accept_failures = 0  # failed accepts in the current episode
         self.stopping = False
         self.started = time.monotonic()
+        self.start_time = time.time()
         self.accepted = 0
+        self.messages_in = 0  # read from local clients: recvs (raw) or lines (chat)
+        self.messages_out = 0  # queued to local clients, one per recipient
         self.bytes_in = 0  # of connections already closed; live ones add theirs at the end
         self.bytes_out = 0
+        self.closed: Counter[str] = Counter()  # reason -> connections closed
+        self.rejected: Counter[str] = Counter()  # reason -> connections turned away
+        self.history = History(history, history_bytes) if history else None
+        self.chat = Chat(self, max_line) if mode == "chat" else None
+        self.received: Callable[[Connection, bytes], None] = (
+            self.chat.received if self.chat is not None else self._relay_bytes)
+        """What a connection's recv is handed to: the chat's framing, or straight to everyone."""
         self.bus: RedisBus | None = None  # set by run() with --redis
+        self.metrics: MetricsEndpoint | None = None  # set by run() with --metrics-port
+        self.metrics_listener: socket.socket | None = None
         for listener, tls in listeners:
-            loop.register(listener.fileno(), Reader(partial(self._accept, listener, tls)))
+            self._listen(listener, partial(self._take_client, tls))
 
     # -- the Hub a connection sees ----------------------------------------------------------
 
-    def broadcast(self, sender: Connection, data: bytes) -> None:
-        for conn in self.readers.values():
-            if conn is not sender:
-                conn.enqueue(data)
+    def _relay_bytes(self, sender: Connection, data: bytes) -> None:
+        """Raw mode: what one recv returned is one message, for everyone else."""
+        self.messages_in += 1
+        self.announce(data, sender)
+        self.hold_back(sender)
+
+    def announce(self, data: bytes, exclude: Connection | None = None) -> None:
+        """A message for every client in the chat but ``exclude``, and every other instance."""
+        self._fan_out(data, exclude)
         if self.bus is not None:
             self.bus.publish(data)
-        if self._overflowed:
-            self._close_overflowed()
+
+    def hold_back(self, sender: Connection) -> None:
+        """Flow control: pause the sender while someone else's queue is over the high-water
+        mark (a recipient does not hold back its own sending)."""
         if self._holding and sender.state == State.READING and (
                 len(self._holding) > 1 or sender.fd not in self._holding):
             self.fire(sender, Trigger.THROTTLE)
 
-    def relay(self, data: bytes) -> bool:
+    def relay(self, payload: bytes) -> bool:
         """A message from another instance, for every local client in the chat.
 
         Returns whether a recipient now holds senders back: the subscriber then pauses."""
-        for conn in self.readers.values():
-            conn.enqueue(data)
+        self._fan_out(self.chat.relayed(payload) if self.chat is not None else payload, None)
+        return bool(self._holding)
+
+    def _fan_out(self, data: bytes, exclude: Connection | None) -> None:
+        """The same bytes object to every local queue but ``exclude``'s, and into history."""
+        readers = self.readers
+        for conn in readers.values():
+            if conn is not exclude:
+                conn.enqueue(data)
+        count = len(readers) - len(self._overflowed)
+        if exclude is not None and readers.get(exclude.fd) is exclude:
+            count -= 1
+        self.messages_out += count
+        if self.history is not None:
+            self.history.add(data)
         if self._overflowed:
             self._close_overflowed()
-        return bool(self._holding)
+
+    def tell(self, conn: Connection, data: bytes) -> None:
+        """A message for one client only (chat mode's replies)."""
+        conn.enqueue(data)
+        if self._overflowed:
+            self._close_overflowed()
+        else:
+            self.messages_out += 1
+
+    def joined(self, conn: Connection) -> None:
+        """A client entered the chat: (chat mode: its welcome,) the history, then live."""
+        if self.chat is not None:
+            self.chat.joined(conn)
+        if self.history:
+            for data in self.history:
+                conn.enqueue(data)
+            self.messages_out += len(self.history)
+            if self._overflowed:
+                self._close_overflowed()
+        if self.chat is not None and conn.state in IN_CHAT:
+            self.chat.announce_join(conn)
+
+    def departed(self, conn: Connection) -> None:
+        """A client left the chat, for whatever reason."""
+        if self.chat is not None:
+            self.chat.left(conn)
+
+    def quit(self, conn: Connection) -> None:
+        conn.reason = "quit"
+        self.fire(conn, Trigger.QUIT)
+
+    def in_chat(self, conn: Connection) -> bool:
+        return conn.state in IN_CHAT
 
     def overflowed(self, conn: Connection) -> None:
         self._overflowed.append(conn)
@@ -215,6 +298,7 @@ class ChatServer:
 
     def forget(self, conn: Connection) -> None:
         del self.connections[conn.fd]
+        self.closed[conn.reason] += 1
         self.bytes_in += conn.bytes_in
         self.bytes_out += conn.bytes_out
         if self._accept_timer is not None:
@@ -252,12 +336,14 @@ class ChatServer:
             conn.close_because("internal_error")
         except Exception:  # noqa: BLE001 - the table itself is broken: take it out by hand
             self.loop.unregister(conn.fd)
-            self.readers.pop(conn.fd, None)
+            if self.readers.pop(conn.fd, None) is not None:
+                self.departed(conn)
             self.paused.pop(conn.fd, None)
             if conn.crowded:
                 self.relieved(conn)
             conn.sock.close()
-            self.connections.pop(conn.fd, None)
+            if self.connections.pop(conn.fd, None) is not None:
+                self.closed["internal_error"] += 1
 
     def _close_overflowed(self) -> None:
         overflowed, self._overflowed = self._overflowed, []
@@ -285,7 +371,22 @@ class ChatServer:
 
     # -- accepting ----------------------------------------------------------------------------
 
-    def _accept(self, listener: socket.socket, tls: ssl.SSLContext | None) -> None:
+    def _listen(self, listener: socket.socket,
+                take: Callable[[socket.socket, object], None]) -> None:
+        self.loop.register(listener.fileno(), Reader(partial(self._accept, listener, take)))
+
+    def serve_metrics(self, listener: socket.socket, endpoint: MetricsEndpoint) -> None:
+        """Answer scrapers on ``listener``, in this loop."""
+        self.metrics, self.metrics_listener = endpoint, listener
+        self._listen(listener, lambda sock, address: endpoint.admit(sock, format_peer(address)))
+
+    def _take_client(self, tls: ssl.SSLContext | None, sock: socket.socket,
+                     address: object) -> None:
+        self.admit(sock, format_peer(address), tls,
+                   address[0] if isinstance(address, tuple) else "")
+
+    def _accept(self, listener: socket.socket,
+                take: Callable[[socket.socket, object], None]) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, address = listener.accept()
@@ -299,8 +400,7 @@ class ChatServer:
             if self._accept_failures:
                 self.log.info("accept.resumed", failures=self._accept_failures)
                 self._accept_failures = 0
-            self.admit(sock, format_peer(address), tls,
-                       address[0] if isinstance(address, tuple) else "")
+            take(sock, address)
 
     def admit(self, sock: socket.socket, peer: str, tls: ssl.SSLContext | None = None,
               host: str = "") -> None:
@@ -314,6 +414,7 @@ class ChatServer:
         elif len(self.connections) >= self.max_clients:
             reason = "server_full"
         if reason:
+            self.rejected[reason] += 1
             self.log.warning("connection.rejected", peer=peer, reason=reason)
             sock.close()
             return
@@ -355,6 +456,10 @@ class ChatServer:
         for listener, _ in self.listeners:
             self.loop.unregister(listener.fileno())
             listener.close()
+        if self.metrics is not None and self.metrics_listener is not None:
+            self.loop.unregister(self.metrics_listener.fileno())
+            self.metrics_listener.close()
+            self.metrics.close_all()
         if self._accept_timer is not None:
             self._accept_timer.cancel()
         for conn in list(self.connections.values()):
@@ -377,6 +482,9 @@ class ChatServer:
                 conn.close_because(reason)
             except Exception as exc:  # noqa: BLE001
                 self.bug(conn, Trigger.FAIL, exc)
+
+    def snapshot(self) -> Snapshot:
+        return snapshot(self)
 
     def totals(self) -> dict[str, float]:
         live = self.connections.values()
@@ -447,6 +555,7 @@ def run(options: Options) -> int:
     log = make_logger(sink, options.log_level, options.log_format)
     try:
         listeners = open_listeners(options)
+        metrics_listener = open_metrics_listener(options, listeners)
     except (ListenError, TLSSetupError) as exc:
         log.error("server.failed", host=options.host, port=options.port, error=str(exc))
         sink.flush()
@@ -459,7 +568,16 @@ def run(options: Options) -> int:
                         access=Access(options.allow, options.deny),
                         idle_timeout=options.idle_timeout,
                         handshake_timeout=options.handshake_timeout,
-                        max_recv_rate=options.max_recv_rate)
+                        max_recv_rate=options.max_recv_rate, mode=options.mode,
+                        max_line=options.max_line, history=options.history,
+                        history_bytes=options.history_bytes)
+    extra: dict[str, object] = {"mode": options.mode}
+    if metrics_listener is not None:
+        server.serve_metrics(metrics_listener, MetricsEndpoint(
+            loop, log, Exposition(server.snapshot).render, CONTENT_TYPE))
+        extra["metrics_port"] = metrics_listener.getsockname()[1]
+    if options.history:
+        extra.update(history=options.history, history_bytes=options.history_bytes)
     signals = SignalWatch((signal.SIGINT, signal.SIGTERM))
     loop.register(signals.fileno(), Reader(lambda: server.on_signals(signals.take())))
 
@@ -480,9 +598,11 @@ def run(options: Options) -> int:
         redis = {"instance": server.bus.origin.decode(), "redis": options.redis.url(),
                  "channel": options.channel}
     log.info("server.started", host=host, port=port, pid=os.getpid(), max_clients=max_clients,
-             max_queue_bytes=options.max_queue_bytes, **where, **redis)
+             max_queue_bytes=options.max_queue_bytes, **where, **redis, **extra)
     if server.bus is not None:
         server.bus.start()
+    if options.stats_interval:
+        StatsReporter(server, options.stats_interval).start()
     try:
         loop.run()
     finally:
@@ -490,6 +610,18 @@ def run(options: Options) -> int:
     log.info("server.stopped", **server.totals())
     sink.flush()
     return 0
+
+
+def open_metrics_listener(options: Options, listeners: list[Listener]) -> socket.socket | None:
+    """The --metrics-port listener, if asked for; a failure closes ``listeners`` too."""
+    if options.metrics_port is None:
+        return None
+    try:
+        return open_listener(options.host, options.metrics_port)
+    except ListenError:
+        for sock, _ in listeners:
+            sock.close()
+        raise
 
 
 def open_listeners(options: Options) -> list[Listener]:

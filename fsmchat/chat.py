@@ -1,0 +1,201 @@
+"""Chat mode: lines with names, a few commands, and text that cannot harm a terminal.
+
+The mode is a layer on the raw relay, not a second server: each client keeps its connection
+machine and queue; what one ``recv`` returned goes through the client's ``LineFramer`` instead of
+straight to everyone, and each complete line becomes a message (``<name> text``), a command, or
+nothing (an empty line). What to send goes back through the ``Room`` (the server): to everyone
+else (``announce``), to one client (``tell``), or the client leaves (``quit``). No sockets here.
+
+Rules it keeps:
+- Only whole lines are forwarded, each as one bytes object, so lines from different senders
+  never interleave, whatever the TCP segmentation.
+- Everything sent ends with ``\\n``. Public lines (messages, ``/me``, joins, leaves, renames) go
+  through ``announce`` (history, the Redis bus, every other client); replies to one client
+  (welcome, ``/who``, refusals, ``bye``) through ``tell`` only.
+- Text from a client, or from the Redis channel, is sanitised before anyone sees it (``clean``).
+- Names are unique on this instance, case-insensitively; a refusal never changes anything.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from structlog.typing import FilteringBoundLogger
+
+from fsmchat.framing import LineFramer
+
+if TYPE_CHECKING:
+    from fsmchat.connection import Connection as Client
+
+DEFAULT_MAX_LINE = 4 * 1024
+MAX_LINE_RANGE = (16, 64 * 1024)
+
+NAME_MAX = 16
+_NAME = re.compile(rb"[A-Za-z0-9_-]{1,%d}" % NAME_MAX)
+
+HELP = b"commands: /nick NAME, /who, /me ACTION, /quit"
+
+# C0 controls but TAB, and DEL, in caret notation (as ``cat -v`` shows them); C1 controls, which
+# some terminals also obey (U+009B is CSI), as U+FFFD.
+_SAFE = {code: f"^{chr(code + 64)}" for code in range(0x20) if code != 0x09}
+_SAFE[0x7F] = "^?"
+_SAFE.update({code: "\ufffd" for code in range(0x80, 0xA0)})
+_UNSAFE_ASCII = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def clean(text: bytes) -> bytes:
+    """``text`` made harmless to a terminal: valid UTF-8 comes back unchanged but for control
+    characters (caret notation, or U+FFFD for C1 ones); invalid bytes become U+FFFD."""
+    if text.isascii() and _UNSAFE_ASCII.search(text) is None:
+        return text  # the usual case: nothing to do, no copy
+    return text.decode("utf-8", "replace").translate(_SAFE).encode()
+
+
+def clean_lines(payload: bytes) -> bytes:
+    """A payload of one or more lines from the Redis channel, each cleaned, ending in a newline.
+
+    Another chat instance sent clean lines already; something else on the channel may not have."""
+    lines = payload.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return b"".join(clean(line.removesuffix(b"\r")) + b"\n" for line in lines)
+
+
+class Room(Protocol):
+    """What the chat asks of the server."""
+
+    log: FilteringBoundLogger
+    messages_in: int
+
+    def announce(self, data: bytes, exclude: Client | None = None) -> None: ...
+
+    def hold_back(self, sender: Client) -> None: ...
+
+    def tell(self, client: Client, data: bytes) -> None: ...
+
+    def quit(self, client: Client) -> None: ...
+
+    def in_chat(self, client: Client) -> bool: ...
+
+
+@dataclass(slots=True)
+class Member:
+    name: bytes
+    framer: LineFramer
+
+
+class Chat:
+    """Names, commands and framing for every client in the chat."""
+
+    def __init__(self, room: Room, max_line: int = DEFAULT_MAX_LINE) -> None:
+        self.room = room
+        self.max_line = max_line
+        self.members: dict[int, Member] = {}  # fd -> member
+        self.taken: set[bytes] = set()  # names in use, lower-cased
+        self.next_number = 1  # for the next user<N>
+        self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
+
+    # -- the server's calls ----------------------------------------------------------------
+
+    def joined(self, client: Client) -> None:
+        """A client entered the chat: name it and welcome it; the server replays history next,
+        then calls ``announce_join``."""
+        name = self._new_name()
+        self.members[client.fd] = Member(name, LineFramer(self.max_line))
+        self.room.tell(client, b"* welcome, you are %s (%s)\n" % (name, HELP))
+
+    def announce_join(self, client: Client) -> None:
+        self.room.announce(b"* %s joined\n" % self.members[client.fd].name, client)
+
+    def left(self, client: Client) -> None:
+        """A client left the chat (EOF, /quit, an error, a timeout, the shutdown)."""
+        member = self.members.pop(client.fd, None)
+        if member is None:
+            return
+        rest = member.framer.flush()
+        if rest.strip():  # typed, then EOF without a newline: still said
+            self.room.messages_in += 1
+            self.room.announce(b"<%s> %s\n" % (member.name, clean(rest)), client)
+        self.lines_cut += member.framer.cuts
+        self.taken.discard(member.name.lower())
+        self.room.announce(b"* %s left\n" % member.name, client)
+
+    def received(self, client: Client, data: bytes) -> None:
+        """What one recv returned: every line it completes, in order."""
+        member = self.members[client.fd]
+        framer = member.framer
+        cuts = framer.cuts
+        lines = framer.feed(data)
+        if framer.cuts != cuts:
+            self.room.log.warning("chat.line_cut", fd=client.fd, peer=client.peer,
+                                  limit=self.max_line)
+        if not lines:
+            return
+        room = self.room
+        room.messages_in += len(lines)
+        for line in lines:
+            if line[:1] == b"/" and line[:2] != b"//":
+                self._command(client, member, line)
+                if not room.in_chat(client):  # /quit: the rest is not read
+                    return
+            elif line.strip():
+                text = line[1:] if line[:1] == b"/" else line
+                room.announce(b"<%s> %s\n" % (member.name, clean(text)), client)
+        room.hold_back(client)
+
+    def relayed(self, payload: bytes) -> bytes:
+        """A payload from another instance, as local clients will see it."""
+        return clean_lines(payload)
+
+    def cuts(self) -> int:
+        return self.lines_cut + sum(m.framer.cuts for m in self.members.values())
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def _command(self, client: Client, member: Member, line: bytes) -> None:
+        command, _, argument = line.partition(b" ")
+        argument = argument.strip()
+        if command == b"/nick":
+            self._nick(client, member, argument)
+        elif command == b"/who":
+            names = sorted((m.name for m in self.members.values()), key=bytes.lower)
+            self.room.tell(client, b"* %d here: %s\n" % (len(names), b", ".join(names)))
+        elif command == b"/me":
+            if argument:
+                self.room.announce(b"* %s %s\n" % (member.name, clean(argument)), client)
+        elif command == b"/quit":
+            self.room.tell(client, b"* bye\n")
+            self.room.quit(client)
+        else:
+            self.room.tell(client, b"* unknown command %s (%s; start a line with // to send one "
+                                   b"that begins with /)\n" % (clean(command), HELP))
+
+    def _nick(self, client: Client, member: Member, name: bytes) -> None:
+        room = self.room
+        if not name:
+            room.tell(client, b"* usage: /nick NAME\n")
+        elif _NAME.fullmatch(name) is None:
+            room.tell(client, b'* nick: "%s" is not a name: use 1 to %d letters, digits, - or _\n'
+                      % (clean(name), NAME_MAX))
+        elif name == member.name:
+            room.tell(client, b"* you are %s already\n" % name)
+        elif name.lower() in self.taken and name.lower() != member.name.lower():
+            room.tell(client, b"* nick: %s is taken\n" % name)
+        else:
+            old = member.name
+            self.taken.discard(old.lower())
+            self.taken.add(name.lower())
+            member.name = name
+            room.log.info("chat.nick", fd=client.fd, old=old.decode(), new=name.decode())
+            room.tell(client, b"* you are now %s\n" % name)
+            room.announce(b"* %s is now %s\n" % (old, name), client)
+
+    def _new_name(self) -> bytes:
+        while True:
+            name = b"user%d" % self.next_number
+            self.next_number += 1
+            if name not in self.taken:  # user<N> is lower-case already
+                self.taken.add(name)
+                return name

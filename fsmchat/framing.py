@@ -1,0 +1,78 @@
+"""Lines out of a byte stream: what chat mode reads from each client.
+
+A ``LineFramer`` is fed whatever one ``recv`` returned and hands back the lines it completed,
+without their terminator (``\\n`` or ``\\r\\n``). The unfinished rest waits inside it for the next
+feed, so how TCP cut the stream never shows. No I/O: the tests feed it bytes.
+
+Rules it keeps:
+- Memory is bounded: no line, and no unfinished rest, is ever longer than ``max_line`` bytes. A
+  longer line is cut into pieces of at most ``max_line`` bytes, each handed back as a line of its
+  own, so nothing is lost; ``cuts`` counts the lines that were cut.
+- A cut never splits a UTF-8 character when it can help it: it backs off to the character's
+  first byte (at most three bytes).
+"""
+
+from __future__ import annotations
+
+
+class LineFramer:
+    __slots__ = ("max_line", "rest", "cutting", "cuts")
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self.rest = b""  # the unfinished line so far
+        self.cutting = False  # the unfinished line was cut already (counted once)
+        self.cuts = 0  # lines longer than max_line so far
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The lines ``data`` completes, oldest first, terminators removed."""
+        if self.rest:
+            data = self.rest + data
+            self.rest = b""
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        max_line = self.max_line
+        out: list[bytes] = []
+        for whole in lines:
+            line = whole[:-1] if whole[-1:] == b"\r" else whole
+            if len(line) > max_line:
+                out.extend(self._cut(line))
+            else:
+                out.append(line)
+            self.cutting = False
+        if len(rest) > max_line:
+            pieces = self._cut(rest)
+            rest = pieces.pop()
+            out.extend(pieces)
+        self.rest = rest
+        return out
+
+    def flush(self) -> bytes:
+        """What is left of an unfinished line (at EOF); empty when there is none."""
+        rest, self.rest = self.rest, b""
+        self.cutting = False
+        return rest[:-1] if rest[-1:] == b"\r" else rest
+
+    def _cut(self, line: bytes) -> list[bytes]:
+        """``line`` in pieces of at most max_line bytes; the last may be shorter."""
+        if not self.cutting:
+            self.cutting = True
+            self.cuts += 1
+        pieces: list[bytes] = []
+        max_line = self.max_line
+        while len(line) > max_line:
+            end = _boundary(line, max_line)
+            pieces.append(line[:end])
+            line = line[end:]
+        pieces.append(line)
+        return pieces
+
+
+def _boundary(data: bytes, limit: int) -> int:
+    """The largest cut at or below ``limit`` that does not split a UTF-8 character."""
+    end = limit
+    for _ in range(3):
+        if end <= 1 or (data[end] & 0xC0) != 0x80:  # not a continuation byte: a start
+            break
+        end -= 1
+    return end if (data[end] & 0xC0) != 0x80 else limit

@@ -1,0 +1,43 @@
+"""The chat's recent past, for late joiners: the last N messages, bounded in bytes too.
+
+It holds the very bytes objects that were queued to everyone (no copy), and hands them to a
+newcomer oldest first. What counts as a message is the caller's business: in raw mode what one
+``recv`` returned, in chat mode a line everyone saw.
+
+Rules it keeps:
+- Never more than ``limit`` messages nor ``max_bytes`` bytes: the oldest go first.
+- A message larger than ``max_bytes`` on its own is not kept, and evicts nothing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+
+class History:
+    __slots__ = ("limit", "max_bytes", "messages", "nbytes")
+
+    def __init__(self, limit: int, max_bytes: int) -> None:
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self.messages: deque[bytes] = deque(maxlen=limit)
+        self.nbytes = 0
+
+    def add(self, data: bytes) -> None:
+        size = len(data)
+        if size > self.max_bytes:
+            return
+        messages = self.messages
+        if len(messages) == self.limit:
+            self.nbytes -= len(messages[0])  # the deque drops it on append
+        messages.append(data)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            self.nbytes -= len(messages.popleft())
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.messages)

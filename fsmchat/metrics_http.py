@@ -1,0 +1,204 @@
+"""``GET /metrics`` over HTTP/1.1, served by the same select loop as the chat.
+
+Each scraper's connection is a model of ``lifecycle.METRICS_HTTP`` (receiving -> responding ->
+receiving ... -> closed). Bytes read are fed to ``h11``, which parses them without doing any I/O;
+a whole request fires ``request``, whose action routes it and queues the response; the socket is
+written only when select says it is writable, like a chat client's. Keep-alive works, so a
+Prometheus server scrapes over one connection.
+
+Rules it keeps:
+- ``GET``/``HEAD /metrics`` answer 200 with the exposition; another path 404; another method on
+  it 405 (with ``Allow``); a request h11 cannot parse 400 (or h11's hint, 431 for huge headers),
+  and that connection closes. Nothing a scraper sends can reach the chat.
+- At most ``MAX_SCRAPERS`` connections at once, each closed after ``IDLE_TIMEOUT`` seconds
+  without a whole request: a stuck or hostile scraper costs a descriptor for a while, no more.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from http import HTTPStatus
+
+import h11
+from structlog.typing import FilteringBoundLogger
+
+from fsmchat.lifecycle import METRICS_HTTP, HttpState, HttpTrigger
+from fsmchat.loop import FD_SETSIZE, EventLoop, Timer
+from fsmchat.machine import TableModel
+from fsmchat.outqueue import OutQueue
+
+PATH = b"/metrics"
+MAX_SCRAPERS = 4
+"""Metrics connections open at once; more are accepted and closed at once."""
+
+IDLE_TIMEOUT = 30.0
+"""Seconds a metrics connection may wait for a whole request (a keep-alive one included)."""
+
+RECV_SIZE = 16 * 1024
+
+
+class MetricsEndpoint:
+    """The metrics listener's clients and what they are answered with."""
+
+    def __init__(self, loop: EventLoop, log: FilteringBoundLogger,
+                 render: Callable[[], bytes], content_type: str) -> None:
+        self.loop = loop
+        self.log = log
+        self.render = render
+        self.content_type = content_type
+        self.scrapers: dict[int, MetricsConnection] = {}
+
+    def admit(self, sock: socket.socket, peer: str) -> None:
+        fd = sock.fileno()
+        if len(self.scrapers) >= MAX_SCRAPERS or fd >= FD_SETSIZE:
+            self.log.warning("metrics.rejected", peer=peer, reason="busy")
+            sock.close()
+            return
+        sock.setblocking(False)
+        self.scrapers[fd] = MetricsConnection(sock, peer, self)
+
+    def close_all(self) -> None:
+        for scraper in list(self.scrapers.values()):
+            scraper.on_fail()
+
+
+class MetricsConnection(TableModel, lifecycle=METRICS_HTTP):
+    def __init__(self, sock: socket.socket, peer: str, endpoint: MetricsEndpoint) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.endpoint = endpoint
+        self.http = h11.Connection(h11.SERVER)
+        self.queue = OutQueue()
+        self.request: h11.Request | None = None
+        self.error: h11.RemoteProtocolError | None = None
+        self.timer: Timer = endpoint.loop.call_later(IDLE_TIMEOUT, self.on_fail)
+        self.machine.add_model(self)
+        endpoint.loop.register(self.fd, self)
+
+    # -- loop handler -------------------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        self._fire(HttpTrigger.READABLE)
+
+    def on_writable(self) -> None:
+        self._fire(HttpTrigger.WRITABLE)
+
+    def on_fail(self) -> None:
+        if self.state != HttpState.CLOSED:
+            self._fire(HttpTrigger.FAIL)
+
+    def _fire(self, trigger: str) -> None:
+        try:
+            self.fire(trigger)
+        except Exception as exc:  # noqa: BLE001 - a bug closes this scraper, never the loop
+            self.endpoint.log.error("lifecycle.bug", fd=self.fd, state=self.state,
+                                    trigger=trigger, exception=repr(exc), link="metrics")
+            if self.state != HttpState.CLOSED:
+                self.close()
+
+    # -- actions, named by lifecycle.HTTP_TRANSITIONS -------------------------------------------
+
+    def receive(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.fire(HttpTrigger.FAIL)
+            return
+        if not data:
+            self.fire(HttpTrigger.FAIL)
+            return
+        self.http.receive_data(data)
+        self._parse()
+
+    def _parse(self) -> None:
+        """Take h11's events: a whole request (or a bad one) fires ``request``."""
+        try:
+            while True:
+                event = self.http.next_event()
+                if event is h11.NEED_DATA or event is h11.PAUSED:
+                    if self.request is not None:  # a body still to come: answer, then close
+                        break
+                    return
+                if isinstance(event, h11.Request):
+                    self.request = event
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    self.fire(HttpTrigger.FAIL)
+                    return
+        except h11.RemoteProtocolError as exc:
+            self.error = exc
+            self.endpoint.log.warning("metrics.bad_request", peer=self.peer, error=str(exc))
+        self.fire(HttpTrigger.REQUEST)
+
+    def respond(self) -> None:
+        request, self.request = self.request, None
+        loop = self.endpoint.loop
+        headers = [("Content-Type", "text/plain; charset=utf-8")]
+        body = b""
+        if self.error is not None or request is None:
+            status = self.error.error_status_hint if self.error is not None else 400
+            headers.append(("Connection", "close"))
+            method, target = b"", b""
+        else:
+            method, target = request.method, request.target.split(b"?", 1)[0]
+            if target != PATH:
+                status = 404
+            elif method not in (b"GET", b"HEAD"):
+                status = 405
+                headers.append(("Allow", "GET, HEAD"))
+            else:
+                status = 200
+                headers = [("Content-Type", self.endpoint.content_type)]
+                body = self.endpoint.render()
+        if status != 200:
+            body = f"{status} {HTTPStatus(status).phrase}\n".encode()
+        headers.append(("Content-Length", str(len(body))))
+        self.endpoint.log.debug("metrics.request", fd=self.fd, method=method.decode(),
+                                target=target.decode("ascii", "replace"), status=status)
+        http = self.http
+        head = http.send(h11.Response(status_code=status, headers=headers,
+                                      reason=HTTPStatus(status).phrase))
+        if method == b"HEAD":
+            body = b""
+        for part in (head, http.send(h11.Data(data=body)) if body else b"",
+                     http.send(h11.EndOfMessage())):
+            if part:
+                self.queue.push(part)
+        loop.want_read(self.fd, False)
+        loop.want_write(self.fd, True)
+
+    def flush(self) -> None:
+        try:
+            self.queue.send_to(self.sock)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.fire(HttpTrigger.FAIL)
+            return
+        if self.queue:
+            return
+        self.endpoint.loop.want_write(self.fd, False)
+        http = self.http
+        if http.our_state is h11.DONE and http.their_state is h11.DONE:
+            http.start_next_cycle()
+            self.fire(HttpTrigger.SENT)
+        else:
+            self.fire(HttpTrigger.DONE)
+
+    def next_request(self) -> None:
+        self.timer.cancel()
+        self.timer = self.endpoint.loop.call_later(IDLE_TIMEOUT, self.on_fail)
+        self.endpoint.loop.want_read(self.fd, True)
+        self._parse()  # a pipelined request may be waiting in h11 already
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.endpoint.loop.unregister(self.fd)
+        self.sock.close()
+        self.machine.remove_model(self)
+        self.endpoint.scrapers.pop(self.fd, None)
