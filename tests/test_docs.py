@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fsmchat.cli import build_parser
 from fsmchat.events import CATALOGUE
+from fsmchat.metrics import CATALOGUE as METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -66,3 +67,12 @@ def test_readme_explains_every_option() -> None:
     assert "--port" in options
     for option in options:
         assert f"`{option}" in README, f"{option} missing from README"
+
+
+def test_readme_metric_table_matches_the_catalogue() -> None:
+    rows = dict(re.findall(r"^\| `(fsmchat_\w+)` \| (counter|gauge) \|", README, re.M))
+    exported = {
+        spec.name + ("_total" if spec.kind == "counter" else ""): spec.kind
+        for spec in METRICS
+    }
+    assert rows == exported

@@ -74,6 +74,7 @@ def test_states_and_triggers_have_the_documented_values() -> None:
         "READABLE": "readable",
         "WRITABLE": "writable",
         "HANGUP": "hangup",
+        "QUIT": "quit",
         "THROTTLE": "throttle",
         "RESUME": "resume",
         "OVERRUN": "overrun",
