@@ -134,15 +134,16 @@ class Chat:
         if not lines:
             return
         room = self.room
-        room.messages_in += len(lines)
-        for line in lines:
+        for count, line in enumerate(lines, 1):
             if line[:1] == b"/" and line[:2] != b"//":
                 self._command(client, member, line)
                 if not room.in_chat(client):  # /quit: the rest is not read
+                    room.messages_in += count
                     return
             elif line.strip():
                 text = line[1:] if line[:1] == b"/" else line
                 room.announce(b"<%s> %s\n" % (member.name, clean(text)), client)
+        room.messages_in += len(lines)
         room.hold_back(client)
 
     def relayed(self, payload: bytes) -> bytes:

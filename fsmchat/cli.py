@@ -101,12 +101,16 @@ def _line_size(text: str) -> int:
 HISTORY_MAX = 1_000_000
 
 
-def _history(text: str) -> int:
+def _whole(text: str) -> int | None:
     try:
-        value = int(text, 10)
+        return int(text, 10)
     except ValueError:
-        value = -1
-    if not 0 <= value <= HISTORY_MAX:
+        return None
+
+
+def _history(text: str) -> int:
+    value = _whole(text)
+    if value is None or not 0 <= value <= HISTORY_MAX:
         raise argparse.ArgumentTypeError(
             f"invalid number of messages {text!r}: expected a whole number from 0 to "
             f"{HISTORY_MAX:,}")
@@ -114,20 +118,12 @@ def _history(text: str) -> int:
 
 
 def _some_bytes(text: str) -> int:
-    value = _with_unit(text)
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(
-            f"invalid size {text!r}: expected bytes, a whole number of 1 or more, with K, M "
-            "or G if you like")
-    return value
+    return _at_least_one(text, "size", "bytes")
 
 
 def _clients(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_CLIENTS_CEILING:
+    value = _whole(text)
+    if value is None or not 1 <= value <= MAX_CLIENTS_CEILING:
         raise argparse.ArgumentTypeError(
             f"invalid number {text!r}: must be from 1 to {MAX_CLIENTS_CEILING}, the most "
             f"select() can watch with {RESERVED_FDS} descriptors kept in reserve")
@@ -144,11 +140,15 @@ def _network(text: str) -> Network:
 
 
 def _rate(text: str) -> int:
+    return _at_least_one(text, "rate", "bytes per second")
+
+
+def _at_least_one(text: str, what: str, unit: str) -> int:
     value = _with_unit(text)
     if value is None or value < 1:
         raise argparse.ArgumentTypeError(
-            f"invalid rate {text!r}: expected bytes per second, a whole number of 1 or more, "
-            "with K, M or G if you like")
+            f"invalid {what} {text!r}: expected {unit}, a whole number of 1 or more, with K, M "
+            "or G if you like")
     return value
 
 

@@ -1,0 +1,123 @@
+"""Chat mode's rules without sockets: the ``Chat`` layer fed lines, a recording room around it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import structlog
+
+from fsmchat.chat import Chat
+from fsmchat.connection import Connection
+
+
+@dataclass
+class Person:
+    fd: int
+    peer: str = "127.0.0.1:1"
+    here: bool = True
+
+
+@dataclass
+class Room:
+    """Records what the chat asks for: (to, bytes) pairs; "*" is everyone but the sender."""
+
+    said: list[tuple[str, bytes]] = field(default_factory=list)
+    messages_in: int = 0
+    held: int = 0
+    log: Any = field(default_factory=lambda: structlog.get_logger().bind())
+
+    def announce(self, data: bytes, exclude: Person | None = None) -> None:
+        self.said.append((f"* but {exclude.fd}" if exclude else "*", data))
+
+    def hold_back(self, sender: Person) -> None:
+        self.held += 1
+
+    def tell(self, client: Person, data: bytes) -> None:
+        self.said.append((str(client.fd), data))
+
+    def quit(self, client: Person) -> None:
+        client.here = False
+
+    def in_chat(self, client: Person) -> bool:
+        return client.here
+
+    def take(self) -> list[tuple[str, bytes]]:
+        said, self.said = self.said, []
+        return said
+
+
+def setup(count: int) -> tuple[Chat, Room, list[Connection]]:
+    room = Room()
+    chat = Chat(cast(Any, room), max_line=32)
+    people = [cast(Connection, Person(fd)) for fd in range(10, 10 + count)]
+    for person in people:
+        chat.joined(person)
+        chat.announce_join(person)
+    room.take()
+    return chat, room, people
+
+
+def test_names_are_unique_whatever_the_case_and_refusals_change_nothing() -> None:
+    chat, room, (a, b) = setup(2)
+    chat.received(a, b"/nick Alice\n")
+    assert room.take() == [("10", b"* you are now Alice\n"),
+                           ("* but 10", b"* user1 is now Alice\n")]
+    chat.received(b, b"/nick ALICE\n/nick no way\n/nick\n")
+    said = room.take()
+    assert [to for to, _ in said] == ["11", "11", "11"]
+    assert said[0][1] == b"* nick: ALICE is taken\n"
+    assert said[1][1].startswith(b'* nick: "no way" is not a name')
+    assert said[2][1] == b"* usage: /nick NAME\n"
+    chat.received(b, b"/who\n")
+    assert room.take() == [("11", b"* 2 here: Alice, user2\n")]
+
+
+def test_a_new_name_skips_names_taken_by_hand() -> None:
+    chat, room, (a,) = setup(1)
+    chat.received(a, b"/nick user2\n")
+    room.take()
+    newcomer = cast(Connection, Person(20))
+    chat.joined(newcomer)
+    assert room.take() == [("20", b"* welcome, you are user3 (commands: /nick NAME, /who, "
+                                  b"/me ACTION, /quit)\n")]
+
+
+def test_after_quit_the_rest_of_the_read_is_ignored() -> None:
+    chat, room, (a, _) = setup(2)
+    chat.received(a, b"bye all\n/quit\nnot said\n")
+    assert room.take() == [("* but 10", b"<user1> bye all\n"), ("10", b"* bye\n")]
+    assert room.messages_in == 2  # the lines read up to /quit
+    chat.left(a)
+    assert room.take() == [("* but 10", b"* user1 left\n")]
+
+
+def test_a_partial_line_is_said_when_its_sender_leaves() -> None:
+    chat, room, (a, _) = setup(2)
+    chat.received(a, b"half a")
+    assert room.take() == []
+    chat.left(a)
+    assert room.take() == [("* but 10", b"<user1> half a\n"), ("* but 10", b"* user1 left\n")]
+    chat.left(a)  # twice is nothing
+    assert room.take() == []
+
+
+def test_commands_escapes_and_empty_lines() -> None:
+    chat, room, (a, _) = setup(2)
+    chat.received(a, b"//slash\n\n   \n/me \x1b[2Jdances\n/frobnicate now\n")
+    said = room.take()
+    assert said[:2] == [("* but 10", b"<user1> /slash\n"), ("* but 10", b"* user1 ^[[2Jdances\n")]
+    assert said[2][0] == "10" and said[2][1].startswith(b"* unknown command /frobnicate (")
+    assert len(said) == 3
+    assert room.held == 1  # flow control asked once per read, not per line
+
+
+def test_long_lines_are_cut_and_counted() -> None:
+    chat, room, (a, _) = setup(2)
+    chat.received(a, b"x" * 70 + b"\n")
+    said = room.take()
+    assert [data for _, data in said] == [b"<user1> " + b"x" * 32 + b"\n"] * 2 + [
+        b"<user1> " + b"x" * 6 + b"\n"]
+    assert chat.cuts() == 1
+    chat.left(a)
+    assert chat.cuts() == 1  # a member's cuts outlive it
