@@ -71,6 +71,10 @@ class Room(Protocol):
 
     def announce(self, data: bytes, exclude: Client | None = None) -> None: ...
 
+    def announce_here(self, data: bytes) -> None: ...
+
+    def publish(self, data: bytes) -> None: ...
+
     def hold_back(self, sender: Client) -> None: ...
 
     def tell(self, client: Client, data: bytes) -> None: ...
@@ -96,6 +100,7 @@ class Chat:
         self.taken: set[bytes] = set()  # names in use, lower-cased
         self.next_number = 1  # for the next user<N>
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
+        self.stopping = False  # the server is shutting down: leaves are news elsewhere only
 
     # -- the server's calls ----------------------------------------------------------------
 
@@ -114,13 +119,26 @@ class Chat:
         member = self.members.pop(client.fd, None)
         if member is None:
             return
+        room = self.room
         rest = member.framer.flush()
         if rest.strip():  # typed, then EOF without a newline: still said
-            self.room.messages_in += 1
-            self.room.announce(b"<%s> %s\n" % (member.name, clean(rest)), client)
+            room.messages_in += 1
+            self._say(b"<%s> %s\n" % (member.name, clean(rest)), client)
         self.lines_cut += member.framer.cuts
         self.taken.discard(member.name.lower())
-        self.room.announce(b"* %s left\n" % member.name, client)
+        self._say(b"* %s left\n" % member.name, client)
+
+    def closing(self) -> None:
+        """The server is shutting down: say so here; from now on, leaves go to other instances
+        only (everyone here is leaving too)."""
+        self.room.announce_here(b"* the server is shutting down\n")
+        self.stopping = True
+
+    def _say(self, data: bytes, client: Client) -> None:
+        if self.stopping:
+            self.room.publish(data)
+        else:
+            self.room.announce(data, client)
 
     def received(self, client: Client, data: bytes) -> None:
         """What one recv returned: every line it completes, in order."""

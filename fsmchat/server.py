@@ -214,6 +214,15 @@ class ChatServer:
         if self.bus is not None:
             self.bus.publish(data)
 
+    def announce_here(self, data: bytes) -> None:
+        """A message for every local client in the chat only."""
+        self._fan_out(data, None)
+
+    def publish(self, data: bytes) -> None:
+        """A message for the other instances only."""
+        if self.bus is not None:
+            self.bus.publish(data)
+
     def hold_back(self, sender: Connection) -> None:
         """Flow control: pause the sender while someone else's queue is over the high-water
         mark (a recipient does not hold back its own sending)."""
@@ -465,6 +474,8 @@ class ChatServer:
         for conn in list(self.connections.values()):
             if conn.state == State.HANDSHAKING:  # not in the chat: nothing to deliver to it
                 self.fire(conn, Trigger.FAIL)
+        if self.chat is not None:
+            self.chat.closing()
         for conn in list(self.readers.values()):
             self.fire(conn, Trigger.SHUTDOWN)
         if self.bus is not None:

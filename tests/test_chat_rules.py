@@ -30,6 +30,12 @@ class Room:
     def announce(self, data: bytes, exclude: Person | None = None) -> None:
         self.said.append((f"* but {exclude.fd}" if exclude else "*", data))
 
+    def announce_here(self, data: bytes) -> None:
+        self.said.append(("here", data))
+
+    def publish(self, data: bytes) -> None:
+        self.said.append(("elsewhere", data))
+
     def hold_back(self, sender: Person) -> None:
         self.held += 1
 
@@ -121,3 +127,14 @@ def test_long_lines_are_cut_and_counted() -> None:
     assert chat.cuts() == 1
     chat.left(a)
     assert chat.cuts() == 1  # a member's cuts outlive it
+
+
+def test_at_shutdown_everyone_is_told_and_leaves_are_news_elsewhere_only() -> None:
+    chat, room, (a, b) = setup(2)
+    chat.received(a, b"unfinished")
+    chat.closing()
+    chat.left(a)
+    chat.left(b)
+    assert room.take() == [("here", b"* the server is shutting down\n"),
+                           ("elsewhere", b"<user1> unfinished\n"),
+                           ("elsewhere", b"* user1 left\n"), ("elsewhere", b"* user2 left\n")]
