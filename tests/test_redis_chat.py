@@ -1,0 +1,75 @@
+"""Chat mode across instances: names travel with the lines, history keeps them, the channel is
+cleaned like a client.
+
+Real ``redis-server`` and real fsmchat processes in ``--mode chat``, as in test_redis.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from conftest import ServerProcess, StartServer, recv_until
+from redis_harness import RedisServer, bug_free
+from test_redis import start_instance
+
+pytest_plugins = ["redis_harness"]
+
+
+@pytest.fixture
+def start_server(start_server: StartServer) -> Iterator[StartServer]:
+    yield from bug_free(start_server)
+
+
+class Person:
+    """A chat-mode client read line by line."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.client = server.connect()
+        self.buffer = b""
+        welcome = self.line()
+        self.name = welcome.split(b"you are ", 1)[1].split(b" ", 1)[0]
+
+    def say(self, text: bytes) -> None:
+        self.client.sock.sendall(text + b"\n")
+
+    def line(self) -> bytes:
+        if b"\n" not in self.buffer:
+            self.buffer += recv_until(self.client.sock, lambda buf: b"\n" in buf, "a line")
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line
+
+
+def test_lines_from_other_instances_carry_their_senders_name_and_enter_history(
+        start_server: StartServer, redis_server: RedisServer) -> None:
+    a = start_instance(start_server, redis_server, "--mode", "chat")
+    b = start_instance(start_server, redis_server, "--mode", "chat", "--history", "10")
+    alice = Person(a)
+    bob = Person(b)
+    assert bob.line() == b"* %s joined" % alice.name  # B's history: A's join came through Redis
+    assert alice.line() == b"* %s joined" % bob.name
+
+    alice.say(b"/nick alice")
+    assert alice.line() == b"* you are now alice"
+    assert bob.line() == b"* %s is now alice" % alice.name
+    alice.say(b"hello \x1b[31mbob")
+    assert bob.line() == b"<alice> hello ^[[31mbob"
+    bob.say(b"/me waves")
+    assert alice.line() == b"* %s waves" % bob.name
+
+    carol = Person(b)  # B's history, with what came from A, in order, then live
+    expected = [b"* %s joined" % alice.name, b"* %s joined" % bob.name,
+                b"* %s is now alice" % alice.name, b"<alice> hello ^[[31mbob",
+                b"* %s waves" % bob.name]
+    assert [carol.line() for _ in expected] == expected
+    assert alice.line() == b"* %s joined" % carol.name
+    alice.say(b"welcome carol")
+    assert carol.line() == b"<alice> welcome carol"
+
+
+def test_a_foreign_publish_is_cleaned_and_ends_in_a_newline(
+        start_server: StartServer, redis_server: RedisServer) -> None:
+    server = start_instance(start_server, redis_server, "--mode", "chat")
+    person = Person(server)
+    redis_server.publish("fsmchat", b"\x1b]0;owned\x07maintenance at 5")
+    assert person.line() == b"^[]0;owned^Gmaintenance at 5"
