@@ -629,10 +629,10 @@ def open_metrics_listener(options: Options, listeners: list[Listener]) -> socket
         return None
     try:
         return open_listener(options.host, options.metrics_port)
-    except ListenError:
+    except ListenError as exc:
         for sock, _ in listeners:
             sock.close()
-        raise
+        raise ListenError(f"metrics: {exc}", usage=exc.usage) from None
 
 
 def open_listeners(options: Options) -> list[Listener]:
