@@ -146,7 +146,7 @@ class Chat:
         framer = member.framer
         cuts = framer.cuts
         lines = framer.feed(data)
-        if framer.cuts != cuts:
+        for _ in range(framer.cuts - cuts):  # once per long line
             self.room.log.warning("chat.line_cut", fd=client.fd, peer=client.peer,
                                   limit=self.max_line)
         if not lines:
@@ -175,7 +175,7 @@ class Chat:
 
     def _command(self, client: Client, member: Member, line: bytes) -> None:
         command, _, argument = line.partition(b" ")
-        argument = argument.strip()
+        argument = argument.strip(b" ")  # other blanks are control characters: shown, not cut
         if command == b"/nick":
             self._nick(client, member, argument)
         elif command == b"/who":

@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: 0)")
     chat.add_argument("--history-bytes", type=_some_bytes, default=None, metavar="BYTES",
                       help="most bytes of history kept; the oldest go first. At most half of "
-                           "--max-queue-bytes. Takes K, M, G (default: 1M)")
+                           "--max-queue-bytes. Takes K, M, G (default: 1M, or half of "
+                           "--max-queue-bytes if that is less)")
     numbers = parser.add_argument_group("numbers for operators")
     numbers.add_argument("--stats-interval", type=_seconds, default=DEFAULT_STATS_INTERVAL,
                          metavar="SECONDS",
@@ -306,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                       tls_key=ns.tls_key, tls_client_ca=ns.tls_client_ca,
                       tls_port=ns.tls_port, plain=not ns.no_plain, mode=ns.mode,
                       max_line=ns.max_line or DEFAULT_MAX_LINE, history=ns.history,
-                      history_bytes=ns.history_bytes or DEFAULT_HISTORY_BYTES,
+                      history_bytes=ns.history_bytes
+                      or min(DEFAULT_HISTORY_BYTES, ns.max_queue_bytes // 2),
                       stats_interval=ns.stats_interval, metrics_port=ns.metrics_port)
     return run(options)
 
@@ -338,11 +340,10 @@ def _check_chat(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None
         parser.error("--max-line needs --mode chat")
     if ns.history_bytes is not None and not ns.history:
         parser.error("--history-bytes needs --history")
-    history_bytes = ns.history_bytes or DEFAULT_HISTORY_BYTES
-    if ns.history and history_bytes > ns.max_queue_bytes // 2:
-        parser.error(f"--history-bytes ({history_bytes}) must be at most half of "
-                     f"--max-queue-bytes ({ns.max_queue_bytes // 2}), or a newcomer would "
-                     "start congested")
+    if ns.history_bytes is not None and ns.history_bytes > ns.max_queue_bytes // 2:
+        parser.error(f"--history-bytes ({ns.history_bytes}) must be at most half of "
+                     f"--max-queue-bytes ({ns.max_queue_bytes}), so a newcomer does not start "
+                     "congested")
 
 
 def build_diagrams_parser() -> argparse.ArgumentParser:
