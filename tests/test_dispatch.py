@@ -22,8 +22,10 @@ from fsmchat import lifecycle
 from fsmchat.bus import PublishLink
 from fsmchat.connection import MACHINE, Connection
 from fsmchat.events import EventSink, make_logger
-from fsmchat.lifecycle import REDIS_LINK, InvalidTrigger, LinkState, LinkTrigger, State, Trigger
+from fsmchat.lifecycle import InvalidTrigger, LinkTrigger, State, Trigger
 from fsmchat.loop import EventLoop
+from fsmchat.machine import TableModel
+from fsmchat.metrics_http import MetricsConnection
 from fsmchat.redis_link import RedisAddress, RedisLink
 from fsmchat.server import ChatServer
 
@@ -147,19 +149,22 @@ for _row in lifecycle.LINK_TRANSITIONS:
         setattr(RecordingLink, _row.action, _recorder(_row.action))
 
 
-def test_the_link_machine_is_built_from_its_table() -> None:
-    machine = RedisLink.machine
-    for state in LinkState:
-        for trigger in LinkTrigger:
-            rows = machine.events[trigger.value].transitions.get(state.value, [])
-            if not REDIS_LINK.allowed(state, trigger):
+@pytest.mark.parametrize("model", [RedisLink, MetricsConnection], ids=lambda m: m.__name__)
+def test_the_link_and_metrics_machines_are_built_from_their_tables(
+        model: type[TableModel]) -> None:
+    machine, table = model.machine, model.lifecycle
+    triggers = {str(row.trigger) for row in table.transitions}
+    for state in table.states:
+        for trigger in triggers:
+            rows = machine.events[trigger].transitions.get(str(state), [])
+            if not table.allowed(state, trigger):
                 assert rows == []
                 continue
-            row = REDIS_LINK.row_for(state, trigger)
+            row = table.row_for(state, trigger)
             assert len(rows) == 1
             assert rows[0].dest == row.dest
             assert rows[0].after == ([row.action] if row.action else [])
-    assert machine.initial == REDIS_LINK.initial
+    assert machine.initial == table.initial
 
 
 @given(st.lists(st.sampled_from(list(LinkTrigger)), max_size=30))
