@@ -1,0 +1,63 @@
+"""The whole server in chat mode, driven in-process by hypothesis as in test_model.py, with
+lines, partial lines, commands (``/quit`` and ``/nick`` among them) and garbage.
+
+The invariants: no trigger is ever invalid, no queue passes its limit, every connection ends
+``closed``, and what a client was sent is whole lines, each a message (``<name> ...``) or a
+notice (``* ...``), with no control character but the newline that ends it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import invariant, precondition, rule
+from test_model import CLEAN, LIMIT, Chat, ScriptedSocket
+
+from fsmchat.server import ChatServer
+
+LINE = re.compile(rb"(<[A-Za-z0-9_-]{1,16}> |\* )[^\x00-\x08\x0a-\x1f\x7f]*")
+
+PIECES = st.sampled_from([
+    b"hello\n", b"/quit\n", b"/nick ann\n", b"/nick Ann\n", b"/who\n", b"/me waves\n",
+    b"//x\n", b"/bogus\n", b"\n", b"\r\n", b"\x1b[2J", b"\xff\xfe", b"half", b"x" * 300,
+])
+
+
+class ChatMode(Chat):
+    def __init__(self) -> None:
+        super().__init__()
+        self.server = ChatServer([(self.listener, None)], self.loop, self.server.log,
+                                 max_queue_bytes=LIMIT, drain_timeout=1.0, mode="chat",
+                                 max_line=64, history=5, history_bytes=LIMIT // 4)
+
+    @precondition(lambda self: self.sockets)
+    @rule(who=st.integers(0, 5), pieces=st.lists(PIECES, min_size=1, max_size=6))
+    def client_sends(self, who: int, pieces: list[bytes]) -> None:
+        self.sockets[who % len(self.sockets)].inbound.append(b"".join(pieces))
+
+    @precondition(lambda self: self.sockets)
+    @rule(who=st.integers(0, 5))
+    def readable(self, who: int) -> None:
+        sock = self.sockets[who % len(self.sockets)]
+        if self.loop.wants_read(sock.fd) and sock.inbound:
+            self.loop.handler(sock.fd).on_readable()
+
+    @invariant()
+    def bytes_arrive_in_order_and_once(self) -> None:
+        for sock in self.sockets:
+            lines = bytes(sock.received).split(b"\n")
+            lines.pop()  # the unfinished rest (empty once everything arrived)
+            for line in lines:
+                assert LINE.fullmatch(line), line
+
+    def check_delivered(self, sock: ScriptedSocket, expected: bytearray, reason: str) -> None:
+        """Whole lines only (the invariant checks each), all of them for a clean close."""
+        self.bytes_arrive_in_order_and_once()
+        if reason in CLEAN | {"quit"} and sock.send_error is None:
+            assert sock.received[-1:] in (b"", b"\n"), reason
+
+
+ChatMode.TestCase.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
+test_chat_mode_model = ChatMode.TestCase
