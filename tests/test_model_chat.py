@@ -56,7 +56,7 @@ class ChatMode(Chat):
         """Whole lines only (the invariant checks each), all of them for a clean close."""
         self.bytes_arrive_in_order_and_once()
         if reason in CLEAN | {"quit"} and sock.send_error is None:
-            assert sock.received[-1:] in (b"", b"\n"), reason
+            assert bytes(sock.received[-1:]) in (b"", b"\n"), reason
 
 
 ChatMode.TestCase.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
