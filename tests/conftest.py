@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any
@@ -83,6 +83,20 @@ def run_cli(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[st
         env=server_env(),
         check=False,
     )
+
+
+def usage_error(result: subprocess.CompletedProcess[str], option: str) -> str:
+    """A usage error: exit status 2, no stdout, one stderr line naming ``option``, no traceback.
+
+    Returns that line, for checks of its wording.
+    """
+    assert result.returncode == 2, result
+    assert result.stdout == "", result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected exactly one stderr line, got {lines!r}"
+    assert option in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    return lines[0]
 
 
 def free_port() -> int:
@@ -506,6 +520,21 @@ def server(start_server: StartServer) -> ServerProcess:
 # --------------------------------------------------------------------------
 # Client-side helpers
 # --------------------------------------------------------------------------
+
+
+def send_messages(server: ServerProcess, sender: Client, messages: Iterable[bytes]) -> int:
+    """Send each message as its own recv: the next goes only once the server logged the last.
+
+    Returns the bytes sent.
+    """
+    total = server.bytes_received_from(sender)
+    sent = 0
+    for message in messages:
+        sender.sock.sendall(message)
+        total += len(message)
+        sent += len(message)
+        server.wait_received_from(sender, total)
+    return sent
 
 
 def recv_exactly(sock: socket.socket, count: int, timeout: float = WAIT) -> bytes:

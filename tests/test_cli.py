@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import HOST, StartServer, run_cli
+from conftest import HOST, StartServer, run_cli, usage_error
 
 from fsmchat.cli import build_parser
 
@@ -40,24 +40,11 @@ OPTIONS = ("--port", "--host", "--log-level", "--log-format", "--drain-timeout")
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
 def test_bad_argument_exits_2_with_one_line_naming_the_option(args: list[str], option: str) -> None:
-    result = run_cli("--host", HOST, *args)
-    assert result.returncode == 2, result
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected exactly one stderr line, got {lines!r}"
-    assert lines[0].strip()
-    assert option in lines[0]
-    assert "Traceback" not in result.stderr
+    usage_error(run_cli("--host", HOST, *args), option)
 
 
 def test_unknown_option_exits_2_with_one_line() -> None:
-    result = run_cli("--colour", "blue")
-    assert result.returncode == 2, result
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected exactly one stderr line, got {lines!r}"
-    assert "--colour" in lines[0]
-    assert "Traceback" not in result.stderr
+    usage_error(run_cli("--colour", "blue"), "--colour")
 
 
 def test_port_in_use_fails_with_a_clear_message_and_an_error_event() -> None:
