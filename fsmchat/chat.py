@@ -7,8 +7,9 @@ nothing (an empty line). What to send goes back through the ``Room`` (the server
 else (``announce``), to one client (``tell``), or the client leaves (``quit``). No sockets here.
 
 Rules it keeps:
-- Only whole lines are forwarded, each as one bytes object, so lines from different senders
-  never interleave, whatever the TCP segmentation.
+- Only whole lines are forwarded, so lines from different senders never interleave, whatever
+  the TCP segmentation. The messages one read completes go out as one bytes object (one queue
+  entry per recipient, not one per line); history and the counters still count lines.
 - Everything sent ends with ``\\n``. Public lines (messages, ``/me``, joins, leaves, renames) go
   through ``announce`` (history, the Redis bus, every other client); replies to one client
   (welcome, ``/who``, refusals, ``bye``) through ``tell`` only.
@@ -19,6 +20,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -53,14 +55,14 @@ def clean(text: bytes) -> bytes:
     return text.decode("utf-8", "replace").translate(_SAFE).encode()
 
 
-def clean_lines(payload: bytes) -> bytes:
-    """A payload of one or more lines from the Redis channel, each cleaned, ending in a newline.
+def clean_lines(payload: bytes) -> list[bytes]:
+    """A payload from the Redis channel as clean lines, each ending in a newline.
 
     Another chat instance sent clean lines already; something else on the channel may not have."""
     lines = payload.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
-    return b"".join(clean(line.removesuffix(b"\r")) + b"\n" for line in lines)
+    return [clean(line.removesuffix(b"\r")) + b"\n" for line in lines]
 
 
 class Room(Protocol):
@@ -69,7 +71,8 @@ class Room(Protocol):
     log: FilteringBoundLogger
     messages_in: int
 
-    def announce(self, data: bytes, exclude: Client | None = None) -> None: ...
+    def announce(self, data: bytes, exclude: Client | None = None,
+                 lines: Sequence[bytes] = ()) -> None: ...
 
     def announce_here(self, data: bytes) -> None: ...
 
@@ -152,20 +155,30 @@ class Chat:
         if not lines:
             return
         room = self.room
+        said: list[bytes] = []  # messages not yet announced: one queue entry for a run of them
         for count, line in enumerate(lines, 1):
             if line[:1] == b"/" and line[:2] != b"//":
+                self._announce(said, client)
                 self._command(client, member, line)
                 if not room.in_chat(client):  # /quit: the rest is not read
                     room.messages_in += count
                     return
             elif line.strip():
                 text = line[1:] if line[:1] == b"/" else line
-                room.announce(b"<%s> %s\n" % (member.name, clean(text)), client)
+                said.append(b"<%s> %s\n" % (member.name, clean(text)))
+        self._announce(said, client)
         room.messages_in += len(lines)
         room.hold_back(client)
 
-    def relayed(self, payload: bytes) -> bytes:
-        """A payload from another instance, as local clients will see it."""
+    def _announce(self, said: list[bytes], client: Client) -> None:
+        if len(said) == 1:
+            self.room.announce(said[0], client)
+        elif said:
+            self.room.announce(b"".join(said), client, said)
+        said.clear()
+
+    def relayed(self, payload: bytes) -> list[bytes]:
+        """A payload from another instance, as the lines local clients will see."""
         return clean_lines(payload)
 
     def cuts(self) -> int:

@@ -40,7 +40,7 @@ import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -208,9 +208,13 @@ class ChatServer:
         self.announce(data, sender)
         self.hold_back(sender)
 
-    def announce(self, data: bytes, exclude: Connection | None = None) -> None:
-        """A message for every client in the chat but ``exclude``, and every other instance."""
-        self._fan_out(data, exclude)
+    def announce(self, data: bytes, exclude: Connection | None = None,
+                 lines: Sequence[bytes] = ()) -> None:
+        """A message for every client in the chat but ``exclude``, and every other instance.
+
+        ``lines``: the chat lines that ``data`` joins, when it joins several (one sender's lines
+        of one read go out as one queue entry; history and the counters still see each)."""
+        self._fan_out(data, exclude, lines)
         if self.bus is not None:
             self.bus.publish(data)
 
@@ -234,11 +238,17 @@ class ChatServer:
         """A message from another instance, for every local client in the chat.
 
         Returns whether a recipient now holds senders back: the subscriber then pauses."""
-        self._fan_out(self.chat.relayed(payload) if self.chat is not None else payload, None)
+        if self.chat is None:
+            self._fan_out(payload, None)
+        else:
+            lines = self.chat.relayed(payload)
+            self._fan_out(b"".join(lines), None, lines)
         return bool(self._holding)
 
-    def _fan_out(self, data: bytes, exclude: Connection | None) -> None:
-        """The same bytes object to every local queue but ``exclude``'s, and into history."""
+    def _fan_out(self, data: bytes, exclude: Connection | None,
+                 lines: Sequence[bytes] = ()) -> None:
+        """The same bytes object to every local queue but ``exclude``'s, and into history
+        (each of ``lines``, if ``data`` joins several)."""
         readers = self.readers
         for conn in readers.values():
             if conn is not exclude:
@@ -246,9 +256,14 @@ class ChatServer:
         count = len(readers) - len(self._overflowed)
         if exclude is not None and readers.get(exclude.fd) is exclude:
             count -= 1
-        self.messages_out += count
-        if self.history is not None:
-            self.history.add(data)
+        self.messages_out += count * (len(lines) or 1)
+        history = self.history
+        if history is not None:
+            if lines:
+                for line in lines:
+                    history.add(line)
+            else:
+                history.add(data)
         if self._overflowed:
             self._close_overflowed()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -25,10 +26,14 @@ class Room:
     said: list[tuple[str, bytes]] = field(default_factory=list)
     messages_in: int = 0
     held: int = 0
+    lines: int = 0  # lines announced (a run of them may be one announce)
     log: Any = field(default_factory=lambda: structlog.get_logger().bind())
 
-    def announce(self, data: bytes, exclude: Person | None = None) -> None:
+    def announce(self, data: bytes, exclude: Person | None = None,
+                 lines: Sequence[bytes] = ()) -> None:
+        assert not lines or b"".join(lines) == data
         self.said.append((f"* but {exclude.fd}" if exclude else "*", data))
+        self.lines += len(lines) or 1
 
     def announce_here(self, data: bytes) -> None:
         self.said.append(("here", data))
@@ -120,10 +125,13 @@ def test_commands_escapes_and_empty_lines() -> None:
 
 def test_long_lines_are_cut_and_counted() -> None:
     chat, room, (a, _) = setup(2)
+    lines_before = room.lines
     chat.received(a, b"x" * 70 + b"\n")
     said = room.take()
-    assert [data for _, data in said] == [b"<user1> " + b"x" * 32 + b"\n"] * 2 + [
-        b"<user1> " + b"x" * 6 + b"\n"]
+    # The three pieces of one read are one announce (one queue entry per recipient), three lines.
+    assert said == [("* but 10", (b"<user1> " + b"x" * 32 + b"\n") * 2
+                     + b"<user1> " + b"x" * 6 + b"\n")]
+    assert room.lines - lines_before == 3
     assert chat.cuts() == 1
     chat.left(a)
     assert chat.cuts() == 1  # a member's cuts outlive it

@@ -94,8 +94,8 @@ def test_clean_shows_controls_in_caret_notation() -> None:
 
 
 def test_relayed_payloads_are_cleaned_line_by_line() -> None:
-    assert clean_lines(b"<bob> hi\n") == b"<bob> hi\n"
-    assert clean_lines(b"one\r\ntwo\x1b") == b"one\ntwo^[\n"
+    assert clean_lines(b"<bob> hi\n") == [b"<bob> hi\n"]
+    assert clean_lines(b"one\r\ntwo\x1b") == [b"one\n", b"two^[\n"]
 
 
 def test_history_keeps_the_last_n_within_the_byte_bound() -> None:
