@@ -24,6 +24,13 @@ Rules it keeps:
 - With ``--redis``, every message is also published once on the Redis bus, and every message
   from another instance reaches every local client in the chat; while local recipients are
   congested, the subscriber is paused like a local sender (``bus``).
+- Chat mode (``chat``) is a layer, not a second server: a connection's recv goes to the chat's
+  framing instead of straight to ``announce``, and the chat asks back through ``announce``,
+  ``tell`` and ``quit``. Raw mode pays one attribute call for it.
+- History keeps what ``announce`` and ``relay`` fanned out (the same bytes objects); a newcomer
+  gets it in ``joined``, after chat mode's welcome and before anything live.
+- Counters are plain attributes bumped once per message, never per recipient; ``stats`` reads
+  them for ``server.stats`` and ``/metrics`` (a listener of its own, in the same loop).
 - First SIGINT/SIGTERM: stop accepting, let every connection drain (and the publisher publish
   what waits). Second signal, or the drain timeout: close whatever is left. Either way the
   process ends with status 0.
