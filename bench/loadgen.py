@@ -521,22 +521,31 @@ class Worker:
             self.disconnects += 1
         client.pending = b""
 
-    def _read(self, client: Client) -> None:
+    def _recv(self, client: Client) -> tuple[bytes, int] | None:
+        """One read of ``client``: what it left over before plus what came now, and when it
+        came (ns); None when nothing came, or the connection is gone (counted, closed)."""
         try:
             got = client.sock.recv_into(self.rbuf)  # no 256 KiB allocation per call
         except BlockingIOError:
-            return
+            return None
         except OSError:
             self._lost(client)
-            return
+            return None
         if not got:
             self._lost(client)
-            return
+            return None
         now = time.monotonic_ns()
         data = self.rview[:got].tobytes()
         self.reads += 1
         if client.rest:
             data = client.rest + data
+        return data, now
+
+    def _read(self, client: Client) -> None:
+        read = self._recv(client)
+        if read is None:
+            return
+        data, now = read
         size = self.size
         whole = len(data) - len(data) % size
         if whole and (data[:4] != MAGIC_BYTES or data[whole - 4:whole] != TRAILER_BYTES):

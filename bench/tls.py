@@ -67,7 +67,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import trustme
 from loadgen import MIN_SIZE, LoadGen, StepResult, Worker, raise_nofile
 from run import CLK_TCK, GEN_BUSY, HOST, PY, ROOT, Server, Spec, base_environment, say, stop_all
 
@@ -249,11 +248,13 @@ def counting_worker_main(control: Connection, wid: int, lifetime: float, ca: str
 
 
 class Generator(LoadGen):
-    """loadgen's ``LoadGen`` with ``CountingWorker`` processes: plain (``ca`` None) or TLS."""
+    """loadgen's ``LoadGen`` with ``CountingWorker`` processes: plain (``ca`` None) or TLS.
+    ``target(control, wid, lifetime, ca)`` may run a subclass of ``CountingWorker`` instead."""
 
-    def __init__(self, ca: str | None, procs: int = 1, lifetime: float = 3600.0) -> None:
-        super().__init__(procs, lifetime, target=counting_worker_main, extra=(ca,),
-                         name="tls-bench-gen")
+    def __init__(self, ca: str | None, procs: int = 1, lifetime: float = 3600.0, *,
+                 target: Callable[..., None] = counting_worker_main,
+                 name: str = "tls-bench-gen") -> None:
+        super().__init__(procs, lifetime, target=target, extra=(ca,), name=name)
 
     def counts(self) -> list[dict[str, Any]]:
         """Every worker's counters now (the ``stats`` command does not reset them)."""
@@ -292,6 +293,8 @@ class TlsServer(Server):
 
 def make_certs(directory: Path) -> tuple[Path, Path, Path]:
     """A fresh CA and a server certificate for ``localhost`` and 127.0.0.1: (CA, cert, key)."""
+    import trustme  # noqa: PLC0415 - here only: bench/chat.py uses this module without it
+
     ca = trustme.CA()
     leaf = ca.issue_cert(SERVER_NAME, HOST)
     ca_pem, cert, key = directory / "ca.pem", directory / "server.pem", directory / "server.key"
@@ -397,7 +400,14 @@ def check_bytes(counts: list[dict[str, Any]], size: int) -> dict[str, Any]:
             "gen_cpu_s": sum(float(c["cpu"]) for c in counts)}
 
 
-def measure(gen: Generator, srv: TlsServer, wl: Workload, prof: Profile) -> dict[str, Any]:
+Check = Callable[[list[dict[str, Any]], int], dict[str, Any]]
+"""What the clients received against what they should have, from the workers' counters and the
+message size: ``check_bytes``'s keys (``clients_wrong``, ``deliveries``, ...), and optionally
+``check_errors``, a list of other failures. A step waits until ``clients_wrong`` is 0."""
+
+
+def measure(gen: Generator, srv: TlsServer, wl: Workload, prof: Profile,
+            check: Check = check_bytes) -> dict[str, Any]:
     """One step with the server's CPU around it, the byte count, and what else ran."""
     problems0 = Counter(srv.problems)
     user0, sys0 = srv.cpu_times()
@@ -406,13 +416,14 @@ def measure(gen: Generator, srv: TlsServer, wl: Workload, prof: Profile) -> dict
     # sent: it does not wait for them, the byte count does.
     res = gen.run(wl.rate, wl.seconds, burst=wl.burst, verify=not wl.burst,
                   drain_timeout=0.0 if wl.burst else prof.drain_timeout)
-    got, done = wait_bytes(gen, wl.size, prof.drain_timeout + (wl.seconds if wl.burst else 0))
+    got, done = wait_bytes(gen, wl.size, prof.drain_timeout + (wl.seconds if wl.burst else 0),
+                           check)
     user1, sys1 = srv.cpu_times()
     busy1, own1, t1 = machine_busy(), time.process_time(), time.monotonic()
     wall = max(1e-9, t1 - t0)
     used = (user1 - user0) + (sys1 - sys0)
     other = (busy1 - busy0) - used - got["gen_cpu_s"] - (own1 - own0)
-    errors = bytes_errors(got)
+    errors = bytes_errors(got) + list(got.get("check_errors", []))  # check's own findings
     for err in res.errors:
         # a burst relays each recv as it came: a frame cut at a recv boundary can have another
         # sender's bytes in its middle. That is not a loss when every byte arrived.
@@ -442,12 +453,13 @@ def measure(gen: Generator, srv: TlsServer, wl: Workload, prof: Profile) -> dict
     return step
 
 
-def wait_bytes(gen: Generator, size: int, timeout: float) -> tuple[dict[str, Any], float]:
+def wait_bytes(gen: Generator, size: int, timeout: float,
+               check: Check = check_bytes) -> tuple[dict[str, Any], float]:
     """Poll the clients' byte counts until every client has everything the others sent (or the
     timeout): the counts, and when they were complete."""
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / 0.01) + 2):
-        got = check_bytes(gen.counts(), size)
+        got = check(gen.counts(), size)
         now = time.monotonic()
         if not got["clients_wrong"] or now > deadline:
             return got, now
@@ -481,11 +493,16 @@ def step_flags(wl: Workload, res: StepResult, step: dict[str, Any]) -> list[str]
 
 
 def one_run(gen: Generator, config: str, repeat: int, *, argv: list[str],
-            workloads: list[Workload], prof: Profile, logdir: Path) -> Run:
+            workloads: list[Workload], prof: Profile, logdir: Path,
+            labels: dict[str, str] = LABEL, check: Check = check_bytes,
+            server_class: type[TlsServer] | None = None,
+            finish: Callable[[Run, TlsServer], None] | None = None) -> Run:
+    """One server, every workload. ``check`` judges what the clients received; ``finish``
+    (default ``finish_run``) what the server said about itself at the end."""
     run = Run(config, repeat)
-    srv = TlsServer(Spec(f"{config}-{repeat}", lambda _port: argv), logdir)
+    srv = (server_class or TlsServer)(Spec(f"{config}-{repeat}", lambda _port: argv), logdir)
     started = time.monotonic()
-    say(f"- {LABEL[config]} #{repeat}")
+    say(f"- {labels[config]} #{repeat}")
     try:
         srv.start()
         port = srv.tls_port if config == "tls" else srv.port
@@ -502,7 +519,7 @@ def one_run(gen: Generator, config: str, repeat: int, *, argv: list[str],
             if not conn.in_chat:
                 raise RuntimeError(f"{wl.key}: {conn.connected} of {wl.clients} connected, a "
                                    f"probe reached {conn.reached}; errors {conn.errors}")
-            step = measure(gen, srv, wl, prof)
+            step = measure(gen, srv, wl, prof, check)
             run.steps[wl.key] = step
             say(f"  {wl.key:>6}: {step['us_per_delivery'] or 0:6.2f} us/delivery, "
                 f"{step['deliveries_per_s']:>10,.0f} deliv/s, server {step['server_cores']:.2f} "
@@ -528,7 +545,7 @@ def one_run(gen: Generator, config: str, repeat: int, *, argv: list[str],
     finally:
         srv.stop()
         run.seconds = time.monotonic() - started
-    finish_run(run, srv)
+    (finish or finish_run)(run, srv)
     return run
 
 
@@ -630,13 +647,18 @@ def fmt(value: float | None, form: str) -> str:
     return "n/a" if value is None else form.format(value)
 
 
-def table(runs: list[Run], workloads: list[Workload]) -> tuple[str, dict[str, Any]]:
-    """The table, and the same figures for the JSON file."""
+def table(runs: list[Run], workloads: list[Workload], pair: tuple[str, str] = CONFIGS,
+          labels: dict[str, str] = LABEL) -> tuple[str, dict[str, Any]]:
+    """The table of ``pair`` (a baseline configuration, another one), and the same figures for
+    the JSON file."""
     col = 9
-    head = (f"{'':<34}" + f"{'plain':^{col * 3}}" + f"{'TLS':^{col * 3}}"
-            + f"{'TLS/plain':>{col + 2}}{'TLS-plain':>{col + 1}}")
+    base, other = pair
+    over, minus = f"{labels[other]}/{labels[base]}", f"{labels[other]}-{labels[base]}"
+    wr, wd = max(col + 2, len(over) + 2), max(col + 1, len(minus) + 1)
+    head = (f"{'':<34}" + f"{labels[base]:^{col * 3}}" + f"{labels[other]:^{col * 3}}"
+            + f"{over:>{wr}}{minus:>{wd}}")
     sub = (f"{'figure':<34}" + "".join(f"{h:>{col}}" for h in ("min", "median", "max") * 2)
-           + f"{'(median)':>{col + 2}}{'(median)':>{col + 1}}")
+           + f"{'(median)':>{wr}}{'(median)':>{wd}}")
     lines = [head, sub]
     summary: dict[str, Any] = {}
     for title, rows in rows_for(workloads):
@@ -644,53 +666,58 @@ def table(runs: list[Run], workloads: list[Workload]) -> tuple[str, dict[str, An
         for row in rows:
             got: dict[str, tuple[float, float, float] | None] = {}
             cells = ""
-            for config in CONFIGS:
+            for config in pair:
                 vals = [v for r in runs if r.config == config
                         if (v := row.value(r)) is not None]
                 got[config] = spread(vals)
                 s = got[config]
                 cells += "".join(f"{fmt(None if s is None else x, row.fmt):>{col}}"
                                  for x in (s or (None, None, None)))
-            plain, tls = got["plain"], got["tls"]
-            ratio = tls[1] / plain[1] if plain and tls and plain[1] and row.ratio else None
-            extra = tls[1] - plain[1] if plain and tls and row.extra else None
+            first, second = got[base], got[other]
+            ratio = (second[1] / first[1] if first and second and first[1] and row.ratio
+                     else None)
+            extra = second[1] - first[1] if first and second and row.extra else None
             extra_fmt = "{:+,.0f}" if abs(extra or 0) >= 100 else "{:+.2f}" if abs(
                 extra or 0) >= 0.1 else "{:+.3f}"
-            lines.append(f"  {row.label:<32}{cells}{fmt(ratio, '{:.2f}x'):>{col + 2}}"
-                         f"{fmt(extra, extra_fmt):>{col + 1}}")
+            lines.append(f"  {row.label:<32}{cells}{fmt(ratio, '{:.2f}x'):>{wr}}"
+                         f"{fmt(extra, extra_fmt):>{wd}}")
             summary[f"{title}: {row.label}"] = {
-                "plain": plain, "tls": tls, "tls_over_plain": ratio, "tls_minus_plain": extra}
+                base: first, other: second, f"{other}_over_{base}": ratio,
+                f"{other}_minus_{base}": extra}
     return "\n".join(lines), summary
 
 
-def notes(runs: list[Run], workloads: list[Workload]) -> list[str]:
+def notes(runs: list[Run], workloads: list[Workload], configs: tuple[str, ...] = CONFIGS,
+          labels: dict[str, str] = LABEL, received: dict[str, str] | None = None) -> list[str]:
+    """Checks, errors and flags, configuration by configuration; ``received`` says, per
+    configuration, what every client was checked to receive."""
     out: list[str] = []
-    for config in CONFIGS:
+    for config in configs:
         mine = [r for r in runs if r.config == config]
         steps = [s for r in mine for s in r.steps.values()]
         good = [s for s in steps if s["ok"]]
         checked = sum(int(s["bytes_received"]) for s in good)
-        out.append(f"check: {LABEL[config]}: {len(good)} of {len(mine) * len(workloads)} steps: "
-                   f"every client received exactly the bytes every other client sent "
-                   f"({checked / 1e6:,.1f} MB checked)")
+        what = (received or {}).get(config, "exactly the bytes every other client sent")
+        out.append(f"check: {labels[config]}: {len(good)} of {len(mine) * len(workloads)} steps: "
+                   f"every client received {what} ({checked / 1e6:,.1f} MB checked)")
         split = sum(int(s["split_frames"]) for s in steps)
         if split:
-            out.append(f"burst: {LABEL[config]}: {split:,} frames split at a recv boundary "
+            out.append(f"burst: {labels[config]}: {split:,} frames split at a recv boundary "
                        "with another sender's bytes inside (every byte arrived)")
         totals_ok = sum(1 for r in mine if r.server_totals and r.client_totals and not any(
             e.startswith(("server totals", "server counted")) for e in r.errors))
-        out.append(f"totals: {LABEL[config]}: server.stopped bytes_in/bytes_out/connections "
+        out.append(f"totals: {labels[config]}: server.stopped bytes_in/bytes_out/connections "
                    f"match the clients' counts in {totals_ok} of {len(mine)} runs")
         for r in mine:
             for err in r.errors:
-                out.append(f"error: {LABEL[config]} #{r.repeat}: {err}")
+                out.append(f"error: {labels[config]} #{r.repeat}: {err}")
             for s in r.steps.values():
                 for flag in s["flags"]:
-                    out.append(f"flag: {LABEL[config]} #{r.repeat} {s['workload']}: {flag}")
+                    out.append(f"flag: {labels[config]} #{r.repeat} {s['workload']}: {flag}")
         events: Counter[str] = Counter()
         for r in mine:
             events.update(r.problems)
-        out.append(f"events: {LABEL[config]}: "
+        out.append(f"events: {labels[config]}: "
                    + (", ".join(f"{k} x{v}" for k, v in events.items()) if events else
                       "no warning or error from the server"))
     tls = sorted({t for r in runs for t in r.tls})
@@ -702,9 +729,14 @@ def notes(runs: list[Run], workloads: list[Workload]) -> list[str]:
 # -- main ----------------------------------------------------------------------------------------
 
 
-def parse(args_list: list[str]) -> tuple[argparse.Namespace, Profile, list[Workload]]:
-    parser = argparse.ArgumentParser(
-        description="fsmchat: server CPU per delivered message over TLS against plain TCP")
+def parse(args_list: list[str], *,
+          description: str = "fsmchat: server CPU per delivered message over TLS against "
+                             "plain TCP",
+          min_size: int = MIN_SIZE,
+          extend: Callable[[argparse.ArgumentParser], None] | None = None,
+          ) -> tuple[argparse.Namespace, Profile, list[Workload]]:
+    """The options, the profile and the workloads; ``extend`` adds options of its own."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="short steps: under a minute")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every figure and step")
     parser.add_argument("--repeats", type=int, metavar="N",
@@ -725,6 +757,8 @@ def parse(args_list: list[str]) -> tuple[argparse.Namespace, Profile, list[Workl
                         help="generator processes per configuration (default: 1)")
     parser.add_argument("--logdir", type=Path, metavar="DIR",
                         help="each server's stdout and stderr (default: a new directory in /tmp)")
+    if extend is not None:
+        extend(parser)
     args = parser.parse_args(args_list)
     prof = QUICK if args.quick else FULL
     if args.repeats is not None:
@@ -733,8 +767,8 @@ def parse(args_list: list[str]) -> tuple[argparse.Namespace, Profile, list[Workl
         prof = Profile(**{**asdict(prof), "repeats": args.repeats})
     if args.clients < 2 or (args.burst_clients and args.burst_clients < 2):
         parser.error("--clients and --burst-clients must be at least 2")
-    if args.size < MIN_SIZE or (args.large_size and args.large_size < MIN_SIZE):
-        parser.error(f"message sizes must be at least {MIN_SIZE} bytes")
+    if args.size < min_size or (args.large_size and args.large_size < min_size):
+        parser.error(f"message sizes must be at least {min_size} bytes")
     try:
         rates = [float(x) for x in args.rates.split(",") if x.strip()]
     except ValueError:
@@ -755,6 +789,18 @@ def parse(args_list: list[str]) -> tuple[argparse.Namespace, Profile, list[Workl
     return args, prof, workloads
 
 
+def interrupt_on_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt in this process, so that a bench's
+    main stops every process it started. SIGINT too: a shell starts a background job with
+    SIGINT ignored, and Python then leaves it so."""
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     args, prof, workloads = parse(args_list)
@@ -764,13 +810,7 @@ def main(argv: list[str] | None = None) -> int:
            "workloads": [asdict(w) for w in workloads], "procs": args.procs,
            "nofile": raise_nofile(), "openssl": ssl.OPENSSL_VERSION,
            "fsmchat_sources": source_digest()}
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    # SIGINT too: a shell starts a background job with SIGINT ignored, and Python then leaves it
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+    interrupt_on_signals()
     say(f"logs: {logdir}")
     started = time.monotonic()
     runs: list[Run] = []
