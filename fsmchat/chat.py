@@ -65,6 +65,17 @@ def clean_lines(payload: bytes) -> list[bytes]:
     return [clean(line.removesuffix(b"\r")) + b"\n" for line in lines]
 
 
+def _is_command(line: bytes) -> bool:
+    return line[:1] == b"/" and line[:2] != b"//"
+
+
+def _message(name: bytes, line: bytes) -> bytes | None:
+    """``<name> text`` for a line that is not a command; None for an empty one."""
+    if not line.strip():
+        return None
+    return b"<%s> %s\n" % (name, clean(line[1:] if line[:1] == b"/" else line))
+
+
 class Room(Protocol):
     """What the chat asks of the server."""
 
@@ -122,11 +133,12 @@ class Chat:
         member = self.members.pop(client.fd, None)
         if member is None:
             return
-        room = self.room
         rest = member.framer.flush()
-        if rest.strip():  # typed, then EOF without a newline: still said
-            room.messages_in += 1
-            self._say(b"<%s> %s\n" % (member.name, clean(rest)), client)
+        if rest and client.reason == "peer_closed":  # typed, then EOF without a newline
+            self.room.messages_in += 1
+            message = None if _is_command(rest) else _message(member.name, rest)
+            if message:
+                self._say(message, client)
         self.lines_cut += member.framer.cuts
         self.taken.discard(member.name.lower())
         self._say(b"* %s left\n" % member.name, client)
@@ -157,17 +169,21 @@ class Chat:
         room = self.room
         said: list[bytes] = []  # messages not yet announced: one queue entry for a run of them
         for count, line in enumerate(lines, 1):
-            if line[:1] == b"/" and line[:2] != b"//":
-                self._announce(said, client)
+            if not _is_command(line):
+                message = _message(member.name, line)
+                if message:
+                    said.append(message)
+                continue
+            self._announce(said, client)
+            if room.in_chat(client):
                 self._command(client, member, line)
-                if not room.in_chat(client):  # /quit: the rest is not read
-                    room.messages_in += count
-                    return
-            elif line.strip():
-                text = line[1:] if line[:1] == b"/" else line
-                said.append(b"<%s> %s\n" % (member.name, clean(text)))
-        self._announce(said, client)
+            # /quit; or what was announced closed it (a leave notice took it past its limit):
+            # either way the rest is not read.
+            if not room.in_chat(client):
+                room.messages_in += count
+                return
         room.messages_in += len(lines)
+        self._announce(said, client)
         room.hold_back(client)
 
     def _announce(self, said: list[bytes], client: Client) -> None:

@@ -249,7 +249,8 @@ class ChatServer:
             self._fan_out(payload, None)
         else:
             lines = self.chat.relayed(payload)
-            self._fan_out(b"".join(lines), None, lines)
+            if lines:  # an empty payload is no line
+                self._fan_out(b"".join(lines), None, lines)
         return bool(self._holding)
 
     def _fan_out(self, data: bytes, exclude: Connection | None,
@@ -275,7 +276,9 @@ class ChatServer:
             self._close_overflowed()
 
     def tell(self, conn: Connection, data: bytes) -> None:
-        """A message for one client only (chat mode's replies)."""
+        """A message for one client only (chat mode's replies), while it is in the chat."""
+        if conn.state not in IN_CHAT:
+            return
         conn.enqueue(data)
         if self._overflowed:
             self._close_overflowed()
@@ -301,8 +304,9 @@ class ChatServer:
             self.chat.left(conn)
 
     def quit(self, conn: Connection) -> None:
-        conn.reason = "quit"
-        self.fire(conn, Trigger.QUIT)
+        if conn.state in IN_CHAT:  # not if its goodbye took it past its limit
+            conn.reason = "quit"
+            self.fire(conn, Trigger.QUIT)
 
     def in_chat(self, conn: Connection) -> bool:
         return conn.state in IN_CHAT

@@ -17,6 +17,7 @@ class Person:
     fd: int
     peer: str = "127.0.0.1:1"
     here: bool = True
+    reason: str = "peer_closed"  # why it leaves, when it does
 
 
 @dataclass
@@ -113,6 +114,32 @@ def test_a_partial_line_is_said_when_its_sender_leaves() -> None:
     assert room.take() == []
 
 
+def test_an_unfinished_line_is_dropped_on_a_forced_close_and_never_a_command() -> None:
+    chat, room, (a, b) = setup(2)
+    chat.received(a, b"cut short")
+    a.reason = "queue_limit"
+    chat.left(a)
+    chat.received(b, b"/quit")  # EOF right after: a command is not said, nor done
+    chat.left(b)
+    assert room.take() == [("* but 10", b"* user1 left\n"), ("* but 11", b"* user2 left\n")]
+
+
+def test_a_client_closed_by_its_own_announcement_reads_no_further() -> None:
+    chat, room, (a, _) = setup(2)
+    original = room.announce
+
+    def announce_then_close(data: bytes, exclude: Person | None = None,
+                            lines: Sequence[bytes] = ()) -> None:
+        original(data, exclude, lines)
+        if exclude is not None:
+            exclude.here = False  # as when a leave notice took it past its queue limit
+
+    room.announce = announce_then_close  # type: ignore[method-assign]
+    chat.received(a, b"first\n/nick late\n/who\nsecond\n")
+    assert room.take() == [("* but 10", b"<user1> first\n")]
+    assert b"late" not in chat.taken
+
+
 def test_commands_escapes_and_empty_lines() -> None:
     chat, room, (a, _) = setup(2)
     chat.received(a, b"//slash\n\n   \n/me \x1b[2Jdances\n/frobnicate now\n")
@@ -141,8 +168,8 @@ def test_at_shutdown_everyone_is_told_and_leaves_are_news_elsewhere_only() -> No
     chat, room, (a, b) = setup(2)
     chat.received(a, b"unfinished")
     chat.closing()
+    a.reason = b.reason = "server_shutdown"
     chat.left(a)
     chat.left(b)
     assert room.take() == [("here", b"* the server is shutting down\n"),
-                           ("elsewhere", b"<user1> unfinished\n"),
                            ("elsewhere", b"* user1 left\n"), ("elsewhere", b"* user2 left\n")]

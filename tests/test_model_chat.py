@@ -61,3 +61,24 @@ class ChatMode(Chat):
 
 ChatMode.TestCase.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
 test_chat_mode_model = ChatMode.TestCase
+
+
+def test_a_sender_closed_by_the_notices_its_message_caused_reads_no_further() -> None:
+    """A's message takes B past its limit; B's leave notice takes A past its own: A is closed in
+    the middle of its read, and its next line (a command answered to A alone) must not revive
+    it in the loop."""
+    model = ChatMode()
+    try:
+        model.connect()
+        model.connect()
+        a, b = model.conns
+        for conn, room in ((a, 10), (b, 3)):  # both stopped reading: almost no room left
+            conn.enqueue(b"x" * (LIMIT - room - conn.queue.nbytes))
+        model.sockets[0].inbound.append(b"hello there\n/who\n")
+        model.loop.handler(a.fd).on_readable()
+        model.server.end_of_step()
+        assert not model.server.connections
+        assert not model.loop.wants_write(a.fd) and not model.loop.wants_write(b.fd)
+        model.no_trigger_is_ever_invalid()
+    finally:
+        model.listener.close()
