@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="serve Prometheus metrics at http://HOST:PORT/metrics, from the "
                               "same select loop (same --host; 0 picks a free port, reported "
                               "in server.started; default: off)")
+    numbers.add_argument("--metrics-host", default=None, metavar="ADDR",
+                         help="address to serve metrics on, e.g. 127.0.0.1 to keep them on this "
+                              "machine (default: --host)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -309,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                       max_line=ns.max_line or DEFAULT_MAX_LINE, history=ns.history,
                       history_bytes=ns.history_bytes
                       or min(DEFAULT_HISTORY_BYTES, ns.max_queue_bytes // 2),
-                      stats_interval=ns.stats_interval, metrics_port=ns.metrics_port)
+                      stats_interval=ns.stats_interval, metrics_port=ns.metrics_port,
+                      metrics_host=ns.metrics_host)
     return run(options)
 
 
@@ -330,6 +334,8 @@ def _check_combinations(parser: argparse.ArgumentParser, ns: argparse.Namespace)
         parser.error("--no-plain needs --tls-port (without it, --port speaks TLS only anyway)")
     if ns.tls_port is not None and ns.tls_port == ns.port and ns.port != 0:
         parser.error("--tls-port must differ from --port")
+    if ns.metrics_host is not None and ns.metrics_port is None:
+        parser.error("--metrics-host needs --metrics-port")
     if ns.metrics_port and ns.metrics_port in (ns.port, ns.tls_port):
         parser.error("--metrics-port must differ from --port and --tls-port")
     _check_chat(parser, ns)

@@ -102,7 +102,8 @@ CATALOGUE: tuple[EventSpec, ...] = (
     EventSpec("metrics.bad_request", "warning", ("peer", "error"),
               "a request to the metrics port was not HTTP: answered 400, then closed"),
     EventSpec("metrics.rejected", "warning", ("peer", "reason"),
-              "a connection to the metrics port was closed at once: too many scrapers (busy)"),
+              "a connection to the metrics port was closed at once: denied (--allow/--deny), "
+              "busy (too many scrapers) or fd_limit"),
     EventSpec("redis.connected", "info", ("link", "address", "attempts"),
               "a Redis link is ready (the subscriber once SUBSCRIBE is confirmed)"),
     EventSpec("redis.disconnected", "warning",

@@ -12,6 +12,7 @@ Rules it keeps:
   and that connection closes. Nothing a scraper sends can reach the chat.
 - At most ``MAX_SCRAPERS`` connections at once, each closed after ``IDLE_TIMEOUT`` seconds
   without a whole request: a stuck or hostile scraper costs a descriptor for a while, no more.
+  The chat's ``--allow``/``--deny`` apply here too.
 """
 
 from __future__ import annotations
@@ -49,10 +50,14 @@ class MetricsEndpoint:
         self.content_type = content_type
         self.scrapers: dict[int, MetricsConnection] = {}
 
-    def admit(self, sock: socket.socket, peer: str) -> None:
+    def admit(self, sock: socket.socket, peer: str, *, allowed: bool = True) -> None:
+        """Serve a scraper, or close it at once: not allowed (``--allow``/``--deny``), too many
+        scrapers already, or a descriptor select cannot watch."""
         fd = sock.fileno()
-        if len(self.scrapers) >= MAX_SCRAPERS or fd >= FD_SETSIZE:
-            self.log.warning("metrics.rejected", peer=peer, reason="busy")
+        reason = ("denied" if not allowed else "fd_limit" if fd >= FD_SETSIZE
+                  else "busy" if len(self.scrapers) >= MAX_SCRAPERS else "")
+        if reason:
+            self.log.warning("metrics.rejected", peer=peer, reason=reason)
             sock.close()
             return
         sock.setblocking(False)

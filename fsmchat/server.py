@@ -133,6 +133,7 @@ class Options:
     history_bytes: int = DEFAULT_HISTORY_BYTES
     stats_interval: float = DEFAULT_STATS_INTERVAL  # seconds between server.stats; 0: never
     metrics_port: int | None = None  # None: no metrics listener
+    metrics_host: str | None = None  # None: the same as host
 
 
 def default_max_clients() -> int:
@@ -413,7 +414,13 @@ class ChatServer:
     def serve_metrics(self, listener: socket.socket, endpoint: MetricsEndpoint) -> None:
         """Answer scrapers on ``listener``, in this loop."""
         self.metrics, self.metrics_listener = endpoint, listener
-        self._listen(listener, lambda sock, address: endpoint.admit(sock, format_peer(address)))
+        self._listen(listener, partial(self._take_scraper, endpoint))
+
+    def _take_scraper(self, endpoint: MetricsEndpoint, sock: socket.socket,
+                      address: object) -> None:
+        host = address[0] if isinstance(address, tuple) else ""
+        endpoint.admit(sock, format_peer(address),
+                       allowed=self.access.open or self.access.permits(host))
 
     def _take_client(self, tls: ssl.SSLContext | None, sock: socket.socket,
                      address: object) -> None:
@@ -466,10 +473,18 @@ class ChatServer:
         self.log.info("connection.accepted", fd=fd, peer=peer, tls=tls is not None)
         self.fire(conn, Trigger.START if tls is None else Trigger.SECURE)
 
+    def _listening(self) -> list[socket.socket]:
+        """Every listener: the chat's, and the metrics one."""
+        sockets = [listener for listener, _ in self.listeners]
+        if self.metrics_listener is not None:
+            sockets.append(self.metrics_listener)
+        return sockets
+
     def _pause_accepting(self, exc: OSError) -> None:
-        for listener, _ in self.listeners:
+        for listener in self._listening():
             self.loop.want_read(listener.fileno(), False)
-        self._accept_timer = self.loop.call_later(ACCEPT_RETRY, self._resume_accepting)
+        if self._accept_timer is None:
+            self._accept_timer = self.loop.call_later(ACCEPT_RETRY, self._resume_accepting)
         if not self._accept_failures:
             self.log.warning("accept.failed", error=f"{errno.errorcode.get(exc.errno or 0)}: "
                              f"{exc.strerror}", retry_in=ACCEPT_RETRY)
@@ -480,7 +495,7 @@ class ChatServer:
             self._accept_timer.cancel()
             self._accept_timer = None
         if not self.stopping:
-            for listener, _ in self.listeners:
+            for listener in self._listening():
                 self.loop.want_read(listener.fileno(), True)
 
     # -- shutdown -----------------------------------------------------------------------------
@@ -654,7 +669,7 @@ def open_metrics_listener(options: Options, listeners: list[Listener]) -> socket
     if options.metrics_port is None:
         return None
     try:
-        return open_listener(options.host, options.metrics_port)
+        return open_listener(options.metrics_host or options.host, options.metrics_port)
     except ListenError as exc:
         for sock, _ in listeners:
             sock.close()
