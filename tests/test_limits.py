@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import resource
+import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import conftest
 import pytest
@@ -250,14 +251,11 @@ def test_out_of_descriptors_accept_rests_instead_of_spinning(start_limited: Star
     assert isinstance(failed["retry_in"], int | float) and failed["retry_in"] > 0, failed
 
     # A one-second window with 80 clients connected, part of them waiting in the backlog.
-    ticks_before = proc_cpu_ticks(server.pid)
-    start = time.monotonic()
-    first.sock.sendall(b"hello while out of descriptors")  # the chat goes on meanwhile
-    assert recv_exactly(second.sock, 30) == b"hello while out of descriptors"
-    time.sleep(max(0.0, 1.0 - (time.monotonic() - start)))  # the measuring window itself
-    ticks = proc_cpu_ticks(server.pid) - ticks_before
-    elapsed = time.monotonic() - start
-    cpu = ticks / CLOCK_TICKS / elapsed
+    def chat_goes_on() -> None:
+        first.sock.sendall(b"hello while out of descriptors")
+        assert recv_exactly(second.sock, 30) == b"hello while out of descriptors"
+
+    cpu = cpu_share_during(server, chat_goes_on)
     assert cpu < 0.30, f"server used {cpu:.0%} of a core while out of descriptors"
     assert 1 <= len(server.events("accept.failed")) <= 3, server.events("accept.failed")
     assert not server.events("accept.resumed")
@@ -286,3 +284,32 @@ def test_out_of_descriptors_accept_rests_instead_of_spinning(start_limited: Star
     assert recv_exactly(newcomer, 7) == b"welcome"
     assert recv_exactly(second.sock, 7) == b"welcome"
     assert server.proc.poll() is None
+
+
+def cpu_share_during(server: ServerProcess, action: Callable[[], None],
+                     window: float = 1.0) -> float:
+    """The server's CPU (share of a core) over ``window`` seconds that start with ``action``."""
+    ticks_before = proc_cpu_ticks(server.pid)
+    start = time.monotonic()
+    action()
+    time.sleep(max(0.0, window - (time.monotonic() - start)))  # the measuring window itself
+    ticks = proc_cpu_ticks(server.pid) - ticks_before
+    return ticks / CLOCK_TICKS / (time.monotonic() - start)
+
+
+def test_out_of_descriptors_a_waiting_scraper_does_not_make_it_spin(
+    start_limited: StartServer,
+) -> None:
+    # Fails if the metrics listener stayed in the read set while accept fails with EMFILE: a
+    # scraper waiting in its backlog would keep it readable, and every turn would fail again.
+    server = start_limited("--log-level", "info", "--max-clients", "100", "--metrics-port", "0")
+    metrics_port = int(server.events("server.started")[0]["metrics_port"])
+    [server.raw_connect() for _ in range(60)]
+    server.wait_event("accept.failed")
+    scraper = socket.create_connection((HOST, metrics_port))
+    try:
+        cpu = cpu_share_during(server, lambda: scraper.sendall(b"GET /metrics HTTP/1.1\r\n"))
+        assert cpu < 0.30, f"server used {cpu:.0%} of a core with a scraper waiting"
+        assert len(server.events("accept.failed")) == 1
+    finally:
+        scraper.close()

@@ -21,6 +21,7 @@ from conftest import (
     WAIT,
     ServerProcess,
     StartServer,
+    closed_by_server,
     free_port,
     recv_exactly,
     recv_until,
@@ -306,3 +307,35 @@ def test_metrics_port_equal_to_port_exits_2() -> None:
 @pytest.mark.parametrize("value", ["70000", "-1", "http"])
 def test_bad_metrics_port_exits_2(value: str) -> None:
     usage_error(run_cli("--host", HOST, "--port", "0", "--metrics-port", value), "--metrics-port")
+
+
+# --------------------------------------------------------------------------
+# Who may scrape
+# --------------------------------------------------------------------------
+
+
+def test_deny_keeps_a_scraper_out_as_it_keeps_a_client_out(start_server: StartServer) -> None:
+    # Fails if the metrics listener ignored --deny: the 127.0.0.2 scraper would get a 200.
+    server = start_server(*METRICS, "--deny", "127.0.0.2/32")
+    denied = socket.socket()
+    denied.bind(("127.0.0.2", 0))
+    denied.connect((HOST, metrics_port(server)))
+    denied.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert closed_by_server(denied) == b""  # no response, and closed
+    denied.close()
+    rejected = server.wait_event("metrics.rejected")
+    assert rejected["reason"] == "denied" and rejected["peer"].startswith("127.0.0.2:")
+    assert scrape(server).value("fsmchat_connections_accepted_total") == 0  # 127.0.0.1 may
+
+
+def test_metrics_host_serves_metrics_on_its_own_address(start_server: StartServer) -> None:
+    server = start_server(*METRICS, "--metrics-host", "127.0.0.3")
+    port = metrics_port(server)
+    with urllib.request.urlopen(f"http://127.0.0.3:{port}/metrics", timeout=WAIT) as response:
+        assert response.status == 200
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((HOST, port), timeout=WAIT).close()
+
+
+def test_metrics_host_needs_metrics_port() -> None:
+    usage_error(run_cli("--host", HOST, "--port", "0", "--metrics-host", HOST), "--metrics-host")
