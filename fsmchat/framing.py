@@ -20,38 +20,57 @@ class LineFramer:
 
     def __init__(self, max_line: int) -> None:
         self.max_line = max_line
-        self.rest = b""  # the unfinished line so far
+        self.rest = bytearray()  # the unfinished line so far
         self.cutting = False  # the unfinished line was cut already (counted once)
         self.cuts = 0  # lines longer than max_line so far
 
     def feed(self, data: bytes) -> list[bytes]:
-        """The lines ``data`` completes, oldest first, terminators removed."""
-        if self.rest:
-            data = self.rest + data
-            self.rest = b""
-        lines = data.split(b"\n")
-        rest = lines.pop()
+        """The lines ``data`` completes, oldest first, terminators removed.
+
+        Only ``data`` is searched for a newline, and the unfinished rest grows in place: a line
+        that arrives a byte per recv costs linear time, not quadratic."""
+        rest = self.rest
+        end = data.rfind(b"\n")
+        if end < 0:
+            rest += data
+            return self._cut_rest() if self._too_long(rest) else []
+        if rest:
+            rest += data[:end]
+            head = bytes(rest)
+            rest.clear()
+        else:
+            head = data[:end]
+        rest += data[end + 1:]
         max_line = self.max_line
         out: list[bytes] = []
-        for whole in lines:
+        for whole in head.split(b"\n"):
             line = whole[:-1] if whole[-1:] == b"\r" else whole
             if len(line) > max_line:
                 out.extend(self._cut(line))
             else:
                 out.append(line)
             self.cutting = False
-        if len(rest) > max_line:
-            pieces = self._cut(rest)
-            rest = pieces.pop()
-            out.extend(pieces)
-        self.rest = rest
+        if self._too_long(rest):
+            out.extend(self._cut_rest())
         return out
 
     def flush(self) -> bytes:
         """What is left of an unfinished line (at EOF); empty when there is none."""
-        rest, self.rest = self.rest, b""
+        rest = bytes(self.rest)
+        self.rest.clear()
         self.cutting = False
         return rest[:-1] if rest[-1:] == b"\r" else rest
+
+    def _too_long(self, rest: bytearray) -> bool:
+        """Over max_line, not counting a final CR: its LF may be in the next read."""
+        size = len(rest)
+        return size > self.max_line and not (size == self.max_line + 1 and rest[-1] == 0x0D)
+
+    def _cut_rest(self) -> list[bytes]:
+        """The unfinished line's full pieces; the last, shorter one stays unfinished."""
+        pieces = self._cut(bytes(self.rest))
+        self.rest[:] = pieces.pop()
+        return pieces
 
     def _cut(self, line: bytes) -> list[bytes]:
         """``line`` in pieces of at most max_line bytes; the last may be shorter."""

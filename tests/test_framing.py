@@ -62,6 +62,20 @@ def test_a_cut_keeps_utf8_characters_whole() -> None:
     assert all(len(piece) <= 16 for piece in pieces)
 
 
+def test_a_crlf_split_across_reads_after_a_full_line_is_no_cut() -> None:
+    framer = LineFramer(16)
+    assert framer.feed(b"x" * 16 + b"\r") == []
+    assert framer.feed(b"\n") == [b"x" * 16]
+    assert framer.cuts == 0
+
+
+def test_a_line_a_byte_at_a_time_arrives_whole() -> None:
+    framer = LineFramer(64 * 1024)
+    line = b"y" * (64 * 1024)
+    assert all(framer.feed(line[i:i + 1]) == [] for i in range(len(line)))
+    assert framer.feed(b"\n") == [line]
+
+
 def test_what_is_left_at_eof_is_the_unfinished_line() -> None:
     framer = LineFramer(64)
     assert framer.feed(b"one\ntw") == [b"one"]
