@@ -271,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "chat: lines everyone saw) before anything live; 0: none "
                            "(default: 0)")
     chat.add_argument("--history-bytes", type=_some_bytes, default=None, metavar="BYTES",
-                      help="most bytes of history kept; the oldest go first. At most half of "
-                           "--max-queue-bytes. Takes K, M, G (default: 1M, or half of "
+                      help="most bytes of history kept; the oldest go first. At most a quarter "
+                           "of --max-queue-bytes. Takes K, M, G (default: 1M, or a quarter of "
                            "--max-queue-bytes if that is less)")
     numbers = parser.add_argument_group("numbers for operators")
     numbers.add_argument("--stats-interval", type=_seconds, default=DEFAULT_STATS_INTERVAL,
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                       tls_port=ns.tls_port, plain=not ns.no_plain, mode=ns.mode,
                       max_line=ns.max_line or DEFAULT_MAX_LINE, history=ns.history,
                       history_bytes=ns.history_bytes
-                      or min(DEFAULT_HISTORY_BYTES, ns.max_queue_bytes // 2),
+                      or min(DEFAULT_HISTORY_BYTES, ns.max_queue_bytes // 4),
                       stats_interval=ns.stats_interval, metrics_port=ns.metrics_port,
                       metrics_host=ns.metrics_host)
     return run(options)
@@ -346,10 +346,10 @@ def _check_chat(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None
         parser.error("--max-line needs --mode chat")
     if ns.history_bytes is not None and not ns.history:
         parser.error("--history-bytes needs --history")
-    if ns.history_bytes is not None and ns.history_bytes > ns.max_queue_bytes // 2:
-        parser.error(f"--history-bytes ({ns.history_bytes}) must be at most half of "
-                     f"--max-queue-bytes ({ns.max_queue_bytes}), so a newcomer does not start "
-                     "congested")
+    if ns.history_bytes is not None and ns.history_bytes > ns.max_queue_bytes // 4:
+        parser.error(f"--history-bytes ({ns.history_bytes}) must be at most a quarter of "
+                     f"--max-queue-bytes ({ns.max_queue_bytes}), so that a newcomer does not "
+                     "start congested")
 
 
 def build_diagrams_parser() -> argparse.ArgumentParser:

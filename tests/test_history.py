@@ -219,8 +219,8 @@ def test_chat_history_is_bounded_by_bytes_too(start_server: StartServer) -> None
     [
         (["--history-bytes", "1K"], "--history-bytes"),
         (["--history", "0", "--history-bytes", "1K"], "--history-bytes"),
-        (["--history", "5", "--history-bytes", "3M"], "--history-bytes"),
-        (["--history", "5", "--max-queue-bytes", "1M", "--history-bytes", "513K"],
+        (["--history", "5", "--history-bytes", "2M"], "--history-bytes"),
+        (["--history", "5", "--max-queue-bytes", "1M", "--history-bytes", "257K"],
          "--history-bytes"),
         (["--history", "5", "--history-bytes", "0"], "--history-bytes"),
         (["--history", "-1"], "--history"),
@@ -242,13 +242,17 @@ def test_bad_history_option_exits_2_with_one_line_naming_it(
     [
         ["--history", "1000000"],
         ["--history", "1", "--history-bytes", "1"],
-        ["--history", "5", "--history-bytes", "2M"],  # exactly half the default 4M
-        ["--history", "5", "--max-queue-bytes", "1M", "--history-bytes", "512K"],
+        ["--history", "5", "--history-bytes", "1M"],  # exactly a quarter of the default 4M
+        ["--history", "5", "--max-queue-bytes", "1M", "--history-bytes", "256K"],
+        ["--history", "5", "--max-queue-bytes", "1M"],  # the default follows: 256K
     ],
     ids=" ".join,
 )
 def test_history_bounds_that_are_allowed(start_server: StartServer, args: list[str]) -> None:
     server = start_server(*args)
+    if "--history-bytes" not in args:  # the documented default: 1M, at most a quarter
+        queue = int(server.events("server.started")[0]["max_queue_bytes"])
+        assert server.events("server.started")[0]["history_bytes"] == min(1 << 20, queue // 4)
     a, b = server.connect_many(2)
     a.sock.sendall(b"ok")
     assert recv_exactly(b.sock, 2) == b"ok"
