@@ -91,7 +91,8 @@ DRAIN_TIMEOUT = 30.0
 kernel's socket buffers, here and in the generator's, which take a second or two to deliver
 after the senders stop; this is headroom. A step that delivers everything ends as soon as it
 has, so this only matters when one does not."""
-WELCOME = re.compile(rb"\* welcome, you are ([^ ]+) ")
+NOTICE = b"*** "  # how the server's notices start
+WELCOME = re.compile(rb"\*\*\* welcome, you are ([^ ]+) ")
 PREFIX_BYTES = len(b"<> ")  # a message line's prefix, less the name
 NAME_MAX = 16
 NL, LT, GT, SP = b"\n<> "
@@ -231,7 +232,7 @@ class ChatWorker(CountingWorker):
         if not cut:
             return
         lines = data[:cut] if cut < len(data) else data
-        if lines.startswith(b"* ") or b"\n* " in lines:  # rare: joins, leaves, the welcome
+        if lines.startswith(NOTICE) or b"\n" + NOTICE in lines:  # rare: joins, leaves, welcome
             lines = self._notices(client, lines)
             if not lines:
                 return
@@ -246,7 +247,7 @@ class ChatWorker(CountingWorker):
         """Take the server's notices out of ``lines`` (whole lines); return the rest."""
         kept: list[bytes] = []
         for line in lines.split(b"\n")[:-1]:
-            if not line.startswith(b"* "):
+            if not line.startswith(NOTICE):
                 kept.append(line + b"\n")
                 continue
             welcome = WELCOME.match(line)

@@ -10,6 +10,8 @@ Rules it keeps:
 - Only whole lines are forwarded, so lines from different senders never interleave, whatever
   the TCP segmentation. The messages one read completes go out as one bytes object (one queue
   entry per recipient, not one per line); history and the counters still count lines.
+- Notices from the server start with ``*** ``, which no client can produce (an action is
+  ``* name text`` and names have no ``*``), so nobody can fake a join, a leave or a rename.
 - Everything sent ends with ``\\n``. Public lines (messages, ``/me``, joins, leaves, renames) go
   through ``announce`` (history, the Redis bus, every other client); replies to one client
   (welcome, ``/who``, refusals, ``bye``) through ``tell`` only.
@@ -123,10 +125,10 @@ class Chat:
         then calls ``announce_join``."""
         name = self._new_name()
         self.members[client.fd] = Member(name, LineFramer(self.max_line))
-        self.room.tell(client, b"* welcome, you are %s (%s)\n" % (name, HELP))
+        self.room.tell(client, b"*** welcome, you are %s (%s)\n" % (name, HELP))
 
     def announce_join(self, client: Client) -> None:
-        self.room.announce(b"* %s joined\n" % self.members[client.fd].name, client)
+        self.room.announce(b"*** %s joined\n" % self.members[client.fd].name, client)
 
     def left(self, client: Client) -> None:
         """A client left the chat (EOF, /quit, an error, a timeout, the shutdown)."""
@@ -141,12 +143,12 @@ class Chat:
                 self._say(message, client)
         self.lines_cut += member.framer.cuts
         self.taken.discard(member.name.lower())
-        self._say(b"* %s left\n" % member.name, client)
+        self._say(b"*** %s left\n" % member.name, client)
 
     def closing(self) -> None:
         """The server is shutting down: say so here; from now on, leaves go to other instances
         only (everyone here is leaving too)."""
-        self.room.announce_here(b"* the server is shutting down\n")
+        self.room.announce_here(b"*** the server is shutting down\n")
         self.stopping = True
 
     def _say(self, data: bytes, client: Client) -> None:
@@ -209,36 +211,36 @@ class Chat:
             self._nick(client, member, argument)
         elif command == b"/who":
             names = sorted((m.name for m in self.members.values()), key=bytes.lower)
-            self.room.tell(client, b"* %d here: %s\n" % (len(names), b", ".join(names)))
+            self.room.tell(client, b"*** %d here: %s\n" % (len(names), b", ".join(names)))
         elif command == b"/me":
             if argument:
                 self.room.announce(b"* %s %s\n" % (member.name, clean(argument)), client)
         elif command == b"/quit":
-            self.room.tell(client, b"* bye\n")
+            self.room.tell(client, b"*** bye\n")
             self.room.quit(client)
         else:
-            self.room.tell(client, b"* unknown command %s (%s; start a line with // to send one "
-                                   b"that begins with /)\n" % (clean(command), HELP))
+            self.room.tell(client, b"*** unknown command %s (%s; start a line with // to send "
+                                   b"one that begins with /)\n" % (clean(command), HELP))
 
     def _nick(self, client: Client, member: Member, name: bytes) -> None:
         room = self.room
         if not name:
-            room.tell(client, b"* usage: /nick NAME\n")
+            room.tell(client, b"*** usage: /nick NAME\n")
         elif _NAME.fullmatch(name) is None:
-            room.tell(client, b'* nick: "%s" is not a name: use 1 to %d letters, digits, - or _\n'
-                      % (clean(name), NAME_MAX))
+            room.tell(client, b'*** nick: "%s" is not a name: use 1 to %d letters, digits, '
+                              b'- or _\n' % (clean(name), NAME_MAX))
         elif name == member.name:
-            room.tell(client, b"* you are %s already\n" % name)
+            room.tell(client, b"*** you are %s already\n" % name)
         elif name.lower() in self.taken and name.lower() != member.name.lower():
-            room.tell(client, b"* nick: %s is taken\n" % name)
+            room.tell(client, b"*** nick: %s is taken\n" % name)
         else:
             old = member.name
             self.taken.discard(old.lower())
             self.taken.add(name.lower())
             member.name = name
             room.log.info("chat.nick", fd=client.fd, old=old.decode(), new=name.decode())
-            room.tell(client, b"* you are now %s\n" % name)
-            room.announce(b"* %s is now %s\n" % (old, name), client)
+            room.tell(client, b"*** you are now %s\n" % name)
+            room.announce(b"*** %s is now %s\n" % (old, name), client)
 
     def _new_name(self) -> bytes:
         while True:

@@ -17,14 +17,14 @@ from conftest import WAIT, Client, ServerProcess, assert_nothing_arrives
 
 COMMANDS = "/nick NAME, /who, /me ACTION, /quit"
 WELCOME = re.compile(
-    rb"\* welcome, you are ([A-Za-z0-9_-]{1,16}) \(commands: "
+    rb"\*\*\* welcome, you are ([A-Za-z0-9_-]{1,16}) \(commands: "
     + re.escape(COMMANDS.encode())
     + rb"\)\n"
 )
 
 
 def welcome(name: str) -> bytes:
-    return f"* welcome, you are {name} (commands: {COMMANDS})\n".encode()
+    return f"*** welcome, you are {name} (commands: {COMMANDS})\n".encode()
 
 
 def as_bytes(text: str | bytes) -> bytes:
@@ -131,7 +131,7 @@ def join(server: ServerProcess, *present: Chatter) -> Chatter:
     assert match is not None, f"not a welcome line: {first!r}"
     name = match.group(1).decode()
     for other in present:
-        other.expect(f"* {name} joined\n")
+        other.expect(f"*** {name} joined\n")
     return Chatter(client, name, lines)
 
 

@@ -21,7 +21,7 @@ from conftest import (
 
 CHAT = ("--mode", "chat")
 UNKNOWN = (
-    "* unknown command /foo (commands: /nick NAME, /who, /me ACTION, /quit; "
+    "*** unknown command /foo (commands: /nick NAME, /who, /me ACTION, /quit; "
     "start a line with // to send one that begins with /)\n"
 )
 INVALID_UTF8 = b"bad \xff\xfe utf8 \xc3 \xe6\x97 end"
@@ -65,12 +65,12 @@ def test_newcomers_are_welcomed_by_number_and_announced_to_the_others(
     b = chat.connect()
     b_lines = Lines(b.sock)
     assert b_lines.line() == welcome("user2")
-    assert a_lines.line() == b"* user2 joined\n"
+    assert a_lines.line() == b"*** user2 joined\n"
     c = chat.connect()
     c_lines = Lines(c.sock)
     assert c_lines.line() == welcome("user3")
-    assert a_lines.line() == b"* user3 joined\n"
-    assert b_lines.line() == b"* user3 joined\n"
+    assert a_lines.line() == b"*** user3 joined\n"
+    assert b_lines.line() == b"*** user3 joined\n"
     # The newcomer is not told of its own arrival: C's first line after the welcome is A's.
     a.sock.sendall(b"hi\n")
     assert c_lines.line() == b"<user1> hi\n"
@@ -121,8 +121,8 @@ def test_empty_and_blank_lines_are_ignored(chat: ServerProcess) -> None:
 def test_a_client_that_disconnects_is_announced_as_left(chat: ServerProcess) -> None:
     a, b, c = join_many(chat, 3)
     reset(a.sock)
-    b.expect("* user1 left\n")
-    c.expect("* user1 left\n")
+    b.expect("*** user1 left\n")
+    c.expect("*** user1 left\n")
     closed = chat.wait_closed(a.client)
     assert closed["reason"] != "quit"
     b.say("still here")
@@ -139,7 +139,7 @@ def test_a_partial_line_pending_at_eof_is_delivered_before_the_leave_notice(
     b.expect(
         "<user1> first\n",
         "<user1> last words without newline\n",
-        "* user1 left\n",
+        "*** user1 left\n",
     )
     assert a.lines.rest_until_eof() == b""
     assert chat.wait_closed(a.client)["reason"] == "peer_closed"
@@ -153,9 +153,9 @@ def test_a_partial_line_pending_at_eof_is_delivered_before_the_leave_notice(
 def test_nick_renames_and_tells_everyone(chat: ServerProcess) -> None:
     a, b, c = join_many(chat, 3)
     a.say("/nick alice")
-    a.expect("* you are now alice\n")
-    b.expect("* user1 is now alice\n")
-    c.expect("* user1 is now alice\n")
+    a.expect("*** you are now alice\n")
+    b.expect("*** user1 is now alice\n")
+    c.expect("*** user1 is now alice\n")
     event = chat.wait_event("chat.nick", fd=a.client.fd)
     assert (event["old"], event["new"], event["level"]) == ("user1", "alice", "info")
     a.say("hello as alice")
@@ -163,9 +163,9 @@ def test_nick_renames_and_tells_everyone(chat: ServerProcess) -> None:
     c.expect("<alice> hello as alice\n")
     # Renamed again: one more event, with the new old name.
     a.say("/nick Al_1-x")
-    a.expect("* you are now Al_1-x\n")
-    b.expect("* alice is now Al_1-x\n")
-    c.expect("* alice is now Al_1-x\n")
+    a.expect("*** you are now Al_1-x\n")
+    b.expect("*** alice is now Al_1-x\n")
+    c.expect("*** alice is now Al_1-x\n")
     chat.wait_event("chat.nick", fd=a.client.fd, old="alice", new="Al_1-x")
     a.quiet()
 
@@ -181,7 +181,7 @@ def test_nick_refuses_what_is_not_a_name_and_tells_only_the_sender(
     a, b = join_many(chat, 2)
     a.say(f"/nick {name}")
     refusal = a.line()
-    assert refusal.startswith(b"* nick: "), refusal
+    assert refusal.startswith(b"*** nick: "), refusal
     b.say("proof")  # the next line A gets is B's: one refusal line, nothing more
     a.expect("<user2> proof\n")
     a.say("still user1")  # the next line B gets is this one: no rename notice before it
@@ -192,7 +192,7 @@ def test_nick_refuses_what_is_not_a_name_and_tells_only_the_sender(
 def test_nick_refusal_text_for_a_bad_name(chat: ServerProcess) -> None:
     (a,) = join_many(chat, 1)
     a.say("/nick bad name!")
-    a.expect('* nick: "bad name!" is not a name: use 1 to 16 letters, digits, - or _\n')
+    a.expect('*** nick: "bad name!" is not a name: use 1 to 16 letters, digits, - or _\n')
 
 
 def test_nick_accepts_sixteen_characters(chat: ServerProcess) -> None:
@@ -200,26 +200,26 @@ def test_nick_accepts_sixteen_characters(chat: ServerProcess) -> None:
     name = "A" * 8 + "z9_-" * 2
     assert len(name) == 16
     a.say(f"/nick {name}")
-    a.expect(f"* you are now {name}\n")
-    b.expect(f"* user1 is now {name}\n")
+    a.expect(f"*** you are now {name}\n")
+    b.expect(f"*** user1 is now {name}\n")
 
 
 def test_names_are_unique_ignoring_case(chat: ServerProcess) -> None:
     a, b = join_many(chat, 2)
     a.say("/nick alice")
-    a.expect("* you are now alice\n")
-    b.expect("* user1 is now alice\n")
+    a.expect("*** you are now alice\n")
+    b.expect("*** user1 is now alice\n")
     b.say("/nick alice")
-    b.expect("* nick: alice is taken\n")
+    b.expect("*** nick: alice is taken\n")
     b.say("/nick ALICE")
     refusal = b.line()
-    assert refusal.startswith(b"* nick: ") and b"taken" in refusal, refusal
+    assert refusal.startswith(b"*** nick: ") and b"taken" in refusal, refusal
     b.say("/nick user1")  # free again: alice left it
-    b.expect("* you are now user1\n")
-    a.expect("* user2 is now user1\n")
+    b.expect("*** you are now user1\n")
+    a.expect("*** user2 is now user1\n")
     a.say("/nick USER1")
     refusal = a.line()
-    assert refusal.startswith(b"* nick: "), refusal
+    assert refusal.startswith(b"*** nick: "), refusal
     a.say("after")
     b.expect("<alice> after\n")
     b.quiet()
@@ -228,7 +228,7 @@ def test_names_are_unique_ignoring_case(chat: ServerProcess) -> None:
 def test_nick_alone_shows_the_usage(chat: ServerProcess) -> None:
     a, b = join_many(chat, 2)
     a.say("/nick")
-    a.expect("* usage: /nick NAME\n")
+    a.expect("*** usage: /nick NAME\n")
     a.say("x")
     b.expect("<user1> x\n")
     b.quiet()
@@ -240,7 +240,7 @@ def test_a_taken_name_is_skipped_when_numbering_newcomers(
 ) -> None:
     (a,) = join_many(chat, 1)
     a.say(f"/nick {taken}")
-    a.expect(f"* you are now {taken}\n")
+    a.expect(f"*** you are now {taken}\n")
     b = join(chat, a)
     assert b.name == "user2"
     c = join(chat, a, b)
@@ -252,25 +252,25 @@ def test_who_lists_everyone_sorted_ignoring_case_to_the_sender_only(
 ) -> None:
     a, b, c = join_many(chat, 3)
     a.say("/nick zed")
-    a.expect("* you are now zed\n")
-    b.expect("* user1 is now zed\n")
-    c.expect("* user1 is now zed\n")
+    a.expect("*** you are now zed\n")
+    b.expect("*** user1 is now zed\n")
+    c.expect("*** user1 is now zed\n")
     b.say("/nick Bob")
-    b.expect("* you are now Bob\n")
-    a.expect("* user2 is now Bob\n")
-    c.expect("* user2 is now Bob\n")
+    b.expect("*** you are now Bob\n")
+    a.expect("*** user2 is now Bob\n")
+    c.expect("*** user2 is now Bob\n")
     c.say("/nick amy")
-    c.expect("* you are now amy\n")
-    a.expect("* user3 is now amy\n")
-    b.expect("* user3 is now amy\n")
+    c.expect("*** you are now amy\n")
+    a.expect("*** user3 is now amy\n")
+    b.expect("*** user3 is now amy\n")
     b.say("/who")
-    b.expect("* 3 here: amy, Bob, zed\n")
+    b.expect("*** 3 here: amy, Bob, zed\n")
     b.say("after who")
     a.expect("<Bob> after who\n")
     c.expect("<Bob> after who\n")
     d = join(chat, a, b, c)
     d.say("/who")
-    d.expect(f"* 4 here: amy, Bob, {d.name}, zed\n")
+    d.expect(f"*** 4 here: amy, Bob, {d.name}, zed\n")
     d.say("hello all")  # the next line the others get: no /who answer came before it
     for chatter in (a, b, c):
         chatter.expect(f"<{d.name}> hello all\n")
@@ -279,9 +279,9 @@ def test_who_lists_everyone_sorted_ignoring_case_to_the_sender_only(
 def test_me_sends_an_action_to_the_others(chat: ServerProcess) -> None:
     a, b, c = join_many(chat, 3)
     a.say("/nick alice")
-    a.expect("* you are now alice\n")
-    b.expect("* user1 is now alice\n")
-    c.expect("* user1 is now alice\n")
+    a.expect("*** you are now alice\n")
+    b.expect("*** user1 is now alice\n")
+    c.expect("*** user1 is now alice\n")
     a.say("/me waves")
     b.expect("* alice waves\n")
     c.expect("* alice waves\n")
@@ -297,11 +297,11 @@ def test_quit_says_bye_closes_with_reason_quit_and_tells_the_others(
     b.say("before")
     a.expect("<user2> before\n")
     a.say("/quit")
-    a.expect("* bye\n")
+    a.expect("*** bye\n")
     assert a.lines.rest_until_eof() == b""
     assert chat.wait_closed(a.client)["reason"] == "quit"
-    c.expect("<user2> before\n", "* user1 left\n")
-    b.expect("* user1 left\n")
+    c.expect("<user2> before\n", "*** user1 left\n")
+    b.expect("*** user1 left\n")
     b.say("after")
     c.expect("<user2> after\n")
     b.quiet()

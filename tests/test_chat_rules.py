@@ -73,16 +73,16 @@ def setup(count: int) -> tuple[Chat, Room, list[Connection]]:
 def test_names_are_unique_whatever_the_case_and_refusals_change_nothing() -> None:
     chat, room, (a, b) = setup(2)
     chat.received(a, b"/nick Alice\n")
-    assert room.take() == [("10", b"* you are now Alice\n"),
-                           ("* but 10", b"* user1 is now Alice\n")]
+    assert room.take() == [("10", b"*** you are now Alice\n"),
+                           ("* but 10", b"*** user1 is now Alice\n")]
     chat.received(b, b"/nick ALICE\n/nick no way\n/nick\n")
     said = room.take()
     assert [to for to, _ in said] == ["11", "11", "11"]
-    assert said[0][1] == b"* nick: ALICE is taken\n"
-    assert said[1][1].startswith(b'* nick: "no way" is not a name')
-    assert said[2][1] == b"* usage: /nick NAME\n"
+    assert said[0][1] == b"*** nick: ALICE is taken\n"
+    assert said[1][1].startswith(b'*** nick: "no way" is not a name')
+    assert said[2][1] == b"*** usage: /nick NAME\n"
     chat.received(b, b"/who\n")
-    assert room.take() == [("11", b"* 2 here: Alice, user2\n")]
+    assert room.take() == [("11", b"*** 2 here: Alice, user2\n")]
 
 
 def test_a_new_name_skips_names_taken_by_hand() -> None:
@@ -91,17 +91,17 @@ def test_a_new_name_skips_names_taken_by_hand() -> None:
     room.take()
     newcomer = cast(Connection, Person(20))
     chat.joined(newcomer)
-    assert room.take() == [("20", b"* welcome, you are user3 (commands: /nick NAME, /who, "
+    assert room.take() == [("20", b"*** welcome, you are user3 (commands: /nick NAME, /who, "
                                   b"/me ACTION, /quit)\n")]
 
 
 def test_after_quit_the_rest_of_the_read_is_ignored() -> None:
     chat, room, (a, _) = setup(2)
     chat.received(a, b"bye all\n/quit\nnot said\n")
-    assert room.take() == [("* but 10", b"<user1> bye all\n"), ("10", b"* bye\n")]
+    assert room.take() == [("* but 10", b"<user1> bye all\n"), ("10", b"*** bye\n")]
     assert room.messages_in == 2  # the lines read up to /quit
     chat.left(a)
-    assert room.take() == [("* but 10", b"* user1 left\n")]
+    assert room.take() == [("* but 10", b"*** user1 left\n")]
 
 
 def test_a_partial_line_is_said_when_its_sender_leaves() -> None:
@@ -109,7 +109,7 @@ def test_a_partial_line_is_said_when_its_sender_leaves() -> None:
     chat.received(a, b"half a")
     assert room.take() == []
     chat.left(a)
-    assert room.take() == [("* but 10", b"<user1> half a\n"), ("* but 10", b"* user1 left\n")]
+    assert room.take() == [("* but 10", b"<user1> half a\n"), ("* but 10", b"*** user1 left\n")]
     chat.left(a)  # twice is nothing
     assert room.take() == []
 
@@ -121,7 +121,7 @@ def test_an_unfinished_line_is_dropped_on_a_forced_close_and_never_a_command() -
     chat.left(a)
     chat.received(b, b"/quit")  # EOF right after: a command is not said, nor done
     chat.left(b)
-    assert room.take() == [("* but 10", b"* user1 left\n"), ("* but 11", b"* user2 left\n")]
+    assert room.take() == [("* but 10", b"*** user1 left\n"), ("* but 11", b"*** user2 left\n")]
 
 
 def test_a_client_closed_by_its_own_announcement_reads_no_further() -> None:
@@ -145,7 +145,7 @@ def test_commands_escapes_and_empty_lines() -> None:
     chat.received(a, b"//slash\n\n   \n/me \x1b[2Jdances\n/frobnicate now\n")
     said = room.take()
     assert said[:2] == [("* but 10", b"<user1> /slash\n"), ("* but 10", b"* user1 ^[[2Jdances\n")]
-    assert said[2][0] == "10" and said[2][1].startswith(b"* unknown command /frobnicate (")
+    assert said[2][0] == "10" and said[2][1].startswith(b"*** unknown command /frobnicate (")
     assert len(said) == 3
     assert room.held == 1  # flow control asked once per read, not per line
 
@@ -171,5 +171,5 @@ def test_at_shutdown_everyone_is_told_and_leaves_are_news_elsewhere_only() -> No
     a.reason = b.reason = "server_shutdown"
     chat.left(a)
     chat.left(b)
-    assert room.take() == [("here", b"* the server is shutting down\n"),
-                           ("elsewhere", b"* user1 left\n"), ("elsewhere", b"* user2 left\n")]
+    assert room.take() == [("here", b"*** the server is shutting down\n"),
+                           ("elsewhere", b"*** user1 left\n"), ("elsewhere", b"*** user2 left\n")]

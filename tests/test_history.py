@@ -145,7 +145,7 @@ def join_with_history(server: ServerProcess) -> tuple[Chatter, Chatter]:
     """
     a = join(server)
     b = join(server, a)
-    b.expect("* user1 joined\n")
+    b.expect("*** user1 joined\n")
     return a, b
 
 
@@ -154,34 +154,34 @@ def test_chat_history_follows_the_welcome_and_holds_shared_lines_only(
 ) -> None:
     server = start_server("--mode", "chat", "--history", "5")
     a, b = join_with_history(server)
-    shared = [b"* user1 joined\n", b"* user2 joined\n"]
+    shared = [b"*** user1 joined\n", b"*** user2 joined\n"]
     a.say("one")
     b.expect("<user1> one\n")
     shared.append(b"<user1> one\n")
     b.say("/who")  # private: not kept
-    b.expect("* 2 here: user1, user2\n")
+    b.expect("*** 2 here: user1, user2\n")
     b.say("/nick bad name!")  # private refusal: not kept
-    assert b.line().startswith(b"* nick: ")
+    assert b.line().startswith(b"*** nick: ")
     b.say("/foo")  # private: not kept
-    assert b.line().startswith(b"* unknown command /foo")
+    assert b.line().startswith(b"*** unknown command /foo")
     a.say("/me waves")
     b.expect("* user1 waves\n")
     shared.append(b"* user1 waves\n")
     b.say("/nick bob")
-    b.expect("* you are now bob\n")  # private: not kept
-    a.expect("* user2 is now bob\n")
-    shared.append(b"* user2 is now bob\n")
+    b.expect("*** you are now bob\n")  # private: not kept
+    a.expect("*** user2 is now bob\n")
+    shared.append(b"*** user2 is now bob\n")
     b.say("two")
     a.expect("<bob> two\n")
     shared.append(b"<bob> two\n")
     d = join(server, a, b)
-    shared.append(f"* {d.name} joined\n".encode())
+    shared.append(f"*** {d.name} joined\n".encode())
     d.expect(*kept(shared[:-1], 5, 1 << 20))  # its own arrival is not replayed to it
     d.say("/quit")
-    d.expect("* bye\n")
-    a.expect(f"* {d.name} left\n")
-    b.expect(f"* {d.name} left\n")
-    shared.append(f"* {d.name} left\n".encode())
+    d.expect("*** bye\n")
+    a.expect(f"*** {d.name} left\n")
+    b.expect(f"*** {d.name} left\n")
+    shared.append(f"*** {d.name} left\n".encode())
 
     c = join(server, a, b)
     assert kept(shared, 5, 1 << 20) == shared[-5:]
@@ -195,7 +195,7 @@ def test_chat_history_follows_the_welcome_and_holds_shared_lines_only(
 def test_chat_history_is_bounded_by_bytes_too(start_server: StartServer) -> None:
     server = start_server("--mode", "chat", "--history", "100", "--history-bytes", "64")
     a, b = join_with_history(server)
-    shared = [b"* user1 joined\n", b"* user2 joined\n"]
+    shared = [b"*** user1 joined\n", b"*** user2 joined\n"]
     for i in range(6):
         a.say(f"line {i} " + "x" * i)
         line = f"<user1> line {i} {'x' * i}\n".encode()

@@ -2,8 +2,8 @@
 lines, partial lines, commands (``/quit`` and ``/nick`` among them) and garbage.
 
 The invariants: no trigger is ever invalid, no queue passes its limit, every connection ends
-``closed``, and what a client was sent is whole lines, each a message (``<name> ...``) or a
-notice (``* ...``), with no control character but the newline that ends it.
+``closed``, and what a client was sent is whole lines, each a message (``<name> ...``), an action
+(``* name ...``) or a notice (``*** ...``), with no control character but the newline that ends it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from test_model import CLEAN, LIMIT, Chat, ScriptedSocket
 
 from fsmchat.server import ChatServer
 
-LINE = re.compile(rb"(<[A-Za-z0-9_-]{1,16}> |\* )[^\x00-\x08\x0a-\x1f\x7f]*")
+LINE = re.compile(rb"(<[A-Za-z0-9_-]{1,16}> |\*\*\* |\* [A-Za-z0-9_-]{1,16} )"
+                  rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 
 PIECES = st.sampled_from([
     b"hello\n", b"/quit\n", b"/nick ann\n", b"/nick Ann\n", b"/who\n", b"/me waves\n",

@@ -46,23 +46,23 @@ def test_lines_from_other_instances_carry_their_senders_name_and_enter_history(
     b = start_instance(start_server, redis_server, "--mode", "chat", "--history", "10")
     alice = Person(a)
     bob = Person(b)
-    assert bob.line() == b"* %s joined" % alice.name  # B's history: A's join came through Redis
-    assert alice.line() == b"* %s joined" % bob.name
+    assert bob.line() == b"*** %s joined" % alice.name  # B's history: A's join came through Redis
+    assert alice.line() == b"*** %s joined" % bob.name
 
     alice.say(b"/nick alice")
-    assert alice.line() == b"* you are now alice"
-    assert bob.line() == b"* %s is now alice" % alice.name
+    assert alice.line() == b"*** you are now alice"
+    assert bob.line() == b"*** %s is now alice" % alice.name
     alice.say(b"hello \x1b[31mbob")
     assert bob.line() == b"<alice> hello ^[[31mbob"
     bob.say(b"/me waves")
     assert alice.line() == b"* %s waves" % bob.name
 
     carol = Person(b)  # B's history, with what came from A, in order, then live
-    expected = [b"* %s joined" % alice.name, b"* %s joined" % bob.name,
-                b"* %s is now alice" % alice.name, b"<alice> hello ^[[31mbob",
+    expected = [b"*** %s joined" % alice.name, b"*** %s joined" % bob.name,
+                b"*** %s is now alice" % alice.name, b"<alice> hello ^[[31mbob",
                 b"* %s waves" % bob.name]
     assert [carol.line() for _ in expected] == expected
-    assert alice.line() == b"* %s joined" % carol.name
+    assert alice.line() == b"*** %s joined" % carol.name
     alice.say(b"welcome carol")
     assert carol.line() == b"<alice> welcome carol"
 
