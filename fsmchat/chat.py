@@ -115,6 +115,7 @@ class Chat:
         self.members: dict[int, Member] = {}  # fd -> member
         self.taken: set[bytes] = set()  # names in use, lower-cased
         self.next_number = 1  # for the next user<N>
+        self.suffix = b""  # after user<N>: with --redis, "-" and 4 digits of the instance id
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
         self.stopping = False  # the server is shutting down: leaves are news elsewhere only
 
@@ -244,8 +245,8 @@ class Chat:
 
     def _new_name(self) -> bytes:
         while True:
-            name = b"user%d" % self.next_number
+            name = b"user%d%s" % (self.next_number, self.suffix)
             self.next_number += 1
-            if name not in self.taken:  # user<N> is lower-case already
+            if name not in self.taken:  # lower-case already
                 self.taken.add(name)
                 return name

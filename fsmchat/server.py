@@ -649,6 +649,8 @@ def run(options: Options) -> int:
                               outbox_limit=options.redis_outbox, deliver=server.relay)
         redis = {"instance": server.bus.origin.decode(), "redis": options.redis.url(),
                  "channel": options.channel}
+        if server.chat is not None:  # every instance counts from user1: tell theirs apart
+            server.chat.suffix = b"-" + server.bus.origin[:4]
     log.info("server.started", host=host, port=port, pid=os.getpid(), max_clients=max_clients,
              max_queue_bytes=options.max_queue_bytes, **where, **redis, **extra)
     if server.bus is not None:

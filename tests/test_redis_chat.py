@@ -45,8 +45,10 @@ def test_lines_from_other_instances_carry_their_senders_name_and_enter_history(
     a = start_instance(start_server, redis_server, "--mode", "chat")
     b = start_instance(start_server, redis_server, "--mode", "chat", "--history", "10")
     alice = Person(a)
+    b.wait_event("redis.received")  # A's join notice is in B's history before bob comes
     bob = Person(b)
     assert bob.line() == b"*** %s joined" % alice.name  # B's history: A's join came through Redis
+    assert alice.name != bob.name  # both are the first on their instance: told apart
     assert alice.line() == b"*** %s joined" % bob.name
 
     alice.say(b"/nick alice")
