@@ -108,13 +108,16 @@ def _whole(text: str) -> int | None:
         return None
 
 
-def _history(text: str) -> int:
+def _whole_in(text: str, low: int, high: int, message: str) -> int:
     value = _whole(text)
-    if value is None or not 0 <= value <= HISTORY_MAX:
-        raise argparse.ArgumentTypeError(
-            f"invalid number of messages {text!r}: expected a whole number from 0 to "
-            f"{HISTORY_MAX:,}")
+    if value is None or not low <= value <= high:
+        raise argparse.ArgumentTypeError(message)
     return value
+
+
+def _history(text: str) -> int:
+    return _whole_in(text, 0, HISTORY_MAX, f"invalid number of messages {text!r}: expected a "
+                                           f"whole number from 0 to {HISTORY_MAX:,}")
 
 
 def _some_bytes(text: str) -> int:
@@ -122,12 +125,9 @@ def _some_bytes(text: str) -> int:
 
 
 def _clients(text: str) -> int:
-    value = _whole(text)
-    if value is None or not 1 <= value <= MAX_CLIENTS_CEILING:
-        raise argparse.ArgumentTypeError(
-            f"invalid number {text!r}: must be from 1 to {MAX_CLIENTS_CEILING}, the most "
-            f"select() can watch with {RESERVED_FDS} descriptors kept in reserve")
-    return value
+    return _whole_in(text, 1, MAX_CLIENTS_CEILING,
+                     f"invalid number {text!r}: must be from 1 to {MAX_CLIENTS_CEILING}, the "
+                     f"most select() can watch with {RESERVED_FDS} descriptors kept in reserve")
 
 
 def _network(text: str) -> Network:
