@@ -30,20 +30,18 @@ class LineFramer:
         Only ``data`` is searched for a newline, and the unfinished rest grows in place: a line
         that arrives a byte per recv costs linear time, not quadratic."""
         rest = self.rest
-        end = data.rfind(b"\n")
-        if end < 0:
+        if b"\n" not in data:
             rest += data
             return self._cut_rest() if self._too_long(rest) else []
-        if rest:
-            rest += data[:end]
-            head = bytes(rest)
+        if rest:  # a line that began in an earlier read (a read of whole lines copies nothing)
+            rest += data
+            data = bytes(rest)
             rest.clear()
-        else:
-            head = data[:end]
-        rest += data[end + 1:]
+        lines = data.split(b"\n")
+        rest += lines.pop()
         max_line = self.max_line
         out: list[bytes] = []
-        for whole in head.split(b"\n"):
+        for whole in lines:
             line = whole[:-1] if whole[-1:] == b"\r" else whole
             if len(line) > max_line:
                 out.extend(self._cut(line))
