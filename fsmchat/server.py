@@ -65,7 +65,7 @@ from fsmchat.metrics import CONTENT_TYPE, Exposition
 from fsmchat.metrics_http import MetricsEndpoint
 from fsmchat.redis_link import RedisAddress
 from fsmchat.signals import SignalWatch
-from fsmchat.stats import Snapshot, StatsReporter, snapshot
+from fsmchat.stats import StatsReporter, snapshot
 from fsmchat.tls import TLSSetupError, server_context
 
 RESERVED_FDS = 16
@@ -535,19 +535,12 @@ class ChatServer:
             except Exception as exc:  # noqa: BLE001
                 self.bug(conn, Trigger.FAIL, exc)
 
-    def snapshot(self) -> Snapshot:
-        return snapshot(self)
-
     def totals(self) -> dict[str, float]:
-        live = self.connections.values()
-        totals: dict[str, float] = {
-            "connections": self.accepted,
-            "bytes_in": self.bytes_in + sum(c.bytes_in for c in live),
-            "bytes_out": self.bytes_out + sum(c.bytes_out for c in live),
-            "seconds": round(time.monotonic() - self.started, 3),
-        }
-        if self.bus is not None:
-            totals.update(self.bus.totals())
+        """What ``server.stopped`` reports: the snapshot's totals since start."""
+        record = snapshot(self)
+        totals: dict[str, float] = {"connections": record["accepted"]}
+        totals.update((key, value) for key, value in record.items()
+                      if key in ("bytes_in", "bytes_out", "seconds") or key.startswith("redis_"))
         return totals
 
 
@@ -626,7 +619,7 @@ def run(options: Options) -> int:
     extra: dict[str, object] = {"mode": options.mode}
     if metrics_listener is not None:
         server.serve_metrics(metrics_listener, MetricsEndpoint(
-            loop, log, Exposition(server.snapshot).render, CONTENT_TYPE))
+            loop, log, Exposition(partial(snapshot, server)).render, CONTENT_TYPE))
         extra["metrics_port"] = metrics_listener.getsockname()[1]
     if options.history:
         extra.update(history=options.history, history_bytes=options.history_bytes)
