@@ -22,8 +22,9 @@ from structlog.typing import FilteringBoundLogger
 
 from fsmchat.bus import PublishLink, SubscribeLink
 from fsmchat.connection import MACHINE, Connection
-from fsmchat.events import EventSink, make_logger
+from fsmchat.events import make_logger
 from fsmchat.lifecycle import Trigger
+from fsmchat.logstream import LogStream
 from fsmchat.loop import EventLoop
 from fsmchat.redis_link import RedisAddress
 from fsmchat.server import ChatServer
@@ -42,7 +43,7 @@ def per_call(fn: Callable[[], object], n: int) -> float:
 def main() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     hub = ChatServer([(listener, None)], EventLoop(),
-                      make_logger(EventSink(io.BytesIO()), "info", "json"))
+                      make_logger(LogStream.memory(io.BytesIO()), "info", "json"))
     a, b = socket.socketpair()
     a.setblocking(False)
     conn = Connection(a, "bench", hub)
@@ -78,10 +79,10 @@ def main() -> None:
             s.close()
 
     for level in ("debug", "info"):
-        sink = EventSink(io.BytesIO())
+        sink = LogStream.memory(io.BytesIO())
         log = make_logger(sink, level, "json")
 
-        def emit(log: FilteringBoundLogger = log, sink: EventSink = sink) -> None:
+        def emit(log: FilteringBoundLogger = log, sink: LogStream = sink) -> None:
             for _ in range(100):
                 log.debug("data.sent", fd=7, bytes=512, queued=0)
             sink.flush()
@@ -96,7 +97,7 @@ def main() -> None:
 
 def bus_rows(n: int) -> list[tuple[str, float]]:
     loop, address = EventLoop(), RedisAddress("127.0.0.1")
-    log = make_logger(EventSink(io.BytesIO()), "info", "json")
+    log = make_logger(LogStream.memory(io.BytesIO()), "info", "json")
     publisher = PublishLink(address, loop, log, channel=b"fsmchat", origin=b"0" * 16,
                             outbox_limit=1 << 40)
     message = b"m" * 64

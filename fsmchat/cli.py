@@ -19,6 +19,7 @@ from fsmchat.chat import DEFAULT_MAX_LINE, MAX_LINE_RANGE
 from fsmchat.connection import RECV_SIZE
 from fsmchat.events import FORMATS, LEVELS
 from fsmchat.lifecycle import LIFECYCLES
+from fsmchat.logstream import DEFAULT_LOG_BUFFER
 from fsmchat.loop import FD_SETSIZE
 from fsmchat.redis_link import RedisAddress
 from fsmchat.server import (
@@ -85,6 +86,17 @@ def _bytes(text: str) -> int:
     if value < RECV_SIZE:
         raise argparse.ArgumentTypeError(
             f"invalid size {text!r}: must be at least {RECV_SIZE} (64K), the largest message")
+    return value
+
+
+LOG_BUFFER_MIN = 64 * 1024
+
+
+def _log_buffer(text: str) -> int:
+    value = _with_unit(text)
+    if value is None or value < LOG_BUFFER_MIN:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: expected bytes, at least 64K, with K, M or G if you like")
     return value
 
 
@@ -186,10 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", choices=FORMATS, default="json",
                         help="json: one JSON object per line, for jq and log aggregators; "
                              "console: the same events for people (default: %(default)s)")
+    parser.add_argument("--log-buffer", type=_log_buffer, default=DEFAULT_LOG_BUFFER,
+                        metavar="BYTES",
+                        help="most bytes of events waiting for a slow log reader; past half of "
+                             "it debug events are dropped, past three quarters info too, then "
+                             "everything, each counted and reported in a log.dropped event "
+                             "once the reader catches up. Takes K, M, G (default: 4M)")
     parser.add_argument("--drain-timeout", type=_seconds, default=5.0, metavar="SECONDS",
-                        help="on SIGINT/SIGTERM, how long connections may take to receive what "
-                             "is queued for them before they are closed anyway; a second signal "
-                             "closes them at once (default: %(default)s)")
+                        help="on SIGINT/SIGTERM/SIGHUP, how long the stop may take: clients are "
+                             "read until they have nothing more (for at most half of it), then "
+                             "receive what is queued for them, then are closed anyway; a second "
+                             "signal closes them at once (default: %(default)s)")
     parser.add_argument("--max-clients", type=_clients, default=None, metavar="N",
                         help="most clients connected at once; more are accepted and closed at "
                              f"once (default: the smaller of {FD_SETSIZE} and the descriptor "
@@ -299,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(args)
     _check_combinations(parser, ns)
     options = Options(host=ns.host, port=ns.port, log_level=ns.log_level,
-                      log_format=ns.log_format, drain_timeout=ns.drain_timeout,
+                      log_format=ns.log_format, log_buffer=ns.log_buffer,
+                      drain_timeout=ns.drain_timeout,
                       max_clients=ns.max_clients, max_queue_bytes=ns.max_queue_bytes,
                       reuse_port=ns.reuse_port, redis=ns.redis,
                       channel=ns.channel or DEFAULT_CHANNEL,

@@ -13,8 +13,11 @@ loop still holds its number.
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
 import ssl
+import sys
+import termios
 import time
 from typing import Any, Protocol, cast
 
@@ -282,6 +285,40 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
     def resume_reading(self) -> None:
         self.hub.paused.pop(self.fd, None)
         self.hub.loop.want_read(self.fd, True)
+
+    def stop_reading(self) -> None:
+        if self.credit_timer is not None:
+            self.credit_timer.cancel()
+            self.credit_timer = None
+        self.hub.paused.pop(self.fd, None)
+        self.hub.loop.want_read(self.fd, False)
+
+    def has_input(self) -> bool:
+        """Whether reading it now would get something: bytes, or its EOF (a peek)."""
+        flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
+        try:
+            if self.tls:  # beneath TLS: the plain socket's recv sees records and the peer's FIN
+                tls = cast(ssl.SSLSocket, self.sock)
+                if tls.pending():
+                    return True
+                socket.socket.recv(tls, 1, flags)
+            else:
+                self.sock.recv(1, flags)
+        except OSError:  # BlockingIOError: nothing; any other error: reading would fail anyway
+            return False
+        return True
+
+    def unread(self) -> int:
+        """Bytes the client sent that were not read yet (FIONREAD), and what TLS decrypted
+        already: what a stop that is cut short counts as never read."""
+        try:
+            count = int.from_bytes(fcntl.ioctl(self.fd, termios.FIONREAD, bytes(4)),
+                                   sys.byteorder, signed=True)
+        except OSError:
+            return 0
+        if self.tls:
+            count += cast(ssl.SSLSocket, self.sock).pending()
+        return count
 
     def leave(self) -> None:
         self._cancel_timers()

@@ -1,31 +1,31 @@
-"""Status events: one JSON object per line on stdout, written once per loop turn.
+"""Status events: one JSON object per line, rendered by structlog into the ``LogStream``.
 
-structlog turns each call into ``{"timestamp", "level", "event", ...fields}`` (orjson renders it);
-the ``EventSink`` keeps the rendered lines until the loop is about to sleep and then writes them in
-one call, so ``jq`` on a pipe sees every event within a turn but a busy turn costs one ``write``,
-not one per event. ``CATALOGUE`` lists every event the server emits, with its level and fields:
+structlog turns each call into ``{"timestamp", "level", "event", ...fields}`` (orjson renders it,
+newline included) and hands the line to the stream, which writes stdout when ``select`` says it
+may (``logstream``). ``CATALOGUE`` lists every event the server emits, with its level and fields:
 the README's table and the tests read it.
 
 Rules it keeps:
 - Debug-level calls cost a no-op method call when the level is higher (structlog's filtering
   logger), so per-read and per-write events are free at ``--log-level info``.
-- A log consumer that goes away (EPIPE) stops the logging, never the server.
+- Every line a processor chain returns is one whole line, ending in a newline.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import orjson
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
-LEVELS = ("debug", "info", "warning", "error")
+from fsmchat.logstream import LEVELS, LogStream
+
+__all__ = ["CATALOGUE", "FORMATS", "LEVELS", "EventSpec", "make_logger"]
+
 FORMATS = ("json", "console")
 
 
@@ -47,20 +47,30 @@ CATALOGUE: tuple[EventSpec, ...] = (
     EventSpec("server.stats", "info",
               ("connections", "accepted", "messages_in", "messages_out", "bytes_in",
                "bytes_out", "queued_bytes", "queued_max", "closed", "rejected", "loop_turns",
-               "select_share", "lines_cut", "history", "seconds", "redis_published",
-               "redis_received", "redis_dropped", "redis_missed", "redis_duplicates"),
-              "every --stats-interval seconds: what the server did since start, and its queues "
-              "and connections now"),
+               "select_share", "lines_cut", "history", "seconds", "log_dropped",
+               "redis_published", "redis_received", "redis_dropped", "redis_missed",
+               "redis_duplicates"),
+              "every --stats-interval seconds and on SIGUSR1: what the server did since start, "
+              "and its queues and connections now"),
     EventSpec("server.failed", "error", ("host", "port", "error"),
               "the server could not start (port in use, address not available, ...)"),
     EventSpec("server.stopping", "info", ("signal", "connections"),
-              "a signal arrived: no more accepts, every connection drains"),
+              "a signal arrived: no more accepts; every client is read until it has nothing "
+              "more, then every connection drains"),
     EventSpec("server.forced", "warning", ("reason", "connections"),
               "connections still draining are closed at once (second signal or drain timeout)"),
     EventSpec("server.stopped", "info",
-              ("connections", "bytes_in", "bytes_out", "seconds", "redis_published",
-               "redis_received", "redis_dropped", "redis_missed", "redis_duplicates"),
-              "everything is closed; totals since start (the redis_ ones with --redis)"),
+              ("connections", "bytes_in", "bytes_out", "seconds", "undrained",
+               "undelivered_bytes", "unread_bytes", "redis_published", "redis_received",
+               "redis_dropped", "redis_missed", "redis_duplicates"),
+              "everything is closed, and this is the last line; totals since start (the redis_ "
+              "ones with --redis); undrained: connections the stop closed before everything "
+              "reached them, undelivered_bytes what was still queued to them, unread_bytes "
+              "what clients had sent that was never read"),
+    EventSpec("log.dropped", "warning", ("count", "levels"),
+              "the log reader fell behind and --log-buffer filled: count events were dropped "
+              "whole since the last report (levels: how many of each level); written once it "
+              "catches up"),
     EventSpec("connection.accepted", "info", ("fd", "peer", "tls"), "a client connected"),
     EventSpec("connection.rejected", "warning", ("peer", "reason"),
               "a client was accepted and closed at once (denied, server_full, fd_limit)"),
@@ -130,41 +140,6 @@ CATALOGUE: tuple[EventSpec, ...] = (
 )
 
 
-class EventSink:
-    """The structlog 'logger': collects rendered lines; the loop flushes them once per turn."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-        self._lines: list[bytes] = []
-        self._broken = False
-
-    def msg(self, line: bytes | str) -> None:
-        if isinstance(line, str):
-            line = line.encode()
-        self._lines.append(line)
-
-    debug = info = warning = error = critical = msg
-
-    def flush(self) -> None:
-        if not self._lines:
-            return
-        lines, self._lines = self._lines, []
-        if self._broken:
-            return
-        lines.append(b"")
-        try:
-            self._stream.write(b"\n".join(lines))
-            self._stream.flush()
-        except BrokenPipeError:
-            self._broken = True
-            # What is still buffered would fail again at exit: let it go to /dev/null instead.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
-            print("fsmchat: stdout is closed; status events are no longer written, "
-                  "serving goes on", file=sys.stderr, flush=True)
-
-
 class _Clock:
     """ISO 8601 UTC timestamps with microseconds; the date and time of day are formatted once a
     second, the microseconds per event (datetime.isoformat per event costs several times more)."""
@@ -187,13 +162,24 @@ def _json_line(logger: WrappedLogger, level: str, event: EventDict) -> bytes:
     if "exc_info" in event:
         event = structlog.processors.format_exc_info(logger, level, event)
     line = {"timestamp": _CLOCK.now(), "level": level, "event": event.pop("event"), **event}
-    return orjson.dumps(line, default=str)
+    return orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def _console_line() -> Callable[[WrappedLogger, str, EventDict], bytes]:
+    """structlog's console rendering, as one line of bytes."""
+    render = structlog.dev.ConsoleRenderer(colors=False, sort_keys=False)
+
+    def line(logger: WrappedLogger, name: str, event_dict: EventDict) -> bytes:
+        return render(logger, name, event_dict).encode() + b"\n"
+
+    return line
 
 
 _CLOCK = _Clock()
 
 
-def make_logger(sink: EventSink, level: str, fmt: str) -> FilteringBoundLogger:
+def make_logger(stream: LogStream, level: str, fmt: str) -> FilteringBoundLogger:
+    """The server's logger over ``stream``; the stream reports its own drops through it."""
     processors: list[structlog.typing.Processor]
     if fmt == "json":
         processors = [_json_line]
@@ -202,9 +188,10 @@ def make_logger(sink: EventSink, level: str, fmt: str) -> FilteringBoundLogger:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            structlog.dev.ConsoleRenderer(colors=False, sort_keys=False),
+            _console_line(),
         ]
     wrapper = structlog.make_filtering_bound_logger(logging.getLevelName(level.upper()))
     logger: FilteringBoundLogger = structlog.wrap_logger(
-        sink, processors=processors, wrapper_class=wrapper).bind()
+        stream, processors=processors, wrapper_class=wrapper).bind()
+    stream.log = logger
     return logger

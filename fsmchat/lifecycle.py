@@ -25,6 +25,7 @@ class State(StrEnum):
     READING = "reading"  # in the chat: reads messages, receives everyone else's
     PAUSED = "paused"  # in the chat, but not read from until congested recipients catch up
     LIMITED = "limited"  # in the chat, but not read from until its receive rate allows again
+    EMPTIED = "emptied"  # the server stops: all it had sent is read; reads nothing, still receives
     DRAINING = "draining"  # reads nothing, takes no new messages, delivers what is queued
     CLOSING = "closing"  # out of the loop; its socket is closed at the end of this loop step
     CLOSED = "closed"  # socket closed, model released
@@ -42,14 +43,16 @@ class Trigger(StrEnum):
     RESUME = "resume"  # no recipient holds senders back any more
     OVERRUN = "overrun"  # what it sent took it past its receive rate (--max-recv-rate)
     CREDIT = "credit"  # its rate allows reading again
-    SHUTDOWN = "shutdown"  # the server is stopping
+    EMPTY = "empty"  # the server is stopping, and the client has nothing more to read (or no time)
+    SHUTDOWN = "shutdown"  # the server is stopping and every client is emptied: deliver, leave
     DRAINED = "drained"  # the outgoing queue became empty while draining
     FAIL = "fail"  # a socket error, or a close forced by the server
     RELEASE = "release"  # the loop step that decided to close has ended
 
 
 INITIAL = State.ACCEPTED
-IN_CHAT = (State.READING, State.PAUSED, State.LIMITED)  # take new messages
+SENDING = (State.READING, State.PAUSED, State.LIMITED)  # what they send is (or will be) read
+IN_CHAT = (*SENDING, State.EMPTIED)  # take new messages
 LIVE = (State.ACCEPTED, State.HANDSHAKING, *IN_CHAT, State.DRAINING)
 
 
@@ -96,10 +99,13 @@ TRANSITIONS: tuple[Transition, ...] = (
                "the bucket refilled: read again"),
     Transition(Trigger.HANGUP, (State.READING,), State.DRAINING, "leave",
                "the peer sent EOF: stop reading, deliver what is queued"),
-    Transition(Trigger.QUIT, IN_CHAT, State.DRAINING, "leave",
+    Transition(Trigger.QUIT, SENDING, State.DRAINING, "leave",
                "chat mode: the client typed /quit; deliver what is queued (its goodbye too)"),
-    Transition(Trigger.SHUTDOWN, IN_CHAT, State.DRAINING, "leave",
-               "the server is stopping: stop reading, deliver what is queued"),
+    Transition(Trigger.EMPTY, SENDING, State.EMPTIED, "stop_reading",
+               "the server is stopping and all the client had sent is read: read no more, "
+               "keep receiving what the others had sent"),
+    Transition(Trigger.SHUTDOWN, (State.EMPTIED,), State.DRAINING, "leave",
+               "every client is emptied: deliver what is queued, then close"),
     Transition(Trigger.DRAINED, (State.DRAINING,), State.CLOSING, "detach",
                "everything queued was delivered"),
     Transition(Trigger.FAIL, LIVE, State.CLOSING, "detach",

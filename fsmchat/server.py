@@ -31,9 +31,11 @@ Rules it keeps:
   gets it in ``joined``, after chat mode's welcome and before anything live.
 - Counters are plain attributes bumped once per message, never per recipient; ``stats`` reads
   them for ``server.stats`` and ``/metrics`` (a listener of its own, in the same loop).
-- First SIGINT/SIGTERM: stop accepting, let every connection drain (and the publisher publish
-  what waits). Second signal, or the drain timeout: close whatever is left. Either way the
-  process ends with status 0.
+- First SIGINT/SIGTERM/SIGHUP: stop accepting; read every client until what it had sent is
+  used up (EOF, or nothing more to read; flow control still holds), so nothing that reached
+  TCP before the signal is lost; then every connection drains (and the publisher publishes what
+  waits). The reading may take half the drain timeout; second signal, or the drain timeout:
+  close whatever is left, and count what it cuts off. Either way the process ends with status 0.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ import resource
 import signal
 import socket
 import ssl
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -57,9 +58,10 @@ from fsmchat.access import Access, Network
 from fsmchat.bus import RedisBus
 from fsmchat.chat import DEFAULT_MAX_LINE, Chat
 from fsmchat.connection import Connection
-from fsmchat.events import EventSink, make_logger
+from fsmchat.events import make_logger
 from fsmchat.history import History
-from fsmchat.lifecycle import IN_CHAT, InvalidTrigger, State, Trigger
+from fsmchat.lifecycle import IN_CHAT, SENDING, InvalidTrigger, State, Trigger
+from fsmchat.logstream import DEFAULT_LOG_BUFFER, LogStream, say
 from fsmchat.loop import FD_SETSIZE, EventLoop, Timer
 from fsmchat.metrics import CONTENT_TYPE, Exposition
 from fsmchat.metrics_http import MetricsEndpoint
@@ -101,6 +103,9 @@ DEFAULT_STATS_INTERVAL = 60.0
 
 MODES = ("raw", "chat")
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Each begins an orderly stop (SIGHUP: the terminal it ran in is gone); a second one forces it."""
+
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -110,6 +115,7 @@ class Options:
     port: int
     log_level: str = "debug"
     log_format: str = "json"
+    log_buffer: int = DEFAULT_LOG_BUFFER
     drain_timeout: float = 5.0
     max_clients: int | None = None  # None: default_max_clients()
     max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
@@ -166,7 +172,8 @@ class ChatServer:
                  idle_timeout: float = 0.0,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_recv_rate: int = 0, mode: str = "raw", max_line: int = DEFAULT_MAX_LINE,
-                 history: int = 0, history_bytes: int = DEFAULT_HISTORY_BYTES) -> None:
+                 history: int = 0, history_bytes: int = DEFAULT_HISTORY_BYTES,
+                 log_stream: LogStream | None = None) -> None:
         self.listeners = listeners
         self.loop = loop
         self.log = log
@@ -188,6 +195,8 @@ class ChatServer:
         self._accept_timer: Timer | None = None  # set while accepting is paused
         self._accept_failures = 0  # failed accepts in the current episode
         self.stopping = False
+        self._emptying: dict[int, Connection] | None = None  # stopping: still read till empty
+        self._emptying_until = 0.0  # when the stop stops reading them anyway
         self.started = time.monotonic()
         self.start_time = time.time()
         self.accepted = 0
@@ -197,6 +206,10 @@ class ChatServer:
         self.bytes_out = 0
         self.closed: Counter[str] = Counter()  # reason -> connections closed
         self.rejected: Counter[str] = Counter()  # reason -> connections turned away
+        self.undrained = 0  # connections the stop closed before they had everything
+        self.undelivered_bytes = 0  # what was still queued to them
+        self.unread_bytes = 0  # what clients had sent that the stop never read
+        self.log_stream = log_stream  # for the counts of events dropped
         self.history = History(history, history_bytes) if history else None
         self.chat = Chat(self, max_line) if mode == "chat" else None
         self.received: Callable[[Connection, bytes], None] = (
@@ -344,6 +357,8 @@ class ChatServer:
 
     def end_of_step(self) -> None:
         """Release what closed during the step; stop once stopping and nobody is left."""
+        if self._emptying is not None:
+            self._check_emptied()
         while self._closing:
             closing, self._closing = self._closing, []
             for conn in closing:
@@ -501,6 +516,7 @@ class ChatServer:
     # -- shutdown -----------------------------------------------------------------------------
 
     def _begin_shutdown(self, signum: signal.Signals) -> None:
+        """Stop accepting; from now on every client is read until it has nothing more."""
         self.stopping = True
         self.log.info("server.stopping", signal=signum.name, connections=len(self.connections))
         for listener, _ in self.listeners:
@@ -514,14 +530,35 @@ class ChatServer:
             self._accept_timer.cancel()
         for conn in list(self.connections.values()):
             if conn.state == State.HANDSHAKING:  # not in the chat: nothing to deliver to it
-                self.fire(conn, Trigger.FAIL)
+                conn.close_because("server_shutdown")
+        self._emptying = dict(self.readers)
+        self._emptying_until = time.monotonic() + self.drain_timeout / 2
+        self.loop.call_later(self.drain_timeout, lambda: self._force_close("drain_timeout"))
+
+    def _check_emptied(self) -> None:
+        """End of a step while stopping: a client with nothing more to read is emptied; once
+        every one is (or half the drain timeout passed), everyone drains."""
+        emptying = self._emptying
+        assert emptying is not None
+        late = time.monotonic() >= self._emptying_until
+        for fd, conn in list(emptying.items()):
+            if conn.state not in SENDING:  # it left (EOF, /quit, an error) or was emptied
+                del emptying[fd]
+                continue
+            if not late and conn.has_input():
+                continue
+            self.unread_bytes += conn.unread()
+            del emptying[fd]
+            self.fire(conn, Trigger.EMPTY)
+        if emptying:
+            return
+        self._emptying = None
         if self.chat is not None:
             self.chat.closing()
         for conn in list(self.readers.values()):
             self.fire(conn, Trigger.SHUTDOWN)
         if self.bus is not None:
             self.bus.stop()
-        self.loop.call_later(self.drain_timeout, lambda: self._force_close("drain_timeout"))
 
     def _force_close(self, reason: str) -> None:
         if self.bus is not None:
@@ -529,7 +566,12 @@ class ChatServer:
         if not self.connections:
             return
         self.log.warning("server.forced", reason=reason, connections=len(self.connections))
+        self._emptying = None
         for conn in list(self.connections.values()):
+            if conn.state not in (State.CLOSING, State.CLOSED):
+                self.undrained += 1
+                self.undelivered_bytes += conn.queue.nbytes
+                self.unread_bytes += conn.unread() if conn.state in SENDING else 0
             try:
                 conn.close_because(reason)
             except Exception as exc:  # noqa: BLE001
@@ -541,6 +583,8 @@ class ChatServer:
         totals: dict[str, float] = {"connections": record["accepted"]}
         totals.update((key, value) for key, value in record.items()
                       if key in ("bytes_in", "bytes_out", "seconds") or key.startswith("redis_"))
+        totals.update(undrained=self.undrained, undelivered_bytes=self.undelivered_bytes,
+                      unread_bytes=self.unread_bytes)
         return totals
 
 
@@ -596,15 +640,16 @@ def open_listener(host: str | None, port: int, *, reuse_port: bool = False) -> s
 
 def run(options: Options) -> int:
     """Serve until a signal ends it; return the exit status."""
-    sink = EventSink(sys.stdout.buffer)
-    log = make_logger(sink, options.log_level, options.log_format)
+    stream = LogStream.stdout(limit=options.log_buffer)
+    log = make_logger(stream, options.log_level, options.log_format)
     try:
         listeners = open_listeners(options)
         metrics_listener = open_metrics_listener(options, listeners)
     except (ListenError, TLSSetupError) as exc:
         log.error("server.failed", host=options.host, port=options.port, error=str(exc))
-        sink.flush()
-        print(f"fsmchat: {exc}", file=sys.stderr)
+        stream.flush()
+        stream.close()
+        say(str(exc))
         return 2 if isinstance(exc, TLSSetupError) or exc.usage else 1
     loop = EventLoop()
     max_clients = options.max_clients or default_max_clients()
@@ -615,7 +660,7 @@ def run(options: Options) -> int:
                         handshake_timeout=options.handshake_timeout,
                         max_recv_rate=options.max_recv_rate, mode=options.mode,
                         max_line=options.max_line, history=options.history,
-                        history_bytes=options.history_bytes)
+                        history_bytes=options.history_bytes, log_stream=stream)
     extra: dict[str, object] = {"mode": options.mode}
     if metrics_listener is not None:
         server.serve_metrics(metrics_listener, MetricsEndpoint(
@@ -623,14 +668,10 @@ def run(options: Options) -> int:
         extra["metrics_port"] = metrics_listener.getsockname()[1]
     if options.history:
         extra.update(history=options.history, history_bytes=options.history_bytes)
-    signals = SignalWatch((signal.SIGINT, signal.SIGTERM))
-    loop.register(signals.fileno(), Reader(lambda: server.on_signals(signals.take())))
-
-    def end_of_step() -> None:
-        server.end_of_step()
-        sink.flush()
-
-    loop.before_sleep = end_of_step
+    reporter = StatsReporter(server, options.stats_interval)
+    signals = _watch_signals(server, reporter)
+    stream.attach(loop)
+    loop.before_sleep = server.end_of_step
     first, tls = listeners[0]
     host, port = first.getsockname()[:2]
     where: dict[str, object] = {"tls": tls is not None}
@@ -649,14 +690,45 @@ def run(options: Options) -> int:
     if server.bus is not None:
         server.bus.start()
     if options.stats_interval:
-        StatsReporter(server, options.stats_interval).start()
+        reporter.start()
     try:
         loop.run()
+        stream.report()
+        with stream.forced():
+            log.info("server.stopped", **server.totals())
+        _write_out(loop, stream, signals, options.drain_timeout)
     finally:
         signals.close()
-    log.info("server.stopped", **server.totals())
-    sink.flush()
+        stream.close()
     return 0
+
+
+def _watch_signals(server: ChatServer, reporter: StatsReporter) -> SignalWatch:
+    """Stop signals begin (or force) the stop; SIGUSR1 asks for a ``server.stats`` now."""
+    signals = SignalWatch((*STOP_SIGNALS, signal.SIGUSR1))
+
+    def on_signals() -> None:
+        received = signals.take()
+        if signal.SIGUSR1 in received:
+            reporter.report()
+        server.on_signals([signum for signum in received if signum in STOP_SIGNALS])
+
+    server.loop.register(signals.fileno(), Reader(on_signals))
+    return signals
+
+
+def _write_out(loop: EventLoop, stream: LogStream, signals: SignalWatch, bound: float) -> None:
+    """The last events, in the same loop: until they are written, ``bound`` seconds pass, or a
+    signal comes."""
+    if not stream.pending:
+        return
+    loop.register(signals.fileno(), Reader(loop.stop))
+    loop.before_sleep = lambda: None if stream.pending else loop.stop()
+    loop.call_later(bound, loop.stop)
+    loop.run()
+    if stream.pending:
+        say(f"{stream.abandon()} status events were never written: stdout took nothing "
+            f"for {bound:g} s")
 
 
 def open_metrics_listener(options: Options, listeners: list[Listener]) -> socket.socket | None:

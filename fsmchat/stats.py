@@ -47,6 +47,7 @@ def snapshot(server: ChatServer) -> Snapshot:
         "history": len(server.history) if server.history is not None else 0,
         "seconds": round(time.monotonic() - server.started, 3),
         "start_time": server.start_time,
+        "log_dropped": dict(server.log_stream.dropped) if server.log_stream is not None else {},
     }
     if server.bus is not None:
         record.update(server.bus.totals())
@@ -63,9 +64,15 @@ class StatsReporter:
         self.select_since = server.loop.select_seconds
 
     def start(self) -> None:
-        self.server.loop.call_later(self.interval, self.report)
+        self.server.loop.call_later(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        self.report()
+        if not self.server.stopping:
+            self.server.loop.call_later(self.interval, self._tick)
 
     def report(self) -> None:
+        """One ``server.stats`` event now (the interval's timer, or SIGUSR1)."""
         now = time.monotonic()
         record = snapshot(self.server)
         waited = record.pop("select_seconds")
@@ -75,5 +82,3 @@ class StatsReporter:
         record["select_share"] = round(min(1.0, share), 4)
         self.since, self.select_since = now, waited
         self.server.log.info("server.stats", **record)
-        if not self.server.stopping:
-            self.server.loop.call_later(self.interval, self.report)

@@ -20,8 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fsmchat.bus import DROP_REPORT, ENVELOPE, PublishLink, SubscribeLink, unpack
-from fsmchat.events import EventSink, make_logger
+from fsmchat.events import make_logger
 from fsmchat.lifecycle import LinkState
+from fsmchat.logstream import LogStream
 from fsmchat.loop import EventLoop
 from fsmchat.redis_link import RedisAddress, RedisLink
 
@@ -35,7 +36,7 @@ class Harness:
     def __init__(self) -> None:
         self.loop = EventLoop()
         self.out = io.BytesIO()
-        self.sink = EventSink(self.out)
+        self.sink = LogStream.memory(self.out)
         self.log = make_logger(self.sink, "debug", "json")
         self.links: list[RedisLink] = []
         self.pairs: list[tuple[socket.socket, socket.socket]] = []

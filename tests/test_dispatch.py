@@ -21,8 +21,9 @@ from transitions import Machine, MachineError
 from fsmchat import lifecycle
 from fsmchat.bus import PublishLink
 from fsmchat.connection import MACHINE, Connection
-from fsmchat.events import EventSink, make_logger
+from fsmchat.events import make_logger
 from fsmchat.lifecycle import InvalidTrigger, LinkTrigger, State, Trigger
+from fsmchat.logstream import LogStream
 from fsmchat.loop import EventLoop
 from fsmchat.machine import TableModel
 from fsmchat.metrics_http import MetricsConnection
@@ -34,7 +35,7 @@ def hub() -> ChatServer:
     """A real server around the connection; its listener is never accepted from."""
     listener = socket.create_server(("127.0.0.1", 0))
     return ChatServer([(listener, None)], EventLoop(),
-                      make_logger(EventSink(io.BytesIO()), "debug", "json"))
+                      make_logger(LogStream.memory(io.BytesIO()), "debug", "json"))
 
 
 class Recording(Connection):
@@ -139,7 +140,7 @@ class RecordingLink(PublishLink):
 
     def __init__(self) -> None:
         super().__init__(RedisAddress("127.0.0.1"), EventLoop(),
-                         make_logger(EventSink(io.BytesIO()), "debug", "json"),
+                         make_logger(LogStream.memory(io.BytesIO()), "debug", "json"),
                          channel=b"test", origin=b"0" * 16, outbox_limit=1 << 20)
         self.ran: list[str] = []
 

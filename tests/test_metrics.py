@@ -38,7 +38,7 @@ from fsmchat.metrics import CATALOGUE
 
 METRICS = ("--metrics-port", "0")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-STATES = ("accepted", "handshaking", "reading", "paused", "limited", "draining")
+STATES = ("accepted", "handshaking", "reading", "paused", "limited", "emptied", "draining")
 LOCAL_CATALOGUE = {spec.name: spec for spec in CATALOGUE if "redis" not in spec.name}
 
 

@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from fsmchat.connection import Connection
-from fsmchat.events import EventSink, make_logger
+from fsmchat.events import make_logger
 from fsmchat.lifecycle import IN_CHAT, State
+from fsmchat.logstream import LogStream
 from fsmchat.loop import EventLoop
 from fsmchat.server import ChatServer
 
@@ -52,9 +53,14 @@ class ScriptedSocket:
     def setsockopt(self, *args: object) -> None:
         pass
 
-    def recv(self, size: int) -> bytes:
+    def recv(self, size: int, flags: int = 0) -> bytes:
         if not self.inbound:
             raise BlockingIOError
+        if flags & socket.MSG_PEEK:
+            first = self.inbound[0]
+            if isinstance(first, OSError):
+                raise first
+            return first[:size]
         item = self.inbound.pop(0)
         if isinstance(item, OSError):
             raise item
@@ -85,7 +91,7 @@ class Chat(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.output = io.BytesIO()
-        self.sink = EventSink(self.output)
+        self.sink = LogStream.memory(self.output)
         self.loop = EventLoop()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.server = ChatServer([(self.listener, None)], self.loop,
@@ -185,8 +191,9 @@ class Chat(RuleBasedStateMachine):
         try:
             if not self.stopping:
                 self.server.on_signals([signal.SIGTERM])
-            for _ in range(1000):
-                for sock in self.sockets:
+            for _ in range(1000):  # the stop reads what they sent, then delivers
+                for who, sock in enumerate(self.sockets):
+                    self.readable(who)
                     if self.loop.wants_write(sock.fd):
                         sock.window = 1 << 30
                         self.loop.handler(sock.fd).on_writable()

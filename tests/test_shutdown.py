@@ -1,13 +1,26 @@
-"""Graceful shutdown: SIGTERM/SIGINT drain queued data, the drain timeout, and a second signal."""
+"""Graceful shutdown: a stop reads what clients had sent and drains queued data; the drain
+timeout and a second signal cut it short, and say what they cut; SIGHUP and SIGUSR1."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import signal
 import socket
 import time
+from typing import Any
 
 import pytest
-from conftest import BACKLOG_LIMIT, ServerProcess, StartServer, queue_backlog, recv_until_eof
+from conftest import (
+    BACKLOG_LIMIT,
+    ServerProcess,
+    StartServer,
+    StreamReader,
+    queue_backlog,
+    recv_exactly,
+    recv_until_eof,
+    wait_event_count,
+)
 
 
 @pytest.fixture
@@ -126,3 +139,92 @@ def test_default_drain_timeout_is_five_seconds(server: ServerProcess) -> None:
     elapsed = time.monotonic() - began
     assert 4.8 <= elapsed < 9.0, f"stuck reader held the server for {elapsed:.2f}s (expected ~5s)"
     assert server.wait_closed(reader)["reason"] == "drain_timeout"
+
+
+def test_drain_timeout_counts_what_it_cut_off(start_server: StartServer) -> None:
+    server = start_server("--drain-timeout", "0.5", *BACKLOG_LIMIT)
+    _, reader, payload = queue_backlog(server)
+    server.send_signal(signal.SIGTERM)
+    assert server.wait_exit(timeout=8) == 0
+    closed = server.wait_closed(reader)
+    stopped = server.events("server.stopped")[-1]
+    assert stopped["undrained"] == 1
+    assert stopped["undelivered_bytes"] == len(payload) - closed["bytes_out"]
+    assert stopped["unread_bytes"] == 0
+
+
+# -- a stop delivers what clients had sent --------------------------------------------------
+
+
+def _hashed_reader(sock: socket.socket) -> tuple[StreamReader, Any]:
+    digest = hashlib.sha256()
+    return StreamReader(sock, on_chunk=digest.update, timeout=20), digest
+
+
+@pytest.mark.parametrize("closes", [False, True], ids=["still-connected", "closed-its-side"])
+def test_a_stop_delivers_what_a_sender_had_handed_to_tcp(
+    start_server: StartServer, closes: bool
+) -> None:
+    """The sender's burst still in TCP buffers (or all it sent before it closed) when SIGTERM
+    arrives reaches the other client whole, through flow control, and the exit status is 0."""
+    size, limit = (8 << 20, "1M") if closes else (4 << 20, "4M")
+    server = start_server("--max-queue-bytes", limit, "--log-level", "info")
+    sender = server.connect()
+    receiver = server.connect(rcvbuf=16 * 1024)
+    stream, digest = _hashed_reader(receiver.sock)
+    payload = os.urandom(size)
+    sender.sock.settimeout(20)
+    sender.sock.sendall(payload)
+    if closes:
+        sender.sock.close()
+    server.send_signal(signal.SIGTERM)
+    assert stream.result().eof
+    assert stream.received == size
+    assert digest.digest() == hashlib.sha256(payload).digest()
+    assert server.wait_exit(timeout=15) == 0
+    stopped = server.events("server.stopped")[-1]
+    assert (stopped["undrained"], stopped["undelivered_bytes"], stopped["unread_bytes"]) == (
+        0, 0, 0)
+    assert server.events()[-1]["event"] == "server.stopped"
+
+
+def test_a_chat_line_read_during_the_stop_goes_out_like_any_other(
+    start_server: StartServer,
+) -> None:
+    server = start_server("--mode", "chat", "--log-level", "info")
+    sender = server.connect()
+    receiver = server.connect(rcvbuf=16 * 1024)
+    stream = StreamReader(receiver.sock, keep=True, timeout=20)
+    lines = [b"line %06d %s\n" % (n, b"x" * 200) for n in range(20_000)]
+    sender.sock.settimeout(20)
+    sender.sock.sendall(b"/nick sender\n" + b"".join(lines) + b"unfinished, then EOF")
+    sender.sock.shutdown(socket.SHUT_WR)
+    server.send_signal(signal.SIGTERM)
+    assert stream.result().eof
+    said = [line for line in stream.data.splitlines(keepends=True) if line.startswith(b"<")]
+    assert said == [b"<sender> " + line for line in [*lines, b"unfinished, then EOF\n"]]
+    assert stream.data.endswith(b"*** sender left\n*** the server is shutting down\n")
+    assert server.wait_exit(timeout=15) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP], ids=["SIGHUP"])
+def test_sighup_stops_like_sigterm(server: ServerProcess, sig: signal.Signals) -> None:
+    _, reader, payload = queue_backlog(server)
+    server.send_signal(sig)
+    assert server.wait_event("server.stopping")["signal"] == sig.name
+    assert recv_until_eof(reader.sock, timeout=20) == payload
+    assert server.wait_exit() == 0
+    assert server.events()[-1]["event"] == "server.stopped"
+
+
+def test_sigusr1_asks_for_stats_and_does_not_stop(start_server: StartServer) -> None:
+    server = start_server("--stats-interval", "0")
+    a, b = server.connect_many(2)
+    server.send_signal(signal.SIGUSR1)
+    stats = server.wait_event("server.stats")
+    assert stats["accepted"] == 2
+    a.sock.sendall(b"still here\n")
+    assert recv_exactly(b.sock, 11) == b"still here\n"
+    server.send_signal(signal.SIGUSR1)
+    wait_event_count(server, "server.stats", 2)
+    assert server.stop() == 0

@@ -25,7 +25,7 @@ from conftest import (
     wait_event_count,
 )
 
-STATES = ("accepted", "handshaking", "reading", "paused", "limited", "draining")
+STATES = ("accepted", "handshaking", "reading", "paused", "limited", "emptied", "draining")
 FAST = ("--stats-interval", "0.2")
 
 
