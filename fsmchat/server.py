@@ -18,7 +18,9 @@ Rules it keeps:
   nobody, and is closed at the limit unless it reads. So a fast reader is never dropped because
   a sender bursts, and a stuck one cannot freeze the chat.
 - Capacity: past ``max_clients``, or for a descriptor ``select`` cannot watch (at or above
-  FD_SETSIZE), the newcomer is accepted and closed at once with ``connection.rejected``.
+  FD_SETSIZE), the newcomer is accepted and closed at once with ``connection.rejected``. So is
+  one whose socket fails while it is being taken in (a reset before TLS could begin): the
+  error closes that connection, never the loop.
 - Running out of descriptors pauses accepting for a moment (or until a connection closes) instead
   of spinning on a listener that stays readable, and says so once per episode.
 - With ``--redis``, every message is also published once on the Redis bus, and every message
@@ -56,7 +58,7 @@ from structlog.typing import FilteringBoundLogger
 from fsmchat.access import Access, Network
 from fsmchat.bus import RedisBus
 from fsmchat.chat import DEFAULT_MAX_LINE, Chat
-from fsmchat.connection import Connection
+from fsmchat.connection import Connection, error_reason
 from fsmchat.events import EventSink, make_logger
 from fsmchat.history import History
 from fsmchat.lifecycle import IN_CHAT, InvalidTrigger, State, Trigger
@@ -446,7 +448,8 @@ class ChatServer:
 
     def admit(self, sock: socket.socket, peer: str, tls: ssl.SSLContext | None = None,
               host: str = "") -> None:
-        """Take an accepted socket into the chat, or turn it away: not allowed, or no room."""
+        """Take an accepted socket into the chat, or turn it away: not allowed, no room, or
+        gone before it could be taken in (a reset before TLS began)."""
         fd = sock.fileno()
         reason = ""
         if not self.access.open and not self.access.permits(host):
@@ -455,17 +458,16 @@ class ChatServer:
             reason = "fd_limit"
         elif len(self.connections) >= self.max_clients:
             reason = "server_full"
+        else:
+            try:
+                sock = _prepare(sock, tls)
+            except OSError as exc:  # gone already: that client only, never the loop
+                reason = "tls_error" if isinstance(exc, ssl.SSLError) else error_reason(exc)
         if reason:
             self.rejected[reason] += 1
             self.log.warning("connection.rejected", peer=peer, reason=reason)
             sock.close()
             return
-        sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _keepalive(sock)
-        if tls is not None:
-            sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         conn = Connection(sock, peer, self)
         self.connections[fd] = conn
         self.accepted += 1
@@ -542,6 +544,30 @@ class ChatServer:
         totals.update((key, value) for key, value in record.items()
                       if key in ("bytes_in", "bytes_out", "seconds") or key.startswith("redis_"))
         return totals
+
+
+def _prepare(sock: socket.socket, tls: ssl.SSLContext | None) -> socket.socket:
+    """Non-blocking, no Nagle, keepalive, and TLS if asked: OSError if the client is gone."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _keepalive(sock)
+    if tls is not None:
+        _still_connected(sock)
+        sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    return sock
+
+
+def _still_connected(sock: socket.socket) -> None:
+    """OSError (ECONNRESET, say) if the client is gone already.
+
+    ``wrap_socket`` would find it out too, but its error leaves a half-made SSLSocket holding
+    the descriptor until the garbage collector gets to it; this closes it at once."""
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or exc.errno or 0
+        raise OSError(code, os.strerror(code)) from None
 
 
 def _keepalive(sock: socket.socket) -> None:

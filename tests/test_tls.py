@@ -26,7 +26,9 @@ from conftest import (
     assert_nothing_arrives,
     closed_by_server,
     free_port,
+    proc_fd_count,
     recv_exactly,
+    reset,
     run_cli,
 )
 from tls_certs import (
@@ -245,6 +247,28 @@ def test_plain_text_on_the_tls_port_is_closed_while_tls_clients_chat(
     assert_tls_failure(server, intruder)
     assert b"hello" not in closed_by_server(intruder.sock)
     chat([tls_client, plain], "unaffected")
+
+
+def test_clients_that_reset_at_once_on_the_tls_port_are_turned_away_one_by_one(
+    start_server: StartServer, files: TlsFiles, sockets: Sockets
+) -> None:
+    # A client that connects and resets (SO_LINGER 0, close) before the server takes it in:
+    # Python 3.11.5+ reads a byte in wrap_socket, and that ECONNRESET killed the whole server.
+    # Fails if the server dies, logs no rejection for them (or another reason than reset),
+    # keeps a descriptor of one, or cannot serve a TLS client and a plain one afterwards.
+    server = start_server("--log-level", "info", *tls_args(files))
+    port = tls_port_of(server)
+    fds = proc_fd_count(server.pid)
+    for _ in range(300):
+        reset(sockets.open(port))
+    tls_client = connect_tls(server, sockets, client_context(files), port)
+    plain = connect_plain(server, sockets)
+    rejected = server.events("connection.rejected")
+    assert rejected, "no reset client reached wrap_socket: the test proves nothing"
+    assert {e["reason"] for e in rejected} == {"reset"}, rejected[:3]
+    assert proc_fd_count(server.pid) == fds + 2  # the two clients, nothing of the resets
+    chat([tls_client, plain], "after the resets")
+    assert server.proc.poll() is None, server.describe()
 
 
 @pytest.mark.parametrize(
