@@ -176,6 +176,39 @@ def test_ipv4_clients_on_a_dual_stack_listener_are_matched_as_ipv4(
     chat(clients)
 
 
+@pytest.mark.parametrize("dual_stack", [False, True], ids=["ipv4 listener", "dual-stack"])
+def test_rules_in_the_ipv4_mapped_form_match_ipv4_clients(
+    start_server: StartServer, sockets: Sockets, dual_stack: bool
+) -> None:
+    # ::ffff:127.0.0.2 is 127.0.0.2 written as IPv6, and ::ffff:127.0.0.0/120 is 127.0.0.0/24:
+    # both must refuse clients from there, whether the listener is IPv4 (the client arrives
+    # as 127.0.0.2) or dual-stack (it may arrive as ::ffff:127.0.0.2). Fails if mapped rules
+    # are compared as IPv6 only: they would then never match, and the denied clients get in.
+    where = ["--port", "0"] if dual_stack else ["--port", "0", "--host", HOST]
+    server = start_server(*where, "--deny", "::ffff:127.0.0.2",
+                          "--deny", "::ffff:127.0.1.0/120", started=False)
+    server.port = int(server.wait_event("server.started")["port"])
+    clients = connect_from(server, sockets, ["127.0.0.1", "127.0.0.3"])
+    refused(server, sockets, "127.0.0.2")
+    refused(server, sockets, "127.0.1.9")
+    chat(clients)
+
+
+def test_allow_in_the_ipv4_mapped_form_lets_those_clients_in_and_only_them(
+    start_server: StartServer, sockets: Sockets
+) -> None:
+    # --allow ::ffff:127.0.0.1 must let 127.0.0.1 in and keep 127.0.0.3 out; --deny of the
+    # whole mapped block (::ffff:0:0/96, every IPv4 address) must then keep out everyone.
+    # Fails if the mapped rule matches nobody (127.0.0.1 refused) or everybody.
+    server = start_server("--allow", "::ffff:127.0.0.1")
+    clients = connect_from(server, sockets, ["127.0.0.1", "127.0.0.1"])
+    refused(server, sockets, "127.0.0.3")
+    chat(clients)
+    closed = start_server("--deny", "::ffff:0:0/96")
+    for source in ("127.0.0.1", "127.0.0.5"):
+        refused(closed, sockets, source)
+
+
 @pytest.mark.parametrize(
     "args",
     [
