@@ -52,15 +52,32 @@ def _port(text: str) -> int:
     return port
 
 
+MAX_SECONDS = 365 * 24 * 3600
+"""The longest duration an option takes: a year. Longer is no timeout anyone means (0 says
+"never" where that makes sense), and far timers must stay well inside what select can wait."""
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value >= 0):
+    if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
         raise argparse.ArgumentTypeError(
-            f"invalid number of seconds {text!r}: expected a number of 0 or more")
+            f"invalid number of seconds {text!r}: expected a number from 0 to {MAX_SECONDS} "
+            "(a year)")
     return value
+
+
+def _host(text: str) -> str:
+    """An address, or a name the resolver can take: dot-separated labels of 1 to 63 characters."""
+    try:
+        text.encode("idna")
+    except UnicodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"invalid address or host name {text!r}: {exc.__cause__ or exc} (a name is labels "
+            "of 1 to 63 characters between dots)") from None
+    return text
 
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -176,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=_port, default=8080,
                         help="TCP port to listen on; 0 picks a free one, reported in the "
                              "server.started event (default: %(default)s)")
-    parser.add_argument("--host", default=None, metavar="ADDR",
+    parser.add_argument("--host", type=_host, default=None, metavar="ADDR",
                         help="address or host name to listen on (default: every interface, "
                              "IPv6 and IPv4)")
     parser.add_argument("--log-level", choices=LEVELS, default="debug",
@@ -284,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="serve Prometheus metrics at http://HOST:PORT/metrics, from the "
                               "same select loop (same --host; 0 picks a free port, reported "
                               "in server.started; default: off)")
-    numbers.add_argument("--metrics-host", default=None, metavar="ADDR",
+    numbers.add_argument("--metrics-host", type=_host, default=None, metavar="ADDR",
                          help="address to serve metrics on, e.g. 127.0.0.1 to keep them on this "
                               "machine (default: --host)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
