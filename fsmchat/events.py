@@ -103,7 +103,10 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "a request to the metrics port was not HTTP: answered 400, then closed"),
     EventSpec("metrics.rejected", "warning", ("peer", "reason"),
               "a connection to the metrics port was closed at once: denied (--allow/--deny), "
-              "busy (too many scrapers) or fd_limit"),
+              "busy (every place is being answered) or fd_limit"),
+    EventSpec("metrics.evicted", "warning", ("peer", "served", "seconds"),
+              "every metrics place was taken: the connection that waited longest for a "
+              "request is closed for a newcomer"),
     EventSpec("redis.connected", "info", ("link", "address", "attempts"),
               "a Redis link is ready (the subscriber once SUBSCRIBE is confirmed)"),
     EventSpec("redis.disconnected", "warning",
