@@ -6,6 +6,8 @@ Rules it keeps:
   ``::ffff:a.b.c.d``; a rule written in the mapped form (``::ffff:10.0.0.1``,
   ``::ffff:0:0/96``) is the IPv4 network it names, so both spellings match both arrivals. An
   IPv6 rule wider than the mapped block (``::/0``) names IPv6 clients only.
+- For ``--max-clients-per-addr``, a client counts against its address: an IPv4 address (mapped
+  or not), or an IPv6 /64, since one host is commonly given a whole /64 to pick from.
 """
 
 from __future__ import annotations
@@ -32,6 +34,25 @@ def _unmapped(network: Network) -> Network:
     return network
 
 
+def _client_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's address as the IP it is (a mapped IPv4 one as IPv4); None if it is no IP."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # drop an IPv6 zone
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def address_key(host: str) -> str:
+    """What a client from ``host`` counts against: its IPv4 address, or its IPv6 /64."""
+    address = _client_address(host)
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address) if address is not None else host
+
+
 class Access:
     def __init__(self, allow: Sequence[Network] = (), deny: Sequence[Network] = ()) -> None:
         self.allow = tuple(map(_unmapped, allow))
@@ -39,12 +60,9 @@ class Access:
         self.open = not self.allow and not self.deny  # nothing to check
 
     def permits(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])  # drop an IPv6 zone
-        except ValueError:
+        address = _client_address(host)
+        if address is None:
             return not self.allow  # not an IP socket (a test's socketpair): only allow-lists bar it
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         if any(address in network for network in self.deny):
             return False
         return not self.allow or any(address in network for network in self.allow)

@@ -25,6 +25,7 @@ from fsmchat.server import (
     DEFAULT_CHANNEL,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HISTORY_BYTES,
+    DEFAULT_MAX_CLIENTS_PER_ADDR,
     DEFAULT_MAX_QUEUE_BYTES,
     DEFAULT_REDIS_OUTBOX,
     DEFAULT_STATS_INTERVAL,
@@ -147,6 +148,12 @@ def _clients(text: str) -> int:
                      f"most select() can watch with {RESERVED_FDS} descriptors kept in reserve")
 
 
+def _per_addr(text: str) -> int:
+    return _whole_in(text, 0, MAX_CLIENTS_CEILING,
+                     f"invalid number {text!r}: must be from 0 (no limit) to "
+                     f"{MAX_CLIENTS_CEILING}")
+
+
 def _network(text: str) -> Network:
     try:
         return parse_network(text)
@@ -211,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most clients connected at once; more are accepted and closed at "
                              f"once (default: the smaller of {FD_SETSIZE} and the descriptor "
                              f"limit, less {RESERVED_FDS}; at most {MAX_CLIENTS_CEILING})")
+    parser.add_argument("--max-clients-per-addr", type=_per_addr,
+                        default=DEFAULT_MAX_CLIENTS_PER_ADDR, metavar="N",
+                        help="most clients one address (an IPv4 address, an IPv6 /64) may have "
+                             "connected at once; more are accepted and closed at once (reason "
+                             "per_addr_limit); 0: no limit, as behind a proxy on this machine "
+                             "(default: %(default)s)")
     parser.add_argument("--max-queue-bytes", type=_bytes, default=DEFAULT_MAX_QUEUE_BYTES,
                         metavar="BYTES",
                         help="output limit per client: one whose queue would pass it is closed "
@@ -318,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(host=ns.host, port=ns.port, log_level=ns.log_level,
                       log_format=ns.log_format, drain_timeout=ns.drain_timeout,
                       max_clients=ns.max_clients, max_queue_bytes=ns.max_queue_bytes,
+                      max_clients_per_addr=ns.max_clients_per_addr,
                       reuse_port=ns.reuse_port, redis=ns.redis,
                       channel=ns.channel or DEFAULT_CHANNEL,
                       redis_outbox=ns.redis_outbox or DEFAULT_REDIS_OUTBOX,

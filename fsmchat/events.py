@@ -63,7 +63,8 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "everything is closed; totals since start (the redis_ ones with --redis)"),
     EventSpec("connection.accepted", "info", ("fd", "peer", "tls"), "a client connected"),
     EventSpec("connection.rejected", "warning", ("peer", "reason"),
-              "a client was accepted and closed at once (denied, server_full, fd_limit, reset)"),
+              "a client was accepted and closed at once (denied, per_addr_limit, server_full, "
+              "fd_limit, reset)"),
     EventSpec("connection.secured", "info", ("fd", "peer", "version", "cipher", "subject"),
               "a TLS handshake completed; subject is the client certificate's, if any"),
     EventSpec("connection.tls_error", "warning", ("fd", "peer", "error"),

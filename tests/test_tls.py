@@ -271,6 +271,33 @@ def test_clients_that_reset_at_once_on_the_tls_port_are_turned_away_one_by_one(
     assert server.proc.poll() is None, server.describe()
 
 
+def test_stalled_handshakes_cannot_take_the_places_of_real_clients(
+    start_server: StartServer, files: TlsFiles, sockets: Sockets
+) -> None:
+    # With --max-clients 8, eight TCP connections to the TLS port that never say hello took
+    # every place until the handshake timeout: a real TLS client got server_full. Handshakes
+    # under way may take a quarter of the places (README): each newcomer past that closes the
+    # oldest unfinished one. Fails if the real client is turned away, if the wrong (not the
+    # oldest) stalled ones are closed, or if they are closed for another reason.
+    max_clients = 8
+    at_once = max_clients // 4
+    server = start_server("--max-clients", str(max_clients), *tls_args(files))
+    port = tls_port_of(server)
+    plain = connect_plain(server, sockets)
+    stalled = [accepted_client(server, sockets.open(port)) for _ in range(max_clients)]
+    tls_client = connect_tls(server, sockets, client_context(files), port)
+    chat([tls_client, plain], "room for real clients")
+    oldest = stalled[: len(stalled) + 1 - at_once]
+    for client in oldest:
+        error = server.wait_connection_event(client, "connection.tls_error")
+        assert "oldest" in error["error"], error
+        assert server.wait_closed(client)["reason"] == "handshake_limit"
+        assert closed_by_server(client.sock) == b""
+    for client in stalled[len(oldest):]:
+        assert not server.connection_events(client, "connection.closed"), client
+    assert not server.events("connection.rejected")
+
+
 @pytest.mark.parametrize(
     "case", ["missing cert", "missing key", "key of another cert", "garbage cert", "missing CA"]
 )
