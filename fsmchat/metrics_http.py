@@ -61,8 +61,8 @@ class MetricsEndpoint:
         self.scrapers: dict[int, MetricsConnection] = {}
 
     def admit(self, sock: socket.socket, peer: str, *, allowed: bool = True) -> None:
-        """Serve a scraper, or close it at once: not allowed (``--allow``/``--deny``), too many
-        scrapers already, or a descriptor select cannot watch."""
+        """Serve a scraper, or close it at once: not allowed (``--allow``/``--deny``), every
+        place taken by one being answered, or a descriptor select cannot watch."""
         fd = sock.fileno()
         reason = "denied" if not allowed else "fd_limit" if fd >= FD_SETSIZE else ""
         if not reason and len(self.scrapers) >= MAX_SCRAPERS and not self._make_room():

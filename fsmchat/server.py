@@ -19,9 +19,8 @@ Rules it keeps:
   a sender bursts, and a stuck one cannot freeze the chat.
 - Capacity: past ``max_clients``, past ``max_clients_per_addr`` from its address, or for a
   descriptor ``select`` cannot watch (at or above FD_SETSIZE), the newcomer is accepted and
-  closed at once with ``connection.rejected``. So is
-  one whose socket fails while it is being taken in (a reset before TLS could begin): the
-  error closes that connection, never the loop.
+  closed at once with ``connection.rejected``. So is one whose socket fails while it is being
+  taken in (a reset before TLS could begin): the error closes that connection, never the loop.
 - TLS handshakes under way take at most a quarter of ``max_clients``: a newcomer past that
   closes the oldest unfinished one (``handshake_limit``), so stalled handshakes can neither
   take the slots of the chat nor keep a real TLS client out.
