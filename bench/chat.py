@@ -5,6 +5,7 @@
 Every run starts a fresh server with the same command line but for the mode,
 
     python -m fsmchat --host 127.0.0.1 --port 0 --log-level info --drain-timeout 2 --mode M
+        --max-clients-per-addr 0
 
 ``raw`` (``--mode raw``: the byte relay), ``chat`` (``--mode chat``) and, unless ``--history
 0``, ``chat+hN`` (``--mode chat --history N``, 100 by default). Runs alternate raw, chat,
@@ -435,7 +436,8 @@ class ChatServer(TlsServer):
 
 def server_argv(config: str, history: int, max_line: int) -> list[str]:
     argv = [PY, "-m", "fsmchat", "--host", HOST, "--port", "0", "--log-level", "info",
-            "--drain-timeout", "2", "--mode", "raw" if config == "raw" else "chat"]
+            "--drain-timeout", "2", "--mode", "raw" if config == "raw" else "chat",
+            "--max-clients-per-addr", "0"]  # every client comes from one address
     if config != "raw" and max_line > DEFAULT_MAX_LINE:
         argv += ["--max-line", str(max_line)]
     if config == "history":

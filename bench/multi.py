@@ -364,7 +364,8 @@ class Bench:
         cfg.port = free_port()
         for i in range(cfg.instances):
             argv = [PY, "-m", "fsmchat", "--host", HOST, "--port", str(cfg.port),
-                    "--log-level", "info", "--drain-timeout", str(DRAIN_TIMEOUT)]
+                    "--log-level", "info", "--drain-timeout", str(DRAIN_TIMEOUT),
+                    "--max-clients-per-addr", "0"]  # every client comes from one address
             if cfg.redis:
                 argv += ["--reuse-port", "--redis", f"redis://{HOST}:{self.redis.port}"]
             inst = Instance(Spec(f"{cfg.name}-{i}", same_argv(argv)), self.logdir)

@@ -89,7 +89,7 @@ class Spec:
 
 def specs() -> tuple[list[Spec], list[str]]:
     """The servers to measure, and a note for each one skipped."""
-    fsm = [PY, "-m", "fsmchat", "--host", HOST]
+    fsm = [PY, "-m", "fsmchat", "--host", HOST, "--max-clients-per-addr", "0"]  # one address
     out = [
         Spec("fsmchat-info", lambda p: [*fsm, "--port", str(p), "--log-level", "info"],
              note="fsmchat --log-level info"),

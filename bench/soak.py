@@ -199,7 +199,7 @@ class Server:
         self.selector = selector
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fsmchat", "--port", "0", "--host", HOST,
-             "--log-level", "info"],
+             "--log-level", "info", "--max-clients-per-addr", "0"],  # all from one address
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self.out_fd = self.proc.stdout.fileno()

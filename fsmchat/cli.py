@@ -26,6 +26,7 @@ from fsmchat.server import (
     DEFAULT_CHANNEL,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HISTORY_BYTES,
+    DEFAULT_MAX_CLIENTS_PER_ADDR,
     DEFAULT_MAX_QUEUE_BYTES,
     DEFAULT_REDIS_OUTBOX,
     DEFAULT_STATS_INTERVAL,
@@ -53,15 +54,32 @@ def _port(text: str) -> int:
     return port
 
 
+MAX_SECONDS = 365 * 24 * 3600
+"""The longest duration an option takes: a year. Longer is no timeout anyone means (0 says
+"never" where that makes sense), and far timers must stay well inside what select can wait."""
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value >= 0):
+    if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
         raise argparse.ArgumentTypeError(
-            f"invalid number of seconds {text!r}: expected a number of 0 or more")
+            f"invalid number of seconds {text!r}: expected a number from 0 to {MAX_SECONDS} "
+            "(a year)")
     return value
+
+
+def _host(text: str) -> str:
+    """An address, or a name the resolver can take: dot-separated labels of 1 to 63 characters."""
+    try:
+        text.encode("idna")
+    except UnicodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"invalid address or host name {text!r}: {exc.__cause__ or exc} (a name is labels "
+            "of 1 to 63 characters between dots)") from None
+    return text
 
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -142,6 +160,12 @@ def _clients(text: str) -> int:
                      f"most select() can watch with {RESERVED_FDS} descriptors kept in reserve")
 
 
+def _per_addr(text: str) -> int:
+    return _whole_in(text, 0, MAX_CLIENTS_CEILING,
+                     f"invalid number {text!r}: must be from 0 (no limit) to "
+                     f"{MAX_CLIENTS_CEILING}")
+
+
 def _network(text: str) -> Network:
     try:
         return parse_network(text)
@@ -188,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=_port, default=8080,
                         help="TCP port to listen on; 0 picks a free one, reported in the "
                              "server.started event (default: %(default)s)")
-    parser.add_argument("--host", default=None, metavar="ADDR",
+    parser.add_argument("--host", type=_host, default=None, metavar="ADDR",
                         help="address or host name to listen on (default: every interface, "
                              "IPv6 and IPv4)")
     parser.add_argument("--log-level", choices=LEVELS, default="debug",
@@ -213,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most clients connected at once; more are accepted and closed at "
                              f"once (default: the smaller of {FD_SETSIZE} and the descriptor "
                              f"limit, less {RESERVED_FDS}; at most {MAX_CLIENTS_CEILING})")
+    parser.add_argument("--max-clients-per-addr", type=_per_addr,
+                        default=DEFAULT_MAX_CLIENTS_PER_ADDR, metavar="N",
+                        help="most clients one address (an IPv4 address, an IPv6 /64) may have "
+                             "connected at once; more are accepted and closed at once (reason "
+                             "per_addr_limit); 0: no limit, as behind a proxy on this machine "
+                             "(default: %(default)s)")
     parser.add_argument("--max-queue-bytes", type=_bytes, default=DEFAULT_MAX_QUEUE_BYTES,
                         metavar="BYTES",
                         help="output limit per client: one whose queue would pass it is closed "
@@ -303,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="serve Prometheus metrics at http://HOST:PORT/metrics, from the "
                               "same select loop (same --host; 0 picks a free port, reported "
                               "in server.started; default: off)")
-    numbers.add_argument("--metrics-host", default=None, metavar="ADDR",
+    numbers.add_argument("--metrics-host", type=_host, default=None, metavar="ADDR",
                          help="address to serve metrics on, e.g. 127.0.0.1 to keep them on this "
                               "machine (default: --host)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -321,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                       log_format=ns.log_format, log_buffer=ns.log_buffer,
                       drain_timeout=ns.drain_timeout,
                       max_clients=ns.max_clients, max_queue_bytes=ns.max_queue_bytes,
+                      max_clients_per_addr=ns.max_clients_per_addr,
                       reuse_port=ns.reuse_port, redis=ns.redis,
                       channel=ns.channel or DEFAULT_CHANNEL,
                       redis_outbox=ns.redis_outbox or DEFAULT_REDIS_OUTBOX,

@@ -35,6 +35,13 @@ RECV_SIZE = 64 * 1024
 _REASONS = {errno.ECONNRESET: "reset", errno.EPIPE: "broken_pipe", errno.ETIMEDOUT: "timeout"}
 
 
+def error_reason(exc: OSError) -> str:
+    """The close reason a socket error gives: ``reset``, ``broken_pipe``, ``timeout`` or another
+    lower-case errno name."""
+    code = exc.errno or 0
+    return _REASONS.get(code) or errno.errorcode.get(code, str(code)).lower()
+
+
 class Hub(Protocol):
     """What a connection needs from the server around it."""
 
@@ -363,7 +370,7 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         name = errno.errorcode.get(code, str(code))
         self.hub.log.warning("connection.error", fd=self.fd, peer=self.peer, op=op,
                              error=f"{name}: {exc.strerror}")
-        self.close_because(_REASONS.get(code, name.lower()))
+        self.close_because(error_reason(exc))
 
 
 def _subject(cert: dict[str, Any] | None) -> str | None:

@@ -73,7 +73,8 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "catches up"),
     EventSpec("connection.accepted", "info", ("fd", "peer", "tls"), "a client connected"),
     EventSpec("connection.rejected", "warning", ("peer", "reason"),
-              "a client was accepted and closed at once (denied, server_full, fd_limit)"),
+              "a client was accepted and closed at once (denied, per_addr_limit, server_full, "
+              "fd_limit, reset)"),
     EventSpec("connection.secured", "info", ("fd", "peer", "version", "cipher", "subject"),
               "a TLS handshake completed; subject is the client certificate's, if any"),
     EventSpec("connection.tls_error", "warning", ("fd", "peer", "error"),
@@ -113,7 +114,10 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "a request to the metrics port was not HTTP: answered 400, then closed"),
     EventSpec("metrics.rejected", "warning", ("peer", "reason"),
               "a connection to the metrics port was closed at once: denied (--allow/--deny), "
-              "busy (too many scrapers) or fd_limit"),
+              "busy (every place is being answered) or fd_limit"),
+    EventSpec("metrics.evicted", "warning", ("peer", "served", "seconds"),
+              "every metrics place was taken: the connection that waited longest for a "
+              "request is closed for a newcomer"),
     EventSpec("redis.connected", "info", ("link", "address", "attempts"),
               "a Redis link is ready (the subscriber once SUBSCRIBE is confirmed)"),
     EventSpec("redis.disconnected", "warning",

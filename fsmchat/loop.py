@@ -10,8 +10,9 @@ Rules it keeps:
   ask only while they have output pending, so an idle socket never wakes the loop.
 - Interest is re-checked before each dispatch: a handler may drop another descriptor's interest
   (or unregister it) in the same turn, and a dropped descriptor is then not called.
-- The select timeout is the time to the nearest timer; with no timer the loop sleeps until a
-  descriptor is ready. It never polls.
+- The select timeout is the time to the nearest timer, at most ``MAX_WAIT``; with no timer the
+  loop sleeps until a descriptor is ready. It never polls, and no timer, however far, can make
+  select's timeout overflow: a far one is waited for an hour at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from typing import Protocol
 
 FD_SETSIZE = 1024
 """select() watches descriptors below this number only (glibc's fixed fd_set)."""
+
+MAX_WAIT = 3600.0
+"""The longest select waits while a timer is set: select overflows past about 292 years (and
+the platform's time_t may end sooner); waking once an hour for a far timer costs nothing."""
 
 
 class Handler(Protocol):
@@ -131,7 +136,7 @@ class EventLoop:
             heapq.heappop(timers)
         if not timers:
             return None
-        return max(0.0, timers[0].deadline - time.monotonic())
+        return min(MAX_WAIT, max(0.0, timers[0].deadline - time.monotonic()))
 
     def run_timers(self, now: float) -> None:
         """Run the timers due at ``now`` (a ``time.monotonic`` reading), earliest first."""

@@ -10,14 +10,19 @@ Rules it keeps:
 - ``GET``/``HEAD /metrics`` answer 200 with the exposition; another path 404; another method on
   it 405 (with ``Allow``); a request h11 cannot parse 400 (or h11's hint, 431 for huge headers),
   and that connection closes. Nothing a scraper sends can reach the chat.
-- At most ``MAX_SCRAPERS`` connections at once, each closed after ``IDLE_TIMEOUT`` seconds
-  without a whole request: a stuck or hostile scraper costs a descriptor for a while, no more.
-  The chat's ``--allow``/``--deny`` apply here too.
+- At most ``MAX_SCRAPERS`` connections at once. A new one has ``REQUEST_TIMEOUT`` seconds to
+  send a whole request, a kept-alive one ``KEEPALIVE_TIMEOUT`` for its next: a stuck or hostile
+  scraper costs a descriptor for a while, no more.
+- A real scrape always gets in: when every place is taken, a newcomer takes the place of the
+  connection that has waited longest for a request (one that never sent a whole request
+  first, then an idle keep-alive one). Only when all of them are being answered is it ``busy``.
+- The chat's ``--allow``/``--deny`` apply here too.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 
@@ -33,8 +38,13 @@ PATH = b"/metrics"
 MAX_SCRAPERS = 4
 """Metrics connections open at once; more are accepted and closed at once."""
 
-IDLE_TIMEOUT = 30.0
-"""Seconds a metrics connection may wait for a whole request (a keep-alive one included)."""
+REQUEST_TIMEOUT = 5.0
+"""Seconds a new metrics connection may take to send a whole request: a scraper sends it at
+once, so only a stuck or hostile one needs more."""
+
+KEEPALIVE_TIMEOUT = 30.0
+"""Seconds a kept-alive connection may wait for its next whole request: more than a scrape
+interval (Prometheus's default is 15 s), so a scraper keeps its connection between scrapes."""
 
 RECV_SIZE = 16 * 1024
 
@@ -51,17 +61,30 @@ class MetricsEndpoint:
         self.scrapers: dict[int, MetricsConnection] = {}
 
     def admit(self, sock: socket.socket, peer: str, *, allowed: bool = True) -> None:
-        """Serve a scraper, or close it at once: not allowed (``--allow``/``--deny``), too many
-        scrapers already, or a descriptor select cannot watch."""
+        """Serve a scraper, or close it at once: not allowed (``--allow``/``--deny``), every
+        place taken by one being answered, or a descriptor select cannot watch."""
         fd = sock.fileno()
-        reason = ("denied" if not allowed else "fd_limit" if fd >= FD_SETSIZE
-                  else "busy" if len(self.scrapers) >= MAX_SCRAPERS else "")
+        reason = "denied" if not allowed else "fd_limit" if fd >= FD_SETSIZE else ""
+        if not reason and len(self.scrapers) >= MAX_SCRAPERS and not self._make_room():
+            reason = "busy"
         if reason:
             self.log.warning("metrics.rejected", peer=peer, reason=reason)
             sock.close()
             return
         sock.setblocking(False)
         self.scrapers[fd] = MetricsConnection(sock, peer, self)
+
+    def _make_room(self) -> bool:
+        """Close the connection that has waited longest for a request; False if none waits."""
+        waiting = [scraper for scraper in self.scrapers.values()
+                   if scraper.state == HttpState.RECEIVING]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda scraper: (scraper.served > 0, scraper.waiting_since))
+        self.log.warning("metrics.evicted", peer=oldest.peer, served=oldest.served,
+                         seconds=round(time.monotonic() - oldest.waiting_since, 3))
+        oldest.on_fail()
+        return True
 
     def close_all(self) -> None:
         for scraper in list(self.scrapers.values()):
@@ -78,7 +101,9 @@ class MetricsConnection(TableModel, lifecycle=METRICS_HTTP):
         self.queue = OutQueue()
         self.request: h11.Request | None = None
         self.error: h11.RemoteProtocolError | None = None
-        self.timer: Timer = endpoint.loop.call_later(IDLE_TIMEOUT, self.on_fail)
+        self.served = 0  # responses sent on this connection
+        self.waiting_since = time.monotonic()  # when its wait for the current request began
+        self.timer: Timer = endpoint.loop.call_later(REQUEST_TIMEOUT, self.on_fail)
         self.machine.add_model(self)
         endpoint.loop.register(self.fd, self)
 
@@ -189,6 +214,7 @@ class MetricsConnection(TableModel, lifecycle=METRICS_HTTP):
             return
         self.endpoint.loop.want_write(self.fd, False)
         http = self.http
+        self.served += 1
         if http.our_state is h11.DONE and http.their_state is h11.DONE:
             http.start_next_cycle()
             self.fire(HttpTrigger.SENT)
@@ -197,7 +223,8 @@ class MetricsConnection(TableModel, lifecycle=METRICS_HTTP):
 
     def next_request(self) -> None:
         self.timer.cancel()
-        self.timer = self.endpoint.loop.call_later(IDLE_TIMEOUT, self.on_fail)
+        self.timer = self.endpoint.loop.call_later(KEEPALIVE_TIMEOUT, self.on_fail)
+        self.waiting_since = time.monotonic()
         self.endpoint.loop.want_read(self.fd, True)
         self._parse()  # a pipelined request may be waiting in h11 already
 

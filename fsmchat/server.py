@@ -17,8 +17,13 @@ Rules it keeps:
   senders back for ``CONGESTION_GRACE`` seconds at most: after that it is ``stalled``, holds
   nobody, and is closed at the limit unless it reads. So a fast reader is never dropped because
   a sender bursts, and a stuck one cannot freeze the chat.
-- Capacity: past ``max_clients``, or for a descriptor ``select`` cannot watch (at or above
-  FD_SETSIZE), the newcomer is accepted and closed at once with ``connection.rejected``.
+- Capacity: past ``max_clients``, past ``max_clients_per_addr`` from its address, or for a
+  descriptor ``select`` cannot watch (at or above FD_SETSIZE), the newcomer is accepted and
+  closed at once with ``connection.rejected``. So is one whose socket fails while it is being
+  taken in (a reset before TLS could begin): the error closes that connection, never the loop.
+- TLS handshakes under way take at most a quarter of ``max_clients``: a newcomer past that
+  closes the oldest unfinished one (``handshake_limit``), so stalled handshakes can neither
+  take the slots of the chat nor keep a real TLS client out.
 - Running out of descriptors pauses accepting for a moment (or until a connection closes) instead
   of spinning on a listener that stays readable, and says so once per episode.
 - With ``--redis``, every message is also published once on the Redis bus, and every message
@@ -54,10 +59,10 @@ from functools import partial
 
 from structlog.typing import FilteringBoundLogger
 
-from fsmchat.access import Access, Network
+from fsmchat.access import Access, Network, address_key
 from fsmchat.bus import RedisBus
 from fsmchat.chat import DEFAULT_MAX_LINE, Chat
-from fsmchat.connection import Connection
+from fsmchat.connection import Connection, error_reason
 from fsmchat.events import make_logger
 from fsmchat.history import History
 from fsmchat.lifecycle import IN_CHAT, SENDING, InvalidTrigger, State, Trigger
@@ -77,6 +82,12 @@ being rejected, and room for the links to come (Redis, metrics)."""
 MAX_CLIENTS_CEILING = FD_SETSIZE - RESERVED_FDS
 
 DEFAULT_MAX_QUEUE_BYTES = 4 * 1024 * 1024
+
+DEFAULT_MAX_CLIENTS_PER_ADDR = 64
+"""Clients one address may have connected at once (0: no limit). One host alone cannot fill
+the server (it takes 16 addresses to fill 1,008 slots), while an office or a classroom behind
+one NAT address still fits. Behind a proxy on the same machine every client has the proxy's
+address: give 0 there."""
 
 CONGESTION_GRACE = 1.0
 """Seconds a recipient over the high-water mark may hold senders back before it is stalled."""
@@ -119,6 +130,7 @@ class Options:
     drain_timeout: float = 5.0
     max_clients: int | None = None  # None: default_max_clients()
     max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
+    max_clients_per_addr: int = DEFAULT_MAX_CLIENTS_PER_ADDR  # 0: no limit
     reuse_port: bool = False
     redis: RedisAddress | None = None  # None: standalone
     channel: str = DEFAULT_CHANNEL
@@ -173,12 +185,18 @@ class ChatServer:
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_recv_rate: int = 0, mode: str = "raw", max_line: int = DEFAULT_MAX_LINE,
                  history: int = 0, history_bytes: int = DEFAULT_HISTORY_BYTES,
+                 max_clients_per_addr: int = DEFAULT_MAX_CLIENTS_PER_ADDR,
                  log_stream: LogStream | None = None) -> None:
         self.listeners = listeners
         self.loop = loop
         self.log = log
         self.drain_timeout = drain_timeout
         self.max_clients = max_clients
+        self.max_clients_per_addr = max_clients_per_addr
+        self.max_handshakes = max(1, max_clients // 4)
+        self.per_addr: Counter[str] = Counter()  # address_key -> connections now
+        self._address: dict[int, str] = {}  # fd -> its address_key
+        self._handshakes: dict[int, Connection] = {}  # TLS, not yet in the chat; oldest first
         self.max_queue_bytes = max_queue_bytes
         self.high_water = max_queue_bytes // 2
         self.low_water = max_queue_bytes // 4
@@ -301,6 +319,7 @@ class ChatServer:
 
     def joined(self, conn: Connection) -> None:
         """A client entered the chat: (chat mode: its welcome,) the history, then live."""
+        self._handshakes.pop(conn.fd, None)
         if self.chat is not None:
             self.chat.joined(conn)
         if self.history:
@@ -347,6 +366,7 @@ class ChatServer:
 
     def forget(self, conn: Connection) -> None:
         del self.connections[conn.fd]
+        self._unseat(conn.fd)
         self.closed[conn.reason] += 1
         self.bytes_in += conn.bytes_in
         self.bytes_out += conn.bytes_out
@@ -395,6 +415,7 @@ class ChatServer:
             conn.sock.close()
             if self.connections.pop(conn.fd, None) is not None:
                 self.closed["internal_error"] += 1
+                self._unseat(conn.fd)
 
     def _close_overflowed(self) -> None:
         overflowed, self._overflowed = self._overflowed, []
@@ -461,32 +482,64 @@ class ChatServer:
 
     def admit(self, sock: socket.socket, peer: str, tls: ssl.SSLContext | None = None,
               host: str = "") -> None:
-        """Take an accepted socket into the chat, or turn it away: not allowed, or no room."""
+        """Take an accepted socket into the chat, or turn it away: not allowed, no room, or
+        gone before it could be taken in (a reset before TLS began)."""
         fd = sock.fileno()
         reason = ""
+        address = address_key(host)
         if not self.access.open and not self.access.permits(host):
             reason = "denied"
         elif fd >= FD_SETSIZE:
             reason = "fd_limit"
+        elif 0 < self.max_clients_per_addr <= self.per_addr[address]:
+            reason = "per_addr_limit"
         elif len(self.connections) >= self.max_clients:
             reason = "server_full"
+        else:
+            try:
+                sock = _prepare(sock, tls)
+            except OSError as exc:  # gone already: that client only, never the loop
+                reason = "tls_error" if isinstance(exc, ssl.SSLError) else error_reason(exc)
         if reason:
             self.rejected[reason] += 1
             self.log.warning("connection.rejected", peer=peer, reason=reason)
             sock.close()
             return
-        sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _keepalive(sock)
-        if tls is not None:
-            sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         conn = Connection(sock, peer, self)
         self.connections[fd] = conn
+        self.per_addr[address] += 1
+        self._address[fd] = address
+        if tls is not None:
+            self._make_room_for_handshake()
+            self._handshakes[fd] = conn
         self.accepted += 1
         self.loop.register(fd, conn, read=False)
         self.log.info("connection.accepted", fd=fd, peer=peer, tls=tls is not None)
         self.fire(conn, Trigger.START if tls is None else Trigger.SECURE)
+
+    def _make_room_for_handshake(self) -> None:
+        """At ``max_handshakes`` unfinished TLS handshakes, close the oldest one still going."""
+        if len(self._handshakes) < self.max_handshakes:
+            return
+        for conn in self._handshakes.values():
+            if conn.state == State.HANDSHAKING:
+                self.log.warning("connection.tls_error", fd=conn.fd, peer=conn.peer,
+                                 error=f"the oldest of {self.max_handshakes} unfinished "
+                                       "handshakes, the most at once (a quarter of "
+                                       "--max-clients), closed for a newcomer")
+                try:
+                    conn.close_because("handshake_limit")
+                except Exception as exc:  # noqa: BLE001
+                    self.bug(conn, Trigger.FAIL, exc)
+                return
+
+    def _unseat(self, fd: int) -> None:
+        """A connection is gone: its address has room for one more."""
+        self._handshakes.pop(fd, None)
+        address = self._address.pop(fd)
+        self.per_addr[address] -= 1
+        if not self.per_addr[address]:
+            del self.per_addr[address]
 
     def _listening(self) -> list[socket.socket]:
         """Every listener: the chat's, and the metrics one."""
@@ -588,6 +641,30 @@ class ChatServer:
         return totals
 
 
+def _prepare(sock: socket.socket, tls: ssl.SSLContext | None) -> socket.socket:
+    """Non-blocking, no Nagle, keepalive, and TLS if asked: OSError if the client is gone."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _keepalive(sock)
+    if tls is not None:
+        _still_connected(sock)
+        sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    return sock
+
+
+def _still_connected(sock: socket.socket) -> None:
+    """OSError (ECONNRESET, say) if the client is gone already.
+
+    ``wrap_socket`` would find it out too, but its error leaves a half-made SSLSocket holding
+    the descriptor until the garbage collector gets to it; this closes it at once."""
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or exc.errno or 0
+        raise OSError(code, os.strerror(code)) from None
+
+
 def _keepalive(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; elsewhere the system's defaults apply
@@ -660,7 +737,8 @@ def run(options: Options) -> int:
                         handshake_timeout=options.handshake_timeout,
                         max_recv_rate=options.max_recv_rate, mode=options.mode,
                         max_line=options.max_line, history=options.history,
-                        history_bytes=options.history_bytes, log_stream=stream)
+                        history_bytes=options.history_bytes,
+                        max_clients_per_addr=options.max_clients_per_addr, log_stream=stream)
     extra: dict[str, object] = {"mode": options.mode}
     if metrics_listener is not None:
         server.serve_metrics(metrics_listener, MetricsEndpoint(

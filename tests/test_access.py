@@ -106,11 +106,13 @@ def test_denied_address_is_refused_while_others_chat(
     assert server.proc.poll() is None
 
 
+@pytest.mark.parametrize("rule", ["127.0.0.1/32", "::ffff:127.0.0.1"])
 def test_with_allow_only_allowed_addresses_get_in(
-    start_server: StartServer, sockets: Sockets
+    start_server: StartServer, sockets: Sockets, rule: str
 ) -> None:
-    # Fails if an --allow list does not shut out the addresses it does not name.
-    server = start_server("--allow", "127.0.0.1/32")
+    # Fails if an --allow list does not shut out the addresses it does not name, or if the
+    # rule written in the IPv4-mapped form matches nobody (127.0.0.1 would be refused).
+    server = start_server("--allow", rule)
     clients = connect_from(server, sockets, ["127.0.0.1", "127.0.0.1"])
     refused(server, sockets, "127.0.0.3")
     refused(server, sockets, "127.0.0.3", b"not allowed in\n")
@@ -174,6 +176,33 @@ def test_ipv4_clients_on_a_dual_stack_listener_are_matched_as_ipv4(
     assert rejected["reason"] == "denied", rejected
     assert recv_until_eof(v6) == b""
     chat(clients)
+
+
+@pytest.mark.parametrize("dual_stack", [False, True], ids=["ipv4 listener", "dual-stack"])
+def test_rules_in_the_ipv4_mapped_form_match_ipv4_clients(
+    start_server: StartServer, sockets: Sockets, dual_stack: bool
+) -> None:
+    # ::ffff:127.0.0.2 is 127.0.0.2 written as IPv6, and ::ffff:127.0.0.0/120 is 127.0.0.0/24:
+    # both must refuse clients from there, whether the listener is IPv4 (the client arrives
+    # as 127.0.0.2) or dual-stack (it may arrive as ::ffff:127.0.0.2). Fails if mapped rules
+    # are compared as IPv6 only: they would then never match, and the denied clients get in.
+    where = ["--port", "0"] if dual_stack else ["--port", "0", "--host", HOST]
+    server = start_server(*where, "--deny", "::ffff:127.0.0.2",
+                          "--deny", "::ffff:127.0.1.0/120", started=False)
+    server.port = int(server.wait_event("server.started")["port"])
+    clients = connect_from(server, sockets, ["127.0.0.1", "127.0.0.3"])
+    refused(server, sockets, "127.0.0.2")
+    refused(server, sockets, "127.0.1.9")
+    chat(clients)
+
+
+def test_deny_of_the_whole_ipv4_mapped_block_keeps_every_ipv4_client_out(
+    start_server: StartServer, sockets: Sockets
+) -> None:
+    # ::ffff:0:0/96 is every IPv4 address written as IPv6. Fails if it matches nobody.
+    server = start_server("--deny", "::ffff:0:0/96")
+    for source in ("127.0.0.1", "127.0.0.5"):
+        refused(server, sockets, source)
 
 
 @pytest.mark.parametrize(

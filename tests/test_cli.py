@@ -36,6 +36,9 @@ OPTIONS = ("--port", "--host", "--log-level", "--log-format", "--drain-timeout")
         (["--no-plain"], "--no-plain"),
         (["--tls-cert", "c.pem", "--tls-key", "k.pem", "--no-plain"], "--no-plain"),
         (["--handshake-timeout", "x"], "--handshake-timeout"),
+        (["--host", "a..b"], "--host"),
+        (["--host", "a" * 300], "--host"),
+        (["--metrics-port", "0", "--metrics-host", "a..b"], "--metrics-host"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )

@@ -12,6 +12,7 @@ import resource
 import socket
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import conftest
@@ -30,6 +31,8 @@ from conftest import (
     usage_error,
     wait_event_count,
 )
+
+from fsmchat.server import DEFAULT_MAX_CLIENTS_PER_ADDR
 
 FD_SETSIZE = 1024
 DEFAULT_QUEUE = 4 * 1024 * 1024
@@ -58,6 +61,9 @@ def help_text() -> str:
         (["--max-clients", "0"], "--max-clients"),
         (["--max-clients", "1009"], "--max-clients"),
         (["--max-clients", "many"], "--max-clients"),
+        (["--max-clients-per-addr", "-1"], "--max-clients-per-addr"),
+        (["--max-clients-per-addr", "1009"], "--max-clients-per-addr"),
+        (["--max-clients-per-addr", "some"], "--max-clients-per-addr"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -108,6 +114,66 @@ def test_one_client_too_many_is_rejected_as_server_full(start_server: StartServe
 
 
 # --------------------------------------------------------------------------
+# Per address
+# --------------------------------------------------------------------------
+
+
+def connect_from(server: ServerProcess, source: str) -> socket.socket:
+    """A TCP connection to the server from ``source`` (any 127.0.0.0/8 address is loopback)."""
+    sock = socket.socket()
+    server._clients.append(sock)  # closed at teardown
+    sock.settimeout(conftest.WAIT)
+    sock.bind((source, 0))
+    sock.connect((HOST, server.port))
+    return sock
+
+
+def accepted(server: ServerProcess, sock: socket.socket) -> Event:
+    return server.wait_event("connection.accepted", peer=peer_of(sock))
+
+
+def rejected_as(server: ServerProcess, sock: socket.socket) -> str:
+    """The reason of ``sock``'s rejection, once the server closed it without accepting it."""
+    reason: str = server.wait_event("connection.rejected", peer=peer_of(sock))["reason"]
+    assert closed_by_server(sock) == b""
+    assert not [e for e in server.events("connection.accepted") if e["peer"] == peer_of(sock)]
+    return reason
+
+
+def test_one_address_cannot_take_more_than_max_clients_per_addr(start_server: StartServer) -> None:
+    # Fails without the option (exit 2), if the fourth client from 127.0.0.1 gets in, if other
+    # addresses are held back by 127.0.0.1's count, if a place is not given back when a client
+    # leaves, or if the rejections are not counted by their reason.
+    server = start_server("--max-clients-per-addr", "3", "--log-level", "info",
+                          "--metrics-port", "0")
+    first, *others = (connect_from(server, "127.0.0.1") for _ in range(3))
+    for sock in (first, *others):
+        accepted(server, sock)
+    assert rejected_as(server, connect_from(server, "127.0.0.1")) == "per_addr_limit"
+    for sock in [connect_from(server, "127.0.0.2") for _ in range(3)]:
+        accepted(server, sock)
+    first_peer = peer_of(first)
+    first.close()
+    server.wait_event("connection.closed", peer=first_peer)
+    accepted(server, connect_from(server, "127.0.0.1"))
+    assert rejected_as(server, connect_from(server, "127.0.0.1")) == "per_addr_limit"
+    port = server.events("server.started")[0]["metrics_port"]
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=conftest.WAIT) as r:
+        text = r.read().decode()
+    assert 'fsmchat_connections_rejected_total{reason="per_addr_limit"} 2.0' in text, text
+
+
+def test_the_default_per_address_limit_holds(start_server: StartServer) -> None:
+    # Without the option one address could take every place (1,008 sockets from one host in
+    # 0.02 s locked everyone out). Fails if the default lets one more in than it says.
+    server = start_server("--log-level", "info")
+    for _ in range(DEFAULT_MAX_CLIENTS_PER_ADDR):
+        accepted(server, connect_from(server, "127.0.0.1"))
+    assert rejected_as(server, connect_from(server, "127.0.0.1")) == "per_addr_limit"
+    accepted(server, connect_from(server, "127.0.0.2"))
+
+
+# --------------------------------------------------------------------------
 # 1,100 clients
 # --------------------------------------------------------------------------
 
@@ -148,8 +214,8 @@ def test_1100_clients_beyond_max_clients_are_rejected_and_the_rest_chat(
     # Fails without --max-clients / server_full: at the default of 1008 the server would take
     # clients up to descriptor 1023 and reject fewer than 1100 - max_clients (or, without the
     # fd_limit guard, crash in select() on a descriptor >= 1024). Fails without the new
-    # server.started fields (KeyError).
-    server = start_server("--log-level", "info")
+    # server.started fields (KeyError). Every client is 127.0.0.1: no per-address limit here.
+    server = start_server("--log-level", "info", "--max-clients-per-addr", "0")
     started = server.events("server.started")[0]
     max_clients = started["max_clients"]
     assert max_clients == min(FD_SETSIZE, raised_nofile) - 16

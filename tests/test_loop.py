@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import time
+
+import pytest
 
 from fsmchat.loop import EventLoop
 
@@ -61,6 +64,25 @@ def test_timers_set_the_select_timeout_instead_of_polling() -> None:
     assert time.monotonic() - start >= 0.12
     assert fired == ["early", "late"]
     assert loop.turns <= 4  # one wake-up per live timer, no busy loop
+
+
+@pytest.mark.parametrize("delay", [1e10, math.inf])
+def test_a_timer_however_far_cannot_break_select(delay: float) -> None:
+    # select raises OverflowError for a timeout past about 292 years (1e10 s, what an
+    # --idle-timeout of 1e10 made): the loop must wait in bounded steps instead. The far timer
+    # must not fire, and the ready descriptor must still be served.
+    a, b = socket.socketpair()
+    loop = EventLoop()
+    fired: list[str] = []
+    loop.call_later(delay, lambda: fired.append("far"))
+    handler = Echo(loop, a)
+    loop.register(a.fileno(), handler)
+    b.sendall(b"ping")
+    loop.run()
+    assert handler.read == b"ping"
+    assert fired == []
+    a.close()
+    b.close()
 
 
 def test_an_unregistered_descriptor_is_not_called_in_the_same_turn() -> None:

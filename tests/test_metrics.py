@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from fsmchat.metrics import CATALOGUE
+from fsmchat.metrics_http import MAX_SCRAPERS, REQUEST_TIMEOUT
 
 METRICS = ("--metrics-port", "0")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -292,6 +293,57 @@ def test_a_malformed_request_gets_400_and_is_closed_while_the_chat_goes_on(
     assert scrape(server).value("fsmchat_connections_accepted_total") == 2
     a.quiet()
     b.quiet()
+
+
+# --------------------------------------------------------------------------
+# Slow and stuck scrapers
+# --------------------------------------------------------------------------
+
+PARTIAL = b"GET /metrics HTTP/1.1\r\nHost: x\r\n"  # the blank line that ends it never comes
+
+
+def test_a_connection_without_a_whole_request_is_closed_after_a_few_seconds(
+    start_server: StartServer,
+) -> None:
+    # A half-sent request held a metrics place for 30 s. Fails if the server waits longer than
+    # WAIT (10 s) for the rest, or closes it before REQUEST_TIMEOUT, or answers it.
+    server = start_server(*METRICS)
+    with socket.create_connection((HOST, metrics_port(server)), timeout=WAIT) as slow:
+        slow.sendall(PARTIAL)
+        start = time.monotonic()
+        assert closed_by_server(slow, timeout=WAIT) == b""
+        assert time.monotonic() - start >= REQUEST_TIMEOUT - 0.1
+    assert scrape(server).value("fsmchat_connections_accepted_total") == 0
+
+
+@pytest.mark.parametrize("stuck", ["half-sent requests", "idle keep-alive connections"])
+def test_slow_scrapers_cannot_lock_a_real_scrape_out(start_server: StartServer, stuck: str) -> None:
+    # MAX_SCRAPERS connections hold every place, either with requests that never end or idle
+    # after one scrape (kept alive). A real scrape must still be answered at once, and the
+    # oldest waiting connection is closed to make room for it. Fails if it is refused (busy).
+    server = start_server(*METRICS)
+    port = metrics_port(server)
+    holders: list[socket.socket] = []
+    try:
+        for _ in range(MAX_SCRAPERS):
+            holder = socket.create_connection((HOST, port), timeout=WAIT)
+            holders.append(holder)
+            if stuck == "half-sent requests":
+                holder.sendall(PARTIAL)
+            else:
+                holder.sendall(PARTIAL + b"\r\n")
+                head = recv_until(holder, lambda buf: b"\r\n\r\n" in buf, "a response head")
+                assert http_status_of(head) == 200
+        assert scrape(server).value("fsmchat_connections_accepted_total") == 0
+        evicted = server.wait_event("metrics.evicted")
+        oldest = "{}:{}".format(*holders[0].getsockname()[:2])
+        assert evicted["peer"] == oldest, evicted
+        assert evicted["served"] == (0 if stuck == "half-sent requests" else 1), evicted
+        assert closed_by_server(holders[0]) == b""  # closed, and nothing more for it
+        assert not server.events("metrics.rejected")
+    finally:
+        for holder in holders:
+            holder.close()
 
 
 # --------------------------------------------------------------------------

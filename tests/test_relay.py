@@ -97,7 +97,8 @@ def test_multi_mib_message_reaches_every_reader_intact(server: ServerProcess) ->
     assert recv_exactly(sender.sock, 4) == b"done"
 
 
-def test_many_clients_all_receive_all_other_messages_in_order(server: ServerProcess) -> None:
+def test_many_clients_all_receive_all_other_messages_in_order(start_server: StartServer) -> None:
+    server = start_server("--max-clients-per-addr", "0")  # 120 clients, all from 127.0.0.1
     count, per_client = 120, 3
     clients = server.connect_many(count)
     rng = random.Random(1234)

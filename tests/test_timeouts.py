@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     CLOCK_TICKS,
+    HOST,
     Client,
     ServerProcess,
     StartServer,
@@ -23,6 +24,8 @@ from conftest import (
     proc_cpu_ticks,
     recv_exactly,
     recv_until_eof,
+    run_cli,
+    usage_error,
     wait_event_count,
 )
 from tls_certs import (
@@ -37,6 +40,8 @@ from tls_certs import (
     tls_args,
     tls_port_of,
 )
+
+from fsmchat.cli import MAX_SECONDS
 
 #: Slack on the server's timers: a timer may fire this much early (clock granularity) ...
 EARLY = 0.05
@@ -227,7 +232,8 @@ def test_500_idle_connections_with_an_idle_timeout_cost_almost_no_cpu(
     # (a short periodic tick, or a scan of every connection on each turn). Fails if the
     # server uses 2% of a core or more over 3 s while nothing happens (measured: 0 ticks).
     count = 500
-    server = start_server("--idle-timeout", "60", "--log-level", "info")
+    server = start_server("--idle-timeout", "60", "--log-level", "info",
+                          "--max-clients-per-addr", "0")  # all from 127.0.0.1
     for _ in range(count):
         sockets.open(server.port)
     wait_event_count(server, "connection.accepted", count, timeout=30)
@@ -270,3 +276,37 @@ def test_accepted_sockets_have_tcp_keepalive(start_server: StartServer, sockets:
     kind, left = tcp_timer(server.pid, server.port, client.sock.getsockname()[1])
     assert kind == 2, f"timer kind {kind}: no keepalive timer on the server's socket"
     assert 10 <= left <= 1800, f"first keepalive probe in {left:.0f} s"
+
+
+# --------------------------------------------------------------------------
+# How long a duration may be
+# --------------------------------------------------------------------------
+
+DURATIONS = ("--idle-timeout", "--handshake-timeout", "--drain-timeout", "--stats-interval")
+
+
+@pytest.mark.parametrize("option", DURATIONS)
+@pytest.mark.parametrize("value", ["1e10", "inf", "31536000.5"])
+def test_a_duration_past_a_year_exits_2_with_one_line(option: str, value: str) -> None:
+    # 1e10 s was taken and crashed the server later, with an OverflowError from select (at the
+    # first client, the first TLS client, a SIGTERM while draining, or at once). Fails if any
+    # of them is accepted (run_cli then times out on a server that runs) or fails otherwise.
+    assert float(value) > MAX_SECONDS
+    line = usage_error(run_cli("--host", HOST, "--port", "0", option, value), option)
+    assert str(MAX_SECONDS) in line, line
+
+
+def test_the_longest_durations_serve_a_tls_and_a_plain_client_and_stop(
+    start_server: StartServer, files: TlsFiles, sockets: Sockets
+) -> None:
+    # The bound itself must be safe: with every duration at a year, a TLS client (handshake
+    # timer) and a plain one (idle timer) chat, a stop with a client still connected drains
+    # (drain timer) and the server exits 0. Fails on a crash at any of those timers.
+    longest = str(MAX_SECONDS)
+    server = start_server(*tls_args(files), *(arg for option in DURATIONS
+                                              for arg in (option, longest)))
+    tls_client = connect_tls(server, sockets, client_context(files), tls_port_of(server))
+    plain = connect_plain(server, sockets)
+    ping_pong(tls_client, plain, 1)
+    assert server.stop() == 0, server.describe()
+    assert server.events("server.stopped"), server.describe()

@@ -26,7 +26,9 @@ from conftest import (
     assert_nothing_arrives,
     closed_by_server,
     free_port,
+    proc_fd_count,
     recv_exactly,
+    reset,
     run_cli,
 )
 from tls_certs import (
@@ -245,6 +247,55 @@ def test_plain_text_on_the_tls_port_is_closed_while_tls_clients_chat(
     assert_tls_failure(server, intruder)
     assert b"hello" not in closed_by_server(intruder.sock)
     chat([tls_client, plain], "unaffected")
+
+
+def test_clients_that_reset_at_once_on_the_tls_port_are_turned_away_one_by_one(
+    start_server: StartServer, files: TlsFiles, sockets: Sockets
+) -> None:
+    # A client that connects and resets (SO_LINGER 0, close) before the server takes it in:
+    # Python 3.11.5+ reads a byte in wrap_socket, and that ECONNRESET killed the whole server.
+    # Fails if the server dies, logs no rejection for them (or another reason than reset),
+    # keeps a descriptor of one, or cannot serve a TLS client and a plain one afterwards.
+    server = start_server("--log-level", "info", *tls_args(files))
+    port = tls_port_of(server)
+    fds = proc_fd_count(server.pid)
+    for _ in range(300):
+        reset(sockets.open(port))
+    tls_client = connect_tls(server, sockets, client_context(files), port)
+    plain = connect_plain(server, sockets)
+    rejected = server.events("connection.rejected")
+    assert rejected, "no reset client reached wrap_socket: the test proves nothing"
+    assert {e["reason"] for e in rejected} == {"reset"}, rejected[:3]
+    assert proc_fd_count(server.pid) == fds + 2  # the two clients, nothing of the resets
+    chat([tls_client, plain], "after the resets")
+    assert server.proc.poll() is None, server.describe()
+
+
+def test_stalled_handshakes_cannot_take_the_places_of_real_clients(
+    start_server: StartServer, files: TlsFiles, sockets: Sockets
+) -> None:
+    # With --max-clients 8, eight TCP connections to the TLS port that never say hello took
+    # every place until the handshake timeout: a real TLS client got server_full. Handshakes
+    # under way may take a quarter of the places (README): each newcomer past that closes the
+    # oldest unfinished one. Fails if the real client is turned away, if the wrong (not the
+    # oldest) stalled ones are closed, or if they are closed for another reason.
+    max_clients = 8
+    at_once = max_clients // 4
+    server = start_server("--max-clients", str(max_clients), *tls_args(files))
+    port = tls_port_of(server)
+    plain = connect_plain(server, sockets)
+    stalled = [accepted_client(server, sockets.open(port)) for _ in range(max_clients)]
+    tls_client = connect_tls(server, sockets, client_context(files), port)
+    chat([tls_client, plain], "room for real clients")
+    oldest = stalled[: len(stalled) + 1 - at_once]
+    for client in oldest:
+        error = server.wait_connection_event(client, "connection.tls_error")
+        assert "oldest" in error["error"], error
+        assert server.wait_closed(client)["reason"] == "handshake_limit"
+        assert closed_by_server(client.sock) == b""
+    for client in stalled[len(oldest):]:
+        assert not server.connection_events(client, "connection.closed"), client
+    assert not server.events("connection.rejected")
 
 
 @pytest.mark.parametrize(
