@@ -67,9 +67,27 @@ class Loop(Protocol):
 
 
 def say(text: str) -> None:
-    """One line on stderr, for a person; a stderr that fails (the same broken pipe) is ignored."""
+    """One line on stderr, for a person. It never blocks (stderr may be the stalled pipe stdout
+    is, with ``2>&1``), and a stderr that fails (the same broken pipe) is ignored."""
     with contextlib.suppress(OSError):
-        os.write(2, f"fsmchat: {text}\n".encode())
+        fd = _own_nonblocking(2, os.fstat(2).st_mode)
+        try:
+            os.write(fd, f"fsmchat: {text}\n".encode())
+        finally:
+            if fd != 2:
+                os.close(fd)
+
+
+def _own_nonblocking(fd: int, mode: int) -> int:
+    """A non-blocking descriptor of our own for a pipe or a terminal (a new file description,
+    so nobody else's is changed); ``fd`` itself for a regular file, or when that fails."""
+    if stat.S_ISREG(mode):
+        return fd
+    try:
+        return os.open(f"/proc/self/fd/{fd}",
+                       os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return fd
 
 
 class LogStream:
@@ -107,11 +125,7 @@ class LogStream:
             sock = socket.socket(fileno=os.dup(fd))
             return cls(lambda buffers: sock.sendmsg(buffers, (), socket.MSG_DONTWAIT),
                        sock.fileno(), limit=limit, close=sock.close)
-        own = fd
-        if not stat.S_ISREG(mode):
-            with contextlib.suppress(OSError):
-                own = os.open(f"/proc/self/fd/{fd}",
-                              os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        own = _own_nonblocking(fd, mode)
         return cls(lambda buffers: os.writev(own, buffers), own, limit=limit,
                    close=(lambda: os.close(own)) if own != fd else lambda: None)
 

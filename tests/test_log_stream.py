@@ -8,6 +8,7 @@ a connect succeeds.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -244,3 +245,28 @@ def test_a_terminal_is_left_as_it_was(servers: list[Server]) -> None:
     os.close(controller)
     text = b"".join(output).replace(b"\r\n", b"\n")
     assert parse(text)[-1]["event"] == "server.stopped"
+
+
+def test_a_stop_with_a_stalled_log_reader_ends_within_the_drain_timeout(
+    servers: list[Server],
+) -> None:
+    """stdout and stderr one pipe nobody reads (``2>&1 | less`` left alone): the stop gives
+    the events that wait --drain-timeout seconds, then exits 0, saying so without blocking."""
+    read_end, write_end = os.pipe()
+    server = Server("--drain-timeout", "1", stdout=write_end, stderr=write_end)
+    servers.append(server)
+    os.close(write_end)
+    a, b = server.connect(), server.connect()
+    round_trip(b, a, b"hello\n")
+    for n in range(2000):  # far more events than the pipe holds
+        round_trip(a, b, b"ping %d\n" % n)
+    filler = os.open(f"/proc/self/fd/{read_end}", os.O_WRONLY | os.O_NONBLOCK)
+    with contextlib.suppress(BlockingIOError):  # not one more byte fits: stderr too is stuck
+        while True:
+            os.write(filler, b"#")
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(WAIT) == 0
+    first = os.read(read_end, 1 << 16)
+    os.close(filler)
+    os.close(read_end)
+    assert json.loads(first.split(b"\n")[0])["event"] == "server.started"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import signal
 import socket
 import ssl
 from collections.abc import Callable, Iterator
@@ -484,3 +485,17 @@ def test_a_slow_tls_reader_and_a_paused_tls_sender_lose_nothing(
     for reader in readers:
         assert reader.result().data == payload
     assert server.proc.poll() is None
+
+
+def test_a_handshake_cut_by_the_stop_is_closed_for_server_shutdown(
+    start_server: StartServer, files: TlsFiles, sockets: Sockets
+) -> None:
+    """A TLS client still in its handshake when SIGTERM comes has nothing to be delivered: it
+    is closed at once, and the reason says why (it was once an empty string)."""
+    server = start_server(*tls_args(files))
+    port = tls_port_of(server)
+    stalled = accepted_client(server, sockets.open(port))
+    server.send_signal(signal.SIGTERM)
+    assert server.wait_closed(stalled)["reason"] == "server_shutdown"
+    assert server.wait_exit() == 0
+    assert "" not in {e["reason"] for e in server.events("connection.closed")}
