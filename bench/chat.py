@@ -45,8 +45,6 @@ explains the figures.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import signal
 import socket
@@ -69,15 +67,13 @@ from tls import (
     Generator,
     Run,
     TlsServer,
-    Workload,
     check_bytes,
     finish_run,
     interrupt_on_signals,
-    notes,
     one_run,
     parse,
+    report,
     source_digest,
-    table,
 )
 
 HEX = 2 * HEADER.size  # the frame's header as hex digits, at the start of each line
@@ -513,38 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         raw_gen.close()
         chat_gen.close()
         stop_all()
-    env["seconds"] = round(time.monotonic() - started, 1)
-    env["fsmchat_sources_after"] = source_digest()
-    env["loadavg_after"] = os.getloadavg()
-    env["logdir"] = str(logdir)
-    return report(runs, workloads, configs, labels=labels, env=env, json_path=args.json)
-
-
-def report(runs: list[Run], workloads: list[Workload], configs: tuple[str, ...], *,
-           labels: dict[str, str], env: dict[str, Any], json_path: Path | None) -> int:
-    """The tables and notes on stdout, everything into ``json_path``; the exit status."""
-    same_build = env["fsmchat_sources_after"] == env["fsmchat_sources"]
-    texts: list[str] = []
-    summary: dict[str, Any] = {}
-    for other in configs[1:]:
-        text, summary[other] = table(runs, workloads, ("raw", other), labels)
-        texts.append(text)
-    if json_path:
-        json_path.write_text(json.dumps({"environment": env, "summary": summary,
-                                         "runs": [asdict(r) for r in runs]}, indent=1) + "\n")
-    print("\n\n".join(texts))
-    print()
     received = {c: "every line every other client sent, after its sender's name"
                 for c in configs[1:]}
-    for line in notes(runs, workloads, configs, labels, received):
-        print(line)
-    if not same_build:
-        print("error: the fsmchat sources changed during the run: the runs did not all measure "
-              "the same build")
-    print(f"\n{len(runs)} runs in {env['seconds']:.0f} s (load average before "
-          f"{env['loadavg_before'][0]:.2f}); logs: {env['logdir']}"
-          + (f"; results: {json_path}" if json_path else ""))
-    return 1 if any(r.errors for r in runs) or not same_build else 0
+    return report(runs, workloads, configs, labels=labels, env=env, started=started,
+                  logdir=logdir, json_path=args.json, received=received)
 
 
 if __name__ == "__main__":

@@ -726,6 +726,38 @@ def notes(runs: list[Run], workloads: list[Workload], configs: tuple[str, ...] =
     return out
 
 
+def report(runs: list[Run], workloads: list[Workload], configs: tuple[str, ...], *,
+           labels: dict[str, str], env: dict[str, Any], started: float, logdir: Path,
+           json_path: Path | None, received: dict[str, str] | None = None) -> int:
+    """A table of each configuration against the first, the notes (``received`` as in
+    ``notes``), everything into ``json_path``; the exit status. ``env`` gets the figures of
+    the end of the bench (``started`` is when it began)."""
+    env["seconds"] = round(time.monotonic() - started, 1)
+    env["fsmchat_sources_after"] = source_digest()
+    env["loadavg_after"] = os.getloadavg()
+    env["logdir"] = str(logdir)
+    same_build = env["fsmchat_sources_after"] == env["fsmchat_sources"]
+    texts: list[str] = []
+    summary: dict[str, Any] = {}
+    for other in configs[1:]:
+        text, summary[other] = table(runs, workloads, (configs[0], other), labels)
+        texts.append(text)
+    if json_path:
+        json_path.write_text(json.dumps({"environment": env, "summary": summary,
+                                         "runs": [asdict(r) for r in runs]}, indent=1) + "\n")
+    print("\n\n".join(texts))
+    print()
+    for line in notes(runs, workloads, configs, labels, received):
+        print(line)
+    if not same_build:
+        print("error: the fsmchat sources changed during the run: the runs did not all measure "
+              "the same build")
+    print(f"\n{len(runs)} runs in {env['seconds']:.0f} s (load average before "
+          f"{env['loadavg_before'][0]:.2f}); logs: {env['logdir']}"
+          + (f"; results: {json_path}" if json_path else ""))
+    return 1 if any(r.errors for r in runs) or not same_build else 0
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -840,26 +872,8 @@ def main(argv: list[str] | None = None) -> int:
             for gen in gens.values():
                 gen.close()
             stop_all()
-    env["seconds"] = round(time.monotonic() - started, 1)
-    env["fsmchat_sources_after"] = source_digest()
-    same_build = env["fsmchat_sources_after"] == env["fsmchat_sources"]
-    env["loadavg_after"] = os.getloadavg()
-    env["logdir"] = str(logdir)
-    text, summary = table(runs, workloads)
-    if args.json:
-        args.json.write_text(json.dumps({"environment": env, "summary": summary,
-                                         "runs": [asdict(r) for r in runs]}, indent=1) + "\n")
-    print(text)
-    print()
-    for line in notes(runs, workloads):
-        print(line)
-    if not same_build:
-        print("error: the fsmchat sources changed during the run: the runs did not all measure "
-              "the same build")
-    print(f"\n{len(runs)} runs in {env['seconds']:.0f} s (load average before "
-          f"{env['loadavg_before'][0]:.2f}); logs: {logdir}"
-          + (f"; results: {args.json}" if args.json else ""))
-    return 1 if any(r.errors for r in runs) or not same_build else 0
+    return report(runs, workloads, CONFIGS, labels=LABEL, env=env, started=started, logdir=logdir,
+                  json_path=args.json)
 
 
 if __name__ == "__main__":
