@@ -9,6 +9,8 @@ Before an instance is used, both of its Redis links (publish, subscribe) must ha
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import select
 import signal
@@ -24,6 +26,7 @@ from conftest import (
     Event,
     ServerProcess,
     StartServer,
+    StreamReader,
     recv_exactly,
     recv_until_suffix,
     run_cli,
@@ -571,3 +574,24 @@ def test_stopped_event_counts_what_crossed_redis(
     for stopped in (stopped_a, stopped_b):
         for counter in ("redis_dropped", "redis_missed", "redis_duplicates"):
             assert stopped[counter] == 0, stopped
+
+
+def test_what_a_stop_reads_is_published_like_any_other_message(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    """A sender's burst still in TCP buffers when its instance gets SIGTERM reaches a client of
+    the other instance whole: the stop reads it, publishes it, then drains the outbox."""
+    stopping = start_instance(start_server, redis_server, "--log-level", "info")
+    staying = start_instance(start_server, redis_server, "--log-level", "info")
+    sender = stopping.connect()
+    receiver = staying.connect(rcvbuf=16 * 1024)
+    digest = hashlib.sha256()
+    payload = os.urandom(4 << 20)
+    stream = StreamReader(receiver.sock, limit=len(payload), on_chunk=digest.update, timeout=20)
+    sender.sock.settimeout(20)
+    sender.sock.sendall(payload)
+    stopping.send_signal(signal.SIGTERM)
+    assert stream.result().received == len(payload)
+    assert digest.digest() == hashlib.sha256(payload).digest()
+    assert stopping.wait_exit(timeout=15) == 0
+    assert stopping.events("server.stopped")[-1]["redis_dropped"] == 0
