@@ -48,7 +48,8 @@ CATALOGUE: tuple[EventSpec, ...] = (
               ("connections", "accepted", "messages_in", "messages_out", "bytes_in",
                "bytes_out", "queued_bytes", "queued_max", "closed", "rejected", "loop_turns",
                "select_share", "lines_cut", "history", "seconds", "redis_published",
-               "redis_received", "redis_dropped", "redis_missed", "redis_duplicates"),
+               "redis_received", "redis_dropped", "redis_missed", "redis_duplicates",
+               "redis_oversize"),
               "every --stats-interval seconds: what the server did since start, and its queues "
               "and connections now"),
     EventSpec("server.failed", "error", ("host", "port", "error"),
@@ -59,7 +60,8 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "connections still draining are closed at once (second signal or drain timeout)"),
     EventSpec("server.stopped", "info",
               ("connections", "bytes_in", "bytes_out", "seconds", "redis_published",
-               "redis_received", "redis_dropped", "redis_missed", "redis_duplicates"),
+               "redis_received", "redis_dropped", "redis_missed", "redis_duplicates",
+               "redis_oversize"),
               "everything is closed; totals since start (the redis_ ones with --redis)"),
     EventSpec("connection.accepted", "info", ("fd", "peer", "tls"), "a client connected"),
     EventSpec("connection.rejected", "warning", ("peer", "reason"),
@@ -123,6 +125,12 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "warning a second), or the server stopped with Redis away"),
     EventSpec("redis.missed", "warning", ("origin", "messages"),
               "a gap in another instance's sequence numbers: messages this one never got"),
+    EventSpec("redis.renumbered", "warning", ("origin", "last", "seq"),
+              "an instance's number jumped implausibly far from its last (forged, or a very "
+              "long outage): it counts from seq on, no repeat dropped and no gap counted"),
+    EventSpec("redis.oversize", "warning", ("origin", "bytes", "limit"),
+              "a message from the channel was larger than a client's queue can hold: dropped, "
+              "counted in redis_oversize"),
     EventSpec("redis.holding", "info", ("messages", "subscribers", "expected"),
               "after a reconnect, the outbox waits for the subscribers the chat had"),
     EventSpec("redis.flushing", "info", ("messages", "subscribers", "waited"),

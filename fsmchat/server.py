@@ -638,8 +638,12 @@ def run(options: Options) -> int:
         where = {"tls": False, "tls_port": listeners[1][0].getsockname()[1]}
     redis: dict[str, str] = {}
     if options.redis is not None:
+        # A payload no client's queue can hold would close them all; chat mode's cleaning
+        # may make three bytes (U+FFFD) of one.
+        payload_limit = options.max_queue_bytes // (1 if server.chat is None else 3)
         server.bus = RedisBus(options.redis, options.channel, loop, log,
-                              outbox_limit=options.redis_outbox, deliver=server.relay)
+                              outbox_limit=options.redis_outbox, payload_limit=payload_limit,
+                              deliver=server.relay)
         redis = {"instance": server.bus.origin.decode(), "redis": options.redis.url(),
                  "channel": options.channel}
         if server.chat is not None:  # every instance counts from user1: tell theirs apart

@@ -52,7 +52,7 @@ class Harness:
             return False
 
         link = SubscribeLink(RedisAddress("127.0.0.1"), self.loop, self.log, channel=b"chat",
-                             origin=ORIGIN, deliver=deliver)
+                             origin=ORIGIN, deliver=deliver, payload_limit=1 << 20)
         self.links.append(link)
         return link
 
