@@ -11,6 +11,15 @@ they come back; the sequence number (1, 2, 3, ... per instance) lets a receiver 
 count what it missed. A payload without the envelope, from ``redis-cli PUBLISH`` say, is
 delivered as it is.
 
+The channel is untrusted: anyone who may PUBLISH on it can send any bytes, and any envelope.
+- An envelope is one only if it is exactly ``fsmchat1 <16 hex digits> <1 to 19 digits>\n``;
+  anything else is a foreign payload.
+- A number far from what its instance sent last changes nothing for good: a jump forward past
+  ``GAP_MAX`` or back past ``REPEATS_MAX`` is a new count for that instance
+  (``redis.renumbered``), neither messages missed nor repeats to drop.
+- A payload larger than a client's queue may hold (``--max-queue-bytes``) is dropped and counted
+  (``redis.oversize``): it would close every local client.
+
 Delivery (README, "Several instances" says the same to users):
 - Per sender, order holds everywhere: one publish link, one channel, one subscriber per instance.
 - Messages wait in the outbox while the publish link is down, and up to a window of them wait
@@ -29,6 +38,7 @@ Delivery (README, "Several instances" says the same to users):
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -44,8 +54,8 @@ from fsmchat.redis_link import RedisAddress, RedisLink
 ENVELOPE = b"fsmchat1 "
 """What every payload of ours starts with; the number is the envelope's version."""
 
-ENVELOPE_MAX = 64
-"""An envelope line is never longer: past this, a payload is not ours."""
+_ENVELOPE = re.compile(rb"fsmchat1 ([0-9a-f]{16}) ([0-9]{1,19})\n")
+"""A whole envelope line: the instance id and the sequence number."""
 
 CRLF = b"\r\n"
 
@@ -65,6 +75,19 @@ DROP_REPORT = 1.0
 ORIGINS_MAX = 4096
 """Instances whose last sequence number is remembered; the oldest is forgotten past this."""
 
+REPEATS_MAX = 1 << 16
+"""How far below an instance's last number a repeat can be: a lost link sends again at most one
+window of PUBLISHes (``WINDOW_MAX`` bytes, more than 16 bytes each). A number further back is a
+new count for that instance, not a repeat."""
+
+GAP_MAX = 1 << 20
+"""The longest jump forward in an instance's numbering counted as messages missed; past it the
+number is a new count for that instance (a forged one, or an outage of a million messages)."""
+
+PING_IDLE = 2.0
+"""Seconds the subscriber may hear nothing before it PINGs: Redis must then answer in time
+(``redis_link.ANSWER_TIMEOUT``), so a Redis host that vanished is noticed."""
+
 Message = tuple[int, bytes, bytes, int]
 """(sequence number, RESP head up to the client's bytes, the client's bytes, bytes on the wire)."""
 
@@ -75,13 +98,10 @@ def new_origin() -> bytes:
 
 def unpack(payload: bytes) -> tuple[bytes | None, int, bytes]:
     """(origin, sequence number, message) of a payload; origin None for a foreign payload."""
-    if payload.startswith(ENVELOPE):
-        end = payload.find(b"\n", len(ENVELOPE), ENVELOPE_MAX)
-        if end > 0:
-            fields = payload[len(ENVELOPE):end].split(b" ")
-            if len(fields) == 2 and fields[1].isdigit():
-                return fields[0], int(fields[1]), payload[end + 1:]
-    return None, 0, payload
+    envelope = _ENVELOPE.match(payload)
+    if envelope is None:
+        return None, 0, payload
+    return envelope[1], int(envelope[2]), payload[envelope.end():]
 
 
 class PublishLink(RedisLink):
@@ -169,22 +189,23 @@ class PublishLink(RedisLink):
             self.send_command(b"PUBSUB", b"NUMSUB", self.channel)
 
     def on_reply(self, reply: Any) -> None:
-        if type(reply) is int:
+        if type(reply) is int and self.inflight:
             seq, _, data, size = self.inflight.popleft()
             self.inflight_bytes -= size
             self.published += 1
             self.audience = reply
             self.log.debug("redis.published", seq=seq, bytes=len(data), receivers=reply)
             self._fill()
-        elif isinstance(reply, list) and self.questions:
+        elif (type(reply) is list and self.questions and len(reply) == 2
+              and type(reply[1]) is int):
             self.questions -= 1
             if self.hold_started is not None:
-                self._audience_counted(int(reply[1]))
+                self._audience_counted(reply[1])
         elif isinstance(reply, hiredis.ReplyError):
             self.lose(f"PUBLISH refused: {reply}")
             return
         else:
-            self.lose(f"unexpected reply {reply!r:.80}")
+            self.unexpected(reply)
             return
         if self.state == LinkState.DRAINING and self.idle():
             self.fire(LinkTrigger.DRAINED)
@@ -211,6 +232,9 @@ class PublishLink(RedisLink):
         if self.hold_timer is not None:
             self.hold_timer.cancel()
             self.hold_timer = None
+
+    def awaiting(self) -> bool:
+        return bool(self.inflight or self.questions)
 
     def lost(self) -> None:
         self._end_hold()
@@ -254,24 +278,46 @@ class SubscribeLink(RedisLink):
     role = "subscribe"
 
     def __init__(self, address: RedisAddress, loop: EventLoop, log: FilteringBoundLogger, *,
-                 channel: bytes, origin: bytes, deliver: Callable[[bytes], bool]) -> None:
+                 channel: bytes, origin: bytes, deliver: Callable[[bytes], bool],
+                 payload_limit: int) -> None:
         super().__init__(address, loop, log)
         self.channel = channel
         self.origin = origin
         self.deliver = deliver  # returns True when local recipients are congested
+        self.payload_limit = payload_limit
         self.last_seq: dict[bytes, int] = {}  # origin -> newest sequence number delivered
+        self.pinged = False  # a PING is waiting for its pong
         self.received = 0
         self.missed = 0
         self.duplicates = 0
+        self.oversize = 0
 
     def greeting(self) -> list[tuple[bytes, ...]]:
         return [(b"SUBSCRIBE", self.channel)]
 
+    def ready(self) -> None:
+        self.pinged = False
+
     def on_reply(self, reply: Any) -> None:
         if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
-            self._message(reply[2])
+            if type(reply[2]) is bytes:
+                self._message(reply[2])
+            else:
+                self.unexpected(reply)
+        elif type(reply) is list and reply[:1] == [b"pong"] and self.pinged:
+            self.pinged = False
         elif isinstance(reply, hiredis.ReplyError):
             self.lose(f"subscriber refused: {reply}")
+        else:
+            self.unexpected(reply)
+
+    def awaiting(self) -> bool:
+        return self.pinged
+
+    def quiet(self, silent: float) -> None:
+        if silent >= PING_IDLE and not self.pinged:
+            self.pinged = True
+            self.send_command(b"PING")
 
     def _message(self, payload: bytes) -> None:
         origin, seq, data = unpack(payload)
@@ -283,17 +329,34 @@ class SubscribeLink(RedisLink):
                 if len(self.last_seq) >= ORIGINS_MAX:
                     del self.last_seq[next(iter(self.last_seq))]
             elif seq <= last:
-                self.duplicates += 1
-                return
+                if seq > last - REPEATS_MAX:
+                    self.duplicates += 1
+                    return
+                self._renumbered(origin, last, seq)
             elif seq > last + 1:
-                self.missed += seq - last - 1
-                self.log.warning("redis.missed", origin=origin.decode(), messages=seq - last - 1)
+                if seq - last - 1 > GAP_MAX:
+                    self._renumbered(origin, last, seq)
+                else:
+                    self.missed += seq - last - 1
+                    self.log.warning("redis.missed", origin=origin.decode(),
+                                     messages=seq - last - 1)
             self.last_seq[origin] = seq
+        if len(data) > self.payload_limit:
+            self.oversize += 1
+            self.log.warning("redis.oversize", origin=origin and origin.decode(),
+                             bytes=len(data), limit=self.payload_limit)
+            return
         self.received += 1
         self.log.debug("redis.received", origin=origin and origin.decode(), seq=seq,
                        bytes=len(data))
         if self.deliver(data) and self.state == LinkState.READY:
             self.fire(LinkTrigger.THROTTLE)
+
+    def _renumbered(self, origin: bytes, last: int, seq: int) -> None:
+        self.log.warning("redis.renumbered", origin=origin.decode(), last=last, seq=seq)
+
+    def lost(self) -> None:
+        self.pinged = False
 
     def unpause(self) -> None:
         if self.state == LinkState.PAUSED:
@@ -307,7 +370,7 @@ class RedisBus:
     """The two links of one instance, and the totals ``server.stopped`` reports."""
 
     def __init__(self, address: RedisAddress, channel: str, loop: EventLoop,
-                 log: FilteringBoundLogger, *, outbox_limit: int,
+                 log: FilteringBoundLogger, *, outbox_limit: int, payload_limit: int,
                  deliver: Callable[[bytes], bool]) -> None:
         self.address = address
         self.channel = channel
@@ -316,7 +379,7 @@ class RedisBus:
         self.publisher = PublishLink(address, loop, log, channel=name, origin=self.origin,
                                      outbox_limit=outbox_limit)
         self.subscriber = SubscribeLink(address, loop, log, channel=name, origin=self.origin,
-                                        deliver=deliver)
+                                        deliver=deliver, payload_limit=payload_limit)
         self.publish = self.publisher.publish
         self.resume = self.subscriber.unpause
 
@@ -344,4 +407,5 @@ class RedisBus:
             "redis_dropped": self.publisher.dropped,
             "redis_missed": self.subscriber.missed,
             "redis_duplicates": self.subscriber.duplicates,
+            "redis_oversize": self.subscriber.oversize,
         }

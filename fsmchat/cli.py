@@ -198,6 +198,11 @@ def _redis_url(text: str) -> RedisAddress:
 def _channel(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("invalid channel '': a channel needs a name")
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # bytes of the command line that are not UTF-8
+        raise argparse.ArgumentTypeError(
+            f"invalid channel {text!r}: a channel name must be UTF-8") from None
     return text
 
 

@@ -49,7 +49,7 @@ CATALOGUE: tuple[EventSpec, ...] = (
                "bytes_out", "queued_bytes", "queued_max", "closed", "rejected", "loop_turns",
                "select_share", "lines_cut", "history", "seconds", "log_dropped",
                "redis_published", "redis_received", "redis_dropped", "redis_missed",
-               "redis_duplicates"),
+               "redis_duplicates", "redis_oversize"),
               "every --stats-interval seconds and on SIGUSR1: what the server did since start, "
               "and its queues and connections now"),
     EventSpec("server.failed", "error", ("host", "port", "error"),
@@ -62,7 +62,7 @@ CATALOGUE: tuple[EventSpec, ...] = (
     EventSpec("server.stopped", "info",
               ("connections", "bytes_in", "bytes_out", "seconds", "undrained",
                "undelivered_bytes", "unread_bytes", "redis_published", "redis_received",
-               "redis_dropped", "redis_missed", "redis_duplicates"),
+               "redis_dropped", "redis_missed", "redis_duplicates", "redis_oversize"),
               "everything is closed, and this is the last line; totals since start (the redis_ "
               "ones with --redis); undrained: connections the stop closed before everything "
               "reached them, undelivered_bytes what was still queued to them, unread_bytes "
@@ -137,6 +137,12 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "warning a second), or the server stopped with Redis away"),
     EventSpec("redis.missed", "warning", ("origin", "messages"),
               "a gap in another instance's sequence numbers: messages this one never got"),
+    EventSpec("redis.renumbered", "warning", ("origin", "last", "seq"),
+              "an instance's number jumped implausibly far from its last (forged, or a very "
+              "long outage): it counts from seq on, no repeat dropped and no gap counted"),
+    EventSpec("redis.oversize", "warning", ("origin", "bytes", "limit"),
+              "a message from the channel was larger than a client's queue can hold: dropped, "
+              "counted in redis_oversize"),
     EventSpec("redis.holding", "info", ("messages", "subscribers", "expected"),
               "after a reconnect, the outbox waits for the subscribers the chat had"),
     EventSpec("redis.flushing", "info", ("messages", "subscribers", "waited"),

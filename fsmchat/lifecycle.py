@@ -191,7 +191,7 @@ class LinkTrigger(StrEnum):
     GREETED = "greeted"  # every greeting command was answered without an error
     THROTTLE = "throttle"  # what it delivered left a local recipient over the high-water mark
     RESUME = "resume"  # no local recipient holds senders back any more
-    FAIL = "fail"  # connect refused, socket error, EOF, a protocol error or an error reply
+    FAIL = "fail"  # refused, socket error, EOF, a protocol error, an error reply, no answer
     SHUTDOWN = "shutdown"  # the server is stopping
     DRAINED = "drained"  # nothing waits for Redis any more
 
@@ -200,7 +200,7 @@ LINK_TRANSITIONS: tuple[Transition, ...] = (
     Transition(LinkTrigger.DIAL, (LinkState.IDLE, LinkState.BACKOFF), LinkState.CONNECTING,
                "open_socket", "open a non-blocking socket and start connecting"),
     Transition(LinkTrigger.WRITABLE, (LinkState.CONNECTING,), None, "check_connect",
-               "read the connect's outcome (SO_ERROR): connected, or fail"),
+               "read the connect's outcome (SO_ERROR): connected, the next address, or fail"),
     Transition(LinkTrigger.CONNECTED, (LinkState.CONNECTING,), LinkState.GREETING, "greet",
                "send AUTH and SELECT when asked for, then PING (publish) or SUBSCRIBE"),
     Transition(LinkTrigger.READABLE, (LinkState.GREETING, LinkState.READY, LinkState.DRAINING),

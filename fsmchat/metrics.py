@@ -75,6 +75,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
                "Gaps in other instances' numbering: messages never received (with --redis)"),
     MetricSpec("fsmchat_redis_duplicates", "counter", "redis_duplicates",
                "Repeats from other instances dropped (with --redis)"),
+    MetricSpec("fsmchat_redis_oversize", "counter", "redis_oversize",
+               "Messages from the channel dropped as larger than a client's queue (with --redis)"),
 )
 
 

@@ -6,16 +6,25 @@ fails, and then waits in ``backoff`` for a capped exponential delay before it di
 long as the server runs. Replies are parsed by ``hiredis.Reader``; commands are packed by
 ``hiredis.pack_command`` or, on the publish hot path, by the role itself.
 
+Redis is trusted no more than a client: whatever it sends (or fails to send) ends one session of
+the link, never the link's retries, the loop or the local chat.
+
 ``RedisLink`` is the socket and the lifecycle; what the link is *for* lives in a subclass
 (``bus.PublishLink``, ``bus.SubscribeLink``), through a few hooks: ``greeting``, ``ready``,
-``on_reply``, ``lost``, ``idle`` and ``closed``.
+``on_reply``, ``awaiting``, ``quiet``, ``lost``, ``idle`` and ``closed``.
 
 Rules it keeps:
 - No call blocks: connect is non-blocking and finishes when select reports the socket writable.
   The one exception is resolving a host *name* (an IP address is not looked up), which goes
-  through the system resolver at each dial.
-- A loss is logged once (``redis.disconnected``), the retries that follow at debug level.
+  through the system resolver at each dial. Each address the name has is tried in turn.
+- A loss is logged once per outage (``redis.disconnected``), the retries that follow at debug
+  level. An outage ends when the link has stayed ready for ``STABLE`` seconds: one that Redis
+  drops sooner is the same outage, and the retries go on backing off.
 - The socket is written only when select says it is writable, like a client's.
+- Redis answers in time: the connect, the greeting and every command it owes an answer to must
+  hear from it within ``ANSWER_TIMEOUT``, or the link is lost (``redis.disconnected``).
+- One reply takes at most ``REPLY_MAX`` bytes; a longer one, a reply that cannot be parsed, or
+  one the link did not ask for is a protocol error: the link is lost, never the server.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import errno
 import os
 import random
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
@@ -36,6 +46,9 @@ from fsmchat.loop import FD_SETSIZE, EventLoop, Timer
 from fsmchat.machine import TableModel
 from fsmchat.outqueue import OutQueue
 
+SockAddr = tuple[socket.AddressFamily, socket.SocketKind, int, Any]
+"""One address of the host as ``getaddrinfo`` gives it: family, type, protocol, address."""
+
 DEFAULT_PORT = 6379
 RECV_SIZE = 256 * 1024
 """Bytes one recv may take from Redis: many replies or messages, parsed in one go."""
@@ -45,6 +58,22 @@ RETRY_FIRST = 0.1
 
 RETRY_MAX = 2.0
 """The longest wait between two attempts: how long a restarted Redis may go unnoticed."""
+
+STABLE = 5.0
+"""Seconds a link must stay ready before its outage is over: a Redis that accepts the link and
+drops it again sooner is one outage, logged once, with retries still backing off."""
+
+ANSWER_TIMEOUT = 5.0
+"""Seconds Redis may say nothing while it owes the link an answer (to the connect, the greeting,
+a command, the subscriber's PING): past it the link is taken for lost and dials again."""
+
+WATCH_EVERY = 1.0
+"""Seconds between two looks at how long Redis has been silent."""
+
+REPLY_MAX = 32 * 1024 * 1024
+"""The most bytes one reply may take. Redis closes a pub/sub client whose output passes 32 MB
+(``client-output-buffer-limit pubsub``, by default), so a longer reply comes from a Redis set up
+otherwise or from something that is not Redis; the link closes rather than buffer it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +95,20 @@ class RedisAddress:
         if parts.scheme != "redis":
             raise ValueError("expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]")
         try:
-            port = parts.port or DEFAULT_PORT
+            port = parts.port
         except ValueError:
-            raise ValueError("the port must be a number from 1 to 65535") from None
+            port = 0
+        if port is None:
+            port = DEFAULT_PORT
+        elif not port:
+            raise ValueError("the port must be a number from 1 to 65535")
         if not parts.hostname:
             raise ValueError("no host: expected redis://HOST[:PORT][/DB]")
+        try:
+            parts.hostname.encode("idna")  # what the resolver will be asked: checked now
+        except UnicodeError:
+            raise ValueError("not a host name: each part between dots must have 1 to 63 "
+                             "characters") from None
         path = parts.path.strip("/")
         if not path:
             db = 0
@@ -80,8 +118,10 @@ class RedisAddress:
             raise ValueError(f"the database must be a number, not {path!r}")
         if parts.query or parts.fragment:
             raise ValueError("options after ? or # are not supported")
-        return cls(parts.hostname, port, db, unquote(parts.username) if parts.username else None,
-                   unquote(parts.password) if parts.password is not None else None)
+        return cls(parts.hostname, port, db,
+                   _login_part(parts.username, "user") if parts.username else None,
+                   _login_part(parts.password, "password") if parts.password is not None
+                   else None)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -106,6 +146,15 @@ class RedisAddress:
         return commands
 
 
+def _login_part(text: str, what: str) -> str:
+    try:
+        value = unquote(text, errors="strict")
+        value.encode()  # bytes of the command line that are not UTF-8 cannot be sent
+    except UnicodeError:
+        raise ValueError(f"the {what} must be UTF-8 (%-escapes too)") from None
+    return value
+
+
 def describe(exc: OSError) -> str:
     """``ECONNREFUSED: Connection refused``: an errno name operators can search for."""
     code = exc.errno or 0
@@ -126,11 +175,19 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
         self.queue = OutQueue()
         self.reader = hiredis.Reader()
         self.greeting_left = 0  # greeting replies still awaited
-        self.attempts = 0  # dials since the link was last ready
+        self.attempts = 0  # dials since the last outage ended
         self.delay = RETRY_FIRST  # the next backoff, before jitter
         self.error = ""  # why the last attempt or the last session ended
         self.down_reported = False  # redis.disconnected logged for the current outage
+        self.live_since: float | None = None  # when the session went ready
         self.retry_timer: Timer | None = None
+        self.addresses: list[SockAddr] = []  # the host's addresses this dial has yet to try
+        self.unparsed = 0  # bytes fed to the reader since its last whole reply (at least)
+        self.reads = 0  # recvs that returned data, this session
+        self.reads_seen = 0  # ... when the watch last looked
+        self.heard_at = 0.0  # when the watch last saw Redis say something (or the dial)
+        self.owed_since = 0.0  # when the watch last saw Redis owe nothing
+        self.watch_timer: Timer | None = None
         self.machine.add_model(self)
 
     def __repr__(self) -> str:
@@ -167,6 +224,10 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
         self.error = error
         self.fire(LinkTrigger.FAIL)
 
+    def unexpected(self, reply: object) -> None:
+        """Redis sent what the link did not ask for: a protocol error, not a bug of ours."""
+        self.lose(f"protocol error: unexpected reply {reply!r:.80}")
+
     # -- the loop's handler ----------------------------------------------------------------------
 
     def on_readable(self) -> None:
@@ -194,35 +255,76 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
         self.attempts += 1
         self.retry_timer = None
         try:
-            family, kind, proto, _, sockaddr = socket.getaddrinfo(
-                self.address.host, self.address.port, type=socket.SOCK_STREAM)[0]
-            sock = socket.socket(family, kind, proto)
+            found = socket.getaddrinfo(self.address.host, self.address.port,
+                                       type=socket.SOCK_STREAM)
         except OSError as exc:  # socket.gaierror included
             self.lose(describe(exc))
             return
-        if sock.fileno() >= FD_SETSIZE:
-            sock.close()
-            self.lose("no descriptor below FD_SETSIZE left for select")
+        self.addresses = [(family, kind, proto, sockaddr)
+                          for family, kind, proto, _, sockaddr in found]
+        self._connect_next("the host has no address")
+
+    def _connect_next(self, error: str) -> None:
+        """Connect to the next address of the host; ``error`` is why the previous one failed."""
+        self._close_socket()
+        while self.addresses:
+            family, kind, proto, sockaddr = self.addresses.pop(0)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                error = describe(exc)
+                continue
+            if sock.fileno() >= FD_SETSIZE:
+                sock.close()
+                error = "no descriptor below FD_SETSIZE left for select"
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = sock.connect_ex(sockaddr)
+            if code not in (0, errno.EINPROGRESS):
+                sock.close()
+                error = describe(OSError(code, os.strerror(code)))
+                continue
+            self.sock, self.fd = sock, sock.fileno()
+            self.reader = hiredis.Reader()
+            self.unparsed = self.reads = self.reads_seen = 0
+            self.heard_at = self.owed_since = time.monotonic()
+            self.loop.register(self.fd, self, read=False)
+            self.loop.want_write(self.fd, True)
+            self.watch_timer = self.loop.call_later(WATCH_EVERY, self._watch)
             return
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock, self.fd = sock, sock.fileno()
-        self.reader = hiredis.Reader()
-        self.queue.clear()
-        self.loop.register(self.fd, self, read=False)
-        self.loop.want_write(self.fd, True)
-        code = sock.connect_ex(sockaddr)
-        if code not in (0, errno.EINPROGRESS):
-            self.lose(describe(OSError(code, os.strerror(code))))
+        self.lose(error)
 
     def check_connect(self) -> None:
         assert self.sock is not None
         code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
-            self.lose(describe(OSError(code, os.strerror(code))))
+            self._connect_next(describe(OSError(code, os.strerror(code))))
             return
+        self.addresses.clear()  # connected: a later failure is the session's, not the address's
         self.loop.want_write(self.fd, False)
         self.fire(LinkTrigger.CONNECTED)
+
+    def _watch(self) -> None:
+        """Every WATCH_EVERY seconds while the socket is open: lose a link whose Redis owes an
+        answer and has been silent for ANSWER_TIMEOUT; let a quiet link's role speak up."""
+        self.watch_timer = self.loop.call_later(WATCH_EVERY, self._watch)
+        now = time.monotonic()
+        if self.reads != self.reads_seen:
+            self.reads_seen, self.heard_at = self.reads, now
+        state = self.state
+        owed = state in (LinkState.CONNECTING, LinkState.GREETING) or (
+            state != LinkState.PAUSED and self.awaiting())
+        if not owed:
+            self.owed_since = now
+            if state == LinkState.READY:
+                self.quiet(now - self.heard_at)
+        elif now - max(self.heard_at, self.owed_since) >= ANSWER_TIMEOUT:
+            error = f"no answer from Redis within {ANSWER_TIMEOUT:g} s"
+            if state == LinkState.CONNECTING and self.addresses:
+                self._connect_next(error)
+            else:
+                self.lose(error)
 
     def greet(self) -> None:
         self.loop.want_read(self.fd, True)
@@ -243,8 +345,10 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
         if not data:
             self.lose("closed by Redis")
             return
+        self.reads += 1
         reader = self.reader
         reader.feed(data)
+        whole = False  # a reply ended in this read
         while True:
             try:
                 reply = reader.gets()
@@ -252,7 +356,13 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
                 self.lose(f"protocol error: {exc}")
                 return
             if reply is False:
+                # What is left is (at most) one unfinished reply, begun in this read if a reply
+                # ended in it. The reader keeps no more than a few KiB it has parsed already.
+                self.unparsed = reader.len() if whole else self.unparsed + len(data)
+                if self.unparsed > REPLY_MAX:
+                    self.lose(f"protocol error: a reply longer than {REPLY_MAX >> 20} MiB")
                 return
+            whole = True
             if self.state == LinkState.GREETING:
                 if isinstance(reply, hiredis.ReplyError):
                     self.lose(str(reply))
@@ -280,9 +390,7 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
     def go_live(self) -> None:
         self.log.info("redis.connected", link=self.role, address=str(self.address),
                       attempts=self.attempts)
-        self.attempts = 0
-        self.delay = RETRY_FIRST
-        self.down_reported = False
+        self.live_since = time.monotonic()
         self.ready()
 
     def pause_reading(self) -> None:
@@ -293,6 +401,12 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
 
     def schedule_retry(self) -> None:
         self._close_socket()
+        self.addresses.clear()
+        if self.live_since is not None and time.monotonic() - self.live_since >= STABLE:
+            self.attempts = 0  # the link was up long enough: this is a new outage
+            self.delay = RETRY_FIRST
+            self.down_reported = False
+        self.live_since = None
         if not self.down_reported:
             self.down_reported = True
             self.log.warning("redis.disconnected", link=self.role, address=str(self.address),
@@ -318,6 +432,9 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
         self.closed()
 
     def _close_socket(self) -> None:
+        if self.watch_timer is not None:
+            self.watch_timer.cancel()
+            self.watch_timer = None
         if self.sock is not None:
             self.loop.unregister(self.fd)
             self.sock.close()
@@ -336,6 +453,13 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
 
     def on_reply(self, reply: Any) -> None:
         """A reply (or, subscribed, a message) once ready."""
+
+    def awaiting(self) -> bool:
+        """Whether Redis owes the ready link an answer (so its silence counts)."""
+        return False
+
+    def quiet(self, silent: float) -> None:
+        """Redis has said nothing for ``silent`` seconds and owes nothing: the role may ask."""
 
     def lost(self) -> None:
         """The session ended and a retry is scheduled."""

@@ -757,8 +757,12 @@ def run(options: Options) -> int:
         where = {"tls": False, "tls_port": listeners[1][0].getsockname()[1]}
     redis: dict[str, str] = {}
     if options.redis is not None:
+        # A payload no client's queue can hold would close them all; chat mode's cleaning
+        # may make three bytes (U+FFFD) of one.
+        payload_limit = options.max_queue_bytes // (1 if server.chat is None else 3)
         server.bus = RedisBus(options.redis, options.channel, loop, log,
-                              outbox_limit=options.redis_outbox, deliver=server.relay)
+                              outbox_limit=options.redis_outbox, payload_limit=payload_limit,
+                              deliver=server.relay)
         redis = {"instance": server.bus.origin.decode(), "redis": options.redis.url(),
                  "channel": options.channel}
         if server.chat is not None:  # every instance counts from user1: tell theirs apart
@@ -770,11 +774,7 @@ def run(options: Options) -> int:
     if options.stats_interval:
         reporter.start()
     try:
-        loop.run()
-        stream.report()
-        with stream.forced():
-            log.info("server.stopped", **server.totals())
-        _write_out(loop, stream, signals, options.drain_timeout)
+        _serve(server, stream, signals)
     finally:
         signals.close()
         stream.close()
@@ -795,9 +795,14 @@ def _watch_signals(server: ChatServer, reporter: StatsReporter) -> SignalWatch:
     return signals
 
 
-def _write_out(loop: EventLoop, stream: LogStream, signals: SignalWatch, bound: float) -> None:
-    """The last events, in the same loop: until they are written, ``bound`` seconds pass, or a
-    signal comes."""
+def _serve(server: ChatServer, stream: LogStream, signals: SignalWatch) -> None:
+    """Run the loop until the server stops, then write the last events in the same loop: until
+    they are written, the drain timeout passes again, or a signal comes."""
+    loop, bound = server.loop, server.drain_timeout
+    loop.run()
+    stream.report()
+    with stream.forced():
+        server.log.info("server.stopped", **server.totals())
     if not stream.pending:
         return
     loop.register(signals.fileno(), Reader(loop.stop))

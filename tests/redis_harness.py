@@ -5,6 +5,10 @@ Each ``RedisServer`` listens on 127.0.0.1 on a port of its own, keeps nothing on
 same port, so fsmchat instances pointed at it see a real outage and a real recovery. Start-up is
 awaited, never slept on: its "Ready to accept connections" line, then a PING over a socket.
 
+``FakeRedis`` is the other kind: a listener that speaks only as much RESP as a test scripts
+(it never answers, it answers the greeting and then says nothing, it sends what nobody asked
+for, it streams a reply without end), for what no real Redis does.
+
 Test modules load the fixtures with ``pytest_plugins = ["redis_harness"]`` and import the rest;
 as they import it first, pytest could not rewrite its asserts anyway (and would warn), so it
 does not try: PYTEST_DONT_REWRITE. Its asserts carry their own messages.
@@ -12,11 +16,13 @@ does not try: PYTEST_DONT_REWRITE. Its asserts carry their own messages.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -171,6 +177,11 @@ class RedisServer:
         proc.wait(WAIT)
         self._finish()
 
+    def send_signal(self, sig: int) -> None:
+        """SIGSTOP freezes it (a host that vanished: no FIN, no RST), SIGCONT thaws it."""
+        assert self.proc is not None and self.proc.poll() is None, "redis-server is not running"
+        self.proc.send_signal(sig)
+
     def close(self) -> None:
         """Teardown: kill it if it still runs."""
         if self.proc is None:
@@ -216,6 +227,161 @@ class RedisServer:
 
 
 RedisFactory = Callable[..., RedisServer]
+
+
+class FakeSession:
+    """One connection to a ``FakeRedis``, as its script sees it."""
+
+    def __init__(self, sock: socket.socket, changed: Callable[[], None]) -> None:
+        self.sock = sock
+        self.changed = changed  # tells the FakeRedis's waiters to look again
+        self.parser = hiredis.Reader()
+        self.link = ""  # "publish" or "subscribe", once the greeting told which
+        self.commands: list[list[bytes]] = []  # every command read, in order
+        self.sent = 0  # bytes the script sent
+        self.cut = False  # the other end closed or reset the connection
+
+    def command(self) -> list[bytes] | None:
+        """The next command fsmchat sent; None once it closed the connection."""
+        command = self.parser.gets()
+        while command is False:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.cut = True
+                self.changed()
+                return None
+            self.parser.feed(chunk)
+            command = self.parser.gets()
+        self.commands.append(command)
+        self.changed()
+        return list(command)
+
+    def send(self, data: bytes) -> bool:
+        """Send it all; False once fsmchat closed the connection."""
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            self.cut = True
+            self.changed()
+            return False
+        self.sent += len(data)
+        return True
+
+    def greet(self) -> str:
+        """Answer the link's greeting as Redis would: PING (publish) or SUBSCRIBE (subscribe)."""
+        command = self.command()
+        if command is None:
+            return ""
+        if command[0].upper() == b"SUBSCRIBE":
+            channel = command[1]
+            self.link = "subscribe"
+            self.send(b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(channel), channel))
+        else:
+            self.link = "publish"
+            self.send(b"+PONG\r\n")
+        self.changed()
+        return self.link
+
+    def listen(self) -> None:
+        """Read every command to the end, answering none."""
+        while self.command() is not None:
+            pass
+
+    def pong(self) -> None:
+        """Read every command to the end, answering only the subscriber's PINGs."""
+        while (command := self.command()) is not None:
+            if command[0].upper() == b"PING":
+                self.send(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+
+
+class FakeRedis:
+    """A listener on 127.0.0.1 that runs ``script`` on each connection, in a thread of its own."""
+
+    def __init__(self, script: Callable[[FakeSession], None]) -> None:
+        self.script = script
+        self.listener = socket.create_server((HOST, 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.sessions: list[FakeSession] = []
+        self.ended: list[FakeSession] = []  # sessions whose script returned
+        self.cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        accepter = threading.Thread(target=self._accept, daemon=True)
+        accepter.start()
+        self._threads.append(accepter)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:  # closed at teardown
+                return
+            session = FakeSession(sock, self._changed)
+            with self.cond:
+                self.sessions.append(session)
+                self.cond.notify_all()
+            thread = threading.Thread(target=self._run, args=(session,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _changed(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def _run(self, session: FakeSession) -> None:
+        try:
+            self.script(session)
+        finally:
+            with self.cond:
+                self.ended.append(session)
+                self.cond.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+        """Wait until ``predicate()`` holds (checked under the lock, on every change)."""
+        with self.cond:
+            if not self.cond.wait_for(predicate, timeout):
+                raise AssertionError(f"fake Redis: no {what} within {timeout}s "
+                                     f"({len(self.sessions)} sessions)")
+
+    def of(self, link: str) -> list[FakeSession]:
+        """The sessions of one link, in the order they came."""
+        with self.cond:
+            return [s for s in self.sessions if s.link == link]
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.cond:
+            sessions = list(self.sessions)
+        for session in sessions:
+            with contextlib.suppress(OSError):
+                session.sock.shutdown(socket.SHUT_RDWR)
+            session.sock.close()
+        for thread in self._threads:
+            thread.join(WAIT)
+
+
+FakeFactory = Callable[[Callable[[FakeSession], None]], FakeRedis]
+
+
+@pytest.fixture
+def fake_redis() -> Iterator[FakeFactory]:
+    """Factory: ``fake_redis(script)``, a ``FakeRedis``; closed at teardown."""
+    fakes: list[FakeRedis] = []
+
+    def make(script: Callable[[FakeSession], None]) -> FakeRedis:
+        fake = FakeRedis(script)
+        fakes.append(fake)
+        return fake
+
+    yield make
+    for fake in fakes:
+        fake.close()
 
 
 def bug_free(start_server: StartServer) -> Iterator[StartServer]:

@@ -19,7 +19,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fsmchat.bus import DROP_REPORT, ENVELOPE, PublishLink, SubscribeLink, unpack
+from fsmchat.bus import (
+    DROP_REPORT,
+    ENVELOPE,
+    GAP_MAX,
+    REPEATS_MAX,
+    PublishLink,
+    SubscribeLink,
+    unpack,
+)
 from fsmchat.events import make_logger
 from fsmchat.lifecycle import LinkState
 from fsmchat.logstream import LogStream
@@ -53,7 +61,7 @@ class Harness:
             return False
 
         link = SubscribeLink(RedisAddress("127.0.0.1"), self.loop, self.log, channel=b"chat",
-                             origin=ORIGIN, deliver=deliver)
+                             origin=ORIGIN, deliver=deliver, payload_limit=1 << 20)
         self.links.append(link)
         return link
 
@@ -222,3 +230,116 @@ def test_after_an_outage_the_outbox_waits_for_the_audience(bus: Harness) -> None
     [command] = published(link, redis_end)
     assert unpack(command[2])[2] == b"during"
     assert bus.events("redis.flushing")[0]["subscribers"] == 3
+
+
+@pytest.mark.parametrize("envelope", [
+    ENVELOPE + b"\xff" * 16 + b" 1\n",  # an id that is not text: once decoded in log arguments
+    ENVELOPE + b"FFEEDDCCBBAA9988 1\n",  # not the hex new_origin writes
+    ENVELOPE + OTHER[:15] + b" 1\n",
+    ENVELOPE + OTHER + b" " + b"9" * 20 + b"\n",  # more than the logs' 64-bit integers hold
+    ENVELOPE + OTHER + b" +1\n",
+])
+def test_an_envelope_with_a_field_out_of_shape_is_foreign(envelope: bytes) -> None:
+    assert unpack(envelope + b"x") == (None, 0, envelope + b"x")
+
+
+def message(origin: bytes, seq: int, data: bytes = b"m") -> list[bytes]:
+    return [b"message", b"chat", b"%s%s %d\n%s" % (ENVELOPE, origin, seq, data)]
+
+
+def test_a_number_far_from_the_last_starts_a_new_count_instead_of_poisoning_it(
+        bus: Harness) -> None:
+    delivered: list[bytes] = []
+    link = bus.subscriber(delivered)
+    bus.connect(link)
+    link.on_reply(message(OTHER, 10))
+    link.on_reply(message(OTHER, 9, b"repeat"))  # close behind: a repeat, dropped
+    link.on_reply(message(OTHER, 10 + GAP_MAX + 2, b"forged ahead"))
+    link.on_reply(message(OTHER, 11, b"real"))  # far behind the forgery: not a repeat
+    link.on_reply(message(OTHER, 12, b"real"))
+    link.on_reply(message(OTHER, 12 + REPEATS_MAX, b"gap"))  # a gap, counted
+    link.on_reply(message(OTHER, 12, b"far back"))  # a restart of the count, delivered
+    assert delivered == [b"m", b"forged ahead", b"real", b"real", b"gap", b"far back"]
+    assert (link.duplicates, link.missed) == (1, REPEATS_MAX - 1)
+    renumbered = [(e["last"], e["seq"]) for e in bus.events("redis.renumbered")]
+    assert renumbered == [(10, 10 + GAP_MAX + 2), (10 + GAP_MAX + 2, 11),
+                          (12 + REPEATS_MAX, 12)]
+
+
+def test_a_payload_over_the_limit_is_counted_not_delivered(bus: Harness) -> None:
+    delivered: list[bytes] = []
+    link = bus.subscriber(delivered)
+    bus.connect(link)
+    limit = link.payload_limit
+    link.on_reply([b"message", b"chat", b"x" * limit])
+    link.on_reply([b"message", b"chat", b"y" * (limit + 1)])
+    link.on_reply(message(OTHER, 1, b"z" * (limit + 1)))
+    link.on_reply(message(OTHER, 2))
+    assert delivered == [b"x" * limit, b"m"]
+    assert (link.oversize, link.missed) == (2, 0), "the oversize one is no gap in the numbering"
+    origins = [e["origin"] for e in bus.events("redis.oversize")]
+    assert origins == [None, OTHER.decode()]
+
+
+@pytest.mark.parametrize("reply", [1, [b"chat", 1], b"OK", None, [b"chat"]])
+def test_a_reply_the_publisher_did_not_ask_for_is_a_protocol_error(
+        bus: Harness, reply: object) -> None:
+    link = bus.publisher()
+    bus.connect(link)
+    link.on_reply(reply)
+    assert link.state == LinkState.BACKOFF
+    [lost] = bus.events("redis.disconnected")
+    assert str(lost["error"]).startswith("protocol error"), lost
+
+
+@pytest.mark.parametrize("reply", [[b"message", b"chat", 5], [b"message", b"chat", [b"x"]],
+                                   [b"pong", b""], 7, [b"pmessage", b"*", b"chat", b"x"]])
+def test_a_reply_the_subscriber_did_not_ask_for_is_a_protocol_error(
+        bus: Harness, reply: object) -> None:
+    link = bus.subscriber([])
+    bus.connect(link)
+    link.on_reply(reply)
+    assert link.state == LinkState.BACKOFF
+    [lost] = bus.events("redis.disconnected")
+    assert str(lost["error"]).startswith("protocol error"), lost
+
+
+def test_each_address_of_the_host_is_tried_in_turn(
+        bus: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host name with an address where nothing listens and one where Redis does."""
+    with socket.socket() as probe:  # a port nothing listens on once it is closed
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()
+    listener = socket.create_server(("127.0.0.1", 0))
+    bus.pairs.append((listener, listener))
+    addresses = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", address)
+                 for address in (refused, listener.getsockname())]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: addresses)
+
+    class Redis:
+        """Accepts the link and answers its greeting (PING)."""
+
+        def on_readable(self) -> None:
+            sock, _ = listener.accept()
+            bus.pairs.append((sock, sock))
+            sock.sendall(b"+PONG\r\n")
+
+        def on_writable(self) -> None:
+            pass
+
+    bus.loop.register(listener.fileno(), Redis())
+    link = bus.publisher()
+    link.address = RedisAddress("redis.test")
+
+    def until_ready() -> None:
+        if link.state == LinkState.READY:
+            bus.loop.stop()
+
+    bus.loop.before_sleep = until_ready
+    bus.loop.call_later(5.0, bus.loop.stop)
+    link.start()
+    bus.loop.run()
+    assert link.state == LinkState.READY, bus.events("redis.disconnected")
+    assert not bus.events("redis.disconnected")
+    assert [e["attempts"] for e in bus.events("redis.connected")] == [1]
+    link.stop()

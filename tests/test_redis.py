@@ -27,13 +27,17 @@ from conftest import (
     ServerProcess,
     StartServer,
     StreamReader,
+    proc_status_kib,
     recv_exactly,
     recv_until_suffix,
     run_cli,
     usage_error,
     wait_event_count,
 )
-from redis_harness import RedisFactory, RedisServer, bug_free
+from redis_harness import FakeFactory, FakeSession, RedisFactory, RedisServer, bug_free
+
+from fsmchat.bus import PING_IDLE
+from fsmchat.redis_link import ANSWER_TIMEOUT, RECV_SIZE, REPLY_MAX
 
 pytest_plugins = ["redis_harness"]
 
@@ -478,6 +482,12 @@ def test_a_foreign_publish_reaches_every_client_as_is(
         "redis://127.0.0.1:6379/1.5",
         "127.0.0.1:6379",
         "",
+        "redis://127.0.0.1:0",  # not "the default port"
+        "redis://a..b",
+        "redis://" + "a" * 300,
+        "redis://\udcff",  # a byte of the command line that is not UTF-8
+        "redis://:\udcff@127.0.0.1",
+        "redis://:%ff@127.0.0.1",
     ],
 )
 def test_bad_redis_url_exits_2_with_one_line_naming_the_option(url: str) -> None:
@@ -492,6 +502,12 @@ def test_bad_redis_outbox_exits_2(value: str) -> None:
     result = run_cli("--host", HOST, "--port", "0", "--redis", "redis://127.0.0.1:1",
                      "--redis-outbox", value)
     usage_error(result, "--redis-outbox")
+
+
+def test_channel_that_is_not_utf8_exits_2() -> None:
+    result = run_cli("--host", HOST, "--port", "0", "--redis", "redis://127.0.0.1:1",
+                     "--channel", "room\udcff")
+    usage_error(result, "--channel")
 
 
 def test_channel_without_redis_exits_2() -> None:
@@ -595,3 +611,182 @@ def test_what_a_stop_reads_is_published_like_any_other_message(
     assert digest.digest() == hashlib.sha256(payload).digest()
     assert stopping.wait_exit(timeout=15) == 0
     assert stopping.events("server.stopped")[-1]["redis_dropped"] == 0
+
+
+# --------------------------------------------------------------------------
+# 10. Whoever may PUBLISH on the channel
+# --------------------------------------------------------------------------
+
+
+def test_an_envelope_with_a_bad_instance_id_is_a_foreign_payload_and_costs_nothing(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    """A forged origin that is not UTF-8 once made every subscriber reconnect (and lose what
+    arrived meanwhile); now it is a payload like any other."""
+    a, b = (start_instance(start_server, redis_server) for _ in range(2))
+    a1, b1 = a.connect(), b.connect()
+    lost = {s.pid: link_counts(s, "redis.disconnected") for s in (a, b)}
+    forged = [b"fsmchat1 \xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\xf6\xf5\xf4\xf3\xf2\xf1\xf0 1\nhi",
+              b"fsmchat1 \xff 7\nhi", b"fsmchat1 ZZZZZZZZZZZZZZZZ 7\nhi"]
+    for payload in forged:
+        assert redis_server.publish("fsmchat", payload) == 2
+        for client in (a1, b1):
+            assert recv_exactly(client.sock, len(payload)) == payload
+    exchange(a1, [b1], b"the subscribers stayed")
+    exchange(b1, [a1], b"both ways")
+    assert {s.pid: link_counts(s, "redis.disconnected") for s in (a, b)} == lost
+    assert_quiet(a1, b1)
+
+
+def test_a_forged_sequence_number_does_not_silence_the_instance_it_names(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    """A huge number under A's id once made every other instance drop A's messages as repeats
+    until A restarted."""
+    a, b = (start_instance(start_server, redis_server) for _ in range(2))
+    a1, b1 = a.connect(), b.connect()
+    exchange(a1, [b1], b"A before the forgery")
+    forged = f"fsmchat1 {instance_id(a)} {10**19 - 1}\n".encode() + b"forged"
+    assert redis_server.publish("fsmchat", forged) == 2
+    assert recv_exactly(b1.sock, len(b"forged")) == b"forged"
+    for message in numbered("A after the forgery", 5):
+        exchange(a1, [b1], message)
+    renumbered = b.wait_event("redis.renumbered", origin=instance_id(a))
+    assert renumbered["level"] == "warning", renumbered
+    assert_quiet(a1, b1)
+    stopped = stopped_event(b)
+    assert stopped["redis_duplicates"] == 0 and stopped["redis_missed"] == 0, stopped
+
+
+def test_a_payload_larger_than_a_clients_queue_is_dropped_and_counted(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    """One such publish once closed every client of every instance (queue_limit)."""
+    limit = 1024 * 1024
+    a, b = (start_instance(start_server, redis_server, "--max-queue-bytes", "1M",
+                           "--stats-interval", "0.2") for _ in range(2))
+    clients = [*a.connect_many(2), b.connect()]
+    fits = b"f" * limit  # as large as a queue may be: it is delivered
+    assert redis_server.publish("fsmchat", fits) == 2
+    for client in clients:
+        assert recv_exactly(client.sock, limit) == fits
+    assert redis_server.publish("fsmchat", b"o" * (limit + 1)) == 2
+    for server in (a, b):
+        oversize = server.wait_event("redis.oversize")
+        assert oversize["level"] == "warning", oversize
+        assert (oversize["bytes"], oversize["limit"]) == (limit + 1, limit), oversize
+        server.wait_for(lambda e: e.get("event") == "server.stats"
+                        and e.get("redis_oversize") == 1, what="server.stats counting it")
+    exchange(clients[0], clients[1:], b"nobody was closed")
+    assert_quiet(*clients)
+    for server in (a, b):
+        assert not server.events("connection.queue_limit"), server.events("connection.queue_limit")
+        assert stopped_event(server)["redis_oversize"] == 1
+
+
+def test_a_reply_without_end_closes_the_link_not_the_memory(
+    start_server: StartServer, fake_redis: FakeFactory
+) -> None:
+    """A bulk string that never ends once grew the server by gigabytes."""
+    budget = 2 * REPLY_MAX + 4 * RECV_SIZE  # what the fake offers before it gives up
+
+    def endless(session: FakeSession) -> None:
+        if session.greet() != "subscribe":
+            session.listen()
+            return
+        session.send(b"*3\r\n$7\r\nmessage\r\n$7\r\nfsmchat\r\n$%d\r\n" % (1 << 40))
+        chunk = b"x" * RECV_SIZE
+        while session.sent < budget and session.send(chunk):
+            pass
+        session.listen()
+
+    fake = fake_redis(endless)
+    server = start_server("--redis", fake.url)
+    wait_links(server)
+    before = proc_status_kib(server.pid, "VmRSS")
+    lost = wait_event_count(server, "redis.disconnected", 1, WAIT + ANSWER_TIMEOUT,
+                            on_link("subscribe"))[0]
+    assert lost["level"] == "warning" and lost["error"], lost
+    first = fake.of("subscribe")[0]
+    fake.wait(lambda: first in fake.ended, "end of the first subscribe session")
+    assert first.cut and first.sent < budget, "the link was not closed before the fake gave up"
+    grown = proc_status_kib(server.pid, "VmHWM") - before
+    assert grown * 1024 < 3 * REPLY_MAX, f"peak RSS grew by {grown} KiB"
+    client = server.connect()
+    other = server.connect()
+    exchange(client, [other], b"local chat goes on")
+
+
+# --------------------------------------------------------------------------
+# 11. A Redis that does not answer
+# --------------------------------------------------------------------------
+
+
+def test_a_redis_that_never_answers_is_a_lost_link_that_keeps_retrying(
+    start_server: StartServer, fake_redis: FakeFactory
+) -> None:
+    """Accepting and then saying nothing once left both links in greeting, with no event."""
+    fake = fake_redis(FakeSession.listen)
+    server = start_server("--redis", fake.url)
+    for event in wait_links(server, "redis.disconnected", timeout=WAIT + ANSWER_TIMEOUT):
+        assert event["level"] == "warning" and event["error"], event
+    one, two = server.connect_many(2)
+    exchange(one, [two], b"the chat works locally")
+    for link in LINKS:  # each link dials again, and again, and says so once
+        wait_event_count(server, "redis.retrying", 1, WAIT + 2 * ANSWER_TIMEOUT,
+                         retry_number(link, 3))
+    fake.wait(lambda: len(fake.sessions) >= 2 * len(LINKS), "second dial of each link")
+    assert link_counts(server, "redis.disconnected") == dict.fromkeys(LINKS, 1)
+    assert not server.events("redis.connected")
+
+
+def test_a_frozen_redis_is_noticed_by_the_subscriber_and_the_chat_joins_again(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    """Without a PING, a subscriber waits for a Redis host that vanished for ever."""
+    a, b = (start_instance(start_server, redis_server) for _ in range(2))
+    a1, b1 = a.connect(), b.connect()
+    exchange(a1, [b1], b"before the freeze")
+    back = {s.pid: link_counts(s, "redis.connected") for s in (a, b)}
+    redis_server.send_signal(signal.SIGSTOP)
+    try:
+        for server in (a, b):
+            lost = wait_event_count(server, "redis.disconnected", 1,
+                                    WAIT + PING_IDLE + ANSWER_TIMEOUT, on_link("subscribe"))[0]
+            assert lost["level"] == "warning" and lost["error"], lost
+        a2 = a.connect()
+        exchange(a1, [a2], b"local chat goes on")
+    finally:
+        redis_server.send_signal(signal.SIGCONT)
+    for server in (a, b):
+        wait_event_count(server, "redis.connected", back[server.pid]["subscribe"] + 1,
+                         WAIT + ANSWER_TIMEOUT, on_link("subscribe"))
+    exchange(b1, [a1, a2], b"after the freeze")
+
+
+# --------------------------------------------------------------------------
+# 12. A Redis that says what nobody asked
+# --------------------------------------------------------------------------
+
+
+def test_replies_nobody_asked_for_are_a_protocol_error_logged_once_per_outage(
+    start_server: StartServer, fake_redis: FakeFactory
+) -> None:
+    """They were a lifecycle.bug, and the reconnects that followed each logged the outage anew
+    (72 warnings in 5 s)."""
+
+    def chatty(session: FakeSession) -> None:
+        if session.greet() == "publish":
+            session.send(b":1\r\n" * 3)
+            session.listen()
+        else:
+            session.pong()
+
+    fake = fake_redis(chatty)
+    server = start_server("--redis", fake.url)  # the fixture checks: no lifecycle.bug
+    fake.wait(lambda: len(fake.of("publish")) >= 4, "four sessions of the publish link")
+    lost = wait_event_count(server, "redis.disconnected", 1, predicate=on_link("publish"))[0]
+    assert lost["level"] == "warning" and "protocol" in str(lost["error"]), lost
+    connected = wait_event_count(server, "redis.connected", 4, predicate=on_link("publish"))
+    assert [int(e["attempts"]) for e in connected] == [1, 2, 3, 4], connected
+    assert link_counts(server, "redis.disconnected")["publish"] == 1

@@ -75,3 +75,21 @@ def test_a_foreign_publish_is_cleaned_and_ends_in_a_newline(
     person = Person(server)
     redis_server.publish("fsmchat", b"\x1b]0;owned\x07maintenance at 5")
     assert person.line() == b"^[]0;owned^Gmaintenance at 5"
+
+
+def test_a_payload_whose_cleaning_would_overflow_a_queue_is_dropped(
+        start_server: StartServer, redis_server: RedisServer) -> None:
+    """Cleaning makes three bytes (U+FFFD) of a bad one: under the limit as published, over it
+    as queued, such a payload would close every client for queue_limit."""
+    limit = 1024 * 1024
+    server = start_instance(start_server, redis_server, "--mode", "chat",
+                            "--max-queue-bytes", "1M")
+    alice, bob = Person(server), Person(server)
+    assert alice.line() == b"*** %s joined" % bob.name
+    payload = b"\xff" * (limit // 2)
+    assert redis_server.publish("fsmchat", payload) == 1
+    oversize = server.wait_event("redis.oversize")
+    assert oversize["bytes"] == len(payload) and oversize["level"] == "warning", oversize
+    alice.say(b"still here")
+    assert bob.line() == b"<%s> still here" % alice.name
+    assert not server.events("connection.queue_limit")
