@@ -10,7 +10,9 @@ Rules it keeps:
 - A message is appended, as the same bytes object, to the queue of every *other* connection in
   the chat (``reading`` or ``paused``); draining or closing connections take no new messages.
 - Output limit: a recipient whose queue would pass ``max_queue_bytes`` is closed (``queue_limit``)
-  once the broadcast is done; everyone else still gets the message.
+  once the broadcast is done; everyone else still gets the message. The closes, and the leave
+  notices they announce (which may take others past their limit in turn), run from one work list
+  at one level, never by recursion: one warning per client, however many overflow at once.
 - Flow control: a broadcast that leaves a recipient over the high-water mark (half the limit)
   pauses the sender, so TCP slows it down instead of the server buffering without end. Senders
   resume when no recipient is over the low-water mark (a quarter) any more. A recipient may hold
@@ -53,6 +55,7 @@ from functools import partial
 
 from structlog.typing import FilteringBoundLogger
 
+from fsmchat import lifecycle
 from fsmchat.access import Access, Network
 from fsmchat.bus import RedisBus
 from fsmchat.chat import DEFAULT_MAX_LINE, Chat
@@ -183,7 +186,9 @@ class ChatServer:
         self.readers: dict[int, Connection] = {}  # in the chat (reading, paused): take messages
         self.paused: dict[int, Connection] = {}  # senders held back by flow control
         self._holding: dict[int, Timer] = {}  # recipients holding senders back -> grace timer
-        self._overflowed: list[Connection] = []  # recipients past the limit in this broadcast
+        self._overflowed: dict[int, Connection] = {}  # past the limit, to close: by fd, in order
+        self._refused = 0  # messages left out of a queue for its limit, so far (not counted out)
+        self._closing_overflowed = False  # _close_overflowed is working through its list
         self._closing: list[Connection] = []  # moved to `closing` this step; released after it
         self._accept_timer: Timer | None = None  # set while accepting is paused
         self._accept_failures = 0  # failed accepts in the current episode
@@ -259,10 +264,11 @@ class ChatServer:
         """The same bytes object to every local queue but ``exclude``'s, and into history
         (each of ``lines``, if ``data`` joins several)."""
         readers = self.readers
+        refused = self._refused
         for conn in readers.values():
             if conn is not exclude:
                 conn.enqueue(data)
-        count = len(readers) - len(self._overflowed)
+        count = len(readers) - (self._refused - refused)
         if exclude is not None and readers.get(exclude.fd) is exclude:
             count -= 1
         self.messages_out += count * (len(lines) or 1)
@@ -280,11 +286,12 @@ class ChatServer:
         """A message for one client only (chat mode's replies), while it is in the chat."""
         if conn.state not in IN_CHAT:
             return
+        refused = self._refused
         conn.enqueue(data)
+        if self._refused == refused:
+            self.messages_out += 1
         if self._overflowed:
             self._close_overflowed()
-        else:
-            self.messages_out += 1
 
     def joined(self, conn: Connection) -> None:
         """A client entered the chat: (chat mode: its welcome,) the history, then live."""
@@ -313,7 +320,8 @@ class ChatServer:
         return conn.state in IN_CHAT
 
     def overflowed(self, conn: Connection) -> None:
-        self._overflowed.append(conn)
+        self._refused += 1
+        self._overflowed[conn.fd] = conn  # once, however many messages it refuses meanwhile
 
     def congested(self, conn: Connection) -> None:
         if conn.crowded:
@@ -371,25 +379,50 @@ class ChatServer:
         try:
             conn.close_because("internal_error")
         except Exception:  # noqa: BLE001 - the table itself is broken: take it out by hand
-            self.loop.unregister(conn.fd)
-            if self.readers.pop(conn.fd, None) is not None:
-                self.departed(conn)
-            self.paused.pop(conn.fd, None)
-            if conn.crowded:
-                self.relieved(conn)
+            self._take_out(conn)
             conn.sock.close()
             if self.connections.pop(conn.fd, None) is not None:
                 self.closed["internal_error"] += 1
+            return
+        if conn.state == State.CLOSING and conn not in self._closing:
+            # The bug struck inside detach: finish it by hand, release it as usual. Never a
+            # connection in `closing` that the loop still watches and nobody will release.
+            conn.reason = conn.reason or "internal_error"
+            self._take_out(conn)
+            self.release_soon(conn)
+
+    def _take_out(self, conn: Connection) -> None:
+        """What ``detach`` does, safe to repeat: out of the loop, the chat and flow control."""
+        self.loop.unregister(conn.fd)
+        if self.readers.pop(conn.fd, None) is not None:
+            self.departed(conn)
+        self.paused.pop(conn.fd, None)
+        conn.queue.clear()
+        if conn.crowded:
+            self.relieved(conn)
 
     def _close_overflowed(self) -> None:
-        overflowed, self._overflowed = self._overflowed, []
-        for conn in overflowed:
-            self.log.warning("connection.queue_limit", fd=conn.fd, peer=conn.peer,
-                             queued=conn.queue.nbytes, limit=self.max_queue_bytes)
-            try:
-                conn.close_because("queue_limit")
-            except Exception as exc:  # noqa: BLE001
-                self.bug(conn, Trigger.FAIL, exc)
+        """Close every recipient past its limit, oldest first, from one work list.
+
+        A close announces a leave (chat mode), which may take others past their limit: they join
+        the list (a nested call returns at once), so the stack stays flat however many there are."""
+        if self._closing_overflowed:
+            return
+        self._closing_overflowed = True
+        overflowed = self._overflowed
+        try:
+            while overflowed:
+                conn = overflowed.pop(next(iter(overflowed)))
+                if not lifecycle.allowed(conn.state, Trigger.FAIL):
+                    continue  # closed meanwhile, for another reason
+                self.log.warning("connection.queue_limit", fd=conn.fd, peer=conn.peer,
+                                 queued=conn.queue.nbytes, limit=self.max_queue_bytes)
+                try:
+                    conn.close_because("queue_limit")
+                except Exception as exc:  # noqa: BLE001
+                    self.bug(conn, Trigger.FAIL, exc)
+        finally:
+            self._closing_overflowed = False
 
     def _stall(self, conn: Connection) -> None:
         """The grace ran out: the recipient stops holding senders (it stays crowded)."""
