@@ -16,6 +16,8 @@ Rules it keeps:
   through ``announce`` (history, the Redis bus, every other client); replies to one client
   (welcome, ``/who``, refusals, ``bye``) through ``tell`` only.
 - Text from a client, or from the Redis channel, is sanitised before anyone sees it (``clean``).
+- Telnet's commands never reach anyone: each client's reads go through its ``TelnetParser``
+  before its framer (answers go back to it alone, an interrupt drops its unfinished line).
 - Names are unique on this instance, case-insensitively; a refusal never changes anything.
 """
 
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.framing import LineFramer
+from fsmchat.telnet import TelnetParser
 
 if TYPE_CHECKING:
     from fsmchat.connection import Connection as Client
@@ -104,6 +107,7 @@ class Room(Protocol):
 class Member:
     name: bytes
     framer: LineFramer
+    telnet: TelnetParser
 
 
 class Chat:
@@ -125,7 +129,7 @@ class Chat:
         """A client entered the chat: name it and welcome it; the server replays history next,
         then calls ``announce_join``."""
         name = self._new_name()
-        self.members[client.fd] = Member(name, LineFramer(self.max_line))
+        self.members[client.fd] = Member(name, LineFramer(self.max_line), TelnetParser())
         self.room.tell(client, b"*** welcome, you are %s (%s)\n" % (name, HELP))
 
     def announce_join(self, client: Client) -> None:
@@ -163,7 +167,10 @@ class Chat:
         member = self.members[client.fd]
         framer = member.framer
         cuts = framer.cuts
-        lines = framer.feed(data)
+        if member.telnet.idle(data):
+            lines = framer.feed(data)
+        else:
+            lines = self._untelnet(client, member, data)
         for _ in range(framer.cuts - cuts):  # once per long line
             self.room.log.warning("chat.line_cut", fd=client.fd, peer=client.peer,
                                   limit=self.max_line)
@@ -188,6 +195,21 @@ class Chat:
         room.messages_in += len(lines)
         self._announce(said, client)
         room.hold_back(client)
+
+    def _untelnet(self, client: Client, member: Member, data: bytes) -> list[bytes]:
+        """The lines of a read that holds telnet commands; their answers go to ``client``."""
+        lines: list[bytes] = []
+        for piece in member.telnet.feed(data):
+            if isinstance(piece, bytes):
+                lines += member.framer.feed(piece)
+            else:  # an interrupt: the unfinished line is taken back
+                member.framer.discard()
+        replies = member.telnet.take()
+        if replies:
+            self.room.tell(client, replies)
+            if not self.room.in_chat(client):  # the answers took it past its limit
+                return []
+        return lines
 
     def _announce(self, said: list[bytes], client: Client) -> None:
         if len(said) == 1:

@@ -14,8 +14,10 @@ from conftest import (
     HOST,
     ServerProcess,
     StartServer,
+    recv_exactly,
     reset,
     run_cli,
+    send_messages,
     usage_error,
 )
 
@@ -24,7 +26,7 @@ UNKNOWN = (
     "*** unknown command /foo (commands: /nick NAME, /who, /me ACTION, /quit; "
     "start a line with // to send one that begins with /)\n"
 )
-INVALID_UTF8 = b"bad \xff\xfe utf8 \xc3 \xe6\x97 end"
+INVALID_UTF8 = b"bad \xfe\xc0 utf8 \xc3 \xe6\x97 end"  # no 0xFF: in chat mode, telnet's IAC
 #: What a client sends in a line (terminator excluded) and how the others are shown it.
 SANITISED = [
     pytest.param(b"\x1b[31mred\x1b[0m", "^[[31mred^[[0m", id="escape"),
@@ -325,6 +327,39 @@ def test_double_slash_sends_a_line_that_begins_with_a_slash(chat: ServerProcess)
     b.say("seen")
     a.expect("<user2> seen\n")
     a.quiet()
+
+
+# --------------------------------------------------------------------------
+# Telnet's commands
+# --------------------------------------------------------------------------
+
+IAC, WILL, WONT, DO, DONT, SB, SE, IP = 255, 251, 252, 253, 254, 250, 240, 244
+TIMING_MARK, ECHO, NAWS = 6, 1, 31
+
+
+def test_telnet_ctrl_c_is_answered_and_drops_the_unfinished_line(chat: ServerProcess) -> None:
+    a, b = join_many(chat, 2)
+    # What telnet sends for Ctrl-C: IAC IP, IAC DO TIMING-MARK; then it discards all output
+    # until the mark is answered. Here after half a line, and cut between reads.
+    send_messages(chat, a.client, [
+        b"half a line", bytes((IAC,)), bytes((IP, IAC, DO)), bytes((TIMING_MARK,))])
+    assert recv_exactly(a.sock, 3) == bytes((IAC, WILL, TIMING_MARK))
+    a.send(b"hello\r\n")
+    b.expect("<user1> hello\n")
+    b.say("you hear me?")
+    a.expect("<user2> you hear me?\n")
+
+
+def test_telnet_options_are_refused_and_nothing_of_them_is_relayed(chat: ServerProcess) -> None:
+    a, b = join_many(chat, 2)
+    a.send(bytes((IAC, DO, ECHO, IAC, WILL, NAWS, IAC, SB, NAWS, 0, 80, 0, 24, IAC, SE))
+           + b"caf" + bytes((IAC, IAC)) + b" \xc3\xa9" + bytes((IAC, WONT, ECHO, IAC, DONT, NAWS))
+           + b"\n")
+    assert recv_exactly(a.sock, 6) == bytes((IAC, WONT, ECHO, IAC, DONT, NAWS))
+    b.expect("<user1> caf\ufffd \u00e9\n")  # IAC IAC is a byte 0xFF: not UTF-8
+    b.say("ok")
+    a.expect("<user2> ok\n")  # no answer to WONT or DONT came before it
+    b.quiet()
 
 
 # --------------------------------------------------------------------------
