@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from structlog.typing import FilteringBoundLogger
@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_LINE = 4 * 1024
 MAX_LINE_RANGE = (16, 64 * 1024)
+
+ENTRY_BYTES = 64 * 1024
+"""Most bytes of one sender's messages joined into one queue entry (the server may ask for
+less: an eighth of its output limit). A single message is never split."""
 
 NAME_MAX = 16
 _NAME = re.compile(rb"[A-Za-z0-9_-]{1,%d}" % NAME_MAX)
@@ -96,6 +100,8 @@ class Room(Protocol):
 
     def hold_back(self, sender: Client) -> None: ...
 
+    def held(self, sender: Client) -> bool: ...
+
     def tell(self, client: Client, data: bytes) -> None: ...
 
     def quit(self, client: Client) -> None: ...
@@ -108,14 +114,17 @@ class Member:
     name: bytes
     framer: LineFramer
     telnet: TelnetParser
+    held: list[bytes] = field(default_factory=list)  # whole lines waiting for flow control
 
 
 class Chat:
     """Names, commands and framing for every client in the chat."""
 
-    def __init__(self, room: Room, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(self, room: Room, max_line: int = DEFAULT_MAX_LINE,
+                 entry_bytes: int = ENTRY_BYTES) -> None:
         self.room = room
         self.max_line = max_line
+        self.entry_bytes = entry_bytes  # most bytes of messages joined into one queue entry
         self.members: dict[int, Member] = {}  # fd -> member
         self.taken: set[bytes] = set()  # names in use, lower-cased
         self.next_number = 1  # for the next user<N>
@@ -140,6 +149,12 @@ class Chat:
         member = self.members.pop(client.fd, None)
         if member is None:
             return
+        if member.held and client.reason == "server_shutdown":  # whole lines, read before
+            self.room.messages_in += len(member.held)
+            for line in member.held:
+                message = None if _is_command(line) else _message(member.name, line)
+                if message:
+                    self._say(message, client)
         rest = member.framer.flush()
         if rest and client.reason == "peer_closed":  # typed, then EOF without a newline
             self.room.messages_in += 1
@@ -174,27 +189,66 @@ class Chat:
         for _ in range(framer.cuts - cuts):  # once per long line
             self.room.log.warning("chat.line_cut", fd=client.fd, peer=client.peer,
                                   limit=self.max_line)
-        if not lines:
-            return
+        if member.held:  # lines held back by flow control go first (not read meanwhile)
+            lines[:0] = member.held
+            member.held = []
+        if lines:
+            self._take(client, member, lines)
+
+    def resumed(self, client: Client) -> None:
+        """Flow control lets ``client`` go again: the lines it held back go on."""
+        member = self.members.get(client.fd)
+        if member is not None and member.held:
+            lines, member.held = member.held, []
+            self._take(client, member, lines)
+
+    def holds(self, client: Client) -> bool:
+        """Whether lines of ``client`` wait for flow control to let it go."""
+        member = self.members.get(client.fd)
+        return member is not None and bool(member.held)
+
+    def _take(self, client: Client, member: Member, lines: list[bytes]) -> None:
+        """Lines of one client, in order: messages, commands. Flow control is asked between
+        queue entries, so what one read multiplies into (names, cleaning) cannot run past a
+        recipient's limit: when the sender must wait, the rest of its lines wait with it."""
         room = self.room
         said: list[bytes] = []  # messages not yet announced: one queue entry for a run of them
+        size = 0
         for count, line in enumerate(lines, 1):
             if not _is_command(line):
                 message = _message(member.name, line)
                 if message:
+                    if said and size + len(message) > self.entry_bytes:
+                        self._announce(said, client)
+                        size = 0
+                        if room.held(client):
+                            self._hold(client, member, lines, count - 1)
+                            return
                     said.append(message)
+                    size += len(message)
                 continue
+            announced = bool(said)
             self._announce(said, client)
+            size = 0
             if room.in_chat(client):
-                self._command(client, member, line)
+                announced = self._command(client, member, line) or announced
             # /quit; or what was announced closed it (a leave notice took it past its limit):
             # either way the rest is not read.
             if not room.in_chat(client):
                 room.messages_in += count
                 return
+            if announced and count < len(lines) and room.held(client):
+                self._hold(client, member, lines, count)
+                return
         room.messages_in += len(lines)
         self._announce(said, client)
         room.hold_back(client)
+
+    def _hold(self, client: Client, member: Member, lines: list[bytes], done: int) -> None:
+        """Keep the lines not yet taken until flow control lets ``client`` go again."""
+        self.room.messages_in += done
+        member.held = lines[done:]
+        self.room.hold_back(client)
 
     def _untelnet(self, client: Client, member: Member, data: bytes) -> list[bytes]:
         """The lines of a read that holds telnet commands; their answers go to ``client``."""
@@ -227,25 +281,28 @@ class Chat:
 
     # -- commands ---------------------------------------------------------------------------
 
-    def _command(self, client: Client, member: Member, line: bytes) -> None:
+    def _command(self, client: Client, member: Member, line: bytes) -> bool:
+        """Run a command; whether it announced something (replies to ``client`` alone aside)."""
         command, _, argument = line.partition(b" ")
         argument = argument.strip(b" ")  # other blanks are control characters: shown, not cut
         if command == b"/nick":
-            self._nick(client, member, argument)
-        elif command == b"/who":
+            return self._nick(client, member, argument)
+        if command == b"/who":
             names = sorted((m.name for m in self.members.values()), key=bytes.lower)
             self.room.tell(client, b"*** %d here: %s\n" % (len(names), b", ".join(names)))
         elif command == b"/me":
             if argument:
                 self.room.announce(b"* %s %s\n" % (member.name, clean(argument)), client)
+                return True
         elif command == b"/quit":
             self.room.tell(client, b"*** bye\n")
             self.room.quit(client)
         else:
             self.room.tell(client, b"*** unknown command %s (%s; start a line with // to send "
                                    b"one that begins with /)\n" % (clean(command), HELP))
+        return False
 
-    def _nick(self, client: Client, member: Member, name: bytes) -> None:
+    def _nick(self, client: Client, member: Member, name: bytes) -> bool:
         room = self.room
         if not name:
             room.tell(client, b"*** usage: /nick NAME\n")
@@ -264,6 +321,8 @@ class Chat:
             room.log.info("chat.nick", fd=client.fd, old=old.decode(), new=name.decode())
             room.tell(client, b"*** you are now %s\n" % name)
             room.announce(b"*** %s is now %s\n" % (old, name), client)
+            return True
+        return False
 
     def _new_name(self) -> bytes:
         while True:

@@ -58,7 +58,7 @@ from structlog.typing import FilteringBoundLogger
 from fsmchat import lifecycle
 from fsmchat.access import Access, Network
 from fsmchat.bus import RedisBus
-from fsmchat.chat import DEFAULT_MAX_LINE, Chat
+from fsmchat.chat import DEFAULT_MAX_LINE, ENTRY_BYTES, Chat
 from fsmchat.connection import Connection
 from fsmchat.events import EventSink, make_logger
 from fsmchat.history import History
@@ -203,7 +203,8 @@ class ChatServer:
         self.closed: Counter[str] = Counter()  # reason -> connections closed
         self.rejected: Counter[str] = Counter()  # reason -> connections turned away
         self.history = History(history, history_bytes) if history else None
-        self.chat = Chat(self, max_line) if mode == "chat" else None
+        self.chat = Chat(self, max_line, min(ENTRY_BYTES, max_queue_bytes // 8)) if (
+            mode == "chat") else None
         self.received: Callable[[Connection, bytes], None] = (
             self.chat.received if self.chat is not None else self._relay_bytes)
         """What a connection's recv is handed to: the chat's framing, or straight to everyone."""
@@ -246,6 +247,12 @@ class ChatServer:
         if self._holding and sender.state == State.READING and (
                 len(self._holding) > 1 or sender.fd not in self._holding):
             self.fire(sender, Trigger.THROTTLE)
+
+    def held(self, sender: Connection) -> bool:
+        """Whether flow control would hold ``sender`` back now (chat mode asks between the queue
+        entries of one read); only a sender that can be paused is held."""
+        return bool(self._holding) and sender.state in (State.READING, State.PAUSED) and (
+            len(self._holding) > 1 or sender.fd not in self._holding)
 
     def relay(self, payload: bytes) -> bool:
         """A message from another instance, for every local client in the chat.
@@ -433,7 +440,25 @@ class ChatServer:
             self._resume_senders()
 
     def _resume_senders(self) -> None:
+        chat = self.chat
         for conn in list(self.paused.values()):
+            if chat is not None and chat.holds(conn):  # its held lines first, at the top level
+                self.loop.call_later(0, partial(self._go_on, conn))
+            else:
+                self.fire(conn, Trigger.RESUME)
+
+    def _go_on(self, conn: Connection) -> None:
+        """Chat mode: a sender paused with lines held back goes on with them, still paused (so
+        nothing newer is read before them), and reads again once none is left."""
+        chat = self.chat
+        if chat is None or conn.state != State.PAUSED or self.held(conn):
+            return  # gone, or held again: a later resume comes back here
+        try:
+            chat.resumed(conn)
+        except Exception as exc:  # noqa: BLE001
+            self.bug(conn, Trigger.RESUME, exc)
+            return
+        if conn.state == State.PAUSED and not chat.holds(conn) and not self.held(conn):
             self.fire(conn, Trigger.RESUME)
         if self.bus is not None:
             self.bus.resume()

@@ -524,6 +524,7 @@ def test_me_actions_are_sanitised(chat: ServerProcess, sent: bytes, shown: str) 
         (["--mode", "chat", "--max-line", "65537"], "--max-line"),
         (["--mode", "chat", "--max-line", "65K"], "--max-line"),
         (["--mode", "chat", "--max-line", "long"], "--max-line"),
+        (["--mode", "chat", "--max-queue-bytes", "64K", "--max-line", "9K"], "--max-line"),
         (["--mode", "irc"], "--mode"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import signal
 from collections import Counter
 
-from chat_harness import Chatter, join
-from conftest import ServerProcess, StartServer
+import pytest
+from chat_harness import Chatter, join, join_many
+from conftest import ServerProcess, StartServer, StreamReader
 
 STUCK = 120
 """Readers that stop reading: well past the ~63 at which recursive leave notices broke."""
@@ -144,3 +145,28 @@ def test_stuck_readers_overflowing_at_once_are_each_closed_once_and_announced(
     observer.expect(f"<{newcomer.name}> still here?\n")
     sender.expect(f"<{newcomer.name}> still here?\n")
     assert server.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.parametrize("limit", ["64K", "512K"])
+def test_a_read_of_short_lines_never_closes_readers_that_keep_up(
+    start_server: StartServer, limit: str
+) -> None:
+    server = start_server("--mode", "chat", "--max-queue-bytes", limit)
+    sender, *readers = join_many(server, 4)
+    name = "n" * 16  # the longest name: the most each line grows by
+    sender.say(f"/nick {name}")
+    sender.expect(f"*** you are now {name}\n")
+    for reader in readers:
+        reader.expect(f"*** {sender.name} is now {name}\n")
+        assert not reader.lines.buf
+    # 64 KiB of one-character lines, sent at once: over 32,000 lines for one recv, and each
+    # reaches the readers ten times as long.
+    count = 32 * 1024
+    expected = f"<{name}> x\n".encode() * count
+    streams = [StreamReader(r.sock, limit=len(expected), keep=True) for r in readers]
+    sender.send(b"x\n" * count)
+    for stream in streams:
+        assert stream.result().data == expected
+    assert server.events("connection.queue_limit") == []
+    readers[0].say("all here")
+    sender.expect(f"<{readers[0].name}> all here\n")
