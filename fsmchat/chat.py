@@ -8,8 +8,13 @@ else (``announce``), to one client (``tell``), or the client leaves (``quit``). 
 
 Rules it keeps:
 - Only whole lines are forwarded, so lines from different senders never interleave, whatever
-  the TCP segmentation. The messages one read completes go out as one bytes object (one queue
-  entry per recipient, not one per line); history and the counters still count lines.
+  the TCP segmentation. The messages one read completes are joined into bytes objects of at
+  most ``entry_bytes`` (a single message is never split), one queue entry per recipient each;
+  history and the counters still count lines.
+- Flow control is asked between those entries (and after a command that announced): when the
+  sender must wait, its remaining lines wait in ``Member.held``, the server pauses it, and they
+  go on (``resumed``) before anything newer is read from it. Held lines are said at a shutdown
+  and dropped by a forced close, like an unfinished line.
 - Notices from the server start with ``*** ``, which no client can produce (an action is
   ``* name text`` and names have no ``*``), so nobody can fake a join, a leave or a rename.
 - Everything sent ends with ``\\n``. Public lines (messages, ``/me``, joins, leaves, renames) go

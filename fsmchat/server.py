@@ -18,7 +18,9 @@ Rules it keeps:
   resume when no recipient is over the low-water mark (a quarter) any more. A recipient may hold
   senders back for ``CONGESTION_GRACE`` seconds at most: after that it is ``stalled``, holds
   nobody, and is closed at the limit unless it reads. So a fast reader is never dropped because
-  a sender bursts, and a stuck one cannot freeze the chat.
+  a sender bursts, and a stuck one cannot freeze the chat. Chat mode asks (``held``) between the
+  queue entries of one read too; a sender resumed with lines held goes on with them from a
+  timer, still paused, and reads again once they are out (``_go_on``).
 - Capacity: past ``max_clients``, or for a descriptor ``select`` cannot watch (at or above
   FD_SETSIZE), the newcomer is accepted and closed at once with ``connection.rejected``.
 - Running out of descriptors pauses accepting for a moment (or until a connection closes) instead
