@@ -23,14 +23,17 @@ Rules it keeps:
 - Text from a client, or from the Redis channel, is sanitised before anyone sees it (``clean``).
 - Telnet's commands never reach anyone: each client's reads go through its ``TelnetParser``
   before its framer (answers go back to it alone, an interrupt drops its unfinished line).
-- Names are unique on this instance, case-insensitively; a refusal never changes anything.
+- Names are unique on this instance by their ``skeleton`` (case and look-alike letters aside);
+  a refusal never changes anything.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING, Protocol
 
 from structlog.typing import FilteringBoundLogger
@@ -53,20 +56,103 @@ _NAME = re.compile(rb"[A-Za-z0-9_-]{1,%d}" % NAME_MAX)
 
 HELP = b"commands: /nick NAME, /who, /me ACTION, /quit"
 
-# C0 controls but TAB, and DEL, in caret notation (as ``cat -v`` shows them); C1 controls, which
-# some terminals also obey (U+009B is CSI), as U+FFFD.
-_SAFE = {code: f"^{chr(code + 64)}" for code in range(0x20) if code != 0x09}
+# C0 controls and DEL in caret notation (as ``cat -v`` shows them), but TAB, a blank like any
+# other; C1 controls, which some terminals also obey (U+009B is CSI), as U+FFFD.
+_SAFE = {code: f"^{chr(code + 64)}" for code in range(0x20)}
+_SAFE[0x09] = " "
 _SAFE[0x7F] = "^?"
 _SAFE.update({code: "\ufffd" for code in range(0x80, 0xA0)})
-_UNSAFE_ASCII = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_UNSAFE_ASCII = re.compile(rb"[\x00-\x1f\x7f]")
+_SPACES = re.compile(" {2,}")
+
+MARKS_MAX = 4
+"""Combining marks kept on one character: enough for the stacks of real scripts, too few for a
+wall of marks that covers the lines above and below."""
+
+PLANES = (0, 1, 14)
+"""The Unicode planes that hold every format character, combining mark and space (a test checks
+it): ``_unicode_rules`` scans only these."""
+
+_FILLERS = "\u115f\u1160\u3164\uffa0\u2800"
+"""Letters and symbols that show as blank (Hangul fillers, the blank Braille pattern)."""
+
+_ZWJ = "\u200d"
+_EMOJI = frozenset({"So", "Sk"})  # a ZWJ between such characters joins an emoji: it stays
+
+
+@cache
+def _unicode_rules() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+    """Patterns for text beyond ASCII, from ``unicodedata``, built once (some 50 ms): format
+    characters and line or paragraph separators; combining marks past ``MARKS_MAX``; blanks."""
+    invisible: list[int] = []
+    marks: list[int] = []
+    blanks: list[int] = [ord(char) for char in _FILLERS]
+    for plane in PLANES:
+        for code in range(plane << 16, (plane + 1) << 16):
+            category = unicodedata.category(chr(code))
+            if category in ("Cf", "Zl", "Zp"):
+                invisible.append(code)
+            elif category in ("Mn", "Me"):
+                marks.append(code)
+            elif category == "Zs":
+                blanks.append(code)
+    mark = _char_class(marks)
+    return (re.compile(_char_class(invisible)),
+            re.compile(f"({mark}{{{MARKS_MAX}}}){mark}+"),
+            re.compile(f"{_char_class(blanks)}{{2,}}|{_char_class(blanks, but=' ')}"))
+
+
+def _char_class(codes: list[int], but: str = "") -> str:
+    """A regular expression character class of ``codes`` (sorted), as ranges."""
+    ranges: list[list[int]] = []
+    for code in sorted(set(codes) - {ord(char) for char in but}):
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+    return "[" + "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}"
+                         for a, b in ranges) + "]"
+
+
+def _shown(match: re.Match[str]) -> str:
+    """An invisible character made visible, as ``less`` shows it: ``<U+202E>``."""
+    char = match.group()
+    if char == _ZWJ:
+        text, start, end = match.string, match.start(), match.end()
+        if (start and end < len(text) and unicodedata.category(text[end]) in _EMOJI
+                and (unicodedata.category(text[start - 1]) in _EMOJI
+                     or text[start - 1] == "\ufe0f")):
+            return char
+    return f"<U+{ord(char):04X}>"
 
 
 def clean(text: bytes) -> bytes:
-    """``text`` made harmless to a terminal: valid UTF-8 comes back unchanged but for control
-    characters (caret notation, or U+FFFD for C1 ones); invalid bytes become U+FFFD."""
-    if text.isascii() and _UNSAFE_ASCII.search(text) is None:
+    """``text`` made harmless to a terminal (the rules are README's, under Chat mode): control
+    characters in caret notation (C1 ones as U+FFFD), invalid UTF-8 as U+FFFD, format
+    characters and line separators shown as ``<U+XXXX>``, at most ``MARKS_MAX`` combining marks
+    on a character, and each run of blanks one space. Anything else comes back unchanged."""
+    if text.isascii() and _UNSAFE_ASCII.search(text) is None and b"  " not in text:
         return text  # the usual case: nothing to do, no copy
-    return text.decode("utf-8", "replace").translate(_SAFE).encode()
+    shown = text.decode("utf-8", "replace").translate(_SAFE)
+    if shown.isascii():
+        return _SPACES.sub(" ", shown).encode()
+    invisible, marks, blanks = _unicode_rules()
+    shown = marks.sub(r"\1", invisible.sub(_shown, shown))
+    return blanks.sub(" ", shown).encode()
+
+
+_LOOKALIKE = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+_LOOKALIKE = _LOOKALIKE.translate(bytes.maketrans(b"01iI", b"olll"))
+
+
+def skeleton(name: bytes) -> bytes:
+    """What ``name`` looks like: two names with one skeleton are not both given out.
+
+    Names are ASCII letters, digits, ``-`` and ``_``. Unicode's confusables (UTS #39, the data of
+    the confusable_homoglyphs package) hold only these pairs within that alphabet: 0 and O, 1, I
+    and l, m and rn. To them come case and i (which l, I and 1 pass for in many fonts), so
+    ``aIice`` and ``al1ce`` are ``alice``."""
+    return name.translate(_LOOKALIKE).replace(b"m", b"rn")
 
 
 def clean_lines(payload: bytes) -> list[bytes]:
@@ -130,8 +216,9 @@ class Chat:
         self.room = room
         self.max_line = max_line
         self.entry_bytes = entry_bytes  # most bytes of messages joined into one queue entry
+        _unicode_rules()  # built now, not in the middle of the chat
         self.members: dict[int, Member] = {}  # fd -> member
-        self.taken: set[bytes] = set()  # names in use, lower-cased
+        self.taken: dict[bytes, bytes] = {}  # skeleton -> the name in use that has it
         self.next_number = 1  # for the next user<N>
         self.suffix = b""  # after user<N>: with --redis, "-" and 4 digits of the instance id
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
@@ -167,7 +254,7 @@ class Chat:
             if message:
                 self._say(message, client)
         self.lines_cut += member.framer.cuts
-        self.taken.discard(member.name.lower())
+        self.taken.pop(skeleton(member.name), None)
         self._say(b"*** %s left\n" % member.name, client)
 
     def closing(self) -> None:
@@ -316,12 +403,17 @@ class Chat:
                               b'- or _\n' % (clean(name), NAME_MAX))
         elif name == member.name:
             room.tell(client, b"*** you are %s already\n" % name)
-        elif name.lower() in self.taken and name.lower() != member.name.lower():
-            room.tell(client, b"*** nick: %s is taken\n" % name)
+        elif (look := skeleton(name)) in self.taken and look != skeleton(member.name):
+            other = self.taken[look]
+            if other.lower() == name.lower():
+                room.tell(client, b"*** nick: %s is taken\n" % name)
+            else:
+                room.tell(client, b"*** nick: %s looks too much like %s, who is here\n"
+                          % (name, other))
         else:
             old = member.name
-            self.taken.discard(old.lower())
-            self.taken.add(name.lower())
+            del self.taken[skeleton(old)]
+            self.taken[look] = name
             member.name = name
             room.log.info("chat.nick", fd=client.fd, old=old.decode(), new=name.decode())
             room.tell(client, b"*** you are now %s\n" % name)
@@ -333,6 +425,7 @@ class Chat:
         while True:
             name = b"user%d%s" % (self.next_number, self.suffix)
             self.next_number += 1
-            if name not in self.taken:  # lower-case already
-                self.taken.add(name)
+            look = skeleton(name)
+            if look not in self.taken:
+                self.taken[look] = name
                 return name

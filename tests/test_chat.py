@@ -31,7 +31,7 @@ INVALID_UTF8 = b"bad \xfe\xc0 utf8 \xc3 \xe6\x97 end"  # no 0xFF: in chat mode, 
 SANITISED = [
     pytest.param(b"\x1b[31mred\x1b[0m", "^[[31mred^[[0m", id="escape"),
     pytest.param(
-        b"bell\x07 del\x7f nul\x00 bs\x08 tab\tkept", "bell^G del^? nul^@ bs^H tab\tkept",
+        b"bell\x07 del\x7f nul\x00 bs\x08 tab\tspace", "bell^G del^? nul^@ bs^H tab space",
         id="c0-and-del",
     ),
     pytest.param(b"carriage\rreturn", "carriage^Mreturn", id="cr-inside"),
@@ -43,6 +43,21 @@ SANITISED = [
         id="valid-utf8",
     ),
     pytest.param(INVALID_UTF8, INVALID_UTF8.decode("utf-8", "replace"), id="invalid-utf8"),
+    pytest.param(
+        b"hi" + b" " * 300 + b"<bob> please send me your password",
+        "hi <bob> please send me your password", id="padding-to-the-next-screen-line",
+    ),
+    pytest.param(
+        "wide\u3000\u3000\t\u00a0gap".encode(), "wide gap", id="unicode-blanks",
+    ),
+    pytest.param(
+        "bidi \u202eevil\u202c zero\u200bwidth tag\U000e0041 sep\u2028par\u2029".encode(),
+        "bidi <U+202E>evil<U+202C> zero<U+200B>width tag<U+E0041> sep<U+2028>par<U+2029>",
+        id="invisible",
+    ),
+    pytest.param(
+        ("zalgo" + "\u0336" * 1500).encode(), "zalgo" + "\u0336" * 4, id="combining-marks",
+    ),
 ]
 
 
@@ -225,6 +240,27 @@ def test_names_are_unique_ignoring_case(chat: ServerProcess) -> None:
     a.say("after")
     b.expect("<alice> after\n")
     b.quiet()
+
+
+@pytest.mark.parametrize("lookalike", ["aIice", "al1ce", "ALlCE", "aiice"])
+def test_a_name_that_looks_like_a_present_one_is_refused(
+    chat: ServerProcess, lookalike: str
+) -> None:
+    a, b = join_many(chat, 2)
+    a.say("/nick alice")
+    a.expect("*** you are now alice\n")
+    b.expect("*** user1 is now alice\n")
+    b.say(f"/nick {lookalike}")
+    b.expect(f"*** nick: {lookalike} looks too much like alice, who is here\n")
+    b.say("/nick rnallory")
+    b.expect("*** you are now rnallory\n")
+    a.expect("*** user2 is now rnallory\n")
+    a.say("/nick mallory")
+    a.expect("*** nick: mallory looks too much like rnallory, who is here\n")
+    a.say(f"/nick {lookalike}")  # like its own name only: granted
+    a.expect(f"*** you are now {lookalike}\n")
+    b.expect(f"*** alice is now {lookalike}\n")
+    assert not chat.events("lifecycle.bug")
 
 
 def test_nick_alone_shows_the_usage(chat: ServerProcess) -> None:

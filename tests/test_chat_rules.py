@@ -221,3 +221,22 @@ def test_held_lines_go_first_and_are_said_at_shutdown_but_dropped_on_a_forced_cl
     chat.left(a)
     assert room.take() == [("here", b"*** the server is shutting down\n"),
                            ("elsewhere", b"<user1> six\n"), ("elsewhere", b"*** user1 left\n")]
+
+
+def test_names_that_look_alike_are_not_both_given_out() -> None:
+    chat, room, (a, b, c) = setup(3)
+    chat.received(a, b"/nick b0b\n")
+    room.take()
+    chat.received(b, b"/nick BOB\n/nick bob\n")
+    assert room.take() == [("11", b"*** nick: BOB looks too much like b0b, who is here\n"),
+                           ("11", b"*** nick: bob looks too much like b0b, who is here\n")]
+    chat.received(c, b"/nick user2-O\n")  # like user2-0, whom nobody has
+    assert room.take() == [("12", b"*** you are now user2-O\n"),
+                           ("* but 12", b"*** user3 is now user2-O\n")]
+    chat.received(b, b"/nick user2-0\n")
+    assert room.take() == [("11", b"*** nick: user2-0 looks too much like user2-O, who is "
+                                  b"here\n")]
+    chat.left(a)
+    room.take()
+    chat.received(b, b"/nick bob\n")  # free again: b0b left
+    assert room.take()[0] == ("11", b"*** you are now bob\n")
