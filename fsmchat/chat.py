@@ -193,6 +193,8 @@ class Room(Protocol):
 
     def held(self, sender: Client) -> bool: ...
 
+    def wait(self, sender: Client) -> None: ...
+
     def tell(self, client: Client, data: bytes) -> None: ...
 
     def quit(self, client: Client) -> None: ...
@@ -294,11 +296,6 @@ class Chat:
             lines, member.held = member.held, []
             self._take(client, member, lines)
 
-    def holds(self, client: Client) -> bool:
-        """Whether lines of ``client`` wait for flow control to let it go."""
-        member = self.members.get(client.fd)
-        return member is not None and bool(member.held)
-
     def _take(self, client: Client, member: Member, lines: list[bytes]) -> None:
         """Lines of one client, in order: messages, commands. Flow control is asked between
         queue entries, so what one read multiplies into (names, cleaning) cannot run past a
@@ -340,7 +337,7 @@ class Chat:
         """Keep the lines not yet taken until flow control lets ``client`` go again."""
         self.room.messages_in += done
         member.held = lines[done:]
-        self.room.hold_back(client)
+        self.room.wait(client)
 
     def _untelnet(self, client: Client, member: Member, data: bytes) -> list[bytes]:
         """The lines of a read that holds telnet commands; their answers go to ``client``."""

@@ -19,8 +19,8 @@ Rules it keeps:
   senders back for ``CONGESTION_GRACE`` seconds at most: after that it is ``stalled``, holds
   nobody, and is closed at the limit unless it reads. So a fast reader is never dropped because
   a sender bursts, and a stuck one cannot freeze the chat. Chat mode asks (``held``) between the
-  queue entries of one read too; a sender resumed with lines held goes on with them from a
-  timer, still paused, and reads again once they are out (``_go_on``).
+  queue entries of one read too; a sender with lines held back goes on with them at the end of
+  a loop step where nobody holds it back, still paused, and reads again once they are out.
 - Capacity: past ``max_clients``, or for a descriptor ``select`` cannot watch (at or above
   FD_SETSIZE), the newcomer is accepted and closed at once with ``connection.rejected``.
 - Running out of descriptors pauses accepting for a moment (or until a connection closes) instead
@@ -191,6 +191,7 @@ class ChatServer:
         self._overflowed: dict[int, Connection] = {}  # past the limit, to close: by fd, in order
         self._refused = 0  # messages left out of a queue for its limit, so far (not counted out)
         self._closing_overflowed = False  # _close_overflowed is working through its list
+        self._waiting: dict[int, Connection] = {}  # chat mode: senders with lines held back
         self._closing: list[Connection] = []  # moved to `closing` this step; released after it
         self._accept_timer: Timer | None = None  # set while accepting is paused
         self._accept_failures = 0  # failed accepts in the current episode
@@ -251,10 +252,16 @@ class ChatServer:
             self.fire(sender, Trigger.THROTTLE)
 
     def held(self, sender: Connection) -> bool:
-        """Whether flow control would hold ``sender`` back now (chat mode asks between the queue
-        entries of one read); only a sender that can be paused is held."""
-        return bool(self._holding) and sender.state in (State.READING, State.PAUSED) and (
+        """Whether flow control holds ``sender`` back now (chat mode asks between the queue
+        entries of one read)."""
+        return bool(self._holding) and sender.state in IN_CHAT and (
             len(self._holding) > 1 or sender.fd not in self._holding)
+
+    def wait(self, sender: Connection) -> None:
+        """Chat mode: ``sender`` has lines held back. It is paused (if it is reading) and goes on
+        with them at the end of a loop step where nobody holds it back (``_go_on``)."""
+        self._waiting[sender.fd] = sender
+        self.hold_back(sender)
 
     def relay(self, payload: bytes) -> bool:
         """A message from another instance, for every local client in the chat.
@@ -361,6 +368,8 @@ class ChatServer:
 
     def end_of_step(self) -> None:
         """Release what closed during the step; stop once stopping and nobody is left."""
+        if self._waiting:
+            self._go_on()
         while self._closing:
             closing, self._closing = self._closing, []
             for conn in closing:
@@ -442,26 +451,32 @@ class ChatServer:
             self._resume_senders()
 
     def _resume_senders(self) -> None:
-        chat = self.chat
+        waiting = self._waiting
         for conn in list(self.paused.values()):
-            if chat is not None and chat.holds(conn):  # its held lines first, at the top level
-                self.loop.call_later(0, partial(self._go_on, conn))
-            else:
+            if conn.fd not in waiting:  # (one with held lines resumes in _go_on, after them)
                 self.fire(conn, Trigger.RESUME)
 
-    def _go_on(self, conn: Connection) -> None:
-        """Chat mode: a sender paused with lines held back goes on with them, still paused (so
-        nothing newer is read before them), and reads again once none is left."""
+    def _go_on(self) -> None:
+        """Chat mode, at the end of a loop step: senders with lines held back that nobody holds
+        back any more go on with them (a paused one still paused, so that nothing newer is
+        read before them), then read again. At the top of the step, never inside a flush or a
+        close; one that is held again waits for a later step."""
         chat = self.chat
-        if chat is None or conn.state != State.PAUSED or self.held(conn):
-            return  # gone, or held again: a later resume comes back here
-        try:
-            chat.resumed(conn)
-        except Exception as exc:  # noqa: BLE001
-            self.bug(conn, Trigger.RESUME, exc)
-            return
-        if conn.state == State.PAUSED and not chat.holds(conn) and not self.held(conn):
-            self.fire(conn, Trigger.RESUME)
+        waiting = self._waiting
+        for fd, conn in list(waiting.items()):
+            if conn.state not in IN_CHAT:
+                del waiting[fd]  # gone: the chat said or dropped its lines as it left
+                continue
+            if chat is None or self.held(conn):
+                continue
+            del waiting[fd]
+            try:
+                chat.resumed(conn)  # (held again: back in waiting)
+            except Exception as exc:  # noqa: BLE001
+                self.bug(conn, Trigger.RESUME, exc)
+                continue
+            if conn.state == State.PAUSED and fd not in waiting and not self.held(conn):
+                self.fire(conn, Trigger.RESUME)
         if self.bus is not None:
             self.bus.resume()
 

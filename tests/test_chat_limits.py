@@ -147,11 +147,17 @@ def test_stuck_readers_overflowing_at_once_are_each_closed_once_and_announced(
     assert server.stop(signal.SIGTERM) == 0
 
 
-@pytest.mark.parametrize("limit", ["64K", "512K"])
+@pytest.mark.parametrize(
+    "options",
+    [("--max-queue-bytes", "64K"), ("--max-queue-bytes", "512K"),
+     # the read takes the sender past its rate: it is `limited` while its lines go out
+     ("--max-queue-bytes", "64K", "--max-recv-rate", "32K")],
+    ids=" ".join,
+)
 def test_a_read_of_short_lines_never_closes_readers_that_keep_up(
-    start_server: StartServer, limit: str
+    start_server: StartServer, options: tuple[str, ...]
 ) -> None:
-    server = start_server("--mode", "chat", "--max-queue-bytes", limit)
+    server = start_server("--mode", "chat", *options)
     sender, *readers = join_many(server, 4)
     name = "n" * 16  # the longest name: the most each line grows by
     sender.say(f"/nick {name}")
