@@ -455,6 +455,8 @@ class ChatServer:
         for conn in list(self.paused.values()):
             if conn.fd not in waiting:  # (one with held lines resumes in _go_on, after them)
                 self.fire(conn, Trigger.RESUME)
+        if self.bus is not None:
+            self.bus.resume()
 
     def _go_on(self) -> None:
         """Chat mode, at the end of a loop step: senders with lines held back that nobody holds
@@ -477,8 +479,6 @@ class ChatServer:
                 continue
             if conn.state == State.PAUSED and fd not in waiting and not self.held(conn):
                 self.fire(conn, Trigger.RESUME)
-        if self.bus is not None:
-            self.bus.resume()
 
     # -- accepting ----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from conftest import (
     Event,
     ServerProcess,
     StartServer,
+    StreamReader,
     recv_exactly,
     recv_until_suffix,
     run_cli,
@@ -571,3 +572,22 @@ def test_stopped_event_counts_what_crossed_redis(
     for stopped in (stopped_a, stopped_b):
         for counter in ("redis_dropped", "redis_missed", "redis_duplicates"):
             assert stopped[counter] == 0, stopped
+
+
+def test_a_subscriber_paused_for_a_congested_reader_resumes_when_it_catches_up(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    a = start_instance(start_server, redis_server, "--max-queue-bytes", "1M")
+    b = start_instance(start_server, redis_server)
+    reader = a.connect(rcvbuf=4096)
+    sender = b.connect()
+    messages = numbered("flood", 96, 64 * 1024)  # 6 MiB: more than the kernel buffers, too
+    expected = b"".join(messages)
+    # The reader sleeps early on: its queue passes the high-water mark, the subscriber pauses.
+    stream = StreamReader(reader.sock, limit=len(expected), keep=True, pauses=[(1, 0.7)])
+    for message in messages:
+        send_message(b, sender, message)
+    assert stream.result().data == expected
+    paused = [e for e in a.events("redis.state") if e.get("to") == "paused"]
+    assert paused, "precondition: the subscriber was paused"
+    assert a.events("connection.queue_limit") == []
