@@ -8,27 +8,38 @@ else (``announce``), to one client (``tell``), or the client leaves (``quit``). 
 
 Rules it keeps:
 - Only whole lines are forwarded, so lines from different senders never interleave, whatever
-  the TCP segmentation. The messages one read completes go out as one bytes object (one queue
-  entry per recipient, not one per line); history and the counters still count lines.
+  the TCP segmentation. The messages one read completes are joined into bytes objects of at
+  most ``entry_bytes`` (a single message is never split), one queue entry per recipient each;
+  history and the counters still count lines.
+- Flow control is asked between those entries (and after a command that announced): when the
+  sender must wait, its remaining lines wait in ``Member.held``, the server pauses it, and they
+  go on (``resumed``) before anything newer is read from it. Held lines are said at a shutdown
+  and dropped by a forced close, like an unfinished line.
 - Notices from the server start with ``*** ``, which no client can produce (an action is
   ``* name text`` and names have no ``*``), so nobody can fake a join, a leave or a rename.
 - Everything sent ends with ``\\n``. Public lines (messages, ``/me``, joins, leaves, renames) go
   through ``announce`` (history, the Redis bus, every other client); replies to one client
   (welcome, ``/who``, refusals, ``bye``) through ``tell`` only.
 - Text from a client, or from the Redis channel, is sanitised before anyone sees it (``clean``).
-- Names are unique on this instance, case-insensitively; a refusal never changes anything.
+- Telnet's commands never reach anyone: each client's reads go through its ``TelnetParser``
+  before its framer (answers go back to it alone, an interrupt drops its unfinished line).
+- Names are unique on this instance by their ``skeleton`` (case and look-alike letters aside);
+  a refusal never changes anything.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.framing import LineFramer
+from fsmchat.telnet import TelnetParser
 
 if TYPE_CHECKING:
     from fsmchat.connection import Connection as Client
@@ -36,25 +47,112 @@ if TYPE_CHECKING:
 DEFAULT_MAX_LINE = 4 * 1024
 MAX_LINE_RANGE = (16, 64 * 1024)
 
+ENTRY_BYTES = 64 * 1024
+"""Most bytes of one sender's messages joined into one queue entry (the server may ask for
+less: an eighth of its output limit). A single message is never split."""
+
 NAME_MAX = 16
 _NAME = re.compile(rb"[A-Za-z0-9_-]{1,%d}" % NAME_MAX)
 
 HELP = b"commands: /nick NAME, /who, /me ACTION, /quit"
 
-# C0 controls but TAB, and DEL, in caret notation (as ``cat -v`` shows them); C1 controls, which
-# some terminals also obey (U+009B is CSI), as U+FFFD.
-_SAFE = {code: f"^{chr(code + 64)}" for code in range(0x20) if code != 0x09}
+# C0 controls and DEL in caret notation (as ``cat -v`` shows them), but TAB, a blank like any
+# other; C1 controls, which some terminals also obey (U+009B is CSI), as U+FFFD.
+_SAFE = {code: f"^{chr(code + 64)}" for code in range(0x20)}
+_SAFE[0x09] = " "
 _SAFE[0x7F] = "^?"
 _SAFE.update({code: "\ufffd" for code in range(0x80, 0xA0)})
-_UNSAFE_ASCII = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_UNSAFE_ASCII = re.compile(rb"[\x00-\x1f\x7f]")
+_SPACES = re.compile(" {2,}")
+
+MARKS_MAX = 4
+"""Combining marks kept on one character: enough for the stacks of real scripts, too few for a
+wall of marks that covers the lines above and below."""
+
+PLANES = (0, 1, 14)
+"""The Unicode planes that hold every format character, combining mark and space (a test checks
+it): ``_unicode_rules`` scans only these."""
+
+_FILLERS = "\u115f\u1160\u3164\uffa0\u2800"
+"""Letters and symbols that show as blank (Hangul fillers, the blank Braille pattern)."""
+
+_ZWJ = "\u200d"
+_EMOJI = frozenset({"So", "Sk"})  # a ZWJ between such characters joins an emoji: it stays
+
+
+@cache
+def _unicode_rules() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+    """Patterns for text beyond ASCII, from ``unicodedata``, built once (some 50 ms): format
+    characters and line or paragraph separators; combining marks past ``MARKS_MAX``; blanks."""
+    invisible: list[int] = []
+    marks: list[int] = []
+    blanks: list[int] = [ord(char) for char in _FILLERS]
+    for plane in PLANES:
+        for code in range(plane << 16, (plane + 1) << 16):
+            category = unicodedata.category(chr(code))
+            if category in ("Cf", "Zl", "Zp"):
+                invisible.append(code)
+            elif category in ("Mn", "Me"):
+                marks.append(code)
+            elif category == "Zs":
+                blanks.append(code)
+    mark = _char_class(marks)
+    return (re.compile(_char_class(invisible)),
+            re.compile(f"({mark}{{{MARKS_MAX}}}){mark}+"),
+            re.compile(f"{_char_class(blanks)}{{2,}}|{_char_class(blanks, but=' ')}"))
+
+
+def _char_class(codes: list[int], but: str = "") -> str:
+    """A regular expression character class of ``codes`` (sorted), as ranges."""
+    ranges: list[list[int]] = []
+    for code in sorted(set(codes) - {ord(char) for char in but}):
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+    return "[" + "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}"
+                         for a, b in ranges) + "]"
+
+
+def _shown(match: re.Match[str]) -> str:
+    """An invisible character made visible, as ``less`` shows it: ``<U+202E>``."""
+    char = match.group()
+    if char == _ZWJ:
+        text, start, end = match.string, match.start(), match.end()
+        if (start and end < len(text) and unicodedata.category(text[end]) in _EMOJI
+                and (unicodedata.category(text[start - 1]) in _EMOJI
+                     or text[start - 1] == "\ufe0f")):
+            return char
+    return f"<U+{ord(char):04X}>"
 
 
 def clean(text: bytes) -> bytes:
-    """``text`` made harmless to a terminal: valid UTF-8 comes back unchanged but for control
-    characters (caret notation, or U+FFFD for C1 ones); invalid bytes become U+FFFD."""
-    if text.isascii() and _UNSAFE_ASCII.search(text) is None:
+    """``text`` made harmless to a terminal (the rules are README's, under Chat mode): control
+    characters in caret notation (C1 ones as U+FFFD), invalid UTF-8 as U+FFFD, format
+    characters and line separators shown as ``<U+XXXX>``, at most ``MARKS_MAX`` combining marks
+    on a character, and each run of blanks one space. Anything else comes back unchanged."""
+    if text.isascii() and _UNSAFE_ASCII.search(text) is None and b"  " not in text:
         return text  # the usual case: nothing to do, no copy
-    return text.decode("utf-8", "replace").translate(_SAFE).encode()
+    shown = text.decode("utf-8", "replace").translate(_SAFE)
+    if shown.isascii():
+        return _SPACES.sub(" ", shown).encode()
+    invisible, marks, blanks = _unicode_rules()
+    shown = marks.sub(r"\1", invisible.sub(_shown, shown))
+    return blanks.sub(" ", shown).encode()
+
+
+_LOOKALIKE = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+_LOOKALIKE = _LOOKALIKE.translate(bytes.maketrans(b"01iI", b"olll"))
+
+
+def skeleton(name: bytes) -> bytes:
+    """What ``name`` looks like: two names with one skeleton are not both given out.
+
+    Names are ASCII letters, digits, ``-`` and ``_``. Unicode's confusables (UTS #39, the data of
+    the confusable_homoglyphs package) hold only these pairs within that alphabet: 0 and O, 1, I
+    and l, m and rn. To them come case and i (which l, I and 1 pass for in many fonts), so
+    ``aIice`` and ``al1ce`` are ``alice``."""
+    return name.translate(_LOOKALIKE).replace(b"m", b"rn")
 
 
 def clean_lines(payload: bytes) -> list[bytes]:
@@ -93,6 +191,10 @@ class Room(Protocol):
 
     def hold_back(self, sender: Client) -> None: ...
 
+    def held(self, sender: Client) -> bool: ...
+
+    def wait(self, sender: Client) -> None: ...
+
     def tell(self, client: Client, data: bytes) -> None: ...
 
     def quit(self, client: Client) -> None: ...
@@ -104,16 +206,21 @@ class Room(Protocol):
 class Member:
     name: bytes
     framer: LineFramer
+    telnet: TelnetParser
+    held: list[bytes] = field(default_factory=list)  # whole lines waiting for flow control
 
 
 class Chat:
     """Names, commands and framing for every client in the chat."""
 
-    def __init__(self, room: Room, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(self, room: Room, max_line: int = DEFAULT_MAX_LINE,
+                 entry_bytes: int = ENTRY_BYTES) -> None:
         self.room = room
         self.max_line = max_line
+        self.entry_bytes = entry_bytes  # most bytes of messages joined into one queue entry
+        _unicode_rules()  # built now, not in the middle of the chat
         self.members: dict[int, Member] = {}  # fd -> member
-        self.taken: set[bytes] = set()  # names in use, lower-cased
+        self.taken: dict[bytes, bytes] = {}  # skeleton -> the name in use that has it
         self.next_number = 1  # for the next user<N>
         self.suffix = b""  # after user<N>: with --redis, "-" and 4 digits of the instance id
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
@@ -125,7 +232,7 @@ class Chat:
         """A client entered the chat: name it and welcome it; the server replays history next,
         then calls ``announce_join``."""
         name = self._new_name()
-        self.members[client.fd] = Member(name, LineFramer(self.max_line))
+        self.members[client.fd] = Member(name, LineFramer(self.max_line), TelnetParser())
         self.room.tell(client, b"*** welcome, you are %s (%s)\n" % (name, HELP))
 
     def announce_join(self, client: Client) -> None:
@@ -136,6 +243,12 @@ class Chat:
         member = self.members.pop(client.fd, None)
         if member is None:
             return
+        if member.held and client.reason == "server_shutdown":  # whole lines, read before
+            self.room.messages_in += len(member.held)
+            for line in member.held:
+                message = None if _is_command(line) else _message(member.name, line)
+                if message:
+                    self._say(message, client)
         rest = member.framer.flush()
         if rest and client.reason == "peer_closed":  # typed, then EOF without a newline
             self.room.messages_in += 1
@@ -143,7 +256,7 @@ class Chat:
             if message:
                 self._say(message, client)
         self.lines_cut += member.framer.cuts
-        self.taken.discard(member.name.lower())
+        self.taken.pop(skeleton(member.name), None)
         self._say(b"*** %s left\n" % member.name, client)
 
     def closing(self) -> None:
@@ -163,31 +276,83 @@ class Chat:
         member = self.members[client.fd]
         framer = member.framer
         cuts = framer.cuts
-        lines = framer.feed(data)
+        if member.telnet.idle(data):
+            lines = framer.feed(data)
+        else:
+            lines = self._untelnet(client, member, data)
         for _ in range(framer.cuts - cuts):  # once per long line
             self.room.log.warning("chat.line_cut", fd=client.fd, peer=client.peer,
                                   limit=self.max_line)
-        if not lines:
-            return
+        if member.held:  # lines held back by flow control go first (not read meanwhile)
+            lines[:0] = member.held
+            member.held = []
+        if lines:
+            self._take(client, member, lines)
+
+    def resumed(self, client: Client) -> None:
+        """Flow control lets ``client`` go again: the lines it held back go on."""
+        member = self.members.get(client.fd)
+        if member is not None and member.held:
+            lines, member.held = member.held, []
+            self._take(client, member, lines)
+
+    def _take(self, client: Client, member: Member, lines: list[bytes]) -> None:
+        """Lines of one client, in order: messages, commands. Flow control is asked between
+        queue entries, so what one read multiplies into (names, cleaning) cannot run past a
+        recipient's limit: when the sender must wait, the rest of its lines wait with it."""
         room = self.room
         said: list[bytes] = []  # messages not yet announced: one queue entry for a run of them
+        size = 0
         for count, line in enumerate(lines, 1):
             if not _is_command(line):
                 message = _message(member.name, line)
                 if message:
+                    if said and size + len(message) > self.entry_bytes:
+                        self._announce(said, client)
+                        size = 0
+                        if room.held(client):
+                            self._hold(client, member, lines, count - 1)
+                            return
                     said.append(message)
+                    size += len(message)
                 continue
+            announced = bool(said)
             self._announce(said, client)
+            size = 0
             if room.in_chat(client):
-                self._command(client, member, line)
+                announced = self._command(client, member, line) or announced
             # /quit; or what was announced closed it (a leave notice took it past its limit):
             # either way the rest is not read.
             if not room.in_chat(client):
                 room.messages_in += count
                 return
+            if announced and count < len(lines) and room.held(client):
+                self._hold(client, member, lines, count)
+                return
         room.messages_in += len(lines)
         self._announce(said, client)
         room.hold_back(client)
+
+    def _hold(self, client: Client, member: Member, lines: list[bytes], done: int) -> None:
+        """Keep the lines not yet taken until flow control lets ``client`` go again."""
+        self.room.messages_in += done
+        member.held = lines[done:]
+        self.room.wait(client)
+
+    def _untelnet(self, client: Client, member: Member, data: bytes) -> list[bytes]:
+        """The lines of a read that holds telnet commands; their answers go to ``client``."""
+        lines: list[bytes] = []
+        for piece in member.telnet.feed(data):
+            if isinstance(piece, bytes):
+                lines += member.framer.feed(piece)
+            else:  # an interrupt: the unfinished line is taken back
+                member.framer.discard()
+        replies = member.telnet.take()
+        if replies:
+            self.room.tell(client, replies)
+            if not self.room.in_chat(client):  # the answers took it past its limit
+                return []
+        return lines
 
     def _announce(self, said: list[bytes], client: Client) -> None:
         if len(said) == 1:
@@ -205,25 +370,28 @@ class Chat:
 
     # -- commands ---------------------------------------------------------------------------
 
-    def _command(self, client: Client, member: Member, line: bytes) -> None:
+    def _command(self, client: Client, member: Member, line: bytes) -> bool:
+        """Run a command; whether it announced something (replies to ``client`` alone aside)."""
         command, _, argument = line.partition(b" ")
         argument = argument.strip(b" ")  # other blanks are control characters: shown, not cut
         if command == b"/nick":
-            self._nick(client, member, argument)
-        elif command == b"/who":
+            return self._nick(client, member, argument)
+        if command == b"/who":
             names = sorted((m.name for m in self.members.values()), key=bytes.lower)
             self.room.tell(client, b"*** %d here: %s\n" % (len(names), b", ".join(names)))
         elif command == b"/me":
             if argument:
                 self.room.announce(b"* %s %s\n" % (member.name, clean(argument)), client)
+                return True
         elif command == b"/quit":
             self.room.tell(client, b"*** bye\n")
             self.room.quit(client)
         else:
             self.room.tell(client, b"*** unknown command %s (%s; start a line with // to send "
                                    b"one that begins with /)\n" % (clean(command), HELP))
+        return False
 
-    def _nick(self, client: Client, member: Member, name: bytes) -> None:
+    def _nick(self, client: Client, member: Member, name: bytes) -> bool:
         room = self.room
         if not name:
             room.tell(client, b"*** usage: /nick NAME\n")
@@ -232,21 +400,29 @@ class Chat:
                               b'- or _\n' % (clean(name), NAME_MAX))
         elif name == member.name:
             room.tell(client, b"*** you are %s already\n" % name)
-        elif name.lower() in self.taken and name.lower() != member.name.lower():
-            room.tell(client, b"*** nick: %s is taken\n" % name)
+        elif (look := skeleton(name)) in self.taken and look != skeleton(member.name):
+            other = self.taken[look]
+            if other.lower() == name.lower():
+                room.tell(client, b"*** nick: %s is taken\n" % name)
+            else:
+                room.tell(client, b"*** nick: %s looks too much like %s, who is here\n"
+                          % (name, other))
         else:
             old = member.name
-            self.taken.discard(old.lower())
-            self.taken.add(name.lower())
+            del self.taken[skeleton(old)]
+            self.taken[look] = name
             member.name = name
             room.log.info("chat.nick", fd=client.fd, old=old.decode(), new=name.decode())
             room.tell(client, b"*** you are now %s\n" % name)
             room.announce(b"*** %s is now %s\n" % (old, name), client)
+            return True
+        return False
 
     def _new_name(self) -> bytes:
         while True:
             name = b"user%d%s" % (self.next_number, self.suffix)
             self.next_number += 1
-            if name not in self.taken:  # lower-case already
-                self.taken.add(name)
+            look = skeleton(name)
+            if look not in self.taken:
+                self.taken[look] = name
                 return name

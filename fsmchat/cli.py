@@ -406,6 +406,10 @@ def _check_chat(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None
         parser.error(f"--history-bytes ({ns.history_bytes}) must be at most a quarter of "
                      f"--max-queue-bytes ({ns.max_queue_bytes}), so that a newcomer does not "
                      "start congested")
+    if ns.max_line is not None and ns.max_line > ns.max_queue_bytes // 8:
+        parser.error(f"--max-line ({ns.max_line}) must be at most an eighth of "
+                     f"--max-queue-bytes ({ns.max_queue_bytes}): a line may triple when it is "
+                     "cleaned, and must still fit a reader's queue")
 
 
 def build_diagrams_parser() -> argparse.ArgumentParser:

@@ -59,6 +59,11 @@ class LineFramer:
         self.cutting = False
         return rest[:-1] if rest[-1:] == b"\r" else rest
 
+    def discard(self) -> None:
+        """Forget the unfinished line (telnet's interrupt: the user took it back)."""
+        self.rest.clear()
+        self.cutting = False
+
     def _too_long(self, rest: bytearray) -> bool:
         """Over max_line, not counting a final CR: its LF may be in the next read."""
         size = len(rest)

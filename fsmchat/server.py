@@ -10,13 +10,17 @@ Rules it keeps:
 - A message is appended, as the same bytes object, to the queue of every *other* connection in
   the chat (``reading`` or ``paused``); draining or closing connections take no new messages.
 - Output limit: a recipient whose queue would pass ``max_queue_bytes`` is closed (``queue_limit``)
-  once the broadcast is done; everyone else still gets the message.
+  once the broadcast is done; everyone else still gets the message. The closes, and the leave
+  notices they announce (which may take others past their limit in turn), run from one work list
+  at one level, never by recursion: one warning per client, however many overflow at once.
 - Flow control: a broadcast that leaves a recipient over the high-water mark (half the limit)
   pauses the sender, so TCP slows it down instead of the server buffering without end. Senders
   resume when no recipient is over the low-water mark (a quarter) any more. A recipient may hold
   senders back for ``CONGESTION_GRACE`` seconds at most: after that it is ``stalled``, holds
   nobody, and is closed at the limit unless it reads. So a fast reader is never dropped because
-  a sender bursts, and a stuck one cannot freeze the chat.
+  a sender bursts, and a stuck one cannot freeze the chat. Chat mode asks (``held``) between the
+  queue entries of one read too; a sender with lines held back goes on with them at the end of
+  a loop step where nobody holds it back, still paused, and reads again once they are out.
 - Capacity: past ``max_clients``, past ``max_clients_per_addr`` from its address, or for a
   descriptor ``select`` cannot watch (at or above FD_SETSIZE), the newcomer is accepted and
   closed at once with ``connection.rejected``. So is one whose socket fails while it is being
@@ -54,14 +58,15 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 
 from structlog.typing import FilteringBoundLogger
 
+from fsmchat import lifecycle
 from fsmchat.access import Access, Network, address_key
 from fsmchat.bus import RedisBus
-from fsmchat.chat import DEFAULT_MAX_LINE, Chat
+from fsmchat.chat import DEFAULT_MAX_LINE, ENTRY_BYTES, Chat
 from fsmchat.connection import Connection, error_reason
 from fsmchat.events import make_logger
 from fsmchat.history import History
@@ -154,6 +159,15 @@ class Options:
     metrics_host: str | None = None  # None: the same as host
 
 
+@dataclass(slots=True)
+class Cut:
+    """What a stop cut short (the drain timeout, a second signal) did not deliver."""
+
+    undrained: int = 0  # connections closed before everything reached them
+    undelivered_bytes: int = 0  # what was still queued to them
+    unread_bytes: int = 0  # what clients had sent that the stop never read
+
+
 def default_max_clients() -> int:
     """What select() and this process's descriptor limit allow, less a reserve."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -208,7 +222,10 @@ class ChatServer:
         self.readers: dict[int, Connection] = {}  # in the chat (reading, paused): take messages
         self.paused: dict[int, Connection] = {}  # senders held back by flow control
         self._holding: dict[int, Timer] = {}  # recipients holding senders back -> grace timer
-        self._overflowed: list[Connection] = []  # recipients past the limit in this broadcast
+        self._overflowed: dict[int, Connection] = {}  # past the limit, to close: by fd, in order
+        self._refused = 0  # messages left out of a queue for its limit, so far (not counted out)
+        self._closing_overflowed = False  # _close_overflowed is working through its list
+        self._waiting: dict[int, Connection] = {}  # chat mode: senders with lines held back
         self._closing: list[Connection] = []  # moved to `closing` this step; released after it
         self._accept_timer: Timer | None = None  # set while accepting is paused
         self._accept_failures = 0  # failed accepts in the current episode
@@ -224,12 +241,11 @@ class ChatServer:
         self.bytes_out = 0
         self.closed: Counter[str] = Counter()  # reason -> connections closed
         self.rejected: Counter[str] = Counter()  # reason -> connections turned away
-        self.undrained = 0  # connections the stop closed before they had everything
-        self.undelivered_bytes = 0  # what was still queued to them
-        self.unread_bytes = 0  # what clients had sent that the stop never read
+        self.cut = Cut()  # what a stop cut short did not deliver
         self.log_stream = log_stream  # for the counts of events dropped
         self.history = History(history, history_bytes) if history else None
-        self.chat = Chat(self, max_line) if mode == "chat" else None
+        self.chat = Chat(self, max_line, min(ENTRY_BYTES, max_queue_bytes // 8)) if (
+            mode == "chat") else None
         self.received: Callable[[Connection, bytes], None] = (
             self.chat.received if self.chat is not None else self._relay_bytes)
         """What a connection's recv is handed to: the chat's framing, or straight to everyone."""
@@ -273,6 +289,18 @@ class ChatServer:
                 len(self._holding) > 1 or sender.fd not in self._holding):
             self.fire(sender, Trigger.THROTTLE)
 
+    def held(self, sender: Connection) -> bool:
+        """Whether flow control holds ``sender`` back now (chat mode asks between the queue
+        entries of one read)."""
+        return bool(self._holding) and sender.state in IN_CHAT and (
+            len(self._holding) > 1 or sender.fd not in self._holding)
+
+    def wait(self, sender: Connection) -> None:
+        """Chat mode: ``sender`` has lines held back. It is paused (if it is reading) and goes on
+        with them at the end of a loop step where nobody holds it back (``_go_on``)."""
+        self._waiting[sender.fd] = sender
+        self.hold_back(sender)
+
     def relay(self, payload: bytes) -> bool:
         """A message from another instance, for every local client in the chat.
 
@@ -290,10 +318,11 @@ class ChatServer:
         """The same bytes object to every local queue but ``exclude``'s, and into history
         (each of ``lines``, if ``data`` joins several)."""
         readers = self.readers
+        refused = self._refused
         for conn in readers.values():
             if conn is not exclude:
                 conn.enqueue(data)
-        count = len(readers) - len(self._overflowed)
+        count = len(readers) - (self._refused - refused)
         if exclude is not None and readers.get(exclude.fd) is exclude:
             count -= 1
         self.messages_out += count * (len(lines) or 1)
@@ -311,11 +340,12 @@ class ChatServer:
         """A message for one client only (chat mode's replies), while it is in the chat."""
         if conn.state not in IN_CHAT:
             return
+        refused = self._refused
         conn.enqueue(data)
+        if self._refused == refused:
+            self.messages_out += 1
         if self._overflowed:
             self._close_overflowed()
-        else:
-            self.messages_out += 1
 
     def joined(self, conn: Connection) -> None:
         """A client entered the chat: (chat mode: its welcome,) the history, then live."""
@@ -345,7 +375,8 @@ class ChatServer:
         return conn.state in IN_CHAT
 
     def overflowed(self, conn: Connection) -> None:
-        self._overflowed.append(conn)
+        self._refused += 1
+        self._overflowed[conn.fd] = conn  # once, however many messages it refuses meanwhile
 
     def congested(self, conn: Connection) -> None:
         if conn.crowded:
@@ -377,6 +408,8 @@ class ChatServer:
 
     def end_of_step(self) -> None:
         """Release what closed during the step; stop once stopping and nobody is left."""
+        if self._waiting:
+            self._go_on()
         if self._emptying is not None:
             self._check_emptied()
         while self._closing:
@@ -406,26 +439,51 @@ class ChatServer:
         try:
             conn.close_because("internal_error")
         except Exception:  # noqa: BLE001 - the table itself is broken: take it out by hand
-            self.loop.unregister(conn.fd)
-            if self.readers.pop(conn.fd, None) is not None:
-                self.departed(conn)
-            self.paused.pop(conn.fd, None)
-            if conn.crowded:
-                self.relieved(conn)
+            self._take_out(conn)
             conn.sock.close()
             if self.connections.pop(conn.fd, None) is not None:
                 self.closed["internal_error"] += 1
                 self._unseat(conn.fd)
+            return
+        if conn.state == State.CLOSING and conn not in self._closing:
+            # The bug struck inside detach: finish it by hand, release it as usual. Never a
+            # connection in `closing` that the loop still watches and nobody will release.
+            conn.reason = conn.reason or "internal_error"
+            self._take_out(conn)
+            self.release_soon(conn)
+
+    def _take_out(self, conn: Connection) -> None:
+        """What ``detach`` does, safe to repeat: out of the loop, the chat and flow control."""
+        self.loop.unregister(conn.fd)
+        if self.readers.pop(conn.fd, None) is not None:
+            self.departed(conn)
+        self.paused.pop(conn.fd, None)
+        conn.queue.clear()
+        if conn.crowded:
+            self.relieved(conn)
 
     def _close_overflowed(self) -> None:
-        overflowed, self._overflowed = self._overflowed, []
-        for conn in overflowed:
-            self.log.warning("connection.queue_limit", fd=conn.fd, peer=conn.peer,
-                             queued=conn.queue.nbytes, limit=self.max_queue_bytes)
-            try:
-                conn.close_because("queue_limit")
-            except Exception as exc:  # noqa: BLE001
-                self.bug(conn, Trigger.FAIL, exc)
+        """Close every recipient past its limit, oldest first, from one work list.
+
+        A close announces a leave (chat mode), which may take others past their limit: they join
+        the list (a nested call returns at once), so the stack stays flat however many there are."""
+        if self._closing_overflowed:
+            return
+        self._closing_overflowed = True
+        overflowed = self._overflowed
+        try:
+            while overflowed:
+                conn = overflowed.pop(next(iter(overflowed)))
+                if not lifecycle.allowed(conn.state, Trigger.FAIL):
+                    continue  # closed meanwhile, for another reason
+                self.log.warning("connection.queue_limit", fd=conn.fd, peer=conn.peer,
+                                 queued=conn.queue.nbytes, limit=self.max_queue_bytes)
+                try:
+                    conn.close_because("queue_limit")
+                except Exception as exc:  # noqa: BLE001
+                    self.bug(conn, Trigger.FAIL, exc)
+        finally:
+            self._closing_overflowed = False
 
     def _stall(self, conn: Connection) -> None:
         """The grace ran out: the recipient stops holding senders (it stays crowded)."""
@@ -436,10 +494,34 @@ class ChatServer:
             self._resume_senders()
 
     def _resume_senders(self) -> None:
+        waiting = self._waiting
         for conn in list(self.paused.values()):
-            self.fire(conn, Trigger.RESUME)
+            if conn.fd not in waiting:  # (one with held lines resumes in _go_on, after them)
+                self.fire(conn, Trigger.RESUME)
         if self.bus is not None:
             self.bus.resume()
+
+    def _go_on(self) -> None:
+        """Chat mode, at the end of a loop step: senders with lines held back that nobody holds
+        back any more go on with them (a paused one still paused, so that nothing newer is
+        read before them), then read again. At the top of the step, never inside a flush or a
+        close; one that is held again waits for a later step."""
+        chat = self.chat
+        waiting = self._waiting
+        for fd, conn in list(waiting.items()):
+            if conn.state not in IN_CHAT:
+                del waiting[fd]  # gone: the chat said or dropped its lines as it left
+                continue
+            if chat is None or self.held(conn):
+                continue
+            del waiting[fd]
+            try:
+                chat.resumed(conn)  # (held again: back in waiting)
+            except Exception as exc:  # noqa: BLE001
+                self.bug(conn, Trigger.RESUME, exc)
+                continue
+            if conn.state == State.PAUSED and fd not in waiting and not self.held(conn):
+                self.fire(conn, Trigger.RESUME)
 
     # -- accepting ----------------------------------------------------------------------------
 
@@ -598,9 +680,9 @@ class ChatServer:
             if conn.state not in SENDING:  # it left (EOF, /quit, an error) or was emptied
                 del emptying[fd]
                 continue
-            if not late and conn.has_input():
+            if not late and (fd in self._waiting or conn.has_input()):  # (held lines too)
                 continue
-            self.unread_bytes += conn.unread()
+            self.cut.unread_bytes += conn.unread()
             del emptying[fd]
             self.fire(conn, Trigger.EMPTY)
         if emptying:
@@ -622,9 +704,9 @@ class ChatServer:
         self._emptying = None
         for conn in list(self.connections.values()):
             if conn.state not in (State.CLOSING, State.CLOSED):
-                self.undrained += 1
-                self.undelivered_bytes += conn.queue.nbytes
-                self.unread_bytes += conn.unread() if conn.state in SENDING else 0
+                self.cut.undrained += 1
+                self.cut.undelivered_bytes += conn.queue.nbytes
+                self.cut.unread_bytes += conn.unread() if conn.state in SENDING else 0
             try:
                 conn.close_because(reason)
             except Exception as exc:  # noqa: BLE001
@@ -636,8 +718,7 @@ class ChatServer:
         totals: dict[str, float] = {"connections": record["accepted"]}
         totals.update((key, value) for key, value in record.items()
                       if key in ("bytes_in", "bytes_out", "seconds") or key.startswith("redis_"))
-        totals.update(undrained=self.undrained, undelivered_bytes=self.undelivered_bytes,
-                      unread_bytes=self.unread_bytes)
+        totals.update(asdict(self.cut))
         return totals
 
 

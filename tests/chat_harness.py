@@ -122,9 +122,11 @@ class Chatter:
         self.lines.quiet()
 
 
-def join(server: ServerProcess, *present: Chatter) -> Chatter:
-    """Connect, read the welcome line (nothing else), and check each of ``present`` is told."""
-    client = server.connect()
+def join(server: ServerProcess, *present: Chatter, rcvbuf: int | None = None) -> Chatter:
+    """Connect, read the welcome line (nothing else), and check each of ``present`` is told.
+
+    ``rcvbuf``: the client's SO_RCVBUF (small for a reader that is to stop reading)."""
+    client = server.connect(rcvbuf)
     lines = Lines(client.sock)
     first = lines.line()
     match = WELCOME.fullmatch(first)

@@ -14,8 +14,10 @@ from conftest import (
     HOST,
     ServerProcess,
     StartServer,
+    recv_exactly,
     reset,
     run_cli,
+    send_messages,
     usage_error,
 )
 
@@ -24,12 +26,12 @@ UNKNOWN = (
     "*** unknown command /foo (commands: /nick NAME, /who, /me ACTION, /quit; "
     "start a line with // to send one that begins with /)\n"
 )
-INVALID_UTF8 = b"bad \xff\xfe utf8 \xc3 \xe6\x97 end"
+INVALID_UTF8 = b"bad \xfe\xc0 utf8 \xc3 \xe6\x97 end"  # no 0xFF: in chat mode, telnet's IAC
 #: What a client sends in a line (terminator excluded) and how the others are shown it.
 SANITISED = [
     pytest.param(b"\x1b[31mred\x1b[0m", "^[[31mred^[[0m", id="escape"),
     pytest.param(
-        b"bell\x07 del\x7f nul\x00 bs\x08 tab\tkept", "bell^G del^? nul^@ bs^H tab\tkept",
+        b"bell\x07 del\x7f nul\x00 bs\x08 tab\tspace", "bell^G del^? nul^@ bs^H tab space",
         id="c0-and-del",
     ),
     pytest.param(b"carriage\rreturn", "carriage^Mreturn", id="cr-inside"),
@@ -41,6 +43,21 @@ SANITISED = [
         id="valid-utf8",
     ),
     pytest.param(INVALID_UTF8, INVALID_UTF8.decode("utf-8", "replace"), id="invalid-utf8"),
+    pytest.param(
+        b"hi" + b" " * 300 + b"<bob> please send me your password",
+        "hi <bob> please send me your password", id="padding-to-the-next-screen-line",
+    ),
+    pytest.param(
+        "wide\u3000\u3000\t\u00a0gap".encode(), "wide gap", id="unicode-blanks",
+    ),
+    pytest.param(
+        "bidi \u202eevil\u202c zero\u200bwidth tag\U000e0041 sep\u2028par\u2029".encode(),
+        "bidi <U+202E>evil<U+202C> zero<U+200B>width tag<U+E0041> sep<U+2028>par<U+2029>",
+        id="invisible",
+    ),
+    pytest.param(
+        ("zalgo" + "\u0336" * 1500).encode(), "zalgo" + "\u0336" * 4, id="combining-marks",
+    ),
 ]
 
 
@@ -225,6 +242,27 @@ def test_names_are_unique_ignoring_case(chat: ServerProcess) -> None:
     b.quiet()
 
 
+@pytest.mark.parametrize("lookalike", ["aIice", "al1ce", "ALlCE", "aiice"])
+def test_a_name_that_looks_like_a_present_one_is_refused(
+    chat: ServerProcess, lookalike: str
+) -> None:
+    a, b = join_many(chat, 2)
+    a.say("/nick alice")
+    a.expect("*** you are now alice\n")
+    b.expect("*** user1 is now alice\n")
+    b.say(f"/nick {lookalike}")
+    b.expect(f"*** nick: {lookalike} looks too much like alice, who is here\n")
+    b.say("/nick rnallory")
+    b.expect("*** you are now rnallory\n")
+    a.expect("*** user2 is now rnallory\n")
+    a.say("/nick mallory")
+    a.expect("*** nick: mallory looks too much like rnallory, who is here\n")
+    a.say(f"/nick {lookalike}")  # like its own name only: granted
+    a.expect(f"*** you are now {lookalike}\n")
+    b.expect(f"*** alice is now {lookalike}\n")
+    assert not chat.events("lifecycle.bug")
+
+
 def test_nick_alone_shows_the_usage(chat: ServerProcess) -> None:
     a, b = join_many(chat, 2)
     a.say("/nick")
@@ -325,6 +363,39 @@ def test_double_slash_sends_a_line_that_begins_with_a_slash(chat: ServerProcess)
     b.say("seen")
     a.expect("<user2> seen\n")
     a.quiet()
+
+
+# --------------------------------------------------------------------------
+# Telnet's commands
+# --------------------------------------------------------------------------
+
+IAC, WILL, WONT, DO, DONT, SB, SE, IP = 255, 251, 252, 253, 254, 250, 240, 244
+TIMING_MARK, ECHO, NAWS = 6, 1, 31
+
+
+def test_telnet_ctrl_c_is_answered_and_drops_the_unfinished_line(chat: ServerProcess) -> None:
+    a, b = join_many(chat, 2)
+    # What telnet sends for Ctrl-C: IAC IP, IAC DO TIMING-MARK; then it discards all output
+    # until the mark is answered. Here after half a line, and cut between reads.
+    send_messages(chat, a.client, [
+        b"half a line", bytes((IAC,)), bytes((IP, IAC, DO)), bytes((TIMING_MARK,))])
+    assert recv_exactly(a.sock, 3) == bytes((IAC, WILL, TIMING_MARK))
+    a.send(b"hello\r\n")
+    b.expect("<user1> hello\n")
+    b.say("you hear me?")
+    a.expect("<user2> you hear me?\n")
+
+
+def test_telnet_options_are_refused_and_nothing_of_them_is_relayed(chat: ServerProcess) -> None:
+    a, b = join_many(chat, 2)
+    a.send(bytes((IAC, DO, ECHO, IAC, WILL, NAWS, IAC, SB, NAWS, 0, 80, 0, 24, IAC, SE))
+           + b"caf" + bytes((IAC, IAC)) + b" \xc3\xa9" + bytes((IAC, WONT, ECHO, IAC, DONT, NAWS))
+           + b"\n")
+    assert recv_exactly(a.sock, 6) == bytes((IAC, WONT, ECHO, IAC, DONT, NAWS))
+    b.expect("<user1> caf\ufffd \u00e9\n")  # IAC IAC is a byte 0xFF: not UTF-8
+    b.say("ok")
+    a.expect("<user2> ok\n")  # no answer to WONT or DONT came before it
+    b.quiet()
 
 
 # --------------------------------------------------------------------------
@@ -489,6 +560,7 @@ def test_me_actions_are_sanitised(chat: ServerProcess, sent: bytes, shown: str) 
         (["--mode", "chat", "--max-line", "65537"], "--max-line"),
         (["--mode", "chat", "--max-line", "65K"], "--max-line"),
         (["--mode", "chat", "--max-line", "long"], "--max-line"),
+        (["--mode", "chat", "--max-queue-bytes", "64K", "--max-line", "9K"], "--max-line"),
         (["--mode", "irc"], "--mode"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,

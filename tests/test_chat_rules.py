@@ -26,7 +26,10 @@ class Room:
 
     said: list[tuple[str, bytes]] = field(default_factory=list)
     messages_in: int = 0
-    held: int = 0
+    held_back: int = 0  # hold_back calls
+    asked: int = 0  # held calls
+    holding: bool = False  # what held answers: flow control holds the sender back
+    waiting: list[int] = field(default_factory=list)  # wait calls, by fd
     lines: int = 0  # lines announced (a run of them may be one announce)
     log: Any = field(default_factory=lambda: structlog.get_logger().bind())
 
@@ -43,7 +46,14 @@ class Room:
         self.said.append(("elsewhere", data))
 
     def hold_back(self, sender: Person) -> None:
-        self.held += 1
+        self.held_back += 1
+
+    def held(self, sender: Person) -> bool:
+        self.asked += 1
+        return self.holding
+
+    def wait(self, sender: Person) -> None:
+        self.waiting.append(sender.fd)
 
     def tell(self, client: Person, data: bytes) -> None:
         self.said.append((str(client.fd), data))
@@ -59,9 +69,9 @@ class Room:
         return said
 
 
-def setup(count: int) -> tuple[Chat, Room, list[Connection]]:
+def setup(count: int, entry_bytes: int = 1024) -> tuple[Chat, Room, list[Connection]]:
     room = Room()
-    chat = Chat(cast(Any, room), max_line=32)
+    chat = Chat(cast(Any, room), max_line=32, entry_bytes=entry_bytes)
     people = [cast(Connection, Person(fd)) for fd in range(10, 10 + count)]
     for person in people:
         chat.joined(person)
@@ -147,7 +157,7 @@ def test_commands_escapes_and_empty_lines() -> None:
     assert said[:2] == [("* but 10", b"<user1> /slash\n"), ("* but 10", b"* user1 ^[[2Jdances\n")]
     assert said[2][0] == "10" and said[2][1].startswith(b"*** unknown command /frobnicate (")
     assert len(said) == 3
-    assert room.held == 1  # flow control asked once per read, not per line
+    assert room.held_back == 1  # flow control held back once per read, not per line
 
 
 def test_long_lines_are_cut_and_counted() -> None:
@@ -173,3 +183,64 @@ def test_at_shutdown_everyone_is_told_and_leaves_are_news_elsewhere_only() -> No
     chat.left(b)
     assert room.take() == [("here", b"*** the server is shutting down\n"),
                            ("elsewhere", b"*** user1 left\n"), ("elsewhere", b"*** user2 left\n")]
+
+
+def test_one_read_goes_out_in_bounded_entries_and_waits_when_held_back() -> None:
+    chat, room, (a, _) = setup(2, entry_bytes=40)
+    lines = [b"line %d" % i for i in range(9)]
+    messages = [b"<user1> %s\n" % line for line in lines]  # 15 bytes each: two to an entry
+    before = room.lines
+    room.holding = True  # a recipient went over the high-water mark with the first entry
+    chat.received(a, b"".join(line + b"\n" for line in lines))
+    assert room.take() == [("* but 10", b"".join(messages[:2]))]
+    assert room.waiting == [10] and room.messages_in == 2 and room.held_back == 0
+    chat.resumed(a)  # still held: one more entry, then it waits again
+    assert room.take() == [("* but 10", b"".join(messages[2:4]))]
+    room.holding = False
+    chat.resumed(a)
+    assert room.take() == [("* but 10", b"".join(messages[4:6])),
+                           ("* but 10", b"".join(messages[6:8])), ("* but 10", messages[8])]
+    assert room.waiting == [10, 10] and room.messages_in == 9
+    assert room.lines - before == 9
+
+
+def test_held_lines_go_first_and_are_said_at_shutdown_but_dropped_on_a_forced_close() -> None:
+    chat, room, (a, b) = setup(2, entry_bytes=16)
+    room.holding = True
+    chat.received(a, b"one\ntwo\nthree\n")
+    chat.received(b, b"uno\ndos\n")
+    assert room.take() == [("* but 10", b"<user1> one\n"), ("* but 11", b"<user2> uno\n")]
+    room.holding = False
+    chat.received(a, b"four\n")  # (not read while held, but if it were: the held lines first)
+    assert room.take() == [("* but 10", b"<user1> two\n"), ("* but 10", b"<user1> three\n"),
+                           ("* but 10", b"<user1> four\n")]
+    b.reason = "queue_limit"
+    chat.left(b)
+    assert room.take() == [("* but 11", b"*** user2 left\n")]
+    room.holding = True
+    chat.received(a, b"five\nsix\n")
+    room.take()
+    chat.closing()
+    a.reason = "server_shutdown"
+    chat.left(a)
+    assert room.take() == [("here", b"*** the server is shutting down\n"),
+                           ("elsewhere", b"<user1> six\n"), ("elsewhere", b"*** user1 left\n")]
+
+
+def test_names_that_look_alike_are_not_both_given_out() -> None:
+    chat, room, (a, b, c) = setup(3)
+    chat.received(a, b"/nick b0b\n")
+    room.take()
+    chat.received(b, b"/nick BOB\n/nick bob\n")
+    assert room.take() == [("11", b"*** nick: BOB looks too much like b0b, who is here\n"),
+                           ("11", b"*** nick: bob looks too much like b0b, who is here\n")]
+    chat.received(c, b"/nick user2-O\n")  # like user2-0, whom nobody has
+    assert room.take() == [("12", b"*** you are now user2-O\n"),
+                           ("* but 12", b"*** user3 is now user2-O\n")]
+    chat.received(b, b"/nick user2-0\n")
+    assert room.take() == [("11", b"*** nick: user2-0 looks too much like user2-O, who is "
+                                  b"here\n")]
+    chat.left(a)
+    room.take()
+    chat.received(b, b"/nick bob\n")  # free again: b0b left
+    assert room.take()[0] == ("11", b"*** you are now bob\n")

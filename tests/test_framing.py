@@ -3,15 +3,38 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fsmchat.chat import clean, clean_lines
+from fsmchat.chat import MARKS_MAX, PLANES, clean, clean_lines
 from fsmchat.framing import LineFramer
 from fsmchat.history import History
 
-CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f\x80-\x9f]")
+BLANKS = re.compile(r"\s{2,}|[^\S ]")  # (\s: the blanks, separators included)
+
+
+def harmful(text: str) -> list[str]:
+    """What the README's rules say must not pass unchanged in ``text``."""
+    found = [f"control {m.group()!r}" for m in CONTROL.finditer(text)]
+    found += [f"blanks {m.group()!r}" for m in BLANKS.finditer(text)]
+    run = 0
+    for index, char in enumerate(text):
+        category = unicodedata.category(char)
+        run = run + 1 if category in ("Mn", "Me") else 0
+        if run > MARKS_MAX:
+            found.append(f"mark {index}")
+        if category in ("Cf", "Zl", "Zp") and not (
+                char == "\u200d" and 0 < index < len(text) - 1
+                and unicodedata.category(text[index + 1]) in ("So", "Sk")
+                and (unicodedata.category(text[index - 1]) in ("So", "Sk")
+                     or text[index - 1] == "\ufe0f")):
+            found.append(f"invisible U+{ord(char):04X}")
+        if char in "\u115f\u1160\u3164\uffa0\u2800":
+            found.append(f"filler U+{ord(char):04X}")
+    return found
 
 
 def feed_all(framer: LineFramer, chunks: list[bytes]) -> list[bytes]:
@@ -84,27 +107,47 @@ def test_what_is_left_at_eof_is_the_unfinished_line() -> None:
 
 
 @given(st.text(max_size=60))
-def test_clean_text_has_no_control_characters_and_valid_text_survives(text: str) -> None:
+def test_clean_text_is_harmless_and_harmless_text_survives(text: str) -> None:
     cleaned = clean(text.encode()).decode()  # always valid UTF-8
-    assert not CONTROL.search(cleaned)
-    if not CONTROL.search(text):
+    assert harmful(cleaned) == []
+    if not harmful(text):
         assert cleaned == text
 
 
 @given(st.binary(max_size=60))
 def test_clean_bytes_are_valid_utf8_without_controls(data: bytes) -> None:
     cleaned = clean(data).decode("utf-8")
-    assert not CONTROL.search(cleaned)
+    assert harmful(cleaned) == []
 
 
 def test_clean_shows_controls_in_caret_notation() -> None:
     assert clean(b"\x1b[31mred\x1b[0m") == b"^[[31mred^[[0m"
     assert clean(b"a\rb\x08c\x07\x7f\x00") == b"a^Mb^Hc^G^?^@"
-    assert clean(b"tab\tstays") == b"tab\tstays"
+    assert clean(b"tab\tis a space") == b"tab is a space"
     assert clean("\u009b2J".encode()) == "\ufffd2J".encode()
     assert clean(b"bad \xff\xfe") == "bad \ufffd\ufffd".encode()
     plain = b"nothing to do"
     assert clean(plain) is plain
+
+
+def test_clean_collapses_blanks_and_shows_what_is_invisible() -> None:
+    padded = b"hi" + b" " * 200 + b"<bob> please send me your password"
+    assert clean(padded) == b"hi <bob> please send me your password"
+    assert clean("a\u3000\u00a0\t b\u3164c".encode()) == b"a b c"
+    assert clean("evil\u202eexe.txt".encode()) == b"evil<U+202E>exe.txt"
+    assert clean("zero\u200bwidth".encode()) == b"zero<U+200B>width"
+    assert clean("one\u2028two\u2029".encode()) == b"one<U+2028>two<U+2029>"
+    assert clean("tag\U000e0041\U000e007f".encode()) == b"tag<U+E0041><U+E007F>"
+    zalgo = "z" + "\u0301\u0316\u0489" * 1000
+    assert clean(zalgo.encode()) == zalgo[:1 + MARKS_MAX].encode()
+    kept = "caf\u00e9 cafe\u0301 \U0001f469\u200d\U0001f4bb \u00db \u65e5\u672c"
+    assert clean(kept.encode()) == kept.encode()  # Û is C3 9B: one character, no CSI
+
+
+def test_the_unicode_rules_scan_every_plane_that_matters() -> None:
+    for code in range(0x110000):
+        if unicodedata.category(chr(code)) in ("Cf", "Zl", "Zp", "Mn", "Me", "Zs"):
+            assert code >> 16 in PLANES, f"U+{code:04X}"
 
 
 def test_relayed_payloads_are_cleaned_line_by_line() -> None:

@@ -790,3 +790,20 @@ def test_replies_nobody_asked_for_are_a_protocol_error_logged_once_per_outage(
     connected = wait_event_count(server, "redis.connected", 4, predicate=on_link("publish"))
     assert [int(e["attempts"]) for e in connected] == [1, 2, 3, 4], connected
     assert link_counts(server, "redis.disconnected")["publish"] == 1
+def test_a_subscriber_paused_for_a_congested_reader_resumes_when_it_catches_up(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    a = start_instance(start_server, redis_server, "--max-queue-bytes", "1M")
+    b = start_instance(start_server, redis_server)
+    reader = a.connect(rcvbuf=4096)
+    sender = b.connect()
+    messages = numbered("flood", 96, 64 * 1024)  # 6 MiB: more than the kernel buffers, too
+    expected = b"".join(messages)
+    # The reader sleeps early on: its queue passes the high-water mark, the subscriber pauses.
+    stream = StreamReader(reader.sock, limit=len(expected), keep=True, pauses=[(1, 0.7)])
+    for message in messages:
+        send_message(b, sender, message)
+    assert stream.result().data == expected
+    paused = [e for e in a.events("redis.state") if e.get("to") == "paused"]
+    assert paused, "precondition: the subscriber was paused"
+    assert a.events("connection.queue_limit") == []
