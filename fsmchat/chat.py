@@ -296,6 +296,12 @@ class Chat:
             lines, member.held = member.held, []
             self._take(client, member, lines)
 
+    def held_bytes(self, client: Client) -> int:
+        """Bytes of the lines flow control holds back for ``client`` (a stop cut short counts
+        them as never passed on)."""
+        member = self.members.get(client.fd)
+        return sum(map(len, member.held)) if member is not None else 0
+
     def _take(self, client: Client, member: Member, lines: list[bytes]) -> None:
         """Lines of one client, in order: messages, commands. Flow control is asked between
         queue entries, so what one read multiplies into (names, cleaning) cannot run past a

@@ -10,8 +10,9 @@ Rules it keeps:
 - A line is buffered whole or dropped whole: a reader never gets a cut line.
 - Lower levels go first: a debug line is taken while the buffer is under half full, an info line
   under three quarters, warnings and errors up to the limit. Each drop is counted by level.
-- Once the buffer is back under a quarter after drops, a ``log.dropped`` warning with the counts
-  is written before any newer line.
+- A level that lost a line loses every line until the drops are reported, so its gap is one:
+  once the buffer is back under a quarter, a ``log.dropped`` warning with the counts is written,
+  and lines of that level are taken again only after it.
 - Nothing here changes stdout for anyone else: a pipe or a terminal is reopened non-blocking (a
   file description of our own), a socket is sent to with MSG_DONTWAIT, and a regular file is
   written as it is (it is always writable). Where a pipe cannot be reopened, stdout is written
@@ -155,7 +156,9 @@ class LogStream:
 
     def _take(self, line: bytes, level: str) -> None:
         queue = self._queue
-        if self.broken or (queue.nbytes + len(line) > self._room[level] and not self._forcing):
+        if self.broken or (not self._forcing and (
+                queue.nbytes + len(line) > self._room[level]
+                or (self._unreported and level in self._unreported))):
             self.dropped[level] += 1
             self._unreported[level] += 1
             return
@@ -261,7 +264,11 @@ class LogStream:
             self._loop.want_write(self._fd, True)
 
     def abandon(self) -> int:
-        """Give up on what still waits (the stop's flush ran out of time); returns the count."""
+        """Give up on what still waits (the stop's flush ran out of time); returns the count.
+        A line half written is ended with a newline if stdout takes one byte more."""
+        if self._queue and isinstance(self._queue[0], memoryview):
+            with contextlib.suppress(OSError):
+                self._write([b"\n"])
         count = len(self._levels)
         for level in self._levels:
             self.dropped[level] += 1

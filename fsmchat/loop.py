@@ -104,6 +104,10 @@ class EventLoop:
         heapq.heappush(self._timers, timer)
         return timer
 
+    def cancel_timers(self) -> None:
+        """Drop every timer: what was scheduled for a server that has stopped never runs."""
+        self._timers.clear()
+
     def stop(self) -> None:
         """End ``run`` after the current turn."""
         self._running = False

@@ -58,7 +58,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 from structlog.typing import FilteringBoundLogger
@@ -94,6 +94,10 @@ the server (it takes 16 addresses to fill 1,008 slots), while an office or a cla
 one NAT address still fits. Behind a proxy on the same machine every client has the proxy's
 address: give 0 there."""
 
+EMPTY_QUIET = 0.2
+"""Seconds a client must send nothing while the stop reads it before it counts as having
+nothing more: what is still on its way (a network's round trip, a slow link) is read too."""
+
 CONGESTION_GRACE = 1.0
 """Seconds a recipient over the high-water mark may hold senders back before it is stalled."""
 
@@ -121,6 +125,9 @@ MODES = ("raw", "chat")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Each begins an orderly stop (SIGHUP: the terminal it ran in is gone); a second one forces it."""
+
+LAST_EVENTS_MIN = 1.0
+"""Seconds the last events get at least, after a stop that used all of --drain-timeout."""
 
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -160,6 +167,23 @@ class Options:
 
 
 @dataclass(slots=True)
+class Emptying:
+    """The first part of a stop: clients still read until they have nothing more."""
+
+    reading: dict[int, Connection]  # fd -> a client not emptied yet
+    until: float  # when they are emptied anyway (half the drain timeout)
+    quiet: dict[int, tuple[float, int]] = field(default_factory=dict)  # silent since, bytes_in
+    wake: Timer | None = None  # a turn once a quiet client may count as emptied
+
+    def wake_later(self, loop: EventLoop, delay: float) -> None:
+        if self.wake is None:
+            self.wake = loop.call_later(delay, self._woken)
+
+    def _woken(self) -> None:
+        self.wake = None
+
+
+@dataclass(slots=True)
 class Cut:
     """What a stop cut short (the drain timeout, a second signal) did not deliver."""
 
@@ -192,6 +216,10 @@ Listener = tuple[socket.socket, ssl.SSLContext | None]
 
 
 class ChatServer:
+    empty_quiet = EMPTY_QUIET
+    """Seconds of silence after which the stop counts a client as emptied (a model of the
+    server whose clock does not run sets 0)."""
+
     def __init__(self, listeners: list[Listener], loop: EventLoop, log: FilteringBoundLogger,
                  *, drain_timeout: float = 5.0, max_clients: int = MAX_CLIENTS_CEILING,
                  max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES, access: Access | None = None,
@@ -230,8 +258,8 @@ class ChatServer:
         self._accept_timer: Timer | None = None  # set while accepting is paused
         self._accept_failures = 0  # failed accepts in the current episode
         self.stopping = False
-        self._emptying: dict[int, Connection] | None = None  # stopping: still read till empty
-        self._emptying_until = 0.0  # when the stop stops reading them anyway
+        self._emptying: Emptying | None = None  # the stop's first part, while it lasts
+        self.stop_deadline = 0.0  # when the stop closes whatever is left
         self.started = time.monotonic()
         self.start_time = time.time()
         self.accepted = 0
@@ -666,24 +694,39 @@ class ChatServer:
         for conn in list(self.connections.values()):
             if conn.state == State.HANDSHAKING:  # not in the chat: nothing to deliver to it
                 conn.close_because("server_shutdown")
-        self._emptying = dict(self.readers)
-        self._emptying_until = time.monotonic() + self.drain_timeout / 2
+        now = time.monotonic()
+        self._emptying = Emptying(dict(self.readers), now + self.drain_timeout / 2)
+        self.stop_deadline = now + self.drain_timeout
+        self.loop.call_later(self.drain_timeout / 2, _nothing)  # a turn then ends the reading
         self.loop.call_later(self.drain_timeout, lambda: self._force_close("drain_timeout"))
 
     def _check_emptied(self) -> None:
-        """End of a step while stopping: a client with nothing more to read is emptied; once
-        every one is (or half the drain timeout passed), everyone drains."""
-        emptying = self._emptying
-        assert emptying is not None
-        late = time.monotonic() >= self._emptying_until
+        """End of a step while stopping: a client that reached EOF leaves as usual; one that
+        sent nothing for ``EMPTY_QUIET`` seconds (what was on its way is read too) is emptied;
+        once every one is (or half the drain timeout passed), everyone drains."""
+        assert self._emptying is not None
+        emptying, quiet = self._emptying.reading, self._emptying.quiet
+        now = time.monotonic()
+        late = now >= self._emptying.until
         for fd, conn in list(emptying.items()):
             if conn.state not in SENDING:  # it left (EOF, /quit, an error) or was emptied
                 del emptying[fd]
+                quiet.pop(fd, None)
                 continue
-            if not late and (fd in self._waiting or conn.has_input()):  # (held lines too)
-                continue
-            self.cut.unread_bytes += conn.unread()
+            if not late:
+                if fd in self._waiting or conn.has_input():  # (held lines, or bytes, or EOF)
+                    quiet.pop(fd, None)
+                    continue
+                since, seen = quiet.get(fd, (now, conn.bytes_in))
+                if seen != conn.bytes_in:  # it sent more since: quiet from now on
+                    since, seen = now, conn.bytes_in
+                if now - since < self.empty_quiet:
+                    quiet[fd] = since, seen
+                    self._emptying.wake_later(self.loop, self.empty_quiet)
+                    continue
+            self.cut.unread_bytes += conn.unread() + self._held_bytes(conn)
             del emptying[fd]
+            quiet.pop(fd, None)
             self.fire(conn, Trigger.EMPTY)
         if emptying:
             return
@@ -694,6 +737,9 @@ class ChatServer:
             self.fire(conn, Trigger.SHUTDOWN)
         if self.bus is not None:
             self.bus.stop()
+
+    def _held_bytes(self, conn: Connection) -> int:
+        return self.chat.held_bytes(conn) if self.chat is not None else 0
 
     def _force_close(self, reason: str) -> None:
         if self.bus is not None:
@@ -706,7 +752,8 @@ class ChatServer:
             if conn.state not in (State.CLOSING, State.CLOSED):
                 self.cut.undrained += 1
                 self.cut.undelivered_bytes += conn.queue.nbytes
-                self.cut.unread_bytes += conn.unread() if conn.state in SENDING else 0
+                self.cut.unread_bytes += self._held_bytes(conn) + (
+                    conn.unread() if conn.state in SENDING else 0)
             try:
                 conn.close_because(reason)
             except Exception as exc:  # noqa: BLE001
@@ -744,6 +791,10 @@ def _still_connected(sock: socket.socket) -> None:
     except OSError as exc:
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or exc.errno or 0
         raise OSError(code, os.strerror(code)) from None
+
+
+def _nothing() -> None:
+    """A timer's callback whose only work is to end a loop turn (``end_of_step`` follows)."""
 
 
 def _keepalive(sock: socket.socket) -> None:
@@ -878,21 +929,30 @@ def _watch_signals(server: ChatServer, reporter: StatsReporter) -> SignalWatch:
 
 def _serve(server: ChatServer, stream: LogStream, signals: SignalWatch) -> None:
     """Run the loop until the server stops, then write the last events in the same loop: until
-    they are written, the drain timeout passes again, or a signal comes."""
-    loop, bound = server.loop, server.drain_timeout
+    they are written, what is left of the drain timeout passes (at least ``LAST_EVENTS_MIN``
+    seconds), or a stop signal comes. Nothing the server scheduled runs any more, so
+    ``server.stopped`` stays the last line."""
+    loop = server.loop
     loop.run()
+    loop.cancel_timers()
     stream.report()
     with stream.forced():
         server.log.info("server.stopped", **server.totals())
     if not stream.pending:
         return
-    loop.register(signals.fileno(), Reader(loop.stop))
+    bound = max(LAST_EVENTS_MIN, server.stop_deadline - time.monotonic())
+
+    def on_signals() -> None:
+        if any(signum in STOP_SIGNALS for signum in signals.take()):
+            loop.stop()
+
+    loop.register(signals.fileno(), Reader(on_signals))
     loop.before_sleep = lambda: None if stream.pending else loop.stop()
     loop.call_later(bound, loop.stop)
     loop.run()
     if stream.pending:
         say(f"{stream.abandon()} status events were never written: stdout took nothing "
-            f"for {bound:g} s")
+            f"for {bound:.3g} s")
 
 
 def open_metrics_listener(options: Options, listeners: list[Listener]) -> socket.socket | None:

@@ -18,11 +18,15 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 import pytest
 from conftest import HOST, WAIT, free_port, recv_exactly, server_command, server_env
+
+from fsmchat.events import make_logger
+from fsmchat.logstream import LogStream
+from fsmchat.outqueue import Buffer
 
 Event = dict[str, Any]
 
@@ -273,3 +277,72 @@ def test_a_stop_with_a_stalled_log_reader_ends_within_the_drain_timeout(
     os.close(filler)
     os.close(read_end)
     assert json.loads(first.split(b"\n")[0])["event"] == "server.started"
+
+
+def test_server_stopped_stays_last_when_the_reader_comes_back_late(
+    servers: list[Server],
+) -> None:
+    """A reader away during the stop, with server.stats due every 0.1 s: nothing the server had
+    scheduled is written after server.stopped."""
+    read_end, write_end = os.pipe()
+    server = Server("--stats-interval", "0.1", "--log-buffer", "128K", stdout=write_end)
+    servers.append(server)
+    os.close(write_end)
+    a, b = server.connect(), server.connect()
+    round_trip(b, a, b"hello\n")
+    for n in range(2000):
+        round_trip(a, b, b"ping %d\n" % n)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the reader is away a while: several stats ticks would be due meanwhile
+    events = parse(read_all(read_end))
+    os.close(read_end)
+    assert server.proc.wait(WAIT) == 0
+    assert events[-1]["event"] == "server.stopped"
+    assert [e for e in events if e["event"] == "log.dropped"]
+
+
+# -- the stream itself, in-process: what is kept, dropped and reported ------------------------
+
+
+class Stdout:
+    """A stdout that takes ``allow`` bytes, then would block until given more."""
+
+    def __init__(self) -> None:
+        self.allow = 0
+        self.out = bytearray()
+
+    def write(self, buffers: Sequence[Buffer]) -> int:
+        data = b"".join(bytes(b) for b in buffers)[: self.allow]
+        if not data:
+            raise BlockingIOError
+        self.allow -= len(data)
+        self.out += data
+        return len(data)
+
+    def events(self) -> list[Event]:
+        return parse(bytes(self.out))
+
+
+def test_a_level_that_lost_a_line_loses_every_line_until_the_loss_is_reported() -> None:
+    stdout = Stdout()
+    stream = LogStream(stdout.write, limit=4000)
+    log = make_logger(stream, "debug", "json")
+    for n in range(100):
+        log.debug("data.sent", fd=7, bytes=n, queued=0)
+    log.warning("connection.idle", fd=7, peer="x", seconds=1)  # warnings still have room
+    stdout.allow = 1200
+    stream.flush()  # some room again, but not caught up: debug lines still go
+    log.debug("data.sent", fd=7, bytes=1000, queued=0)
+    stdout.allow = 1 << 20
+    stream.flush()  # caught up: the report, then debug lines again
+    log.debug("data.sent", fd=7, bytes=2000, queued=0)
+    stream.flush()
+    events = stdout.events()
+    names = [e["event"] for e in events]
+    assert names[-3:] == ["connection.idle", "log.dropped", "data.sent"]
+    assert events[-1]["bytes"] == 2000
+    kept = [e["bytes"] for e in events if e["event"] == "data.sent"][:-1]
+    assert kept == list(range(len(kept)))  # one gap: a prefix was kept, the rest dropped
+    report = events[-2]
+    assert report["levels"] == {"debug": 100 - len(kept) + 1} == {"debug": report["count"]}
+    assert stream.dropped["debug"] == report["count"]

@@ -87,6 +87,13 @@ class ScriptedSocket:
         self.closed = True
 
 
+class ModelServer(ChatServer):
+    """The server, for a model whose clock does not run: the stop counts a client that has
+    nothing to read as emptied at once."""
+
+    empty_quiet = 0.0
+
+
 class Chat(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -94,7 +101,7 @@ class Chat(RuleBasedStateMachine):
         self.sink = LogStream.memory(self.output)
         self.loop = EventLoop()
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.server = ChatServer([(self.listener, None)], self.loop,
+        self.server = ModelServer([(self.listener, None)], self.loop,
                                  make_logger(self.sink, "debug", "json"),
                                  max_queue_bytes=LIMIT, drain_timeout=1.0)
         self.sockets: list[ScriptedSocket] = []

@@ -13,9 +13,7 @@ import re
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
-from test_model import CLEAN, LIMIT, Chat, ScriptedSocket
-
-from fsmchat.server import ChatServer
+from test_model import CLEAN, LIMIT, Chat, ModelServer, ScriptedSocket
 
 LINE = re.compile(rb"(<[A-Za-z0-9_-]{1,16}> |\*\*\* |\* [A-Za-z0-9_-]{1,16} )"
                   rb"[^\x00-\x08\x0a-\x1f\x7f]*")
@@ -29,7 +27,7 @@ PIECES = st.sampled_from([
 class ChatMode(Chat):
     def __init__(self) -> None:
         super().__init__()
-        self.server = ChatServer([(self.listener, None)], self.loop, self.server.log,
+        self.server = ModelServer([(self.listener, None)], self.loop, self.server.log,
                                  max_queue_bytes=LIMIT, drain_timeout=1.0, mode="chat",
                                  max_line=64, history=5, history_bytes=LIMIT // 4)
 

@@ -7,12 +7,14 @@ import hashlib
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Any
 
 import pytest
 from conftest import (
     BACKLOG_LIMIT,
+    WAIT,
     ServerProcess,
     StartServer,
     StreamReader,
@@ -228,3 +230,53 @@ def test_sigusr1_asks_for_stats_and_does_not_stop(start_server: StartServer) -> 
     server.send_signal(signal.SIGUSR1)
     wait_event_count(server, "server.stats", 2)
     assert server.stop() == 0
+
+
+def test_a_sender_on_a_slow_link_is_read_to_its_end(start_server: StartServer) -> None:
+    """What a sender had handed to TCP may still be on its way (a slow link, a network's round
+    trip): an empty socket for a moment is not the end of it. 1 MiB through a link of 16 KiB
+    every 10 ms, SIGTERM once the first of it arrived: all of it reaches the reader."""
+    server = start_server("--log-level", "info")
+    sender = server.connect()
+    receiver = server.connect()
+    stream, digest = _hashed_reader(receiver.sock)
+    payload = os.urandom(1 << 20)
+
+    def slow_link() -> None:
+        for start in range(0, len(payload), 16 * 1024):
+            sender.sock.sendall(payload[start:start + 16 * 1024])
+            time.sleep(0.01)  # the link's pace, not a wait for the server
+        sender.sock.shutdown(socket.SHUT_WR)
+
+    link = threading.Thread(target=slow_link, daemon=True)
+    link.start()
+    stream.wait_received(64 * 1024)
+    server.send_signal(signal.SIGTERM)
+    link.join(WAIT)
+    assert stream.result().received == len(payload)
+    assert digest.digest() == hashlib.sha256(payload).digest()
+    assert server.wait_exit() == 0
+
+
+def test_a_client_the_rate_limit_holds_back_does_not_hold_up_the_stop(
+    start_server: StartServer,
+) -> None:
+    """A sender limited to 1 KB/s with 180 KB to go: at half the drain timeout its reading
+    ends (what it had sent is counted as unread), and everyone else drains as usual instead of
+    being cut off by the drain timeout."""
+    server = start_server("--mode", "chat", "--max-recv-rate", "1K", "--drain-timeout", "2",
+                          "--log-level", "info")
+    sender = server.connect()
+    receiver = server.connect()
+    stream = StreamReader(receiver.sock, keep=True, timeout=20)
+    sender.sock.sendall(b"hello\n" * 30_000)
+    stream.wait_received(len(b"<user1> hello\n"))
+    began = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    assert stream.result().eof
+    assert stream.data.endswith(b"*** the server is shutting down\n")
+    assert server.wait_exit() == 0
+    assert time.monotonic() - began < 2.0, "the stop waited for the drain timeout"
+    assert server.wait_closed(receiver)["reason"] == "server_shutdown"
+    stopped = server.events("server.stopped")[-1]
+    assert stopped["undrained"] == 0 and stopped["unread_bytes"] > 0
