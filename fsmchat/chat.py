@@ -85,10 +85,17 @@ _ZWJ = "\u200d"
 _EMOJI = frozenset({"So", "Sk"})  # a ZWJ between such characters joins an emoji: it stays
 
 
+_UNSAFE_UTF8 = re.compile(rb"[\x00-\x1f\x7f]|\xc2[\x80-\x9f]")  # C0, DEL, C1 (U+0080-U+009F)
+
+
 @cache
-def _unicode_rules() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+def _unicode_rules() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str],
+                              re.Pattern[str]]:
     """Patterns for text beyond ASCII, from ``unicodedata``, built once (some 50 ms): format
-    characters and line or paragraph separators; combining marks past ``MARKS_MAX``; blanks."""
+    characters and line or paragraph separators; combining marks past ``MARKS_MAX``; blanks;
+    and a quick check, a superset of what the three would change but two spaces (``clean``
+    looks for those): one class, exact in the BMP, whose other planes are one range each, so a
+    character it does not hold costs one bitmap lookup, not a scan of hundreds of ranges."""
     invisible: list[int] = []
     marks: list[int] = []
     blanks: list[int] = [ord(char) for char in _FILLERS]
@@ -102,9 +109,14 @@ def _unicode_rules() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]
             elif category == "Zs":
                 blanks.append(code)
     mark = _char_class(marks)
+    suspect = [code for code in invisible + marks + blanks if code != 0x20]
+    for plane in PLANES[1:]:
+        codes = [code for code in suspect if code >> 16 == plane]
+        suspect += range(min(codes), max(codes))
     return (re.compile(_char_class(invisible)),
             re.compile(f"({mark}{{{MARKS_MAX}}}){mark}+"),
-            re.compile(f"{_char_class(blanks)}{{2,}}|{_char_class(blanks, but=' ')}"))
+            re.compile(f"{_char_class(blanks)}{{2,}}|{_char_class(blanks, but=' ')}"),
+            re.compile(_char_class(suspect)))
 
 
 def _char_class(codes: list[int], but: str = "") -> str:
@@ -136,12 +148,20 @@ def clean(text: bytes) -> bytes:
     characters in caret notation (C1 ones as U+FFFD), invalid UTF-8 as U+FFFD, format
     characters and line separators shown as ``<U+XXXX>``, at most ``MARKS_MAX`` combining marks
     on a character, and each run of blanks one space. Anything else comes back unchanged."""
-    if text.isascii() and _UNSAFE_ASCII.search(text) is None and b"  " not in text:
-        return text  # the usual case: nothing to do, no copy
+    if text.isascii():
+        if _UNSAFE_ASCII.search(text) is None and b"  " not in text:
+            return text  # the usual case: nothing to do, no copy
+    elif _UNSAFE_UTF8.search(text) is None and b"  " not in text:
+        try:
+            fine = _unicode_rules()[3].search(text.decode()) is None  # (invalid: no)
+        except UnicodeDecodeError:
+            fine = False
+        if fine:
+            return text  # most text beyond ASCII: one search finds nothing to do
     shown = text.decode("utf-8", "replace").translate(_SAFE)
     if shown.isascii():
         return _SPACES.sub(" ", shown).encode()
-    invisible, marks, blanks = _unicode_rules()
+    invisible, marks, blanks, _ = _unicode_rules()
     shown = marks.sub(r"\1", invisible.sub(_shown, shown))
     return blanks.sub(" ", shown).encode()
 
