@@ -8,7 +8,8 @@ with nothing to read), the same through ``Connection.fire`` (the table's hot pat
 ``transitions`` machine, so the difference is the cost of dispatch; ``add_model``/``remove_model``
 at 1,000 connections; one status event rendered to JSON (and one filtered out by the level); and
 with ``--redis``, the bus's own work per message: wrapping one for PUBLISH, and unwrapping,
-checking and handing on one from another instance (no socket I/O in either).
+checking and handing on one from another instance (no socket I/O in either); and chat mode's
+``clean`` of one line: ASCII, accented Latin, CJK, emoji, and a line that needs the full walk.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import io
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.bus import PublishLink, SubscribeLink
+from fsmchat.chat import clean
 from fsmchat.connection import MACHINE, Connection
 from fsmchat.events import make_logger
 from fsmchat.lifecycle import Trigger
@@ -89,6 +92,7 @@ def main() -> None:
 
         rows.append((f"one data.sent event at --log-level {level}", per_call(emit, n // 100) / 100))
     rows.extend(bus_rows(n))
+    rows.extend(clean_rows(n // 10))
     for name, micros in rows:
         print(f"{name:<48} {micros:8.2f} us")
     a.close()
@@ -112,6 +116,26 @@ def bus_rows(n: int) -> list[tuple[str, float]]:
         subscriber.on_reply(next(replies))
 
     rows.append(("bus: unwrap, check and hand on one message", per_call(receive, n)))
+    return rows
+
+
+CLEAN_LINES = (
+    ("ASCII", "see you at the station at five, bring the maps"),
+    ("accented Latin", "déjà vu à l'hôtel, très bien"),
+    ("CJK", "今天天气很好\uff0c我们去公园散步吧\u3002" * 4),
+    ("emoji", "good morning 👋 see you 🙂👍🏽 at 9"),
+    ("emoji, a ZWJ sequence", "morning \U0001f468\u200d\U0001f469\u200d\U0001f467 see you"),
+    ("full walk: marks, bidi, blanks", "e\u0301\u0301\u0301\u0301\u0301 \u202eevil\u3000x"),
+)
+
+
+def clean_rows(n: int) -> list[tuple[str, float]]:
+    """Chat mode cleans each line once (not per recipient)."""
+    clean(b"warm up: the Unicode tables \xc3\xa9")
+    rows = []
+    for name, text in CLEAN_LINES:
+        line = text.encode()
+        rows.append((f"clean: {name} ({len(line)} B)", per_call(partial(clean, line), n)))
     return rows
 
 

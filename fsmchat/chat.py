@@ -21,6 +21,10 @@ Rules it keeps:
   through ``announce`` (history, the Redis bus, every other client); replies to one client
   (welcome, ``/who``, refusals, ``bye``) through ``tell`` only.
 - Text from a client, or from the Redis channel, is sanitised before anyone sees it (``clean``).
+- A payload from the Redis channel is framed like a read (lines past ``max_line`` cut, counted
+  in ``lines_cut``), and its lines go out in entries of at most ``entry_bytes`` too; when flow
+  control holds between them, the rest waits in ``relaying`` (the server pauses the subscriber)
+  and goes on (``relay_on``) before any newer payload. ``closing`` says what still waits.
 - Telnet's commands never reach anyone: each client's reads go through its ``TelnetParser``
   before its framer (answers go back to it alone, an interrupt drops its unfinished line).
 - Names are unique on this instance by their ``skeleton`` (case and look-alike letters aside);
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -80,10 +85,17 @@ _ZWJ = "\u200d"
 _EMOJI = frozenset({"So", "Sk"})  # a ZWJ between such characters joins an emoji: it stays
 
 
+_UNSAFE_UTF8 = re.compile(rb"[\x00-\x1f\x7f]|\xc2[\x80-\x9f]")  # C0, DEL, C1 (U+0080-U+009F)
+
+
 @cache
-def _unicode_rules() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+def _unicode_rules() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str],
+                              re.Pattern[str]]:
     """Patterns for text beyond ASCII, from ``unicodedata``, built once (some 50 ms): format
-    characters and line or paragraph separators; combining marks past ``MARKS_MAX``; blanks."""
+    characters and line or paragraph separators; combining marks past ``MARKS_MAX``; blanks;
+    and a quick check, a superset of what the three would change but two spaces (``clean``
+    looks for those): one class, exact in the BMP, whose other planes are one range each, so a
+    character it does not hold costs one bitmap lookup, not a scan of hundreds of ranges."""
     invisible: list[int] = []
     marks: list[int] = []
     blanks: list[int] = [ord(char) for char in _FILLERS]
@@ -97,9 +109,14 @@ def _unicode_rules() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]
             elif category == "Zs":
                 blanks.append(code)
     mark = _char_class(marks)
+    suspect = [code for code in invisible + marks + blanks if code != 0x20]
+    for plane in PLANES[1:]:
+        codes = [code for code in suspect if code >> 16 == plane]
+        suspect += range(min(codes), max(codes))
     return (re.compile(_char_class(invisible)),
             re.compile(f"({mark}{{{MARKS_MAX}}}){mark}+"),
-            re.compile(f"{_char_class(blanks)}{{2,}}|{_char_class(blanks, but=' ')}"))
+            re.compile(f"{_char_class(blanks)}{{2,}}|{_char_class(blanks, but=' ')}"),
+            re.compile(_char_class(suspect)))
 
 
 def _char_class(codes: list[int], but: str = "") -> str:
@@ -131,12 +148,20 @@ def clean(text: bytes) -> bytes:
     characters in caret notation (C1 ones as U+FFFD), invalid UTF-8 as U+FFFD, format
     characters and line separators shown as ``<U+XXXX>``, at most ``MARKS_MAX`` combining marks
     on a character, and each run of blanks one space. Anything else comes back unchanged."""
-    if text.isascii() and _UNSAFE_ASCII.search(text) is None and b"  " not in text:
-        return text  # the usual case: nothing to do, no copy
+    if text.isascii():
+        if _UNSAFE_ASCII.search(text) is None and b"  " not in text:
+            return text  # the usual case: nothing to do, no copy
+    elif _UNSAFE_UTF8.search(text) is None and b"  " not in text:
+        try:
+            fine = _unicode_rules()[3].search(text.decode()) is None  # (invalid: no)
+        except UnicodeDecodeError:
+            fine = False
+        if fine:
+            return text  # most text beyond ASCII: one search finds nothing to do
     shown = text.decode("utf-8", "replace").translate(_SAFE)
     if shown.isascii():
         return _SPACES.sub(" ", shown).encode()
-    invisible, marks, blanks = _unicode_rules()
+    invisible, marks, blanks, _ = _unicode_rules()
     shown = marks.sub(r"\1", invisible.sub(_shown, shown))
     return blanks.sub(" ", shown).encode()
 
@@ -153,16 +178,6 @@ def skeleton(name: bytes) -> bytes:
     and l, m and rn. To them come case and i (which l, I and 1 pass for in many fonts), so
     ``aIice`` and ``al1ce`` are ``alice``."""
     return name.translate(_LOOKALIKE).replace(b"m", b"rn")
-
-
-def clean_lines(payload: bytes) -> list[bytes]:
-    """A payload from the Redis channel as clean lines, each ending in a newline.
-
-    Another chat instance sent clean lines already; something else on the channel may not have."""
-    lines = payload.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    return [clean(line.removesuffix(b"\r")) + b"\n" for line in lines]
 
 
 def _is_command(line: bytes) -> bool:
@@ -185,13 +200,15 @@ class Room(Protocol):
     def announce(self, data: bytes, exclude: Client | None = None,
                  lines: Sequence[bytes] = ()) -> None: ...
 
-    def announce_here(self, data: bytes) -> None: ...
+    def announce_here(self, data: bytes, lines: Sequence[bytes] = ()) -> None: ...
 
     def publish(self, data: bytes) -> None: ...
 
     def hold_back(self, sender: Client) -> None: ...
 
     def held(self, sender: Client) -> bool: ...
+
+    def throttled(self) -> bool: ...
 
     def wait(self, sender: Client) -> None: ...
 
@@ -224,6 +241,8 @@ class Chat:
         self.next_number = 1  # for the next user<N>
         self.suffix = b""  # after user<N>: with --redis, "-" and 4 digits of the instance id
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
+        self.relay_framer = LineFramer(max_line)  # for payloads from the Redis channel
+        self.relaying: deque[bytes] = deque()  # relayed clean lines flow control holds back
         self.stopping = False  # the server is shutting down: leaves are news elsewhere only
 
     # -- the server's calls ----------------------------------------------------------------
@@ -261,7 +280,8 @@ class Chat:
 
     def closing(self) -> None:
         """The server is shutting down: say so here; from now on, leaves go to other instances
-        only (everyone here is leaving too)."""
+        only (everyone here is leaving too). Relayed lines still held back go first."""
+        self.relay_on(hold=False)
         self.room.announce_here(b"*** the server is shutting down\n")
         self.stopping = True
 
@@ -367,12 +387,45 @@ class Chat:
             self.room.announce(b"".join(said), client, said)
         said.clear()
 
-    def relayed(self, payload: bytes) -> list[bytes]:
-        """A payload from another instance, as the lines local clients will see."""
-        return clean_lines(payload)
+    def relayed(self, payload: bytes) -> None:
+        """A payload from another instance: its lines, cleaned, for every local client.
+
+        Another chat instance sent clean lines already; something else on the channel may not
+        have: it is framed like a read, and a missing last newline added."""
+        framer = self.relay_framer
+        cuts = framer.cuts
+        lines = framer.feed(payload)
+        rest = framer.flush()
+        if rest or payload[-1:] == b"\r":  # (an unfinished empty line is no line)
+            lines.append(rest)
+        for _ in range(framer.cuts - cuts):
+            self.room.log.warning("chat.line_cut", fd=None, peer="redis", limit=self.max_line)
+        relaying = self.relaying
+        going = not relaying  # else the older ones go first, at the end of a step
+        relaying.extend(clean(line) + b"\n" for line in lines)
+        if going:
+            self.relay_on()
+
+    def relay_on(self, hold: bool = True) -> None:
+        """Relayed lines go on, an entry of at most ``entry_bytes`` at a time, until none is
+        left or (``hold``) flow control holds between entries."""
+        relaying = self.relaying
+        room = self.room
+        limit = self.entry_bytes
+        while relaying:
+            said = [relaying.popleft()]
+            size = len(said[0])
+            while relaying and size + len(relaying[0]) <= limit:
+                line = relaying.popleft()
+                said.append(line)
+                size += len(line)
+            room.announce_here(b"".join(said), said)
+            if hold and relaying and room.throttled():
+                return
 
     def cuts(self) -> int:
-        return self.lines_cut + sum(m.framer.cuts for m in self.members.values())
+        return self.lines_cut + self.relay_framer.cuts + sum(
+            m.framer.cuts for m in self.members.values())
 
     # -- commands ---------------------------------------------------------------------------
 

@@ -82,19 +82,21 @@ class LineFramer:
             self.cuts += 1
         pieces: list[bytes] = []
         max_line = self.max_line
-        while len(line) > max_line:
-            end = _boundary(line, max_line)
-            pieces.append(line[:end])
-            line = line[end:]
-        pieces.append(line)
+        start = 0  # (no copy of the rest per piece: a relayed payload may hold many)
+        while len(line) - start > max_line:
+            end = _boundary(line, start, start + max_line)
+            pieces.append(line[start:end])
+            start = end
+        pieces.append(line[start:])
         return pieces
 
 
-def _boundary(data: bytes, limit: int) -> int:
-    """The largest cut at or below ``limit`` that does not split a UTF-8 character."""
+def _boundary(data: bytes, start: int, limit: int) -> int:
+    """The largest cut at or below ``limit`` that does not split a UTF-8 character (and leaves
+    a piece after ``start``)."""
     end = limit
     for _ in range(3):
-        if end <= 1 or (data[end] & 0xC0) != 0x80:  # not a continuation byte: a start
+        if end <= start + 1 or (data[end] & 0xC0) != 0x80:  # not a continuation byte: a start
             break
         end -= 1
     return end if (data[end] & 0xC0) != 0x80 else limit

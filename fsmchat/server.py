@@ -32,7 +32,9 @@ Rules it keeps:
   of spinning on a listener that stays readable, and says so once per episode.
 - With ``--redis``, every message is also published once on the Redis bus, and every message
   from another instance reaches every local client in the chat; while local recipients are
-  congested, the subscriber is paused like a local sender (``bus``).
+  congested, the subscriber is paused like a local sender (``bus``). In chat mode a payload goes
+  out in queue entries, flow control asked between them; the rest waits in the chat, the
+  subscriber paused, and goes on at the end of a step where nobody holds senders back.
 - Chat mode (``chat``) is a layer, not a second server: a connection's recv goes to the chat's
   framing instead of straight to ``announce``, and the chat asks back through ``announce``,
   ``tell`` and ``quit``. Raw mode pays one attribute call for it.
@@ -301,9 +303,9 @@ class ChatServer:
         if self.bus is not None:
             self.bus.publish(data)
 
-    def announce_here(self, data: bytes) -> None:
-        """A message for every local client in the chat only."""
-        self._fan_out(data, None)
+    def announce_here(self, data: bytes, lines: Sequence[bytes] = ()) -> None:
+        """A message for every local client in the chat only (``lines``: as for ``announce``)."""
+        self._fan_out(data, None, lines)
 
     def publish(self, data: bytes) -> None:
         """A message for the other instances only."""
@@ -323,6 +325,11 @@ class ChatServer:
         return bool(self._holding) and sender.state in IN_CHAT and (
             len(self._holding) > 1 or sender.fd not in self._holding)
 
+    def throttled(self) -> bool:
+        """Whether a recipient holds senders back now (chat mode asks between the queue entries
+        of a relayed payload)."""
+        return bool(self._holding)
+
     def wait(self, sender: Connection) -> None:
         """Chat mode: ``sender`` has lines held back. It is paused (if it is reading) and goes on
         with them at the end of a loop step where nobody holds it back (``_go_on``)."""
@@ -332,14 +339,14 @@ class ChatServer:
     def relay(self, payload: bytes) -> bool:
         """A message from another instance, for every local client in the chat.
 
-        Returns whether a recipient now holds senders back: the subscriber then pauses."""
-        if self.chat is None:
+        Returns whether a recipient now holds senders back, or (chat mode) lines of it wait
+        for flow control: the subscriber then pauses, and resumes once they are out."""
+        chat = self.chat
+        if chat is None:
             self._fan_out(payload, None)
-        else:
-            lines = self.chat.relayed(payload)
-            if lines:  # an empty payload is no line
-                self._fan_out(b"".join(lines), None, lines)
-        return bool(self._holding)
+            return bool(self._holding)
+        chat.relayed(payload)
+        return bool(self._holding) or bool(chat.relaying)
 
     def _fan_out(self, data: bytes, exclude: Connection | None,
                  lines: Sequence[bytes] = ()) -> None:
@@ -438,6 +445,8 @@ class ChatServer:
         """Release what closed during the step; stop once stopping and nobody is left."""
         if self._waiting:
             self._go_on()
+        if self.chat is not None and self.chat.relaying and not self._holding:
+            self._relay_on(self.chat)
         if self._emptying is not None:
             self._check_emptied()
         while self._closing:
@@ -526,7 +535,14 @@ class ChatServer:
         for conn in list(self.paused.values()):
             if conn.fd not in waiting:  # (one with held lines resumes in _go_on, after them)
                 self.fire(conn, Trigger.RESUME)
-        if self.bus is not None:
+        if self.bus is not None and not (self.chat is not None and self.chat.relaying):
+            self.bus.resume()  # (one with relayed lines waiting resumes in _relay_on)
+
+    def _relay_on(self, chat: Chat) -> None:
+        """Chat mode, at the end of a loop step where nobody holds senders back: relayed lines
+        held back go on; once they are out, the subscriber reads again."""
+        chat.relay_on()
+        if not chat.relaying and not self._holding and self.bus is not None:
             self.bus.resume()
 
     def _go_on(self) -> None:

@@ -17,8 +17,11 @@ Rules it keeps:
   peers cannot loop.
 - IP (interrupt) and EL (erase line) are handed back: the chat drops the unfinished line. Every
   other command (NOP, DM, BRK, AO, AYT, EC, GA) means nothing here and is dropped.
-- Bounded: nothing is kept across reads but the parser's state and one verb byte; a
+- Bounded: nothing is kept across reads but the parser's state, one verb byte and a count; a
   subnegotiation's content is skipped as it comes, never stored.
+- A subnegotiation without its IAC SE cannot swallow what follows: it ends at a newline (which
+  stays text) or after ``SUB_MAX`` bytes, whichever comes first. Every option is refused, so a
+  real telnet sends none; IAC SB is mostly stray 0xFF 0xFA (``ÿú`` from a Latin-1 terminal).
 - A read with no IAC, when no command is half-read, costs one byte search and no copy.
 """
 
@@ -53,6 +56,9 @@ IAC = b"\xff"
 INTERRUPTS = frozenset({Byte.IP, Byte.EL})
 """Commands handed back to the caller: each drops the unfinished line."""
 
+SUB_MAX = 64
+"""Most bytes of a subnegotiation's content skipped before the rest is text again."""
+
 _NEGOTIATION = frozenset({Byte.WILL, Byte.WONT, Byte.DO, Byte.DONT})
 
 # Parser states: between commands, after IAC, after a verb (its option byte next), inside a
@@ -61,11 +67,12 @@ _TEXT, _COMMAND, _OPTION, _SUB, _SUB_IAC = range(5)
 
 
 class TelnetParser:
-    __slots__ = ("state", "verb", "replies")
+    __slots__ = ("state", "verb", "sub_left", "replies")
 
     def __init__(self) -> None:
         self.state = _TEXT
         self.verb = 0  # WILL, WONT, DO or DONT, while its option byte is awaited
+        self.sub_left = 0  # bytes a subnegotiation may still skip
         self.replies = bytearray()  # answers not yet sent
 
     def idle(self, data: bytes) -> bool:
@@ -79,15 +86,18 @@ class TelnetParser:
         position = 0
         size = len(data)
         while position < size:
-            if state in (_TEXT, _SUB):
+            if state == _TEXT:
                 found = data.find(IAC, position)
                 end = size if found < 0 else found
-                if state == _TEXT and end > position:
+                if end > position:
                     out.append(data[position:end])
                 if found < 0:
                     break
-                state = _COMMAND if state == _TEXT else _SUB_IAC
+                state = _COMMAND
                 position = found + 1
+                continue
+            if state == _SUB:
+                state, position = self._skip(data, position)
                 continue
             byte = data[position]
             position += 1
@@ -100,15 +110,32 @@ class TelnetParser:
                     state = _OPTION
                 elif byte == Byte.SB:
                     state = _SUB
+                    self.sub_left = SUB_MAX
                 elif byte in INTERRUPTS:
                     out.append(Byte(byte))
             elif state == _OPTION:
                 self._answer(self.verb, byte)
                 state = _TEXT
             else:  # _SUB_IAC: IAC IAC is data of the subnegotiation; anything else ends it
-                state = _SUB if byte == Byte.IAC else _TEXT
+                self.sub_left -= 1
+                state = _SUB if byte == Byte.IAC and self.sub_left > 0 else _TEXT
+                position -= byte == 0x0A  # a line's end, as in _SUB: it is text
         self.state = state
         return out
+
+    def _skip(self, data: bytes, position: int) -> tuple[int, int]:
+        """A subnegotiation's content from ``position``: the state after it, and where."""
+        window = min(len(data), position + self.sub_left)
+        found = data.find(IAC, position, window)
+        end = window if found < 0 else found
+        newline = data.find(b"\n", position, end)
+        if newline >= 0:  # the end of a line ends it: the newline is text
+            return _TEXT, newline
+        self.sub_left -= end - position
+        if found >= 0:
+            self.sub_left -= 1
+            return _SUB_IAC, found + 1
+        return (_SUB if self.sub_left else _TEXT), end  # too long: the rest is text
 
     def _answer(self, verb: int, option: int) -> None:
         if verb == Byte.DO:

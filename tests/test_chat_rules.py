@@ -39,8 +39,14 @@ class Room:
         self.said.append((f"* but {exclude.fd}" if exclude else "*", data))
         self.lines += len(lines) or 1
 
-    def announce_here(self, data: bytes) -> None:
+    def announce_here(self, data: bytes, lines: Sequence[bytes] = ()) -> None:
+        assert not lines or b"".join(lines) == data
         self.said.append(("here", data))
+        self.lines += len(lines) or 1
+
+    def throttled(self) -> bool:
+        self.asked += 1
+        return self.holding
 
     def publish(self, data: bytes) -> None:
         self.said.append(("elsewhere", data))
@@ -244,3 +250,34 @@ def test_names_that_look_alike_are_not_both_given_out() -> None:
     room.take()
     chat.received(b, b"/nick bob\n")  # free again: b0b left
     assert room.take()[0] == ("11", b"*** you are now bob\n")
+
+
+def test_relayed_payloads_are_cleaned_line_by_line() -> None:
+    chat, room, _ = setup(1)
+    chat.relayed(b"<bob> hi\n")
+    chat.relayed(b"one\r\ntwo\x1b")
+    chat.relayed(b"")
+    assert room.take() == [("here", b"<bob> hi\n"), ("here", b"one\ntwo^[\n")]
+
+
+def test_a_relayed_payload_is_cut_like_a_read_and_waits_between_entries_when_held() -> None:
+    chat, room, _ = setup(1, entry_bytes=40)  # max_line 32
+    long = "é".encode() * 20  # 40 bytes: cut at a character boundary, after 32
+    chat.relayed(long + b"\n" + b"a" * 20 + b"\nb\n")
+    assert room.take() == [("here", "é".encode() * 16 + b"\n"),
+                           ("here", "é".encode() * 4 + b"\n" + b"a" * 20 + b"\n" + b"b\n")]
+    assert chat.cuts() == 1
+    room.holding = True
+    chat.relayed(b"x" * 30 + b"\n" + b"y" * 30 + b"\n")
+    chat.relayed(b"z\n")  # newer: after what waits
+    assert room.take() == [("here", b"x" * 30 + b"\n")]
+    assert list(chat.relaying) == [b"y" * 30 + b"\n", b"z\n"]
+    room.holding = False
+    chat.relay_on()
+    assert room.take() == [("here", b"y" * 30 + b"\nz\n")]
+    room.holding = True
+    chat.relayed(b"x" * 30 + b"\n" + b"y" * 30 + b"\n")
+    room.take()
+    chat.closing()  # what waits is said before the notice
+    assert room.take() == [("here", b"y" * 30 + b"\n"),
+                           ("here", b"*** the server is shutting down\n")]

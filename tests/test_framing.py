@@ -8,7 +8,7 @@ import unicodedata
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fsmchat.chat import MARKS_MAX, PLANES, clean, clean_lines
+from fsmchat.chat import MARKS_MAX, PLANES, clean
 from fsmchat.framing import LineFramer
 from fsmchat.history import History
 
@@ -148,11 +148,6 @@ def test_the_unicode_rules_scan_every_plane_that_matters() -> None:
     for code in range(0x110000):
         if unicodedata.category(chr(code)) in ("Cf", "Zl", "Zp", "Mn", "Me", "Zs"):
             assert code >> 16 in PLANES, f"U+{code:04X}"
-
-
-def test_relayed_payloads_are_cleaned_line_by_line() -> None:
-    assert clean_lines(b"<bob> hi\n") == [b"<bob> hi\n"]
-    assert clean_lines(b"one\r\ntwo\x1b") == [b"one\n", b"two^[\n"]
 
 
 def test_history_keeps_the_last_n_within_the_byte_bound() -> None:

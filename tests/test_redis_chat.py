@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import ServerProcess, StartServer, recv_until
+from conftest import ServerProcess, StartServer, recv_until, recv_until_suffix
 from redis_harness import RedisServer, bug_free
 from test_redis import start_instance
 
@@ -93,3 +93,37 @@ def test_a_payload_whose_cleaning_would_overflow_a_queue_is_dropped(
     alice.say(b"still here")
     assert bob.line() == b"<%s> still here" % alice.name
     assert not server.events("connection.queue_limit")
+
+
+def test_a_payload_as_big_as_a_queue_reaches_a_reader_that_keeps_up_in_cut_lines(
+        start_server: StartServer, redis_server: RedisServer) -> None:
+    """Cleaned, a payload may be four times what was published (a soft hyphen, two bytes, is
+    shown as ``<U+00AD>``), or just the queue limit (0x80, one byte, as U+FFFD): it goes out cut
+    like a client's long line, in entries flow control sees, and nobody is closed for it."""
+    server = start_instance(start_server, redis_server, "--mode", "chat")
+    started = server.events("server.started")[0]
+    limit = started["max_queue_bytes"]
+    bob = Person(server)
+    hyphens = (b"\xc2\xad" * 50 + b"\n") * (limit // 3 // 101)  # many short lines
+    bad = b"\x80" * (limit // 3)  # one long line, under the bus's payload limit
+    shown_hyphens = ("\u00ad".encode(), b"<U+00AD>")
+    for payload in (hyphens, bad, bad):  # the second comes while the first is queued
+        assert redis_server.publish("fsmchat", payload) == 1
+    redis_server.publish("fsmchat", b"that was all")
+    data = recv_until_suffix(bob.client.sock, b"\nthat was all\n", timeout=60)
+    lines = data.split(b"\n")[:-2]
+    hyphen_lines = len(hyphens.split(b"\n")) - 1
+    assert lines[:hyphen_lines] == [hyphens.split(b"\n")[0].replace(*shown_hyphens)] * (
+        hyphen_lines)
+    rest = lines[hyphen_lines:]
+    shown_bad = "\ufffd".encode() * len(bad)
+    assert b"".join(rest) == shown_bad + shown_bad
+    max_line = 4096  # the default --max-line: a cut piece is at most that, cleaned
+    assert all(0 < len(line) <= 3 * max_line for line in rest), max(map(len, rest))
+    assert len(rest) > 2  # cut: not one line per payload
+    alice = Person(server)
+    assert bob.line() == b"*** %s joined" % alice.name
+    alice.say(b"still here")
+    assert bob.line() == b"<%s> still here" % alice.name
+    assert not server.events("connection.queue_limit")
+    assert server.events("chat.line_cut")

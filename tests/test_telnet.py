@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fsmchat.telnet import Byte, TelnetParser
+from fsmchat.telnet import SUB_MAX, Byte, TelnetParser
 
 IAC, WILL, WONT, DO, DONT, SB, SE = 255, 251, 252, 253, 254, 250, 240
 TM = 6
@@ -27,8 +27,9 @@ negotiation = st.tuples(st.sampled_from([WILL, WONT, DO, DONT]), st.integers(0, 
 two_byte = st.sampled_from(TWO_BYTE).map(
     lambda c: (bytes((IAC, c)), b"", b"", c in (IP, EL)))
 literal = st.just((bytes((IAC, IAC)), b"\xff", b"", False))
-subnegotiation = st.binary(max_size=20).map(
-    lambda b: (bytes((IAC, SB)) + b.replace(b"\xff", b"\xff\xff") + bytes((IAC, SE)),
+subnegotiation = st.binary(max_size=20).map(  # (a newline would end it)
+    lambda b: (bytes((IAC, SB)) + b.replace(b"\xff", b"\xff\xff").replace(b"\n", b"")
+               + bytes((IAC, SE)),
                b"", b"", False))
 command = st.one_of(negotiation, two_byte, literal, subnegotiation)
 
@@ -85,3 +86,23 @@ def test_a_half_read_command_is_not_idle() -> None:
     assert parser.feed(bytes((TM,)) + b"rest") == [b"rest"]
     assert parser.take() == bytes((IAC, WILL, TM))
     assert parser.idle(b"plain")
+
+
+def text_of(parser: TelnetParser, chunks: list[bytes]) -> bytes:
+    return b"".join(p for p in feed_all(parser, chunks) if isinstance(p, bytes))
+
+
+@given(st.lists(st.integers(0, 200), max_size=8))
+def test_an_unended_subnegotiation_swallows_at_most_the_rest_of_its_line(
+        cuts: list[int]) -> None:
+    typed = "caf\u00e9 \u00ff\u00fa oops\n".encode("latin-1")  # IAC SB from a Latin-1 user
+    after = b"the next line\n" * 3
+    assert text_of(TelnetParser(), split_at(typed + after, cuts)) == b"caf\xe9 \n" + after
+
+
+@given(st.lists(st.integers(0, 300), max_size=8))
+def test_an_unended_subnegotiation_skips_at_most_sub_max_bytes(cuts: list[int]) -> None:
+    content = bytes(range(0x20, 0x7F)) * 2  # no newline, no IAC SE
+    after = b"still typing\n"
+    stream = bytes((IAC, SB)) + content + after
+    assert text_of(TelnetParser(), split_at(stream, cuts)) == content[SUB_MAX:] + after
