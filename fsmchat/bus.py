@@ -14,8 +14,15 @@ delivered as it is.
 The channel is untrusted: anyone who may PUBLISH on it can send any bytes, and any envelope.
 - An envelope is one only if it is exactly ``fsmchat1 <16 hex digits> <1 to 19 digits>\n``;
   anything else is a foreign payload.
+- A number at or below what its instance sent last is a repeat only if it was seen: the gaps
+  (numbers skipped, at most ``GAPS_MAX`` runs per instance) are kept, and a number in one is
+  delivered late and taken off ``missed``. One instance's messages come in order, so only a
+  forged number ahead makes real ones come late; it costs the one real message it equals.
+  ``missed`` is counted (``redis.missed``) when a gap appears, so that a real gap is told at
+  once; past ``GAPS_MAX`` the two closest gaps are joined and what lay between them counts too
+  (dropping a gap would make its real messages repeats again).
 - A number far from what its instance sent last changes nothing for good: a jump forward past
-  ``GAP_MAX`` or back past ``REPEATS_MAX`` is a new count for that instance
+  ``GAP_MAX`` or back past ``REPEATS_MAX`` (and in no gap) is a new count for that instance
   (``redis.renumbered``), neither messages missed nor repeats to drop.
 - A payload larger than a client's queue may hold (``--max-queue-bytes``) is dropped and counted
   (``redis.oversize``): it would close every local client.

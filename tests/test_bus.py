@@ -282,7 +282,7 @@ def test_a_forged_jump_costs_the_instance_it_names_one_message_at_most(bus: Harn
     assert [e["messages"] for e in bus.events("redis.missed")] == [999]
     assert link.missed == 0, "the real messages arrived: nothing was missed"
     real = [b"real %d" % seq for seq in range(1, 1011) if seq != 1005]
-    assert delivered == real[:5] + [b"forged"] + real[5:]
+    assert delivered == [*real[:5], b"forged", *real[5:]]
     assert link.duplicates == 1, "the real 1005 looks like the forged one"
 
 
