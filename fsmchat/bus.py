@@ -14,8 +14,15 @@ delivered as it is.
 The channel is untrusted: anyone who may PUBLISH on it can send any bytes, and any envelope.
 - An envelope is one only if it is exactly ``fsmchat1 <16 hex digits> <1 to 19 digits>\n``;
   anything else is a foreign payload.
+- A number at or below what its instance sent last is a repeat only if it was seen: the gaps
+  (numbers skipped, at most ``GAPS_MAX`` runs per instance) are kept, and a number in one is
+  delivered late and taken off ``missed``. One instance's messages come in order, so only a
+  forged number ahead makes real ones come late; it costs the one real message it equals.
+  ``missed`` is counted (``redis.missed``) when a gap appears, so that a real gap is told at
+  once; past ``GAPS_MAX`` the two closest gaps are joined and what lay between them counts too
+  (dropping a gap would make its real messages repeats again).
 - A number far from what its instance sent last changes nothing for good: a jump forward past
-  ``GAP_MAX`` or back past ``REPEATS_MAX`` is a new count for that instance
+  ``GAP_MAX`` or back past ``REPEATS_MAX`` (and in no gap) is a new count for that instance
   (``redis.renumbered``), neither messages missed nor repeats to drop.
 - A payload larger than a client's queue may hold (``--max-queue-bytes``) is dropped and counted
   (``redis.oversize``): it would close every local client.
@@ -83,6 +90,10 @@ new count for that instance, not a repeat."""
 GAP_MAX = 1 << 20
 """The longest jump forward in an instance's numbering counted as messages missed; past it the
 number is a new count for that instance (a forged one, or an outage of a million messages)."""
+
+GAPS_MAX = 16
+"""Gaps (runs of numbers skipped) remembered per instance: a number in one is delivered when it
+comes late, any other number at or below the last is a repeat."""
 
 PING_IDLE = 2.0
 """Seconds the subscriber may hear nothing before it PINGs: Redis must then answer in time
@@ -286,6 +297,7 @@ class SubscribeLink(RedisLink):
         self.deliver = deliver  # returns True when local recipients are congested
         self.payload_limit = payload_limit
         self.last_seq: dict[bytes, int] = {}  # origin -> newest sequence number delivered
+        self.gaps: dict[bytes, list[list[int]]] = {}  # origin -> [first, last] numbers unseen
         self.pinged = False  # a PING is waiting for its pong
         self.received = 0
         self.missed = 0
@@ -327,20 +339,23 @@ class SubscribeLink(RedisLink):
             last = self.last_seq.get(origin)
             if last is None:
                 if len(self.last_seq) >= ORIGINS_MAX:
-                    del self.last_seq[next(iter(self.last_seq))]
-            elif seq <= last:
-                if seq > last - REPEATS_MAX:
-                    self.duplicates += 1
-                    return
+                    oldest = next(iter(self.last_seq))
+                    del self.last_seq[oldest]
+                    self.gaps.pop(oldest, None)
+                self.last_seq[origin] = seq
+            elif seq == last + 1:
+                self.last_seq[origin] = seq
+            elif seq > last:
+                self._ahead(origin, last, seq)
+                self.last_seq[origin] = seq
+            elif self._late(origin, seq, last):
+                pass
+            elif seq > last - REPEATS_MAX:
+                self.duplicates += 1
+                return
+            else:
                 self._renumbered(origin, last, seq)
-            elif seq > last + 1:
-                if seq - last - 1 > GAP_MAX:
-                    self._renumbered(origin, last, seq)
-                else:
-                    self.missed += seq - last - 1
-                    self.log.warning("redis.missed", origin=origin.decode(),
-                                     messages=seq - last - 1)
-            self.last_seq[origin] = seq
+                self.last_seq[origin] = seq
         if len(data) > self.payload_limit:
             self.oversize += 1
             self.log.warning("redis.oversize", origin=origin and origin.decode(),
@@ -353,7 +368,60 @@ class SubscribeLink(RedisLink):
             self.fire(LinkTrigger.THROTTLE)
 
     def _renumbered(self, origin: bytes, last: int, seq: int) -> None:
+        """A new count from ``seq``: the gaps it went back past are given up (still missed)."""
         self.log.warning("redis.renumbered", origin=origin.decode(), last=last, seq=seq)
+        gaps = self.gaps.get(origin)
+        if gaps:
+            gaps[:] = [[first, min(end, seq - 1)] for first, end in gaps if first < seq]
+
+    def _ahead(self, origin: bytes, last: int, seq: int) -> None:
+        """Numbers ``last + 1`` to ``seq - 1`` skipped: missed, unless they arrive later."""
+        if seq - last - 1 > GAP_MAX:
+            self._renumbered(origin, last, seq)
+            return
+        self.missed += seq - last - 1
+        self.log.warning("redis.missed", origin=origin.decode(), messages=seq - last - 1)
+        gaps = self.gaps.setdefault(origin, [])
+        gaps.append([last + 1, seq - 1])
+        self._bound(gaps, seq)
+
+    def _late(self, origin: bytes, seq: int, last: int) -> bool:
+        """Whether ``seq`` is in a gap of ``origin``'s, and so no repeat; it is then seen."""
+        gaps = self.gaps.get(origin)
+        if not gaps:
+            return False
+        for i, gap in enumerate(gaps):
+            first, end = gap
+            if seq < first:
+                return False
+            if seq <= end:
+                if first == end:
+                    del gaps[i]
+                elif seq == first:
+                    gap[0] = seq + 1
+                elif seq == end:
+                    gap[1] = seq - 1
+                else:
+                    gap[1] = seq - 1
+                    gaps.insert(i + 1, [seq + 1, end])
+                    self._bound(gaps, last)
+                self.missed -= 1
+                return True
+        return False
+
+    def _bound(self, gaps: list[list[int]], last: int) -> None:
+        """At most GAPS_MAX gaps: the oldest goes if it is out of the repeats' reach, else the
+        two closest become one, and what they had between them counts as missed (it was seen,
+        so that is at most until it is seen again; dropping a gap instead would make its numbers
+        repeats, and a few forged numbers could silence an instance again)."""
+        while len(gaps) > GAPS_MAX:
+            if gaps[0][1] <= last - REPEATS_MAX:
+                del gaps[0]
+                continue
+            i = min(range(len(gaps) - 1), key=lambda j: gaps[j + 1][0] - gaps[j][1])
+            self.missed += gaps[i + 1][0] - gaps[i][1] - 1
+            gaps[i][1] = gaps[i + 1][1]
+            del gaps[i + 1]
 
     def lost(self) -> None:
         self.pinged = False

@@ -23,6 +23,7 @@ from fsmchat.bus import (
     DROP_REPORT,
     ENVELOPE,
     GAP_MAX,
+    GAPS_MAX,
     REPEATS_MAX,
     PublishLink,
     SubscribeLink,
@@ -143,12 +144,13 @@ def test_repeats_and_own_messages_are_dropped_and_gaps_counted(bus: Harness) -> 
     delivered: list[bytes] = []
     link = bus.subscriber(delivered)
     bus.connect(link)
-    sent = [(OTHER, 1), (OTHER, 2), (OTHER, 2), (ORIGIN, 3), (OTHER, 5), (OTHER, 3), (OTHER, 6)]
+    sent = [(OTHER, 1), (OTHER, 2), (OTHER, 2), (ORIGIN, 3), (OTHER, 5), (OTHER, 3), (OTHER, 5),
+            (OTHER, 3), (OTHER, 6)]
     for origin, seq in sent:
         link.on_reply([b"message", b"chat", b"%s%s %d\n%d" % (ENVELOPE, origin, seq, seq)])
     link.on_reply([b"message", b"chat", b"from redis-cli"])
-    assert delivered == [b"1", b"2", b"5", b"6", b"from redis-cli"]
-    assert (link.received, link.duplicates, link.missed) == (5, 2, 2)
+    assert delivered == [b"1", b"2", b"5", b"3", b"6", b"from redis-cli"], "3 came late"
+    assert (link.received, link.duplicates, link.missed) == (6, 3, 1), "4 never came"
     [missed] = bus.events("redis.missed")
     assert missed["origin"] == OTHER.decode() and missed["messages"] == 2
 
@@ -264,6 +266,76 @@ def test_a_number_far_from_the_last_starts_a_new_count_instead_of_poisoning_it(
     renumbered = [(e["last"], e["seq"]) for e in bus.events("redis.renumbered")]
     assert renumbered == [(10, 10 + GAP_MAX + 2), (10 + GAP_MAX + 2, 11),
                           (12 + REPEATS_MAX, 12)]
+
+
+def test_a_forged_jump_costs_the_instance_it_names_one_message_at_most(bus: Harness) -> None:
+    """A number a little ahead under another instance's id once made every instance drop that
+    many of its next real messages as repeats."""
+    delivered: list[bytes] = []
+    link = bus.subscriber(delivered)
+    bus.connect(link)
+    for seq in range(1, 6):
+        link.on_reply(message(OTHER, seq, b"real %d" % seq))
+    link.on_reply(message(OTHER, 1005, b"forged"))
+    for seq in range(6, 1011):
+        link.on_reply(message(OTHER, seq, b"real %d" % seq))
+    assert [e["messages"] for e in bus.events("redis.missed")] == [999]
+    assert link.missed == 0, "the real messages arrived: nothing was missed"
+    real = [b"real %d" % seq for seq in range(1, 1011) if seq != 1005]
+    assert delivered == [*real[:5], b"forged", *real[5:]]
+    assert link.duplicates == 1, "the real 1005 looks like the forged one"
+
+
+def test_more_gaps_than_are_kept_still_silence_nobody(bus: Harness) -> None:
+    """Forged numbers that cut one gap into many: the gaps are joined, never dropped while
+    their numbers could still be taken for repeats."""
+    delivered: list[bytes] = []
+    link = bus.subscriber(delivered)
+    bus.connect(link)
+    link.on_reply(message(OTHER, 1))
+    link.on_reply(message(OTHER, 10_000, b"forged"))
+    for seq in range(5000, 5000 + 2 * (GAPS_MAX + 4), 2):  # each cuts the gap once more
+        link.on_reply(message(OTHER, seq, b"forged"))
+    assert len(link.gaps[OTHER]) <= GAPS_MAX
+    for seq in range(2, 5000):
+        link.on_reply(message(OTHER, seq, b"real"))
+    assert delivered.count(b"real") == 4998 and link.duplicates == 0
+
+
+@given(st.data())
+def test_one_forged_jump_costs_no_real_message_but_the_one_it_names(data: st.DataObject) -> None:
+    """Real messages in order (some repeated, a few never arriving) and one forged number a
+    little ahead, sent at any point after the first: every real message is delivered once,
+    but the one whose number the forgery took, which is delivered at most once."""
+    count = data.draw(st.integers(1, 300), label="real messages")
+    lost = data.draw(st.sets(st.integers(2, count), max_size=8), label="never arrive") \
+        if count > 1 else set()
+    arrivals: list[int] = []
+    for seq in range(1, count + 1):
+        if seq not in lost:
+            arrivals.append(seq)
+        if data.draw(st.booleans()):  # a resend after a lost link, within the window
+            arrivals.append(data.draw(st.integers(max(1, seq - 10), seq)))
+    at = data.draw(st.integers(1, len(arrivals)), label="forged after")
+    # less than REPEATS_MAX: a resend of the number before it would be a new count (delivered)
+    forged = max(arrivals[:at]) + data.draw(st.integers(2, REPEATS_MAX - 1), label="jump")
+    harness = Harness()
+    try:
+        delivered: list[bytes] = []
+        link = harness.subscriber(delivered)
+        harness.connect(link)
+        for seq in arrivals[:at]:
+            link.on_reply(message(OTHER, seq, b"%d" % seq))
+        link.on_reply(message(OTHER, forged, b"forged"))
+        for seq in arrivals[at:]:
+            link.on_reply(message(OTHER, seq, b"%d" % seq))
+        assert delivered.count(b"forged") == 1
+        for seq in set(arrivals):
+            assert delivered.count(b"%d" % seq) == (seq != forged), (seq, forged)
+        seen = set(arrivals) | {forged}
+        assert link.missed == max(seen) - len(seen), "missed: the numbers nothing came for"
+    finally:
+        harness.close()
 
 
 def test_a_payload_over_the_limit_is_counted_not_delivered(bus: Harness) -> None:

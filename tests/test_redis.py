@@ -658,6 +658,25 @@ def test_a_forged_sequence_number_does_not_silence_the_instance_it_names(
     assert stopped["redis_duplicates"] == 0 and stopped["redis_missed"] == 0, stopped
 
 
+def test_a_forged_small_jump_does_not_make_the_next_real_messages_repeats(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    """A number a little ahead under A's id once made B drop that many of A's next messages
+    as repeats."""
+    a, b = (start_instance(start_server, redis_server) for _ in range(2))
+    a1, b1 = a.connect(), b.connect()
+    exchange(a1, [b1], b"A before the forgery")
+    forged = f"fsmchat1 {instance_id(a)} {1 + 1000}\n".encode() + b"forged"
+    assert redis_server.publish("fsmchat", forged) == 2
+    assert recv_exactly(b1.sock, len(b"forged")) == b"forged"
+    for message in numbered("A after the forgery", 5):
+        exchange(a1, [b1], message)
+    assert_quiet(a1, b1)
+    stopped = stopped_event(b)
+    assert stopped["redis_duplicates"] == 0, stopped
+    assert stopped["redis_missed"] == 1000 - 1 - 5, "the gap, less the real ones that came"
+
+
 def test_a_payload_larger_than_a_clients_queue_is_dropped_and_counted(
     start_server: StartServer, redis_server: RedisServer
 ) -> None:
