@@ -29,7 +29,7 @@ import errno
 import os
 import socket
 import stat
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Protocol
 
@@ -99,8 +99,8 @@ class LogStream:
         self._close = close
         self.limit = limit
         self._queue = OutQueue()  # rendered lines waiting for stdout, each ending in a newline
-        self._levels: deque[str] = deque()  # the level of each of those lines
         self._room = {level: int(limit * share) for level, share in SHARE.items()}
+        self._room_debug = self._room["debug"]
         self._caught_up = int(limit * CAUGHT_UP)
         self._forcing = False  # the line being taken must be kept whatever the room
         self._loop: Loop | None = None  # set once attached; it then watches _fd
@@ -121,6 +121,7 @@ class LogStream:
             stream = cls(_nowhere, None, limit=limit)
             stream.broken = True
             stream._room = dict.fromkeys(SHARE, -1)
+            stream._room_debug = -1
             return stream
         if stat.S_ISSOCK(mode):
             sock = socket.socket(fileno=os.dup(fd))
@@ -137,8 +138,25 @@ class LogStream:
 
     # -- structlog's side -----------------------------------------------------------------
 
-    def debug(self, line: bytes) -> None:
-        self._take(line, "debug")
+    def _take(self, line: bytes, level: str) -> None:
+        queue = self._queue
+        size = queue.nbytes + len(line)
+        if (size > self._room[level] or self._unreported) and self._refused(size, level):
+            return
+        if not queue and self._loop is not None and not self._resting:
+            self._loop.want_write(self._fd, True)
+        queue.append(line)
+        queue.nbytes = size
+
+    def debug(self, line: bytes) -> None:  # the hot one: ``_take`` inlined
+        queue = self._queue
+        size = queue.nbytes + len(line)
+        if (size > self._room_debug or self._unreported) and self._refused(size, "debug"):
+            return
+        if not queue and self._loop is not None and not self._resting:
+            self._loop.want_write(self._fd, True)
+        queue.append(line)
+        queue.nbytes = size
 
     def info(self, line: bytes) -> None:
         self._take(line, "info")
@@ -154,18 +172,15 @@ class LogStream:
 
     msg = info
 
-    def _take(self, line: bytes, level: str) -> None:
-        queue = self._queue
+    def _refused(self, size: int, level: str) -> bool:
+        """The slow path of ``_take``: no room (or broken: no room at all), or a gap of this
+        level is not reported yet. A refused line is counted."""
         if self.broken or (not self._forcing and (
-                queue.nbytes + len(line) > self._room[level]
-                or (self._unreported and level in self._unreported))):
+                size > self._room[level] or level in self._unreported)):
             self.dropped[level] += 1
             self._unreported[level] += 1
-            return
-        if not queue and self._loop is not None and not self._resting:
-            self._loop.want_write(self._fd, True)
-        queue.push(line)
-        self._levels.append(level)
+            return True
+        return False
 
     @contextlib.contextmanager
     def forced(self) -> Iterator[None]:
@@ -219,15 +234,7 @@ class LogStream:
             self.report()
 
     def _consume(self, sent: int) -> None:
-        queue, levels = self._queue, self._levels
-        if sent == queue.nbytes:
-            queue.clear()
-            levels.clear()
-            return
-        before = len(queue)
-        queue.consume(sent)
-        for _ in range(before - len(queue)):
-            levels.popleft()
+        self._queue.consume(sent)
 
     def report(self) -> None:
         """Log ``log.dropped`` with what was dropped since the last report, if anything."""
@@ -250,10 +257,8 @@ class LogStream:
             return
         self.broken = True
         self._room = dict.fromkeys(SHARE, -1)
-        for level in self._levels:
-            self.dropped[level] += 1
-        self._queue.clear()
-        self._levels.clear()
+        self._room_debug = -1
+        self._discard()
         if self._loop is not None:
             self._loop.unregister(self._fd)
         say("stdout is closed; status events are no longer written, serving goes on")
@@ -269,11 +274,15 @@ class LogStream:
         if self._queue and isinstance(self._queue[0], memoryview):
             with contextlib.suppress(OSError):
                 self._write([b"\n"])
-        count = len(self._levels)
-        for level in self._levels:
-            self.dropped[level] += 1
+        return self._discard()
+
+    def _discard(self) -> int:
+        """Drop every line that waits, counted by level (read from the line: only a stop or a
+        broken stdout gets here, so the hot path keeps no level per line); returns the count."""
+        count = len(self._queue)
+        for line in self._queue:
+            self.dropped[_level_of(bytes(line[:64]))] += 1
         self._queue.clear()
-        self._levels.clear()
         return count
 
     def close(self) -> None:
@@ -281,6 +290,15 @@ class LogStream:
             self._loop.unregister(self._fd)
         self._loop = None
         self._close()
+
+
+def _level_of(head: bytes) -> str:
+    """The level of a rendered line, from its start: ``"level":"info"`` (JSON) or ``[info``
+    (console); a line cut before it (the rest of one half written) counts as info."""
+    for level in SHARE:
+        if b'"level":"%s"' % level.encode() in head or b"[%s" % level.encode() in head:
+            return level
+    return "info"
 
 
 def _nowhere(buffers: Sequence[Buffer]) -> int:

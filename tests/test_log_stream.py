@@ -96,6 +96,27 @@ def round_trip(a: socket.socket, b: socket.socket, message: bytes) -> None:
     assert recv_exactly(b, len(message)) == message
 
 
+def chat_a_while(server: Server, messages: int = 200) -> tuple[socket.socket, socket.socket]:
+    """Two clients, and ``messages`` from one to the other that all arrive."""
+    a, b = server.connect(), server.connect()
+    round_trip(b, a, b"hello\n")
+    for n in range(messages):
+        round_trip(a, b, b"still here %d\n" % n)
+    return a, b
+
+
+def unread_stdout(servers: list[Server], *args: str, kind: str = "pipe",
+                  merged: bool = False) -> tuple[Server, int]:
+    """A server whose stdout (and stderr, if ``merged``) is a pipe or a socket that the test
+    reads only when it wants to; the server, and the test's end of it."""
+    read_end, write_end = os.pipe() if kind == "pipe" else (
+        sock.detach() for sock in socket.socketpair())
+    server = Server(*args, stdout=write_end, stderr=write_end if merged else None)
+    servers.append(server)
+    os.close(write_end)
+    return server, read_end
+
+
 def read_all(fd: int) -> bytes:
     chunks = []
     while chunk := os.read(fd, 1 << 16):
@@ -114,13 +135,8 @@ def test_a_stalled_log_reader_never_stalls_the_chat(servers: list[Server], kind:
     """stdout on a pipe (or a socket, as a log shipper's) nobody reads: at the default debug
     level, 4,000 round trips all arrive and a newcomer chats; then every line read is whole,
     drops are reported, stopped is last."""
-    read_end, write_end = os.pipe() if kind == "pipe" else (
-        sock.detach() for sock in socket.socketpair())
-    server = Server("--log-buffer", "256K", stdout=write_end)
-    servers.append(server)
-    os.close(write_end)
-    a, b = server.connect(), server.connect()
-    round_trip(b, a, b"hello\n")
+    server, read_end = unread_stdout(servers, "--log-buffer", "256K", kind=kind)
+    a, b = chat_a_while(server, 0)
     for n in range(4000):
         round_trip(a, b, b"ping %d\n" % n)
         round_trip(b, a, b"pong %d\n" % n)
@@ -181,17 +197,11 @@ def test_a_log_reader_that_goes_away_stops_the_logging_not_the_server(
     servers: list[Server], merged: bool
 ) -> None:
     """``fsmchat | head -1`` (and ``2>&1 | head -1``): the chat goes on, the exit status is 0."""
-    read_end, write_end = os.pipe()
-    server = Server(stdout=write_end, stderr=write_end if merged else None)
-    servers.append(server)
-    os.close(write_end)
+    server, read_end = unread_stdout(servers, merged=merged)
     first = os.read(read_end, 1 << 16).split(b"\n")[0]
     assert json.loads(first)["event"] == "server.started"
     os.close(read_end)
-    a, b = server.connect(), server.connect()
-    round_trip(b, a, b"hello\n")
-    for n in range(200):
-        round_trip(a, b, b"still here %d\n" % n)
+    chat_a_while(server)
     assert server.stop()[0] == 0
     if not merged:
         lines = server.stderr().splitlines()
@@ -204,10 +214,7 @@ def test_a_full_disk_is_a_counted_pause_not_a_crash(servers: list[Server]) -> No
     with open("/dev/full", "wb") as full:
         server = Server("--stats-interval", "0.1", stdout=full)
     servers.append(server)
-    a, b = server.connect(), server.connect()
-    round_trip(b, a, b"hello\n")
-    for n in range(200):
-        round_trip(a, b, b"disk full %d\n" % n)
+    chat_a_while(server)
     assert server.stop()[0] == 0
     lines = server.stderr().splitlines()
     assert len(lines) >= 1 and "No space left on device" in lines[0], lines
@@ -218,9 +225,7 @@ def test_a_full_disk_is_a_counted_pause_not_a_crash(servers: list[Server]) -> No
 def test_a_closed_stdout_is_no_problem(servers: list[Server]) -> None:
     server = Server(stdout=subprocess.DEVNULL, shell_prefix=">&-")
     servers.append(server)
-    a, b = server.connect(), server.connect()
-    round_trip(b, a, b"hello\n")
-    round_trip(a, b, b"nobody logs this\n")
+    chat_a_while(server, 1)
     assert server.stop()[0] == 0
     assert "Traceback" not in server.stderr()
 
@@ -259,14 +264,8 @@ def test_a_stop_with_a_stalled_log_reader_ends_within_the_drain_timeout(
 ) -> None:
     """stdout and stderr one pipe nobody reads (``2>&1 | less`` left alone): the stop gives
     the events that wait --drain-timeout seconds, then exits 0, saying so without blocking."""
-    read_end, write_end = os.pipe()
-    server = Server("--drain-timeout", "1", stdout=write_end, stderr=write_end)
-    servers.append(server)
-    os.close(write_end)
-    a, b = server.connect(), server.connect()
-    round_trip(b, a, b"hello\n")
-    for n in range(2000):  # far more events than the pipe holds
-        round_trip(a, b, b"ping %d\n" % n)
+    server, read_end = unread_stdout(servers, "--drain-timeout", "1", merged=True)
+    chat_a_while(server, 2000)  # far more events than the pipe holds
     filler = os.open(f"/proc/self/fd/{read_end}", os.O_WRONLY | os.O_NONBLOCK)
     with contextlib.suppress(BlockingIOError):  # not one more byte fits: stderr too is stuck
         while True:
@@ -284,14 +283,8 @@ def test_server_stopped_stays_last_when_the_reader_comes_back_late(
 ) -> None:
     """A reader away during the stop, with server.stats due every 0.1 s: nothing the server had
     scheduled is written after server.stopped."""
-    read_end, write_end = os.pipe()
-    server = Server("--stats-interval", "0.1", "--log-buffer", "128K", stdout=write_end)
-    servers.append(server)
-    os.close(write_end)
-    a, b = server.connect(), server.connect()
-    round_trip(b, a, b"hello\n")
-    for n in range(2000):
-        round_trip(a, b, b"ping %d\n" % n)
+    server, read_end = unread_stdout(servers, "--stats-interval", "0.1", "--log-buffer", "128K")
+    chat_a_while(server, 2000)
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)  # the reader is away a while: several stats ticks would be due meanwhile
     events = parse(read_all(read_end))
@@ -346,3 +339,19 @@ def test_a_level_that_lost_a_line_loses_every_line_until_the_loss_is_reported() 
     report = events[-2]
     assert report["levels"] == {"debug": 100 - len(kept) + 1} == {"debug": report["count"]}
     assert stream.dropped["debug"] == report["count"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_what_a_stop_gives_up_on_is_counted_by_level(fmt: str) -> None:
+    stdout = Stdout()
+    stream = LogStream(stdout.write, limit=1 << 20)
+    log = make_logger(stream, "debug", fmt)
+    for n in range(3):
+        log.debug("data.sent", fd=7, bytes=n, queued=0)
+    log.warning("connection.idle", fd=7, peer="x", seconds=1)
+    log.info("connection.closed", fd=7, peer="x", reason="idle_timeout", bytes_in=0,
+             bytes_out=0, seconds=1)
+    stdout.allow = 10  # the first line is half written
+    stream.flush()
+    assert stream.abandon() == 5
+    assert dict(stream.dropped) == {"debug": 3, "info": 1, "warning": 1, "error": 0}
