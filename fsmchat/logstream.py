@@ -95,16 +95,14 @@ class LogStream:
     def __init__(self, write: Write, fd: int | None = None, *, limit: int = DEFAULT_LOG_BUFFER,
                  close: Callable[[], None] = lambda: None) -> None:
         self._write = write
-        self.fd = fd  # watched by the loop once attached; None: written by flush() only
+        self._fd = -1 if fd is None else fd  # watched once attached; -1: by flush() only
         self._close = close
-        self.limit = limit
         self._queue = OutQueue()  # rendered lines waiting for stdout, each ending in a newline
         self._room = {level: int(limit * share) for level, share in SHARE.items()}
         self._room_debug = self._room["debug"]
         self._caught_up = int(limit * CAUGHT_UP)
         self._forcing = False  # the line being taken must be kept whatever the room
         self._loop: Loop | None = None  # set once attached; it then watches _fd
-        self._fd = -1
         self.dropped = Counter(dict.fromkeys(LEVELS, 0))  # level -> lines dropped since start
         self._unreported: Counter[str] = Counter()  # level -> dropped since the last report
         self._resting = False  # a write failed in a way that may pass: wait for the retry
@@ -119,9 +117,7 @@ class LogStream:
             mode = os.fstat(fd).st_mode
         except OSError:  # no stdout at all: every event is dropped, and counted
             stream = cls(_nowhere, None, limit=limit)
-            stream.broken = True
-            stream._room = dict.fromkeys(SHARE, -1)
-            stream._room_debug = -1
+            stream._break()
             return stream
         if stat.S_ISSOCK(mode):
             sock = socket.socket(fileno=os.dup(fd))
@@ -195,9 +191,9 @@ class LogStream:
 
     def attach(self, loop: Loop) -> None:
         """Watch stdout in ``loop``: from now on it is written when ``select`` says it may be."""
-        if self.fd is None or self.broken:
+        if self._fd < 0 or self.broken:
             return
-        self._loop, self._fd = loop, self.fd
+        self._loop = loop
         loop.register(self._fd, self, read=False)
         if self._queue:
             loop.want_write(self._fd, True)
@@ -224,7 +220,7 @@ class LogStream:
             except OSError as exc:
                 self._failed(exc)
                 return
-            self._consume(sent)
+            queue.consume(sent)
             self._troubled = False
             if self._loop is not None:
                 break  # one write per writable event, like every socket
@@ -232,9 +228,6 @@ class LogStream:
             self._loop.want_write(self._fd, False)
         if self._unreported and queue.nbytes <= self._caught_up:
             self.report()
-
-    def _consume(self, sent: int) -> None:
-        self._queue.consume(sent)
 
     def report(self) -> None:
         """Log ``log.dropped`` with what was dropped since the last report, if anything."""
@@ -255,13 +248,17 @@ class LogStream:
                 self._loop.want_write(self._fd, False)
                 self._loop.call_later(RETRY, self._retry)
             return
-        self.broken = True
-        self._room = dict.fromkeys(SHARE, -1)
-        self._room_debug = -1
+        self._break()
         self._discard()
         if self._loop is not None:
             self._loop.unregister(self._fd)
         say("stdout is closed; status events are no longer written, serving goes on")
+
+    def _break(self) -> None:
+        """The reader is gone: no room for any line (each goes to ``_refused``, and counts)."""
+        self.broken = True
+        self._room = dict.fromkeys(SHARE, -1)
+        self._room_debug = -1
 
     def _retry(self) -> None:
         self._resting = False
