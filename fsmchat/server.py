@@ -740,7 +740,7 @@ class ChatServer:
                     quiet[fd] = since, seen
                     self._emptying.wake_later(self.loop, self.empty_quiet)
                     continue
-            self.cut.unread_bytes += conn.unread() + self._held_bytes(conn)
+            self._count_unread(conn)
             del emptying[fd]
             quiet.pop(fd, None)
             self.fire(conn, Trigger.EMPTY)
@@ -754,8 +754,11 @@ class ChatServer:
         if self.bus is not None:
             self.bus.stop()
 
-    def _held_bytes(self, conn: Connection) -> int:
-        return self.chat.held_bytes(conn) if self.chat is not None else 0
+    def _count_unread(self, conn: Connection) -> None:
+        """A client the stop reads no more: what it had sent that nothing will pass on (not
+        read yet, or chat lines flow control holds back) is counted in ``unread_bytes``."""
+        held = self.chat.held_bytes(conn) if self.chat is not None else 0
+        self.cut.unread_bytes += held + (conn.unread() if conn.state in SENDING else 0)
 
     def _force_close(self, reason: str) -> None:
         if self.bus is not None:
@@ -768,8 +771,7 @@ class ChatServer:
             if conn.state not in (State.CLOSING, State.CLOSED):
                 self.cut.undrained += 1
                 self.cut.undelivered_bytes += conn.queue.nbytes
-                self.cut.unread_bytes += self._held_bytes(conn) + (
-                    conn.unread() if conn.state in SENDING else 0)
+                self._count_unread(conn)
             try:
                 conn.close_because(reason)
             except Exception as exc:  # noqa: BLE001
