@@ -49,9 +49,8 @@ import re
 import signal
 import socket
 import sys
-import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from itertools import pairwise
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -61,19 +60,18 @@ import numpy as np
 import numpy.typing as npt
 from loadgen import HEADER, MAGIC_BYTES, MIN_SIZE, Client, frame_dtype, frame_tail, raise_nofile
 from numpy.lib.stride_tricks import sliding_window_view as windows
-from run import HOST, PY, Spec, base_environment, say, stop_all
+from run import HOST, PY, Spec, say, stop_all
 from tls import (
     CountingWorker,
     Generator,
     Run,
     TlsServer,
+    begin,
     check_bytes,
     finish_run,
-    interrupt_on_signals,
     one_run,
     parse,
     report,
-    source_digest,
 )
 
 HEX = 2 * HEADER.size  # the frame's header as hex digits, at the start of each line
@@ -474,14 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = {"raw": "raw", "chat": "chat", "history": f"chat+h{args.history}"}
     max_line = max(w.size for w in workloads) - 1  # the newline is not part of the line
     argvs = {c: server_argv(c, args.history, max_line) for c in configs}
-    logdir: Path = args.logdir or Path(tempfile.mkdtemp(prefix="fsmchat-chat-"))
-    logdir.mkdir(parents=True, exist_ok=True)
-    env = {**base_environment("chat.py", asdict(prof), args_list),
-           "workloads": [asdict(w) for w in workloads], "procs": args.procs,
-           "nofile": raise_nofile(), "fsmchat_sources": source_digest(),
-           "server_commands": {c: " ".join(a[1:]) for c, a in argvs.items()}}
-    interrupt_on_signals()
-    say(f"logs: {logdir}")
+    env, logdir = begin("chat", args, prof, args_list, workloads,
+                        server_commands={c: " ".join(a[1:]) for c, a in argvs.items()})
     started = time.monotonic()
     runs: list[Run] = []
     # Forked before any thread, and ignoring Ctrl-C: this process stops them. The chat and the

@@ -22,24 +22,21 @@ from __future__ import annotations
 
 import signal
 import sys
-import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from loadgen import raise_nofile
-from run import HOST, PY, Spec, base_environment, say, stop_all
+from run import HOST, PY, Spec, say, stop_all
 from tls import (
     Generator,
     Run,
     TlsServer,
+    begin,
     finish_run,
-    interrupt_on_signals,
     one_run,
     parse,
     report,
-    source_digest,
 )
 
 CONFIGS = ("info", "debug")
@@ -86,15 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     args, prof, workloads = parse(
         args_list, description="fsmchat: server CPU per delivered message at --log-level "
         "debug (the default) against info")
-    logdir: Path = args.logdir or Path(tempfile.mkdtemp(prefix="fsmchat-logs-"))
-    logdir.mkdir(parents=True, exist_ok=True)
     argvs = {level: server_argv(level) for level in CONFIGS}
-    env = {**base_environment("logs.py", asdict(prof), args_list),
-           "workloads": [asdict(w) for w in workloads], "procs": args.procs,
-           "nofile": raise_nofile(), "fsmchat_sources": source_digest(),
-           "server_commands": {c: " ".join(a[1:]) for c, a in argvs.items()}}
-    interrupt_on_signals()
-    say(f"logs: {logdir}")
+    env, logdir = begin("logs", args, prof, args_list, workloads,
+                        server_commands={c: " ".join(a[1:]) for c, a in argvs.items()})
     started = time.monotonic()
     runs: list[Run] = []
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # forked before any thread

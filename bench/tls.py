@@ -833,17 +833,24 @@ def interrupt_on_signals() -> None:
         signal.signal(signum, on_signal)
 
 
+def begin(name: str, args: argparse.Namespace, prof: Profile, args_list: list[str],
+          workloads: list[Workload], **more: Any) -> tuple[dict[str, Any], Path]:
+    """What every suite does first: its log folder, the environment its report records (with
+    ``more``), and Ctrl-C and kill stopping every process it starts."""
+    logdir: Path = args.logdir or Path(tempfile.mkdtemp(prefix=f"fsmchat-{name}-"))
+    logdir.mkdir(parents=True, exist_ok=True)
+    env = {**base_environment(f"{name}.py", asdict(prof), args_list),
+           "workloads": [asdict(w) for w in workloads], "procs": args.procs,
+           "nofile": raise_nofile(), "fsmchat_sources": source_digest(), **more}
+    interrupt_on_signals()
+    say(f"logs: {logdir}")
+    return env, logdir
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     args, prof, workloads = parse(args_list)
-    logdir: Path = args.logdir or Path(tempfile.mkdtemp(prefix="fsmchat-tls-"))
-    logdir.mkdir(parents=True, exist_ok=True)
-    env = {**base_environment("tls.py", asdict(prof), args_list),
-           "workloads": [asdict(w) for w in workloads], "procs": args.procs,
-           "nofile": raise_nofile(), "openssl": ssl.OPENSSL_VERSION,
-           "fsmchat_sources": source_digest()}
-    interrupt_on_signals()
-    say(f"logs: {logdir}")
+    env, logdir = begin("tls", args, prof, args_list, workloads, openssl=ssl.OPENSSL_VERSION)
     started = time.monotonic()
     runs: list[Run] = []
     gens: dict[str, Generator] = {}
