@@ -30,7 +30,7 @@ from fsmchat.lifecycle import Trigger
 from fsmchat.logstream import LogStream
 from fsmchat.loop import EventLoop
 from fsmchat.redis_link import RedisAddress
-from fsmchat.server import ChatServer
+from fsmchat.server import Options, Server
 
 
 def per_call(fn: Callable[[], object], n: int) -> float:
@@ -45,8 +45,8 @@ def per_call(fn: Callable[[], object], n: int) -> float:
 
 def main() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
-    hub = ChatServer([(listener, None)], EventLoop(),
-                      make_logger(LogStream.memory(io.BytesIO()), "info", "json"))
+    hub = Server(Options(host=None, port=0), [(listener, None)],
+                 make_logger(LogStream.memory(io.BytesIO()), "info", "json"), loop=EventLoop()).hub
     a, b = socket.socketpair()
     a.setblocking(False)
     conn = Connection(a, "bench", hub)

@@ -54,6 +54,7 @@ from typing import Any
 import hiredis
 from structlog.typing import FilteringBoundLogger
 
+from fsmchat.hub import Extension
 from fsmchat.lifecycle import LinkState, LinkTrigger
 from fsmchat.loop import EventLoop, Timer
 from fsmchat.redis_link import RedisAddress, RedisLink
@@ -434,8 +435,10 @@ class SubscribeLink(RedisLink):
         return {"received": self.received, "missed": self.missed}
 
 
-class RedisBus:
-    """The two links of one instance, and the totals ``server.stopped`` reports."""
+class RedisBus(Extension):
+    """The two links of one instance, and the totals ``server.stopped`` reports. An extension
+    of the hub: it publishes what local clients say, and its subscriber pauses while flow
+    control holds relayed messages back."""
 
     def __init__(self, address: RedisAddress, channel: str, loop: EventLoop,
                  log: FilteringBoundLogger, *, outbox_limit: int, payload_limit: int,
@@ -448,23 +451,28 @@ class RedisBus:
                                      outbox_limit=outbox_limit)
         self.subscriber = SubscribeLink(address, loop, log, channel=name, origin=self.origin,
                                         deliver=deliver, payload_limit=payload_limit)
-        self.publish = self.publisher.publish
-        self.resume = self.subscriber.unpause
 
     def start(self) -> None:
         self.subscriber.start()
         self.publisher.start()
 
-    def stop(self) -> None:
+    # -- the hub's hooks ------------------------------------------------------------------------
+
+    def published(self, data: bytes) -> None:
+        self.publisher.publish(data)
+
+    def free(self) -> None:
+        self.subscriber.unpause()
+
+    def drain(self) -> None:
         self.subscriber.stop()
         self.publisher.stop()
 
-    def abort(self, reason: str) -> None:
+    def forced(self, reason: str) -> None:
         self.subscriber.abort(reason)
         self.publisher.abort(reason)
 
-    @property
-    def closed(self) -> bool:
+    def done(self) -> bool:
         return (self.publisher.state == LinkState.CLOSED
                 and self.subscriber.state == LinkState.CLOSED)
 

@@ -3,8 +3,9 @@
 The mode is a layer on the raw relay, not a second server: each client keeps its connection
 machine and queue; what one ``recv`` returned goes through the client's ``LineFramer`` instead of
 straight to everyone, and each complete line becomes a message (``<name> text``), a command, or
-nothing (an empty line). What to send goes back through the ``Room`` (the server): to everyone
-else (``announce``), to one client (``tell``), or the client leaves (``quit``). No sockets here.
+nothing (an empty line). The chat is an ``Extension`` of the hub, and what it sends goes back
+through the hub: to everyone else (``broadcast``), to one client (``tell``), or the client
+leaves (``quit``). No sockets here.
 
 Rules it keeps:
 - Only whole lines are forwarded, so lines from different senders never interleave, whatever
@@ -18,13 +19,13 @@ Rules it keeps:
 - Notices from the server start with ``*** ``, which no client can produce (an action is
   ``* name text`` and names have no ``*``), so nobody can fake a join, a leave or a rename.
 - Everything sent ends with ``\\n``. Public lines (messages, ``/me``, joins, leaves, renames) go
-  through ``announce`` (history, the Redis bus, every other client); replies to one client
+  through ``broadcast`` (history, the Redis bus, every other client); replies to one client
   (welcome, ``/who``, refusals, ``bye``) through ``tell`` only.
 - Text from a client, or from the Redis channel, is sanitised before anyone sees it (``clean``).
 - A payload from the Redis channel is framed like a read (lines past ``max_line`` cut, counted
   in ``lines_cut``), and its lines go out in entries of at most ``entry_bytes`` too; when flow
   control holds between them, the rest waits in ``relaying`` (the server pauses the subscriber)
-  and goes on (``relay_on``) before any newer payload. ``closing`` says what still waits.
+  and goes on (``relay_on``) before any newer payload. ``stopping`` says what still waits.
 - Telnet's commands never reach anyone: each client's reads go through its ``TelnetParser``
   before its framer (answers go back to it alone, an interrupt drops its unfinished line).
 - Names are unique on this instance by their ``skeleton`` (case and look-alike letters aside);
@@ -36,18 +37,17 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING, Protocol
-
-from structlog.typing import FilteringBoundLogger
+from typing import TYPE_CHECKING
 
 from fsmchat.framing import LineFramer
+from fsmchat.hub import Extension
 from fsmchat.telnet import TelnetParser
 
 if TYPE_CHECKING:
     from fsmchat.connection import Connection as Client
+    from fsmchat.hub import Hub
 
 DEFAULT_MAX_LINE = 4 * 1024
 MAX_LINE_RANGE = (16, 64 * 1024)
@@ -191,34 +191,6 @@ def _message(name: bytes, line: bytes) -> bytes | None:
     return b"<%s> %s\n" % (name, clean(line[1:] if line[:1] == b"/" else line))
 
 
-class Room(Protocol):
-    """What the chat asks of the server."""
-
-    log: FilteringBoundLogger
-    messages_in: int
-
-    def announce(self, data: bytes, exclude: Client | None = None,
-                 lines: Sequence[bytes] = ()) -> None: ...
-
-    def announce_here(self, data: bytes, lines: Sequence[bytes] = ()) -> None: ...
-
-    def publish(self, data: bytes) -> None: ...
-
-    def hold_back(self, sender: Client) -> None: ...
-
-    def held(self, sender: Client) -> bool: ...
-
-    def throttled(self) -> bool: ...
-
-    def wait(self, sender: Client) -> None: ...
-
-    def tell(self, client: Client, data: bytes) -> None: ...
-
-    def quit(self, client: Client) -> None: ...
-
-    def in_chat(self, client: Client) -> bool: ...
-
-
 @dataclass(slots=True)
 class Member:
     name: bytes
@@ -227,35 +199,36 @@ class Member:
     held: list[bytes] = field(default_factory=list)  # whole lines waiting for flow control
 
 
-class Chat:
+class Chat(Extension):
     """Names, commands and framing for every client in the chat."""
 
-    def __init__(self, room: Room, max_line: int = DEFAULT_MAX_LINE,
-                 entry_bytes: int = ENTRY_BYTES) -> None:
-        self.room = room
+    def __init__(self, hub: Hub, max_line: int = DEFAULT_MAX_LINE,
+                 entry_bytes: int = ENTRY_BYTES, suffix: bytes = b"") -> None:
+        self.hub = hub
+        self.flow = hub.flow
         self.max_line = max_line
         self.entry_bytes = entry_bytes  # most bytes of messages joined into one queue entry
         _unicode_rules()  # built now, not in the middle of the chat
         self.members: dict[int, Member] = {}  # fd -> member
         self.taken: dict[bytes, bytes] = {}  # skeleton -> the name in use that has it
         self.next_number = 1  # for the next user<N>
-        self.suffix = b""  # after user<N>: with --redis, "-" and 4 digits of the instance id
+        self.suffix = suffix  # after user<N>: with --redis, "-" and 4 digits of the instance id
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
         self.relay_framer = LineFramer(max_line)  # for payloads from the Redis channel
         self.relaying: deque[bytes] = deque()  # relayed clean lines flow control holds back
-        self.stopping = False  # the server is shutting down: leaves are news elsewhere only
+        self.closing = False  # the server is shutting down: leaves are news elsewhere only
 
-    # -- the server's calls ----------------------------------------------------------------
+    # -- the hub's hooks --------------------------------------------------------------------
 
-    def joined(self, client: Client) -> None:
-        """A client entered the chat: name it and welcome it; the server replays history next,
-        then calls ``announce_join``."""
+    def greet(self, client: Client) -> None:
+        """A client entered the chat: name it and welcome it (history comes next, then
+        ``joined``)."""
         name = self._new_name()
         self.members[client.fd] = Member(name, LineFramer(self.max_line), TelnetParser())
-        self.room.tell(client, b"*** welcome, you are %s (%s)\n" % (name, HELP))
+        self.hub.tell(client, b"*** welcome, you are %s (%s)\n" % (name, HELP))
 
-    def announce_join(self, client: Client) -> None:
-        self.room.announce(b"*** %s joined\n" % self.members[client.fd].name, client)
+    def joined(self, client: Client) -> None:
+        self.hub.broadcast(b"*** %s joined\n" % self.members[client.fd].name, client)
 
     def left(self, client: Client) -> None:
         """A client left the chat (EOF, /quit, an error, a timeout, the shutdown)."""
@@ -263,14 +236,14 @@ class Chat:
         if member is None:
             return
         if member.held and client.reason == "server_shutdown":  # whole lines, read before
-            self.room.messages_in += len(member.held)
+            self.hub.counts.messages_in += len(member.held)
             for line in member.held:
                 message = None if _is_command(line) else _message(member.name, line)
                 if message:
                     self._say(message, client)
         rest = member.framer.flush()
         if rest and client.reason == "peer_closed":  # typed, then EOF without a newline
-            self.room.messages_in += 1
+            self.hub.counts.messages_in += 1
             message = None if _is_command(rest) else _message(member.name, rest)
             if message:
                 self._say(message, client)
@@ -278,18 +251,28 @@ class Chat:
         self.taken.pop(skeleton(member.name), None)
         self._say(b"*** %s left\n" % member.name, client)
 
-    def closing(self) -> None:
+    def stopping(self) -> None:
         """The server is shutting down: say so here; from now on, leaves go to other instances
         only (everyone here is leaving too). Relayed lines still held back go first."""
         self.relay_on(hold=False)
-        self.room.announce_here(b"*** the server is shutting down\n")
-        self.stopping = True
+        self.hub.deliver(b"*** the server is shutting down\n")
+        self.closing = True
+
+    def step(self) -> None:
+        """End of a loop step: lines that waited for flow control go on, senders' first."""
+        flow = self.flow
+        if flow.waiting:
+            flow.go_on(self.resumed)
+        if self.relaying and not flow.holding:
+            self.relay_on()
+            if not self.relaying:
+                self.hub.relay_done()
 
     def _say(self, data: bytes, client: Client) -> None:
-        if self.stopping:
-            self.room.publish(data)
+        if self.closing:
+            self.hub.publish(data)
         else:
-            self.room.announce(data, client)
+            self.hub.broadcast(data, client)
 
     def received(self, client: Client, data: bytes) -> None:
         """What one recv returned: every line it completes, in order."""
@@ -301,7 +284,7 @@ class Chat:
         else:
             lines = self._untelnet(client, member, data)
         for _ in range(framer.cuts - cuts):  # once per long line
-            self.room.log.warning("chat.line_cut", fd=client.fd, peer=client.peer,
+            self.hub.log.warning("chat.line_cut", fd=client.fd, peer=client.peer,
                                   limit=self.max_line)
         if member.held:  # lines held back by flow control go first (not read meanwhile)
             lines[:0] = member.held
@@ -316,7 +299,10 @@ class Chat:
             lines, member.held = member.held, []
             self._take(client, member, lines)
 
-    def held_bytes(self, client: Client) -> int:
+    def relay_waits(self) -> bool:
+        return bool(self.relaying)
+
+    def unread(self, client: Client) -> int:
         """Bytes of the lines flow control holds back for ``client`` (a stop cut short counts
         them as never passed on)."""
         member = self.members.get(client.fd)
@@ -326,7 +312,8 @@ class Chat:
         """Lines of one client, in order: messages, commands. Flow control is asked between
         queue entries, so what one read multiplies into (names, cleaning) cannot run past a
         recipient's limit: when the sender must wait, the rest of its lines wait with it."""
-        room = self.room
+        hub = self.hub
+        flow = self.flow
         said: list[bytes] = []  # messages not yet announced: one queue entry for a run of them
         size = 0
         for count, line in enumerate(lines, 1):
@@ -334,36 +321,36 @@ class Chat:
                 message = _message(member.name, line)
                 if message:
                     if said and size + len(message) > self.entry_bytes:
-                        self._announce(said, client)
+                        self._broadcast(said, client)
                         size = 0
-                        if room.held(client):
+                        if flow.holds(client):
                             self._hold(client, member, lines, count - 1)
                             return
                     said.append(message)
                     size += len(message)
                 continue
             announced = bool(said)
-            self._announce(said, client)
+            self._broadcast(said, client)
             size = 0
-            if room.in_chat(client):
+            if hub.in_chat(client):
                 announced = self._command(client, member, line) or announced
             # /quit; or what was announced closed it (a leave notice took it past its limit):
             # either way the rest is not read.
-            if not room.in_chat(client):
-                room.messages_in += count
+            if not hub.in_chat(client):
+                hub.counts.messages_in += count
                 return
-            if announced and count < len(lines) and room.held(client):
+            if announced and count < len(lines) and flow.holds(client):
                 self._hold(client, member, lines, count)
                 return
-        room.messages_in += len(lines)
-        self._announce(said, client)
-        room.hold_back(client)
+        hub.counts.messages_in += len(lines)
+        self._broadcast(said, client)
+        flow.pause_if_held(client)
 
     def _hold(self, client: Client, member: Member, lines: list[bytes], done: int) -> None:
         """Keep the lines not yet taken until flow control lets ``client`` go again."""
-        self.room.messages_in += done
+        self.hub.counts.messages_in += done
         member.held = lines[done:]
-        self.room.wait(client)
+        self.flow.wait(client)
 
     def _untelnet(self, client: Client, member: Member, data: bytes) -> list[bytes]:
         """The lines of a read that holds telnet commands; their answers go to ``client``."""
@@ -375,20 +362,21 @@ class Chat:
                 member.framer.discard()
         replies = member.telnet.take()
         if replies:
-            self.room.tell(client, replies)
-            if not self.room.in_chat(client):  # the answers took it past its limit
+            self.hub.tell(client, replies)
+            if not self.hub.in_chat(client):  # the answers took it past its limit
                 return []
         return lines
 
-    def _announce(self, said: list[bytes], client: Client) -> None:
+    def _broadcast(self, said: list[bytes], client: Client) -> None:
         if len(said) == 1:
-            self.room.announce(said[0], client)
+            self.hub.broadcast(said[0], client)
         elif said:
-            self.room.announce(b"".join(said), client, said)
+            self.hub.broadcast(b"".join(said), client, said)
         said.clear()
 
-    def relayed(self, payload: bytes) -> None:
-        """A payload from another instance: its lines, cleaned, for every local client.
+    def relayed(self, payload: bytes) -> bool:
+        """A payload from another instance: its lines, cleaned, for every local client; whether
+        some of them wait for flow control.
 
         Another chat instance sent clean lines already; something else on the channel may not
         have: it is framed like a read, and a missing last newline added."""
@@ -399,18 +387,20 @@ class Chat:
         if rest or payload[-1:] == b"\r":  # (an unfinished empty line is no line)
             lines.append(rest)
         for _ in range(framer.cuts - cuts):
-            self.room.log.warning("chat.line_cut", fd=None, peer="redis", limit=self.max_line)
+            self.hub.log.warning("chat.line_cut", fd=None, peer="redis", limit=self.max_line)
         relaying = self.relaying
         going = not relaying  # else the older ones go first, at the end of a step
         relaying.extend(clean(line) + b"\n" for line in lines)
         if going:
             self.relay_on()
+        return bool(relaying)
 
     def relay_on(self, hold: bool = True) -> None:
         """Relayed lines go on, an entry of at most ``entry_bytes`` at a time, until none is
         left or (``hold``) flow control holds between entries."""
         relaying = self.relaying
-        room = self.room
+        hub = self.hub
+        flow = self.flow
         limit = self.entry_bytes
         while relaying:
             said = [relaying.popleft()]
@@ -419,8 +409,8 @@ class Chat:
                 line = relaying.popleft()
                 said.append(line)
                 size += len(line)
-            room.announce_here(b"".join(said), said)
-            if hold and relaying and room.throttled():
+            hub.deliver(b"".join(said), None, said)
+            if hold and relaying and flow.holding:
                 return
 
     def cuts(self) -> int:
@@ -437,43 +427,43 @@ class Chat:
             return self._nick(client, member, argument)
         if command == b"/who":
             names = sorted((m.name for m in self.members.values()), key=bytes.lower)
-            self.room.tell(client, b"*** %d here: %s\n" % (len(names), b", ".join(names)))
+            self.hub.tell(client, b"*** %d here: %s\n" % (len(names), b", ".join(names)))
         elif command == b"/me":
             if argument:
-                self.room.announce(b"* %s %s\n" % (member.name, clean(argument)), client)
+                self.hub.broadcast(b"* %s %s\n" % (member.name, clean(argument)), client)
                 return True
         elif command == b"/quit":
-            self.room.tell(client, b"*** bye\n")
-            self.room.quit(client)
+            self.hub.tell(client, b"*** bye\n")
+            self.hub.quit(client)
         else:
-            self.room.tell(client, b"*** unknown command %s (%s; start a line with // to send "
+            self.hub.tell(client, b"*** unknown command %s (%s; start a line with // to send "
                                    b"one that begins with /)\n" % (clean(command), HELP))
         return False
 
     def _nick(self, client: Client, member: Member, name: bytes) -> bool:
-        room = self.room
+        hub = self.hub
         if not name:
-            room.tell(client, b"*** usage: /nick NAME\n")
+            hub.tell(client, b"*** usage: /nick NAME\n")
         elif _NAME.fullmatch(name) is None:
-            room.tell(client, b'*** nick: "%s" is not a name: use 1 to %d letters, digits, '
+            hub.tell(client, b'*** nick: "%s" is not a name: use 1 to %d letters, digits, '
                               b'- or _\n' % (clean(name), NAME_MAX))
         elif name == member.name:
-            room.tell(client, b"*** you are %s already\n" % name)
+            hub.tell(client, b"*** you are %s already\n" % name)
         elif (look := skeleton(name)) in self.taken and look != skeleton(member.name):
             other = self.taken[look]
             if other.lower() == name.lower():
-                room.tell(client, b"*** nick: %s is taken\n" % name)
+                hub.tell(client, b"*** nick: %s is taken\n" % name)
             else:
-                room.tell(client, b"*** nick: %s looks too much like %s, who is here\n"
+                hub.tell(client, b"*** nick: %s looks too much like %s, who is here\n"
                           % (name, other))
         else:
             old = member.name
             del self.taken[skeleton(old)]
             self.taken[look] = name
             member.name = name
-            room.log.info("chat.nick", fd=client.fd, old=old.decode(), new=name.decode())
-            room.tell(client, b"*** you are now %s\n" % name)
-            room.announce(b"*** %s is now %s\n" % (old, name), client)
+            hub.log.info("chat.nick", fd=client.fd, old=old.decode(), new=name.decode())
+            hub.tell(client, b"*** you are now %s\n" % name)
+            hub.broadcast(b"*** %s is now %s\n" % (old, name), client)
             return True
         return False
 

@@ -19,15 +19,16 @@ import ssl
 import sys
 import termios
 import time
-from typing import Any, Protocol, cast
-
-from structlog.typing import FilteringBoundLogger
+from typing import TYPE_CHECKING, Any, cast
 
 from fsmchat import lifecycle
 from fsmchat.lifecycle import State, Trigger
-from fsmchat.loop import EventLoop, Timer
+from fsmchat.loop import Timer
 from fsmchat.machine import TableModel
 from fsmchat.outqueue import OutQueue
+
+if TYPE_CHECKING:
+    from fsmchat.hub import Hub
 
 RECV_SIZE = 64 * 1024
 """Bytes one recv may return: one message, and the most one sender gets per loop turn."""
@@ -42,54 +43,23 @@ def error_reason(exc: OSError) -> str:
     return _REASONS.get(code) or errno.errorcode.get(code, str(code)).lower()
 
 
-class Hub(Protocol):
-    """What a connection needs from the server around it."""
-
-    loop: EventLoop
-    log: FilteringBoundLogger
-    readers: dict[int, Connection]  # connections that take new messages
-    paused: dict[int, Connection]  # senders held back by flow control
-    high_water: int  # queued bytes past which a recipient holds senders back
-    low_water: int  # queued bytes under which it lets them go again
-    max_queue_bytes: int  # queued bytes past which a recipient is closed
-    max_recv_rate: int  # bytes per second a client may send (0: no limit)
-    idle_timeout: float  # seconds a client may stay silent (0: forever)
-    handshake_timeout: float  # seconds a TLS handshake may take
-
-    def received(self, sender: Connection, data: bytes) -> None: ...
-
-    def joined(self, conn: Connection) -> None: ...
-
-    def departed(self, conn: Connection) -> None: ...
-
-    def overflowed(self, conn: Connection) -> None: ...
-
-    def congested(self, conn: Connection) -> None: ...
-
-    def relieved(self, conn: Connection) -> None: ...
-
-    def release_soon(self, conn: Connection) -> None: ...
-
-    def bug(self, conn: Connection, trigger: str, exc: Exception) -> None: ...
-
-    def forget(self, conn: Connection) -> None: ...
-
-
 class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
     def __init__(self, sock: socket.socket, peer: str, hub: Hub) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
         self.hub = hub
+        self.flow = hub.flow
+        self.limits = hub.limits
         self.queue = OutQueue()
         self.bytes_in = 0
         self.bytes_out = 0
         self.opened = time.monotonic()
         self.reason = ""  # why it closes: set when a drain begins, replaced by a forced close
-        self.crowded = False  # over the high-water mark, and not yet back under the low one
+        self.congested = False  # over the high-water mark, and not yet back under the low one
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.heard = self.opened  # when it last sent something (for --idle-timeout)
-        self.tokens = float(hub.max_recv_rate)  # its token bucket (for --max-recv-rate)
+        self.tokens = float(hub.limits.max_recv_rate)  # its token bucket (for --max-recv-rate)
         self.counted = self.opened  # when the bucket was last brought up to date
         self.timer: Timer | None = None  # the handshake's timeout, then the idle check
         self.credit_timer: Timer | None = None  # set while `limited`
@@ -129,11 +99,11 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
     def enqueue(self, data: bytes) -> None:
         """Queue a message; over the limit, leave it out and have the hub close this client."""
         queue = self.queue
-        if queue.nbytes + len(data) > self.hub.high_water:
+        if queue.nbytes + len(data) > self.flow.high_water:
             if queue.nbytes + len(data) > self.hub.max_queue_bytes:
                 self.hub.overflowed(self)
                 return
-            self.hub.congested(self)
+            self.flow.congested(self)
         if not queue:
             self.hub.loop.want_write(self.fd, True)
         queue.push(data)
@@ -145,11 +115,10 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         if self.timer is not None:  # the handshake's timeout
             self.timer.cancel()
             self.timer = None
-        hub.readers[self.fd] = self
         hub.loop.want_read(self.fd, True)
-        if hub.idle_timeout:
+        if self.limits.idle_timeout:
             self.heard = time.monotonic()
-            self.timer = hub.loop.call_later(hub.idle_timeout, self._check_idle)
+            self.timer = hub.loop.call_later(self.limits.idle_timeout, self._check_idle)
         hub.joined(self)
 
     def _check_idle(self) -> None:
@@ -163,15 +132,15 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         if self.state != State.READING:  # the server holds it back: it is not silent
             self.heard = time.monotonic()
         silent = time.monotonic() - self.heard
-        if silent >= self.hub.idle_timeout:
+        if silent >= self.limits.idle_timeout:
             self.hub.log.warning("connection.idle", fd=self.fd, peer=self.peer,
                                  seconds=round(silent, 3))
             self._close_safely("idle_timeout")
             return
-        self.timer = self.hub.loop.call_later(self.hub.idle_timeout - silent, self._check_idle)
+        self.timer = self.hub.loop.call_later(self.limits.idle_timeout - silent, self._check_idle)
 
     def begin_handshake(self) -> None:
-        self.timer = self.hub.loop.call_later(self.hub.handshake_timeout, self._handshake_late)
+        self.timer = self.hub.loop.call_later(self.limits.handshake_timeout, self._handshake_late)
         self.shake()
 
     def shake(self) -> None:
@@ -201,7 +170,7 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         self.timer = None
         if self.state == State.HANDSHAKING:
             self.hub.log.warning("connection.tls_error", fd=self.fd, peer=self.peer,
-                                 error=f"no handshake within {self.hub.handshake_timeout:g} s")
+                                 error=f"no handshake within {self.limits.handshake_timeout:g} s")
             self._close_safely("handshake_timeout")
 
     def _tls_failed(self, exc: ssl.SSLError) -> None:
@@ -217,7 +186,7 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
             self.hub.bug(self, Trigger.FAIL, exc)
 
     def wait_for_credit(self) -> None:
-        rate = self.hub.max_recv_rate
+        rate = self.limits.max_recv_rate
         self.hub.loop.want_read(self.fd, False)
         wait = -self.tokens / rate
         self.hub.log.debug("connection.limited", fd=self.fd, credit_in=round(wait, 3))
@@ -250,15 +219,15 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
                 data += tls.recv(tls.pending())
         self.bytes_in += len(data)
         self.hub.log.debug("data.received", fd=self.fd, bytes=len(data))
-        hub = self.hub
-        if hub.idle_timeout or hub.max_recv_rate:
+        limits = self.limits
+        if limits.idle_timeout or limits.max_recv_rate:
             self._heard(len(data))
-        hub.received(self, data)
+        self.hub.received(self, data)
 
     def _heard(self, size: int) -> None:
         """Mark it active, and charge its token bucket; over its rate, it waits for credit."""
         now = time.monotonic()
-        rate = self.hub.max_recv_rate
+        rate = self.limits.max_recv_rate
         if rate:
             tokens = min(float(rate), self.tokens + (now - self.counted) * rate) - size
             self.tokens = tokens
@@ -278,26 +247,26 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
             return
         self.bytes_out += sent
         self.hub.log.debug("data.sent", fd=self.fd, bytes=sent, queued=queue.nbytes)
-        if self.crowded and queue.nbytes <= self.hub.low_water:
-            self.hub.relieved(self)
+        if self.congested and queue.nbytes <= self.flow.low_water:
+            self.flow.caught_up(self)
         if not queue:
             self.hub.loop.want_write(self.fd, False)
             if self.state == State.DRAINING:
                 self.fire(Trigger.DRAINED)
 
     def pause_reading(self) -> None:
-        self.hub.paused[self.fd] = self
+        self.flow.paused[self.fd] = self
         self.hub.loop.want_read(self.fd, False)
 
     def resume_reading(self) -> None:
-        self.hub.paused.pop(self.fd, None)
+        self.flow.paused.pop(self.fd, None)
         self.hub.loop.want_read(self.fd, True)
 
     def stop_reading(self) -> None:
         if self.credit_timer is not None:
             self.credit_timer.cancel()
             self.credit_timer = None
-        self.hub.paused.pop(self.fd, None)
+        self.flow.paused.pop(self.fd, None)
         self.hub.loop.want_read(self.fd, False)
 
     def has_input(self) -> bool:
@@ -330,22 +299,17 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
     def leave(self) -> None:
         self._cancel_timers()
         self.reason = self.reason or "server_shutdown"
-        if self.hub.readers.pop(self.fd, None) is not None:
-            self.hub.departed(self)
-        self.hub.paused.pop(self.fd, None)
+        self.hub.departed(self)
         self.hub.loop.want_read(self.fd, False)
         if not self.queue:
             self.fire(Trigger.DRAINED)
 
     def detach(self) -> None:
         self._cancel_timers()
-        if self.hub.readers.pop(self.fd, None) is not None:
-            self.hub.departed(self)
-        self.hub.paused.pop(self.fd, None)
+        self.hub.departed(self)
         self.hub.loop.unregister(self.fd)
         self.queue.clear()
-        if self.crowded:
-            self.hub.relieved(self)
+        self.flow.forget(self)
         self.hub.release_soon(self)
 
     def finish(self) -> None:

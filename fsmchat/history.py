@@ -12,13 +12,24 @@ Rules it keeps:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from fsmchat.hub import Extension
+
+if TYPE_CHECKING:
+    from fsmchat.connection import Connection
+
+Replay = Callable[["Connection", Sequence[bytes]], None]
 
 
-class History:
-    __slots__ = ("limit", "max_bytes", "messages", "nbytes")
+class History(Extension):
+    """An extension of the hub: it keeps what was delivered and greets a newcomer with it."""
 
-    def __init__(self, limit: int, max_bytes: int) -> None:
+    __slots__ = ("limit", "max_bytes", "messages", "nbytes", "replay")
+
+    def __init__(self, limit: int, max_bytes: int, replay: Replay | None = None) -> None:
+        self.replay = replay  # what hands the past to a newcomer (the hub's replay)
         self.limit = limit
         self.max_bytes = max_bytes
         self.messages: deque[bytes] = deque(maxlen=limit)
@@ -35,6 +46,17 @@ class History:
         self.nbytes += size
         while self.nbytes > self.max_bytes:
             self.nbytes -= len(messages.popleft())
+
+    def greet(self, conn: Connection) -> None:
+        if self.replay is not None and self.messages:
+            self.replay(conn, tuple(self.messages))
+
+    def delivered(self, data: bytes, lines: Sequence[bytes]) -> None:
+        if lines:
+            for line in lines:
+                self.add(line)
+        else:
+            self.add(data)
 
     def __len__(self) -> int:
         return len(self.messages)

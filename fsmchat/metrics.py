@@ -92,9 +92,9 @@ class SnapshotCollector:
     def collect(self) -> Iterator[Metric]:
         record = self.take()
         for spec in CATALOGUE:
-            if spec.field not in record:
+            value = getattr(record, spec.field)
+            if value is None:  # (a redis_ figure, standalone)
                 continue
-            value = record[spec.field]
             family_type = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
             if spec.label is None:
                 yield family_type(spec.name, spec.help, value=value)

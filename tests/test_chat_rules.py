@@ -1,4 +1,4 @@
-"""Chat mode's rules without sockets: the ``Chat`` layer fed lines, a recording room around it."""
+"""Chat mode's rules without sockets: the ``Chat`` layer fed lines, a recording hub around it."""
 
 from __future__ import annotations
 
@@ -20,46 +20,64 @@ class Person:
     reason: str = "peer_closed"  # why it leaves, when it does
 
 
+class Flow:
+    """The recording hub's flow control: every question counted, answered by ``holding``."""
+
+    def __init__(self, room: Room) -> None:
+        self.room = room
+
+    @property
+    def holding(self) -> bool:
+        self.room.asked += 1
+        return self.room.holding
+
+    def holds(self, sender: Person) -> bool:
+        self.room.asked += 1
+        return self.room.holding
+
+    def pause_if_held(self, sender: Person) -> None:
+        self.room.held_back += 1
+
+    def wait(self, sender: Person) -> None:
+        self.room.waiting.append(sender.fd)
+
+
 @dataclass
 class Room:
-    """Records what the chat asks for: (to, bytes) pairs; "*" is everyone but the sender."""
+    """A hub that records what the chat asks for: (to, bytes) pairs; "*" is everyone but the
+    sender."""
 
     said: list[tuple[str, bytes]] = field(default_factory=list)
     messages_in: int = 0
-    held_back: int = 0  # hold_back calls
-    asked: int = 0  # held calls
-    holding: bool = False  # what held answers: flow control holds the sender back
+    held_back: int = 0  # pause_if_held calls
+    asked: int = 0  # holds calls, and looks at holding
+    holding: bool = False  # what flow control answers: it holds the sender back
     waiting: list[int] = field(default_factory=list)  # wait calls, by fd
-    lines: int = 0  # lines announced (a run of them may be one announce)
+    lines: int = 0  # lines broadcast or delivered (a run of them may be one call)
     log: Any = field(default_factory=lambda: structlog.get_logger().bind())
 
-    def announce(self, data: bytes, exclude: Person | None = None,
-                 lines: Sequence[bytes] = ()) -> None:
+    @property
+    def flow(self) -> Flow:
+        return Flow(self)
+
+    @property
+    def counts(self) -> Room:
+        return self
+
+    def broadcast(self, data: bytes, exclude: Person | None = None,
+                  lines: Sequence[bytes] = ()) -> None:
         assert not lines or b"".join(lines) == data
         self.said.append((f"* but {exclude.fd}" if exclude else "*", data))
         self.lines += len(lines) or 1
 
-    def announce_here(self, data: bytes, lines: Sequence[bytes] = ()) -> None:
-        assert not lines or b"".join(lines) == data
+    def deliver(self, data: bytes, sender: Person | None = None,
+                lines: Sequence[bytes] = ()) -> None:
+        assert sender is None and (not lines or b"".join(lines) == data)
         self.said.append(("here", data))
         self.lines += len(lines) or 1
 
-    def throttled(self) -> bool:
-        self.asked += 1
-        return self.holding
-
     def publish(self, data: bytes) -> None:
         self.said.append(("elsewhere", data))
-
-    def hold_back(self, sender: Person) -> None:
-        self.held_back += 1
-
-    def held(self, sender: Person) -> bool:
-        self.asked += 1
-        return self.holding
-
-    def wait(self, sender: Person) -> None:
-        self.waiting.append(sender.fd)
 
     def tell(self, client: Person, data: bytes) -> None:
         self.said.append((str(client.fd), data))
@@ -80,8 +98,8 @@ def setup(count: int, entry_bytes: int = 1024) -> tuple[Chat, Room, list[Connect
     chat = Chat(cast(Any, room), max_line=32, entry_bytes=entry_bytes)
     people = [cast(Connection, Person(fd)) for fd in range(10, 10 + count)]
     for person in people:
+        chat.greet(person)
         chat.joined(person)
-        chat.announce_join(person)
     room.take()
     return chat, room, people
 
@@ -106,7 +124,7 @@ def test_a_new_name_skips_names_taken_by_hand() -> None:
     chat.received(a, b"/nick user2\n")
     room.take()
     newcomer = cast(Connection, Person(20))
-    chat.joined(newcomer)
+    chat.greet(newcomer)
     assert room.take() == [("20", b"*** welcome, you are user3 (commands: /nick NAME, /who, "
                                   b"/me ACTION, /quit)\n")]
 
@@ -142,7 +160,7 @@ def test_an_unfinished_line_is_dropped_on_a_forced_close_and_never_a_command() -
 
 def test_a_client_closed_by_its_own_announcement_reads_no_further() -> None:
     chat, room, (a, _) = setup(2)
-    original = room.announce
+    original = room.broadcast
 
     def announce_then_close(data: bytes, exclude: Person | None = None,
                             lines: Sequence[bytes] = ()) -> None:
@@ -150,7 +168,7 @@ def test_a_client_closed_by_its_own_announcement_reads_no_further() -> None:
         if exclude is not None:
             exclude.here = False  # as when a leave notice took it past its queue limit
 
-    room.announce = announce_then_close  # type: ignore[method-assign]
+    room.broadcast = announce_then_close  # type: ignore[method-assign]
     chat.received(a, b"first\n/nick late\n/who\nsecond\n")
     assert room.take() == [("* but 10", b"<user1> first\n")]
     assert b"late" not in chat.taken
@@ -183,7 +201,7 @@ def test_long_lines_are_cut_and_counted() -> None:
 def test_at_shutdown_everyone_is_told_and_leaves_are_news_elsewhere_only() -> None:
     chat, room, (a, b) = setup(2)
     chat.received(a, b"unfinished")
-    chat.closing()
+    chat.stopping()
     a.reason = b.reason = "server_shutdown"
     chat.left(a)
     chat.left(b)
@@ -226,7 +244,7 @@ def test_held_lines_go_first_and_are_said_at_shutdown_but_dropped_on_a_forced_cl
     room.holding = True
     chat.received(a, b"five\nsix\n")
     room.take()
-    chat.closing()
+    chat.stopping()
     a.reason = "server_shutdown"
     chat.left(a)
     assert room.take() == [("here", b"*** the server is shutting down\n"),
@@ -278,6 +296,6 @@ def test_a_relayed_payload_is_cut_like_a_read_and_waits_between_entries_when_hel
     room.holding = True
     chat.relayed(b"x" * 30 + b"\n" + b"y" * 30 + b"\n")
     room.take()
-    chat.closing()  # what waits is said before the notice
+    chat.stopping()  # what waits is said before the notice
     assert room.take() == [("here", b"y" * 30 + b"\n"),
                            ("here", b"*** the server is shutting down\n")]

@@ -22,20 +22,22 @@ from fsmchat import lifecycle
 from fsmchat.bus import PublishLink
 from fsmchat.connection import MACHINE, Connection
 from fsmchat.events import make_logger
+from fsmchat.hub import Hub
 from fsmchat.lifecycle import InvalidTrigger, LinkTrigger, State, Trigger
 from fsmchat.logstream import LogStream
 from fsmchat.loop import EventLoop
 from fsmchat.machine import TableModel
 from fsmchat.metrics_http import MetricsConnection
 from fsmchat.redis_link import RedisAddress, RedisLink
-from fsmchat.server import ChatServer
+from fsmchat.server import Options, Server
 
 
-def hub() -> ChatServer:
-    """A real server around the connection; its listener is never accepted from."""
+def hub() -> Hub:
+    """A real server's hub around the connection; its listener is never accepted from."""
     listener = socket.create_server(("127.0.0.1", 0))
-    return ChatServer([(listener, None)], EventLoop(),
-                      make_logger(LogStream.memory(io.BytesIO()), "debug", "json"))
+    return Server(Options(host=None, port=0), [(listener, None)],
+                  make_logger(LogStream.memory(io.BytesIO()), "debug", "json"),
+                  loop=EventLoop()).hub
 
 
 class Recording(Connection):

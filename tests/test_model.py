@@ -25,7 +25,7 @@ from fsmchat.events import make_logger
 from fsmchat.lifecycle import IN_CHAT, State
 from fsmchat.logstream import LogStream
 from fsmchat.loop import EventLoop
-from fsmchat.server import ChatServer
+from fsmchat.server import Options, Server
 
 LIMIT = 4096
 CLEAN = {"peer_closed", "server_shutdown"}
@@ -87,7 +87,7 @@ class ScriptedSocket:
         self.closed = True
 
 
-class ModelServer(ChatServer):
+class ModelServer(Server):
     """The server, for a model whose clock does not run: the stop counts a client that has
     nothing to read as emptied at once."""
 
@@ -101,9 +101,10 @@ class Chat(RuleBasedStateMachine):
         self.sink = LogStream.memory(self.output)
         self.loop = EventLoop()
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.server = ModelServer([(self.listener, None)], self.loop,
-                                 make_logger(self.sink, "debug", "json"),
-                                 max_queue_bytes=LIMIT, drain_timeout=1.0)
+        self.server = ModelServer(Options(host=None, port=0, max_queue_bytes=LIMIT,
+                                          drain_timeout=1.0),
+                                  [(self.listener, None)], make_logger(self.sink, "debug", "json"),
+                                  loop=self.loop)
         self.sockets: list[ScriptedSocket] = []
         self.conns: list[Connection] = []
         self.expected: list[bytearray] = []  # per client: what it should be sent, in order
@@ -115,9 +116,9 @@ class Chat(RuleBasedStateMachine):
     @rule()
     def connect(self) -> None:
         sock = ScriptedSocket(100 + len(self.sockets))
-        self.server.admit(sock, f"peer{sock.fd}")  # type: ignore[arg-type]
+        self.server.acceptor.admit(sock, f"peer{sock.fd}")  # type: ignore[arg-type]
         self.sockets.append(sock)
-        self.conns.append(self.server.connections[sock.fd])
+        self.conns.append(self.server.hub.connections[sock.fd])
         self.expected.append(bytearray())
 
     @precondition(lambda self: self.sockets)
@@ -205,9 +206,9 @@ class Chat(RuleBasedStateMachine):
                         sock.window = 1 << 30
                         self.loop.handler(sock.fd).on_writable()
                 self.server.end_of_step()
-                if not self.server.connections:
+                if not self.server.hub.connections:
                     break
-            assert not self.server.connections
+            assert not self.server.hub.connections
             self.sink.flush()
             assert b"lifecycle.bug" not in self.output.getvalue()
             closed = {}

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
 from test_model import CLEAN, LIMIT, Chat, ModelServer, ScriptedSocket
 
+from fsmchat.server import Options
+
 LINE = re.compile(rb"(<[A-Za-z0-9_-]{1,16}> |\*\*\* |\* [A-Za-z0-9_-]{1,16} )"
                   rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 
@@ -27,9 +29,10 @@ PIECES = st.sampled_from([
 class ChatMode(Chat):
     def __init__(self) -> None:
         super().__init__()
-        self.server = ModelServer([(self.listener, None)], self.loop, self.server.log,
-                                 max_queue_bytes=LIMIT, drain_timeout=1.0, mode="chat",
-                                 max_line=64, history=5, history_bytes=LIMIT // 4)
+        self.server = ModelServer(Options(host=None, port=0, max_queue_bytes=LIMIT,
+                                          drain_timeout=1.0, mode="chat", max_line=64,
+                                          history=5, history_bytes=LIMIT // 4),
+                                  [(self.listener, None)], self.server.log, loop=self.loop)
 
     @precondition(lambda self: self.sockets)
     @rule(who=st.integers(0, 5), pieces=st.lists(PIECES, min_size=1, max_size=6))
@@ -76,7 +79,7 @@ def test_a_sender_closed_by_the_notices_its_message_caused_reads_no_further() ->
         model.sockets[0].inbound.append(b"hello there\n/who\n")
         model.loop.handler(a.fd).on_readable()
         model.server.end_of_step()
-        assert not model.server.connections
+        assert not model.server.hub.connections
         assert not model.loop.wants_write(a.fd) and not model.loop.wants_write(b.fd)
         model.no_trigger_is_ever_invalid()
     finally:

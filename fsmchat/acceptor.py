@@ -1,0 +1,288 @@
+"""The acceptor: listeners, who may come in, the sockets' options, and the descriptor back-off.
+
+A readable listener means ``accept``, in a bounded batch so that a connect storm cannot starve
+the chat; each socket it takes is admitted into the hub as a ``Connection`` or turned away at
+once with ``connection.rejected``. The metrics listener is accepted from the same way and
+handed to the metrics endpoint.
+
+Rules it keeps:
+- A newcomer is turned away (accepted and closed at once) when ``--allow``/``--deny`` keep its
+  address out, past ``max_clients``, past ``max_clients_per_addr`` from its address, for a
+  descriptor ``select`` cannot watch (at or above FD_SETSIZE), or when its socket fails while
+  it is being taken in (a reset before TLS could begin): that client only, never the loop.
+- Every client socket is non-blocking, without Nagle (no message waits on a timer), with TCP
+  keepalive (a peer that vanished without a FIN is found without chat traffic).
+- TLS handshakes under way take at most a quarter of ``max_clients``: a newcomer past that
+  closes the oldest unfinished one (``handshake_limit``), so stalled handshakes can neither take
+  the chat's seats nor keep a real TLS client out.
+- Running out of descriptors pauses accepting for a moment (or until a connection closes)
+  instead of spinning on a listener that stays readable, and says so once per episode.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+
+from structlog.typing import FilteringBoundLogger
+
+from fsmchat.access import Access, address_key
+from fsmchat.connection import Connection, error_reason
+from fsmchat.hub import Hub
+from fsmchat.lifecycle import State, Trigger
+from fsmchat.loop import FD_SETSIZE, EventLoop, Timer
+
+ACCEPT_BATCH = 64
+"""Connections accepted per readable listener event, so a connect storm cannot starve chat."""
+
+ACCEPT_RETRY = 0.25
+"""Seconds the listener rests after accept ran out of descriptors or memory."""
+
+KEEPALIVE_IDLE = 300
+"""Seconds of silence before TCP probes a client (then every 30 s, 4 times): a peer that
+vanished without a FIN or RST is found without any chat traffic."""
+
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+Listener = tuple[socket.socket, ssl.SSLContext | None]
+"""A listening socket, and the TLS context its clients are served with (None: plain TCP)."""
+
+Take = Callable[[socket.socket, object], None]
+"""What a listener's accepted sockets go to: (socket, address)."""
+
+
+class Reader:
+    """A loop handler for descriptors that are only ever read: listeners, the signal socket."""
+
+    __slots__ = ("on_readable",)
+
+    def __init__(self, on_readable: Callable[[], None]) -> None:
+        self.on_readable = on_readable
+
+    def on_writable(self) -> None:
+        raise AssertionError("a read-only descriptor was reported writable")
+
+
+class Acceptor:
+    def __init__(self, listeners: list[Listener], hub: Hub, access: Access, *,
+                 max_clients: int, max_clients_per_addr: int) -> None:
+        self.listeners = listeners
+        self.hub = hub
+        self.loop: EventLoop = hub.loop
+        self.log: FilteringBoundLogger = hub.log
+        self.access = access
+        self.max_clients = max_clients
+        self.max_clients_per_addr = max_clients_per_addr  # 0: no limit
+        self.max_handshakes = max(1, max_clients // 4)
+        self.per_addr: Counter[str] = Counter()  # address_key -> connections now
+        self._address: dict[int, str] = {}  # fd -> its address_key
+        self._handshakes: dict[int, Connection] = {}  # TLS, maybe unfinished; oldest first
+        self._listening: list[socket.socket] = []  # every listener, the metrics one too
+        self._timer: Timer | None = None  # set while accepting is paused
+        self._failures = 0  # failed accepts in the current episode
+        self.closed = False
+        for listener, tls in listeners:
+            self.listen(listener, partial(self._take_client, tls))
+
+    def listen(self, listener: socket.socket, take: Take) -> None:
+        """Accept from ``listener`` in the loop, and hand each socket to ``take``."""
+        self._listening.append(listener)
+        self.loop.register(listener.fileno(), Reader(partial(self._accept, listener, take)))
+
+    def close(self) -> None:
+        """Accept no more: the listeners are closed."""
+        self.closed = True
+        for listener in self._listening:
+            self.loop.unregister(listener.fileno())
+            listener.close()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _accept(self, listener: socket.socket, take: Take) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause(exc)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone, try the next
+            if self._failures:
+                self.log.info("accept.resumed", failures=self._failures)
+                self._failures = 0
+            take(sock, address)
+
+    def _take_client(self, tls: ssl.SSLContext | None, sock: socket.socket,
+                     address: object) -> None:
+        self.admit(sock, format_peer(address), tls,
+                   address[0] if isinstance(address, tuple) else "")
+
+    def permits(self, address: object) -> bool:
+        """Whether ``--allow``/``--deny`` let a peer at ``address`` in."""
+        host = address[0] if isinstance(address, tuple) else ""
+        return self.access.open or self.access.permits(host)
+
+    def admit(self, sock: socket.socket, peer: str, tls: ssl.SSLContext | None = None,
+              host: str = "") -> None:
+        """Take an accepted socket into the hub, or turn it away: not allowed, no room, or gone
+        before it could be taken in (a reset before TLS began)."""
+        hub = self.hub
+        fd = sock.fileno()
+        reason = ""
+        address = address_key(host)
+        if not self.access.open and not self.access.permits(host):
+            reason = "denied"
+        elif fd >= FD_SETSIZE:
+            reason = "fd_limit"
+        elif 0 < self.max_clients_per_addr <= self.per_addr[address]:
+            reason = "per_addr_limit"
+        elif len(hub.connections) >= self.max_clients:
+            reason = "server_full"
+        else:
+            try:
+                sock = _prepare(sock, tls)
+            except OSError as exc:  # gone already: that client only, never the loop
+                reason = "tls_error" if isinstance(exc, ssl.SSLError) else error_reason(exc)
+        if reason:
+            hub.counts.rejected[reason] += 1
+            self.log.warning("connection.rejected", peer=peer, reason=reason)
+            sock.close()
+            return
+        conn = Connection(sock, peer, hub)
+        hub.connections[fd] = conn
+        self.per_addr[address] += 1
+        self._address[fd] = address
+        if tls is not None:
+            self._make_room_for_handshake()
+            self._handshakes[fd] = conn
+        hub.counts.accepted += 1
+        self.loop.register(fd, conn, read=False)
+        self.log.info("connection.accepted", fd=fd, peer=peer, tls=tls is not None)
+        hub.fire(conn, Trigger.START if tls is None else Trigger.SECURE)
+
+    def _make_room_for_handshake(self) -> None:
+        """At ``max_handshakes`` unfinished TLS handshakes, close the oldest one still going."""
+        handshakes = self._handshakes
+        if len(handshakes) < self.max_handshakes:
+            return
+        for fd, conn in list(handshakes.items()):  # those done are no handshakes any more
+            if conn.state != State.HANDSHAKING:
+                del handshakes[fd]
+        if len(handshakes) < self.max_handshakes:
+            return
+        conn = next(iter(handshakes.values()))
+        self.log.warning("connection.tls_error", fd=conn.fd, peer=conn.peer,
+                         error=f"the oldest of {self.max_handshakes} unfinished handshakes, "
+                               "the most at once (a quarter of --max-clients), closed for a "
+                               "newcomer")
+        self.hub.close(conn, "handshake_limit")
+
+    def unseat(self, conn: Connection) -> None:
+        """A connection is gone: its address has room for one more, and accepting may go on."""
+        fd = conn.fd
+        self._handshakes.pop(fd, None)
+        address = self._address.pop(fd)
+        self.per_addr[address] -= 1
+        if not self.per_addr[address]:
+            del self.per_addr[address]
+        if self._timer is not None:
+            self._resume()
+
+    def _pause(self, exc: OSError) -> None:
+        for listener in self._listening:
+            self.loop.want_read(listener.fileno(), False)
+        if self._timer is None:
+            self._timer = self.loop.call_later(ACCEPT_RETRY, self._resume)
+        if not self._failures:
+            self.log.warning("accept.failed", error=f"{errno.errorcode.get(exc.errno or 0)}: "
+                             f"{exc.strerror}", retry_in=ACCEPT_RETRY)
+        self._failures += 1
+
+    def _resume(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.closed:
+            for listener in self._listening:
+                self.loop.want_read(listener.fileno(), True)
+
+
+def _prepare(sock: socket.socket, tls: ssl.SSLContext | None) -> socket.socket:
+    """Non-blocking, no Nagle, keepalive, and TLS if asked: OSError if the client is gone."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _keepalive(sock)
+    if tls is not None:
+        _still_connected(sock)
+        sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    return sock
+
+
+def _still_connected(sock: socket.socket) -> None:
+    """OSError (ECONNRESET, say) if the client is gone already.
+
+    ``wrap_socket`` would find it out too, but its error leaves a half-made SSLSocket holding
+    the descriptor until the garbage collector gets to it; this closes it at once."""
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or exc.errno or 0
+        raise OSError(code, os.strerror(code)) from None
+
+
+def _keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; elsewhere the system's defaults apply
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+
+
+def format_peer(address: object) -> str:
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]  # an IPv4 client on a dual-stack listener
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address) or "unnamed"
+
+
+class ListenError(Exception):
+    """The listener could not be set up; ``usage`` is True when the host itself is bad."""
+
+    def __init__(self, message: str, *, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+def open_listener(host: str | None, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listener; ``reuse_port`` lets other processes listen on the same port."""
+    try:
+        if host is None:
+            try:
+                sock = socket.create_server(("::", port), family=socket.AF_INET6,
+                                            dualstack_ipv6=True, backlog=socket.SOMAXCONN,
+                                            reuse_port=reuse_port)
+            except (OSError, ValueError):  # no IPv6 here: every IPv4 interface then
+                sock = socket.create_server(("0.0.0.0", port), backlog=socket.SOMAXCONN,
+                                            reuse_port=reuse_port)
+        else:
+            family, _, _, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            sock = socket.create_server(address[:2], family=family, backlog=socket.SOMAXCONN,
+                                        reuse_port=reuse_port)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot resolve --host {host!r}: {exc.strerror}", usage=True) from None
+    except OSError as exc:
+        where = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
+        raise ListenError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock

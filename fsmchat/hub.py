@@ -1,0 +1,371 @@
+"""The hub: who is in the chat, how a message reaches them, and the counters.
+
+Every connection the acceptor took in is in ``connections`` until it is closed; those in the
+chat (``reading``, ``paused``, ``limited``, ``emptied``) are ``readers`` too, and only readers
+take messages. What the rest of the server does with a chat plugs in as an ``Extension``
+(chat mode, history, the Redis bus): the hub calls each one's hooks, in the order they were
+plugged, and never asks which ones there are.
+
+The verbs, one per way of sending:
+- ``deliver``: to every local reader (but the sender);
+- ``publish``: to the other instances only (the bus's ``published`` hook);
+- ``broadcast``: both, what a local client says;
+- ``tell``: to one local client;
+- ``relay``: what another instance published, reaching this one.
+
+Rules it keeps:
+- A message is appended, as the same bytes object, to the queue of every reader but its
+  sender; counters are bumped once per message, never per recipient.
+- Output limit: a recipient whose queue would pass ``max_queue_bytes`` is closed
+  (``queue_limit``) once the delivery is done; everyone else still gets the message. The
+  closes, and the leave notices they announce (which may take others past their limit in turn),
+  run from one work list at one level, never by recursion: one warning per client.
+- A connection that moved to ``closing`` during a loop step is released after it (``release``),
+  so no descriptor is closed while the loop may still hold its number.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from structlog.typing import FilteringBoundLogger
+
+from fsmchat import lifecycle
+from fsmchat.flow import FlowControl
+from fsmchat.lifecycle import IN_CHAT, InvalidTrigger, State, Trigger
+from fsmchat.loop import EventLoop
+
+if TYPE_CHECKING:
+    from fsmchat.connection import Connection
+
+
+class Extension:
+    """A part of the server that plugs into the hub: chat mode, history, the Redis bus.
+
+    Each hook is a no-op here; a part overrides what it needs, and the hub calls only those."""
+
+    def greet(self, conn: Connection) -> None:
+        """A newcomer entered the chat: what it gets before anything live (a welcome, the
+        history)."""
+
+    def joined(self, conn: Connection) -> None:
+        """The newcomer is live: it takes every message from now on."""
+
+    def left(self, conn: Connection) -> None:
+        """A client left the chat, for whatever reason (``conn.reason`` says which)."""
+
+    def delivered(self, data: bytes, lines: Sequence[bytes]) -> None:
+        """A message reached every local reader (``lines``: the lines it joins, if several)."""
+
+    def published(self, data: bytes) -> None:
+        """A local message, for the other instances."""
+
+    def free(self) -> None:
+        """No recipient holds senders back any more (paused clients resumed already)."""
+
+    def step(self) -> None:
+        """The end of a loop step, before what closed during it is released."""
+
+    def unread(self, conn: Connection) -> int:
+        """Bytes of ``conn``'s that this part holds and has not passed on (a stop cut short
+        counts them)."""
+        return 0
+
+    def stopping(self) -> None:
+        """Every client has been read to its end: the chat drains now (clients still here)."""
+
+    def drain(self) -> None:
+        """Every client was told to drain: finish what waits, then close."""
+
+    def forced(self, reason: str) -> None:
+        """The stop was cut short (``reason``): close now."""
+
+    def done(self) -> bool:
+        """Whether nothing of this part is left to finish before the process may end."""
+        return True
+
+
+@dataclass(slots=True)
+class Counts:
+    """What the hub and the acceptor counted since the start (only ever grows)."""
+
+    accepted: int = 0
+    messages_in: int = 0  # read from local clients: recvs (raw) or lines (chat)
+    messages_out: int = 0  # queued to local clients, one per recipient
+    bytes_in: int = 0  # of connections already closed; live ones add theirs in a snapshot
+    bytes_out: int = 0
+    closed: Counter[str] = field(default_factory=Counter)  # reason -> connections closed
+    rejected: Counter[str] = field(default_factory=Counter)  # reason -> turned away
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the hub's connections are held to."""
+
+    max_queue_bytes: int  # queued bytes past which a recipient is closed
+    max_recv_rate: int = 0  # bytes per second a client may send (0: no limit)
+    idle_timeout: float = 0.0  # seconds a client may stay silent (0: forever)
+    handshake_timeout: float = 10.0  # seconds a TLS handshake may take
+
+
+class Hub:
+    def __init__(self, loop: EventLoop, log: FilteringBoundLogger, limits: Limits, *,
+                 gone: Callable[[Connection], None]) -> None:
+        self.loop = loop
+        self.log = log
+        self.limits = limits
+        self.max_queue_bytes = limits.max_queue_bytes
+        self.counts = Counts()
+        self.connections: dict[int, Connection] = {}  # every connection not yet closed, by fd
+        self.readers: dict[int, Connection] = {}  # in the chat: take messages
+        self.flow = FlowControl(loop, log, limits.max_queue_bytes, fire=self.fire,
+                                crashed=self.bug, free=self._free)
+        self.extensions: tuple[Extension, ...] = ()
+        self.received: Callable[[Connection, bytes], None] = self._relay_bytes
+        """What a connection's recv is handed to: straight to everyone (raw mode), or chat
+        mode's framing."""
+        self.relayed: Callable[[bytes], bool] = self._relay_payload
+        """What another instance's payload is handed to; says whether some of it waits."""
+        self.relay_waits: Callable[[], bool] = _never
+        """Whether some of what other instances relayed waits for flow control."""
+        self._gone = gone  # a connection was forgotten (its seat is free)
+        self._overflowed: dict[int, Connection] = {}  # past the limit, to close: by fd, in order
+        self._refused = 0  # messages left out of a queue for its limit, so far
+        self._closing_overflowed = False  # _close_overflowed is working through its list
+        self._closing: list[Connection] = []  # moved to `closing` this step; released after it
+        self._hooks: dict[str, list[Callable[..., object]]] = {}
+
+    def plug(self, *extensions: Extension) -> None:
+        """Plug the server's parts in, in the order their hooks run (the server's constructor
+        calls this once). Only the hooks a part overrides are called."""
+        self.extensions = extensions
+        for name in ("greet", "joined", "left", "delivered", "published", "free", "step",
+                     "unread", "stopping", "drain", "forced", "done"):
+            base = getattr(Extension, name)
+            self._hooks[name] = [getattr(part, name) for part in extensions
+                                 if getattr(type(part), name) is not base]
+        self._greet = self._hooks["greet"]
+        self._joined = self._hooks["joined"]
+        self._left = self._hooks["left"]
+        self._delivered = self._hooks["delivered"]
+        self._published = self._hooks["published"]
+
+    def take_input(self, received: Callable[[Connection, bytes], None],
+                   relayed: Callable[[bytes], bool], relay_waits: Callable[[], bool]) -> None:
+        """Chat mode takes what clients send and what other instances relay (the server's
+        constructor calls this once)."""
+        self.received = received
+        self.relayed = relayed
+        self.relay_waits = relay_waits
+
+    def call(self, hook: str, *args: object) -> None:
+        """Run one hook of every part that has it, in order."""
+        for run in self._hooks.get(hook, ()):
+            run(*args)
+
+    def unread_by_parts(self, conn: Connection) -> int:
+        """Bytes of ``conn``'s that the parts hold and have not passed on."""
+        return sum(part.unread(conn) for part in self.extensions)
+
+    def parts_done(self) -> bool:
+        return all(part.done() for part in self.extensions)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def _relay_bytes(self, sender: Connection, data: bytes) -> None:
+        """Raw mode: what one recv returned is one message, for everyone else."""
+        self.counts.messages_in += 1
+        self.broadcast(data, sender)
+        self.flow.pause_if_held(sender)
+
+    def _relay_payload(self, payload: bytes) -> bool:
+        self.deliver(payload)
+        return False
+
+    def broadcast(self, data: bytes, sender: Connection | None = None,
+                  lines: Sequence[bytes] = ()) -> None:
+        """A message for every local reader but ``sender``, and for every other instance.
+
+        ``lines``: the chat lines that ``data`` joins, when it joins several (one sender's lines
+        of one read go out as one queue entry; history and the counters still see each)."""
+        self.deliver(data, sender, lines)
+        for publish in self._published:
+            publish(data)
+
+    def publish(self, data: bytes) -> None:
+        """A message for the other instances only."""
+        for publish in self._published:
+            publish(data)
+
+    def deliver(self, data: bytes, sender: Connection | None = None,
+                lines: Sequence[bytes] = ()) -> None:
+        """The same bytes object to every local queue but ``sender``'s."""
+        readers = self.readers
+        refused = self._refused
+        for conn in readers.values():
+            if conn is not sender:
+                conn.enqueue(data)
+        count = len(readers) - (self._refused - refused)
+        if sender is not None and readers.get(sender.fd) is sender:
+            count -= 1
+        self.counts.messages_out += count * (len(lines) or 1)
+        for delivered in self._delivered:
+            delivered(data, lines)
+        if self._overflowed:
+            self._close_overflowed()
+
+    def tell(self, conn: Connection, data: bytes) -> None:
+        """A message for one client only, while it is in the chat."""
+        if conn.state not in IN_CHAT:
+            return
+        refused = self._refused
+        conn.enqueue(data)
+        if self._refused == refused:
+            self.counts.messages_out += 1
+        if self._overflowed:
+            self._close_overflowed()
+
+    def replay(self, conn: Connection, messages: Sequence[bytes]) -> None:
+        """Messages of the past for a newcomer, oldest first."""
+        for data in messages:
+            conn.enqueue(data)
+        self.counts.messages_out += len(messages)
+        if self._overflowed:
+            self._close_overflowed()
+
+    def relay(self, payload: bytes) -> bool:
+        """A message from another instance, for every local reader. Whether a recipient now
+        holds senders back, or some of it waits for flow control: the subscriber then pauses,
+        and resumes once it is out (``free``)."""
+        waits = self.relayed(payload)
+        return bool(self.flow.holding) or waits
+
+    # -- what connections tell the hub -----------------------------------------------------------
+
+    def joined(self, conn: Connection) -> None:
+        """A client entered the chat: what the parts greet it with, then live."""
+        self.readers[conn.fd] = conn
+        for greet in self._greet:
+            greet(conn)
+        if conn.state in IN_CHAT:
+            for joined in self._joined:
+                joined(conn)
+
+    def departed(self, conn: Connection) -> None:
+        """A client left the chat (for whatever reason): no more messages for it."""
+        if self.readers.pop(conn.fd, None) is not None:
+            for left in self._left:
+                left(conn)
+        self.flow.paused.pop(conn.fd, None)
+
+    def quit(self, conn: Connection) -> None:
+        if conn.state in IN_CHAT:  # not if its goodbye took it past its limit
+            conn.reason = "quit"
+            self.fire(conn, Trigger.QUIT)
+
+    def in_chat(self, conn: Connection) -> bool:
+        return conn.state in IN_CHAT
+
+    def overflowed(self, conn: Connection) -> None:
+        self._refused += 1
+        self._overflowed[conn.fd] = conn  # once, however many messages it refuses meanwhile
+
+    def release_soon(self, conn: Connection) -> None:
+        self._closing.append(conn)
+
+    def forget(self, conn: Connection) -> None:
+        del self.connections[conn.fd]
+        counts = self.counts
+        counts.closed[conn.reason] += 1
+        counts.bytes_in += conn.bytes_in
+        counts.bytes_out += conn.bytes_out
+        self._gone(conn)
+
+    def release(self) -> None:
+        """End of a loop step: close what moved to ``closing`` during it."""
+        while self._closing:
+            closing, self._closing = self._closing, []
+            for conn in closing:
+                self.fire(conn, Trigger.RELEASE)
+
+    # -- bugs ---------------------------------------------------------------------------------
+
+    def fire(self, conn: Connection, trigger: str) -> None:
+        """Fire a trigger the server decided on; a bug is logged and closes that client only."""
+        try:
+            conn.fire(trigger)
+        except Exception as exc:  # noqa: BLE001 - one client's bug must not stop the others
+            self.bug(conn, trigger, exc)
+
+    def close(self, conn: Connection, reason: str) -> None:
+        """Close ``conn`` without delivering what is queued; a bug closes that client only."""
+        try:
+            conn.close_because(reason)
+        except Exception as exc:  # noqa: BLE001
+            self.bug(conn, Trigger.FAIL, exc)
+
+    def bug(self, conn: Connection, trigger: str, exc: Exception) -> None:
+        self.log.error("lifecycle.bug", fd=conn.fd, state=conn.state, trigger=trigger,
+                       exception=repr(exc), exc_info=not isinstance(exc, InvalidTrigger))
+        try:
+            conn.close_because("internal_error")
+        except Exception:  # noqa: BLE001 - the table itself is broken: take it out by hand
+            self._take_out(conn)
+            conn.sock.close()
+            if self.connections.pop(conn.fd, None) is not None:
+                self.counts.closed["internal_error"] += 1
+                self._gone(conn)
+            return
+        if conn.state == State.CLOSING and conn not in self._closing:
+            # The bug struck inside detach: finish it by hand, release it as usual. Never a
+            # connection in `closing` that the loop still watches and nobody will release.
+            conn.reason = conn.reason or "internal_error"
+            self._take_out(conn)
+            self.release_soon(conn)
+
+    def _take_out(self, conn: Connection) -> None:
+        """What ``detach`` does, safe to repeat: out of the loop, the chat and flow control."""
+        self.loop.unregister(conn.fd)
+        self.departed(conn)
+        conn.queue.clear()
+        self.flow.forget(conn)
+
+    # -- flow control's news -----------------------------------------------------------------
+
+    def _free(self) -> None:
+        """Flow control holds nobody back any more: relayed messages may come again, unless
+        some of them still wait (they go on at the end of a step: ``relay_done``)."""
+        if not self.relay_waits():
+            self.call("free")
+
+    def relay_done(self) -> None:
+        """What other instances relayed and flow control held back is all out."""
+        if not self.flow.holding:
+            self.call("free")
+
+    def _close_overflowed(self) -> None:
+        """Close every recipient past its limit, oldest first, from one work list.
+
+        A close announces a leave (chat mode), which may take others past their limit: they join
+        the list (a nested call returns at once), so the stack stays flat however many there are."""
+        if self._closing_overflowed:
+            return
+        self._closing_overflowed = True
+        overflowed = self._overflowed
+        try:
+            while overflowed:
+                conn = overflowed.pop(next(iter(overflowed)))
+                if not lifecycle.allowed(conn.state, Trigger.FAIL):
+                    continue  # closed meanwhile, for another reason
+                self.log.warning("connection.queue_limit", fd=conn.fd, peer=conn.peer,
+                                 queued=conn.queue.nbytes, limit=self.max_queue_bytes)
+                self.close(conn, "queue_limit")
+        finally:
+            self._closing_overflowed = False
+
+
+def _never() -> bool:
+    return False
