@@ -1,4 +1,5 @@
-"""Command line: ``fsmchat [options]`` serves; ``fsmchat diagrams [options]`` draws the lifecycles.
+"""Command line: ``fsmchat [options]`` serves; ``fsmchat diagrams [options]`` draws the lifecycles;
+``fsmchat docs [--check]`` rewrites the generated tables of the documentation.
 
 Every mistake in the arguments ends with status 2 and one line on stderr that names the option,
 never a traceback.
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from fsmchat import __version__, diagrams
+from fsmchat import __version__, diagrams, docs
 from fsmchat.access import Network, parse_network
 from fsmchat.chat import DEFAULT_MAX_LINE, MAX_LINE_RANGE
 from fsmchat.connection import RECV_SIZE
@@ -349,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["diagrams"]:
         return diagrams_main(args[1:])
+    if args[:1] == ["docs"]:
+        return docs_main(args[1:])
     parser = build_parser()
     ns = parser.parse_args(args)
     _check_combinations(parser, ns)
@@ -450,3 +453,42 @@ def diagrams_main(argv: list[str]) -> int:
         print(f"fsmchat diagrams: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def build_docs_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fsmchat docs",
+        description="Rewrite the generated regions of the Markdown files in a folder (tables of "
+                    "options, events, metrics, states and triggers, and the diagrams) from the "
+                    "code's own catalogues.",
+    )
+    parser.add_argument("--dir", type=Path, default=Path("docs"), metavar="DIR",
+                        help="folder of Markdown files (default: %(default)s)")
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 naming each file that is stale")
+    return parser
+
+
+def docs_main(argv: list[str]) -> int:
+    args = build_docs_parser().parse_args(argv)
+    folder: Path = args.dir
+    paths = sorted(folder.glob("*.md"))
+    if not paths:
+        print(f"fsmchat docs: no Markdown files in {folder}", file=sys.stderr)
+        return 1
+    try:
+        stale = docs.update(paths, docs.regions(build_parser()), check=args.check)
+    except docs.DocsError as exc:
+        print(f"fsmchat docs: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"fsmchat docs: cannot rewrite {exc.filename}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    for path in stale:
+        if args.check:
+            print(f"fsmchat docs: {path} is stale: run `{docs.COMMAND}` and commit the result",
+                  file=sys.stderr)
+        else:
+            print(path)
+    return 1 if args.check and stale else 0

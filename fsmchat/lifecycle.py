@@ -10,44 +10,58 @@ Rules the table keeps:
 - ``action`` names a method of the model (the connection); it runs after the state has changed.
 - A trigger that has no row for the current state is a bug in the caller, never a user's doing.
 - ``closed`` is terminal, and every other state has a way to reach it.
+- Every state and trigger says what it means (``NAME = "value", "meaning"``), as every row does
+  (``doc``): the generated docs (``fsmchat docs``) print these, and nothing else describes them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
 
-class State(StrEnum):
-    ACCEPTED = "accepted"  # socket taken from the listener, not yet in the loop's read set
-    HANDSHAKING = "handshaking"  # TLS: the handshake runs; not in the chat yet
-    READING = "reading"  # in the chat: reads messages, receives everyone else's
-    PAUSED = "paused"  # in the chat, but not read from until congested recipients catch up
-    LIMITED = "limited"  # in the chat, but not read from until its receive rate allows again
-    EMPTIED = "emptied"  # the server stops: all it had sent is read; reads nothing, still receives
-    DRAINING = "draining"  # reads nothing, takes no new messages, delivers what is queued
-    CLOSING = "closing"  # out of the loop; its socket is closed at the end of this loop step
-    CLOSED = "closed"  # socket closed, model released
+class Documented(StrEnum):
+    """A StrEnum whose members carry their meaning, one line for the docs: ``member.doc``."""
+
+    doc: str
+
+    def __new__(cls, value: str, doc: str = "") -> Self:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.doc = doc
+        return member
 
 
-class Trigger(StrEnum):
-    START = "start"  # the socket is non-blocking and registered with the loop (plain TCP)
-    SECURE = "secure"  # the same, for a socket accepted on a TLS listener
-    ESTABLISHED = "established"  # the TLS handshake completed
-    READABLE = "readable"  # select reported the socket readable
-    WRITABLE = "writable"  # select reported the socket writable (asked only while output is queued)
-    HANGUP = "hangup"  # the peer closed its sending side (recv returned EOF)
-    QUIT = "quit"  # chat mode: the client asked to leave (/quit)
-    THROTTLE = "throttle"  # its message left a recipient's queue over the high-water mark
-    RESUME = "resume"  # no recipient holds senders back any more
-    OVERRUN = "overrun"  # what it sent took it past its receive rate (--max-recv-rate)
-    CREDIT = "credit"  # its rate allows reading again
-    EMPTY = "empty"  # the server is stopping, and the client has nothing more to read (or no time)
-    SHUTDOWN = "shutdown"  # the server is stopping and every client is emptied: deliver, leave
-    DRAINED = "drained"  # the outgoing queue became empty while draining
-    FAIL = "fail"  # a socket error, or a close forced by the server
-    RELEASE = "release"  # the loop step that decided to close has ended
+class State(Documented):
+    ACCEPTED = "accepted", "socket taken from the listener, not yet in the loop's read set"
+    HANDSHAKING = "handshaking", "TLS: the handshake runs (--handshake-timeout); not in chat yet"
+    READING = "reading", "in the chat: reads messages, receives everyone else's"
+    PAUSED = "paused", "in the chat, but not read from until congested recipients catch up"
+    LIMITED = "limited", "in the chat, but not read from until --max-recv-rate allows again"
+    EMPTIED = "emptied", "the server stops: all it had sent is read; reads nothing, still receives"
+    DRAINING = "draining", "reads nothing, takes no new messages, delivers what is queued, closes"
+    CLOSING = "closing", "out of the loop; its socket is closed at the end of this loop step"
+    CLOSED = "closed", "socket closed, model released"
+
+
+class Trigger(Documented):
+    START = "start", "the socket is non-blocking and registered with the loop (plain TCP)"
+    SECURE = "secure", "the same, for a socket accepted on a TLS listener"
+    ESTABLISHED = "established", "the TLS handshake completed"
+    READABLE = "readable", "select reported the socket readable"
+    WRITABLE = "writable", "select reported the socket writable (asked only while output is queued)"
+    HANGUP = "hangup", "the peer closed its sending side (recv returned EOF)"
+    QUIT = "quit", "chat mode: the client asked to leave (/quit)"
+    THROTTLE = "throttle", "its message left a recipient's queue over the high-water mark"
+    RESUME = "resume", "no recipient holds senders back any more"
+    OVERRUN = "overrun", "what it sent took it past its receive rate (--max-recv-rate)"
+    CREDIT = "credit", "its rate allows reading again"
+    EMPTY = "empty", "the server is stopping, and the client has nothing more to read (or no time)"
+    SHUTDOWN = "shutdown", "the server is stopping and every client is emptied: deliver, leave"
+    DRAINED = "drained", "the outgoing queue became empty while draining"
+    FAIL = "fail", "a socket error, or a close forced by the server"
+    RELEASE = "release", "the loop step that decided to close has ended"
 
 
 INITIAL = State.ACCEPTED
@@ -86,9 +100,10 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(Trigger.ESTABLISHED, (State.HANDSHAKING,), State.READING, "join",
                "the handshake completed: join the chat"),
     Transition(Trigger.READABLE, (State.READING,), None, "receive",
-               "recv once (and what TLS already decrypted); broadcast it, or hang up on EOF"),
+               "recv once (and what TLS already decrypted); broadcast it (chat mode: every line "
+               "it completes), or hang up on EOF"),
     Transition(Trigger.WRITABLE, (*IN_CHAT, State.DRAINING), None, "flush",
-               "send as much of the queue as the socket takes"),
+               "send as much of the queue as the socket takes, in one send or sendmsg"),
     Transition(Trigger.THROTTLE, (State.READING,), State.PAUSED, "pause_reading",
                "flow control: stop reading from it, so TCP slows the sender down"),
     Transition(Trigger.RESUME, (State.PAUSED,), State.READING, "resume_reading",
@@ -102,14 +117,15 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(Trigger.QUIT, SENDING, State.DRAINING, "leave",
                "chat mode: the client typed /quit; deliver what is queued (its goodbye too)"),
     Transition(Trigger.EMPTY, SENDING, State.EMPTIED, "stop_reading",
-               "the server is stopping and all the client had sent is read: read no more, "
-               "keep receiving what the others had sent"),
+               "the server is stopping and the client sent nothing for 0.2 s (or half the drain "
+               "timeout passed): read no more, keep receiving what the others had sent"),
     Transition(Trigger.SHUTDOWN, (State.EMPTIED,), State.DRAINING, "leave",
-               "every client is emptied: deliver what is queued, then close"),
+               "every client is emptied (a handshaking one failed at once): deliver what is "
+               "queued, then close"),
     Transition(Trigger.DRAINED, (State.DRAINING,), State.CLOSING, "detach",
                "everything queued was delivered"),
     Transition(Trigger.FAIL, LIVE, State.CLOSING, "detach",
-               "socket error or forced close: drop the queue"),
+               "socket error, TLS error, timeout, output limit or forced close: drop the queue"),
     Transition(Trigger.RELEASE, (State.CLOSING,), State.CLOSED, "finish",
                "end of the loop step: close the socket, forget the connection"),
 )
@@ -172,28 +188,32 @@ next_state = CONNECTION.next_state
 allowed = CONNECTION.allowed
 
 
-class LinkState(StrEnum):
-    IDLE = "idle"  # created, not yet dialled
-    CONNECTING = "connecting"  # a non-blocking connect is under way: waits to be writable
-    GREETING = "greeting"  # connected; AUTH/SELECT and PING or SUBSCRIBE sent, replies awaited
-    READY = "ready"  # publishes what local clients send, or receives what the channel carries
-    PAUSED = "paused"  # subscriber not read from until congested local recipients catch up
-    BACKOFF = "backoff"  # lost or refused: waits for the retry timer; local chat goes on
-    DRAINING = "draining"  # the server is stopping: publishes what waits, awaits the replies
-    CLOSED = "closed"  # socket closed for good
+class LinkState(Documented):
+    IDLE = "idle", "created, not yet dialled"
+    CONNECTING = ("connecting", "a non-blocking connect, to each address of the host in turn: "
+                  "waits to be writable, 5 s at most per address")
+    GREETING = ("greeting", "connected; AUTH/SELECT and PING or SUBSCRIBE sent, replies awaited "
+                "(5 s at most)")
+    READY = "ready", "publishes what local clients send, or receives what the channel carries"
+    PAUSED = "paused", "subscriber not read from until congested local recipients catch up"
+    BACKOFF = ("backoff", "lost or refused: waits for the retry timer (0.1 s doubling to 2 s, "
+               "with jitter); local chat goes on")
+    DRAINING = "draining", "the server is stopping: publishes what waits, awaits the replies"
+    CLOSED = "closed", "socket closed for good"
 
 
-class LinkTrigger(StrEnum):
-    DIAL = "dial"  # the server started, or the retry timer fired
-    WRITABLE = "writable"  # select reported the socket writable (connect done, or output queued)
-    CONNECTED = "connected"  # the non-blocking connect succeeded
-    READABLE = "readable"  # select reported the socket readable
-    GREETED = "greeted"  # every greeting command was answered without an error
-    THROTTLE = "throttle"  # what it delivered left a local recipient over the high-water mark
-    RESUME = "resume"  # no local recipient holds senders back any more
-    FAIL = "fail"  # refused, socket error, EOF, a protocol error, an error reply, no answer
-    SHUTDOWN = "shutdown"  # the server is stopping
-    DRAINED = "drained"  # nothing waits for Redis any more
+class LinkTrigger(Documented):
+    DIAL = "dial", "the server started, or the retry timer fired"
+    WRITABLE = "writable", "select reported the socket writable (connect done, or output queued)"
+    CONNECTED = "connected", "the non-blocking connect succeeded"
+    READABLE = "readable", "select reported the socket readable"
+    GREETED = "greeted", "every greeting command was answered without an error"
+    THROTTLE = "throttle", "what it delivered left a local recipient over the high-water mark"
+    RESUME = "resume", "no local recipient holds senders back any more"
+    FAIL = ("fail", "refused at every address, socket error, EOF, a protocol error, an error "
+            "reply, or no answer within 5 s")
+    SHUTDOWN = "shutdown", "the server is stopping"
+    DRAINED = "drained", "nothing waits for Redis any more"
 
 
 LINK_TRANSITIONS: tuple[Transition, ...] = (
@@ -232,19 +252,22 @@ LINK_TRANSITIONS: tuple[Transition, ...] = (
 REDIS_LINK = Lifecycle("redis_link", tuple(LinkState), LinkState.IDLE, LinkState.CLOSED,
                        LINK_TRANSITIONS)
 
-class HttpState(StrEnum):
-    RECEIVING = "receiving"  # reads a request (h11 parses it); waits for the next one on keep-alive
-    RESPONDING = "responding"  # the response is queued: writes it, reads nothing
-    CLOSED = "closed"  # socket closed, connection forgotten
+class HttpState(Documented):
+    RECEIVING = ("receiving", "reads a request (h11 parses it; 5 s at most for the first); waits "
+                 "for the next one on keep-alive (30 s at most)")
+    RESPONDING = "responding", "the response is queued: writes it, reads nothing"
+    CLOSED = "closed", "socket closed, connection forgotten"
 
 
-class HttpTrigger(StrEnum):
-    READABLE = "readable"  # select reported the socket readable
-    WRITABLE = "writable"  # select reported the socket writable (asked only while output is queued)
-    REQUEST = "request"  # a whole request arrived, or a bad one did (answered 400)
-    SENT = "sent"  # the whole response was written and the connection may be reused
-    DONE = "done"  # the whole response was written and the connection must close
-    FAIL = "fail"  # EOF, a socket error or the idle timeout
+class HttpTrigger(Documented):
+    READABLE = "readable", "select reported the socket readable"
+    WRITABLE = "writable", "select reported the socket writable (asked only while output is queued)"
+    REQUEST = "request", "a whole request arrived, or a bad one did (answered 400)"
+    SENT = "sent", "the whole response was written and the connection may be reused"
+    DONE = ("done", "the whole response was written and the connection must close "
+            "(Connection: close, HTTP/1.0, a bad request)")
+    FAIL = ("fail", "EOF, a socket error, no whole request in time, or its place given to a "
+            "newcomer")
 
 
 HTTP_TRANSITIONS: tuple[Transition, ...] = (
@@ -259,7 +282,8 @@ HTTP_TRANSITIONS: tuple[Transition, ...] = (
     Transition(HttpTrigger.DONE, (HttpState.RESPONDING,), HttpState.CLOSED, "close",
                "the response said Connection: close (or the request was bad): close"),
     Transition(HttpTrigger.FAIL, (HttpState.RECEIVING, HttpState.RESPONDING), HttpState.CLOSED,
-               "close", "EOF, a socket error or the idle timeout: close"),
+               "close", "EOF, a socket error, no whole request in time (5 s for the first, 30 s "
+               "for the next) or its place given to a newcomer: close"),
 )
 
 METRICS_HTTP = Lifecycle("metrics_http", tuple(HttpState), HttpState.RECEIVING, HttpState.CLOSED,

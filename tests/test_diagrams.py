@@ -125,17 +125,27 @@ def test_a_bad_format_is_a_one_line_usage_error(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1 and "--format" in result.stderr
 
 
-def test_readme_embeds_the_current_mermaid_diagrams() -> None:
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```mermaid\n(.*?)```", readme, re.S)
+DESIGN = ROOT / "docs" / "design.md"
+
+
+def test_the_design_document_embeds_the_current_mermaid_diagrams() -> None:
+    blocks = re.findall(r"```mermaid\n(.*?)```", DESIGN.read_text(), re.S)
     for lifecycle in LIFECYCLES:
         assert (COMMITTED / f"{lifecycle.name}.mmd").read_text() in blocks, lifecycle.name
 
 
-def test_readme_explains_every_state_and_trigger() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_the_design_document_explains_every_state_and_trigger() -> None:
+    design = DESIGN.read_text()
     for lifecycle in LIFECYCLES:
         for state in lifecycle.states:
-            assert re.search(rf"^\| `{state}` \|", readme, re.M), state
+            assert re.search(rf"^\| `{state}` \|", design, re.M), state
         for row in lifecycle.transitions:
-            assert re.search(rf"^\| `{row.trigger}` \|", readme, re.M), row.trigger
+            assert re.search(rf"^\| `{row.trigger}` \|", design, re.M), row.trigger
+
+
+def test_the_design_document_explains_the_internal_label(fresh: Path) -> None:
+    """GraphMachine marks internal rows ``[internal]``; the reader is told what that means."""
+    assert "[internal]" in (fresh / "connection.dot").read_text()
+    design = DESIGN.read_text()
+    assert re.search(r"`\[internal\]`[^.]*state (stays|does not change)", design), (
+        "docs/design.md should say what [internal] means beside the diagrams")
