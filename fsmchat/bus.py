@@ -163,7 +163,9 @@ class PublishLink(RedisLink):
             self.unsent_bytes -= message[3]
             inflight.append(message)
             self.inflight_bytes += message[3]
-            self.push(message[1], message[2], CRLF)
+            self.push(message[1])
+            self.push(message[2])
+            self.push(CRLF)
 
     def _drop_oldest(self) -> None:
         dropped = 0

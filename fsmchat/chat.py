@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Protocol
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.framing import LineFramer
+from fsmchat.reasons import Reason
 from fsmchat.telnet import TelnetParser
 
 if TYPE_CHECKING:
@@ -262,14 +263,14 @@ class Chat:
         member = self.members.pop(client.fd, None)
         if member is None:
             return
-        if member.held and client.reason == "server_shutdown":  # whole lines, read before
+        if member.held and client.reason == Reason.SERVER_SHUTDOWN:  # whole lines, read before
             self.room.messages_in += len(member.held)
             for line in member.held:
                 message = None if _is_command(line) else _message(member.name, line)
                 if message:
                     self._say(message, client)
         rest = member.framer.flush()
-        if rest and client.reason == "peer_closed":  # typed, then EOF without a newline
+        if rest and client.reason == Reason.PEER_CLOSED:  # typed, then EOF without a newline
             self.room.messages_in += 1
             message = None if _is_command(rest) else _message(member.name, rest)
             if message:

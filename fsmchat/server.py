@@ -69,16 +69,18 @@ from fsmchat import lifecycle
 from fsmchat.access import Access, Network, address_key
 from fsmchat.bus import RedisBus
 from fsmchat.chat import DEFAULT_MAX_LINE, ENTRY_BYTES, Chat
-from fsmchat.connection import Connection, error_reason
+from fsmchat.connection import Connection
 from fsmchat.events import make_logger
 from fsmchat.history import History
-from fsmchat.lifecycle import IN_CHAT, SENDING, InvalidTrigger, State, Trigger
+from fsmchat.lifecycle import IN_CHAT, SENDING, State, Trigger
 from fsmchat.logstream import DEFAULT_LOG_BUFFER, LogStream, say
-from fsmchat.loop import FD_SETSIZE, EventLoop, Timer
+from fsmchat.loop import FD_SETSIZE, EventLoop, FdLimit, Reader, Timer
 from fsmchat.metrics import CONTENT_TYPE, Exposition
 from fsmchat.metrics_http import MetricsEndpoint
+from fsmchat.reasons import Reason, error_reason
 from fsmchat.redis_link import RedisAddress
 from fsmchat.signals import SignalWatch
+from fsmchat.sock import contain_in
 from fsmchat.stats import StatsReporter, snapshot
 from fsmchat.tls import TLSSetupError, server_context
 
@@ -199,18 +201,6 @@ def default_max_clients() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     usable = FD_SETSIZE if soft == resource.RLIM_INFINITY else min(FD_SETSIZE, soft)
     return max(1, usable - RESERVED_FDS)
-
-
-class Reader:
-    """A loop handler for descriptors that are only ever read: listeners, the signal socket."""
-
-    __slots__ = ("on_readable",)
-
-    def __init__(self, on_readable: Callable[[], None]) -> None:
-        self.on_readable = on_readable
-
-    def on_writable(self) -> None:
-        raise AssertionError("a read-only descriptor was reported writable")
 
 
 Listener = tuple[socket.socket, ssl.SSLContext | None]
@@ -403,7 +393,7 @@ class ChatServer:
 
     def quit(self, conn: Connection) -> None:
         if conn.state in IN_CHAT:  # not if its goodbye took it past its limit
-            conn.reason = "quit"
+            conn.reason = Reason.QUIT
             self.fire(conn, Trigger.QUIT)
 
     def in_chat(self, conn: Connection) -> bool:
@@ -461,43 +451,11 @@ class ChatServer:
             if not self.stopping:
                 self._begin_shutdown(signum)
             else:
-                self._force_close("second_signal")
+                self._force_close(Reason.SECOND_SIGNAL)
 
     def fire(self, conn: Connection, trigger: Trigger) -> None:
         """Fire a trigger the server decided on; a bug is logged and closes that client only."""
-        try:
-            conn.fire(trigger)
-        except Exception as exc:  # noqa: BLE001 - one client's bug must not stop the others
-            self.bug(conn, trigger, exc)
-
-    def bug(self, conn: Connection, trigger: str, exc: Exception) -> None:
-        self.log.error("lifecycle.bug", fd=conn.fd, state=conn.state, trigger=trigger,
-                       exception=repr(exc), exc_info=not isinstance(exc, InvalidTrigger))
-        try:
-            conn.close_because("internal_error")
-        except Exception:  # noqa: BLE001 - the table itself is broken: take it out by hand
-            self._take_out(conn)
-            conn.sock.close()
-            if self.connections.pop(conn.fd, None) is not None:
-                self.closed["internal_error"] += 1
-                self._unseat(conn.fd)
-            return
-        if conn.state == State.CLOSING and conn not in self._closing:
-            # The bug struck inside detach: finish it by hand, release it as usual. Never a
-            # connection in `closing` that the loop still watches and nobody will release.
-            conn.reason = conn.reason or "internal_error"
-            self._take_out(conn)
-            self.release_soon(conn)
-
-    def _take_out(self, conn: Connection) -> None:
-        """What ``detach`` does, safe to repeat: out of the loop, the chat and flow control."""
-        self.loop.unregister(conn.fd)
-        if self.readers.pop(conn.fd, None) is not None:
-            self.departed(conn)
-        self.paused.pop(conn.fd, None)
-        conn.queue.clear()
-        if conn.crowded:
-            self.relieved(conn)
+        conn.fire_safely(trigger)
 
     def _close_overflowed(self) -> None:
         """Close every recipient past its limit, oldest first, from one work list.
@@ -515,10 +473,7 @@ class ChatServer:
                     continue  # closed meanwhile, for another reason
                 self.log.warning("connection.queue_limit", fd=conn.fd, peer=conn.peer,
                                  queued=conn.queue.nbytes, limit=self.max_queue_bytes)
-                try:
-                    conn.close_because("queue_limit")
-                except Exception as exc:  # noqa: BLE001
-                    self.bug(conn, Trigger.FAIL, exc)
+                conn.close_safely(Reason.QUEUE_LIMIT)
         finally:
             self._closing_overflowed = False
 
@@ -561,8 +516,8 @@ class ChatServer:
             del waiting[fd]
             try:
                 chat.resumed(conn)  # (held again: back in waiting)
-            except Exception as exc:  # noqa: BLE001
-                self.bug(conn, Trigger.RESUME, exc)
+            except Exception as exc:  # noqa: BLE001 - chat code for one client, outside any trigger
+                conn.contain(Trigger.RESUME, exc)
                 continue
             if conn.state == State.PAUSED and fd not in waiting and not self.held(conn):
                 self.fire(conn, Trigger.RESUME)
@@ -614,24 +569,26 @@ class ChatServer:
         reason = ""
         address = address_key(host)
         if not self.access.open and not self.access.permits(host):
-            reason = "denied"
-        elif fd >= FD_SETSIZE:
-            reason = "fd_limit"
+            reason = Reason.DENIED
         elif 0 < self.max_clients_per_addr <= self.per_addr[address]:
-            reason = "per_addr_limit"
+            reason = Reason.PER_ADDR_LIMIT
         elif len(self.connections) >= self.max_clients:
-            reason = "server_full"
+            reason = Reason.SERVER_FULL
         else:
             try:
                 sock = _prepare(sock, tls)
             except OSError as exc:  # gone already: that client only, never the loop
-                reason = "tls_error" if isinstance(exc, ssl.SSLError) else error_reason(exc)
+                reason = Reason.TLS_ERROR if isinstance(exc, ssl.SSLError) else error_reason(exc)
+        if not reason:
+            try:
+                conn = Connection(sock, peer, self)  # in the loop, not yet read from
+            except FdLimit:  # a descriptor select cannot watch
+                reason = Reason.FD_LIMIT
         if reason:
             self.rejected[reason] += 1
             self.log.warning("connection.rejected", peer=peer, reason=reason)
             sock.close()
             return
-        conn = Connection(sock, peer, self)
         self.connections[fd] = conn
         self.per_addr[address] += 1
         self._address[fd] = address
@@ -639,7 +596,6 @@ class ChatServer:
             self._make_room_for_handshake()
             self._handshakes[fd] = conn
         self.accepted += 1
-        self.loop.register(fd, conn, read=False)
         self.log.info("connection.accepted", fd=fd, peer=peer, tls=tls is not None)
         self.fire(conn, Trigger.START if tls is None else Trigger.SECURE)
 
@@ -653,10 +609,7 @@ class ChatServer:
                                  error=f"the oldest of {self.max_handshakes} unfinished "
                                        "handshakes, the most at once (a quarter of "
                                        "--max-clients), closed for a newcomer")
-                try:
-                    conn.close_because("handshake_limit")
-                except Exception as exc:  # noqa: BLE001
-                    self.bug(conn, Trigger.FAIL, exc)
+                conn.close_safely(Reason.HANDSHAKE_LIMIT)
                 return
 
     def _unseat(self, fd: int) -> None:
@@ -709,12 +662,12 @@ class ChatServer:
             self._accept_timer.cancel()
         for conn in list(self.connections.values()):
             if conn.state == State.HANDSHAKING:  # not in the chat: nothing to deliver to it
-                conn.close_because("server_shutdown")
+                conn.close_because(Reason.SERVER_SHUTDOWN)
         now = time.monotonic()
         self._emptying = Emptying(dict(self.readers), now + self.drain_timeout / 2)
         self.stop_deadline = now + self.drain_timeout
         self.loop.call_later(self.drain_timeout / 2, _nothing)  # a turn then ends the reading
-        self.loop.call_later(self.drain_timeout, lambda: self._force_close("drain_timeout"))
+        self.loop.call_later(self.drain_timeout, lambda: self._force_close(Reason.DRAIN_TIMEOUT))
 
     def _check_emptied(self) -> None:
         """End of a step while stopping: a client that reached EOF leaves as usual; one that
@@ -772,10 +725,7 @@ class ChatServer:
                 self.cut.undrained += 1
                 self.cut.undelivered_bytes += conn.queue.nbytes
                 self._count_unread(conn)
-            try:
-                conn.close_because(reason)
-            except Exception as exc:  # noqa: BLE001
-                self.bug(conn, Trigger.FAIL, exc)
+            conn.close_safely(reason)
 
     def totals(self) -> dict[str, float]:
         """What ``server.stopped`` reports: the snapshot's totals since start."""
@@ -878,7 +828,7 @@ def run(options: Options) -> int:
         stream.close()
         say(str(exc))
         return 2 if isinstance(exc, TLSSetupError) or exc.usage else 1
-    loop = EventLoop()
+    loop = EventLoop(on_crash=contain_in(log))  # a handler's bug closes its socket only
     max_clients = options.max_clients or default_max_clients()
     server = ChatServer(listeners, loop, log, drain_timeout=options.drain_timeout,
                         max_clients=max_clients, max_queue_bytes=options.max_queue_bytes,
