@@ -423,7 +423,7 @@ class ChatServer:
     def forget(self, conn: Connection) -> None:
         del self.connections[conn.fd]
         self._unseat(conn.fd)
-        self.closed[conn.reason] += 1
+        self.closed[str(conn.reason)] += 1  # the plain string: a JSON key and a label
         self.bytes_in += conn.bytes_in
         self.bytes_out += conn.bytes_out
         if self._accept_timer is not None:
@@ -585,7 +585,7 @@ class ChatServer:
             except FdLimit:  # a descriptor select cannot watch
                 reason = Reason.FD_LIMIT
         if reason:
-            self.rejected[reason] += 1
+            self.rejected[str(reason)] += 1
             self.log.warning("connection.rejected", peer=peer, reason=reason)
             sock.close()
             return
