@@ -112,10 +112,7 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
 
     def close_safely(self, reason: str) -> None:
         """``close_because`` from a step over many clients: a bug closes this one only."""
-        try:
-            self.close_because(reason)
-        except Exception as exc:  # noqa: BLE001 - contained as the loop contains its handlers'
-            self.contain(Trigger.FAIL, exc)
+        self.safely(Trigger.FAIL, self.close_because, reason)
 
     def enqueue(self, data: bytes) -> None:
         """Queue a message; over the limit, leave it out and have the hub close this client."""

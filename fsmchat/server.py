@@ -514,10 +514,7 @@ class ChatServer:
             if chat is None or self.held(conn):
                 continue
             del waiting[fd]
-            try:
-                chat.resumed(conn)  # (held again: back in waiting)
-            except Exception as exc:  # noqa: BLE001 - chat code for one client, outside any trigger
-                conn.contain(Trigger.RESUME, exc)
+            if not conn.safely(Trigger.RESUME, chat.resumed, conn):  # (held again: waiting)
                 continue
             if conn.state == State.PAUSED and fd not in waiting and not self.held(conn):
                 self.fire(conn, Trigger.RESUME)

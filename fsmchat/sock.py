@@ -16,10 +16,10 @@ The base owns the descriptor and the plumbing around it:
   detaches mid-step closes only when the step is over (a client's ``finish`` runs from the end of
   the step, Redis's CLOSE_ASAP), so no descriptor number is reused while the loop still holds it.
 - ``contain`` is the one place a crash is contained: the loop's ``on_crash`` hook (``contain_in``)
-  and ``fire_safely`` (for triggers fired from outside the socket's own readiness, over many
-  sockets at once) both end there. It logs ``lifecycle.bug`` (fd, state, trigger, exception), has
-  the kind close that socket (``abandon``: a client closes, a link redials) and returns: the loop
-  and every other socket go on.
+  and ``safely``/``fire_safely`` (for what runs outside the socket's own readiness, in a step
+  over many sockets at once) both end there. It logs ``lifecycle.bug`` (fd, state, trigger,
+  exception), has the kind close that socket (``abandon``: a client closes, a link redials) and
+  returns: the loop and every other socket go on.
 
 What a kind implements: ``failed(op, exc)`` (a socket error), ``abandon()`` (close after a bug),
 ``bug_fields()`` (what tells its bugs apart in the log, if anything), and its table's actions.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from typing import ClassVar, cast
 
 from structlog.typing import FilteringBoundLogger
@@ -136,10 +137,17 @@ class LoopSocket(TableModel):
     def fire_safely(self, trigger: str) -> None:
         """Fire a trigger decided outside this socket's own readiness (a step over many
         sockets): a bug closes this socket only, and the step goes on with the others."""
+        self.safely(trigger, self.fire, trigger)
+
+    def safely(self, trigger: str, step: Callable[..., object], *args: object) -> bool:
+        """Run ``step(*args)`` for this socket (``trigger`` names it in a bug's log) from a
+        step over many sockets; False if it raised (then contained: this socket is closed)."""
         try:
-            self.fire(trigger)
+            step(*args)
         except Exception as exc:  # noqa: BLE001 - contained as the loop contains its handlers'
             self.contain(trigger, exc)
+            return False
+        return True
 
     def contain(self, trigger: str, exc: Exception) -> None:
         """A bug struck while this socket handled ``trigger``: log it, close this socket."""
