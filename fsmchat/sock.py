@@ -95,7 +95,8 @@ class LoopSocket(TableModel):
         was told)."""
         queue = self.queue
         try:
-            sent = queue.send_to(cast(socket.socket, self.sock), gather=not self.tls)
+            # (self.sock is set while attached; no cast: it is a call, and this is the hot path)
+            sent = queue.send_to(self.sock, gather=not self.tls)  # type: ignore[arg-type]
         except NOTHING_YET:
             return None
         except OSError as exc:
@@ -110,16 +111,16 @@ class LoopSocket(TableModel):
     def recv_some(self, size: int = 0) -> bytes | None:
         """One recv (``recv_size`` bytes unless told): the bytes, ``b""`` at EOF, or None when
         there was nothing yet or it failed (``failed`` was told)."""
-        sock = cast(socket.socket, self.sock)
+        sock = self.sock
         try:
-            data = sock.recv(size or self.recv_size)
+            data = sock.recv(size or self.recv_size)  # type: ignore[union-attr] # attached
         except NOTHING_YET:
             return None
         except OSError as exc:
             self.failed("recv", exc)
             return None
         if self.tls and data:  # what TLS decrypted already is invisible to select: take it now
-            tls = cast(ssl.SSLSocket, sock)
+            tls = cast(ssl.SSLSocket, sock)  # (only under TLS: off the plain hot path)
             while tls.pending():
                 data += tls.recv(tls.pending())
         return data
