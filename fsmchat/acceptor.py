@@ -7,9 +7,9 @@ handed to the metrics endpoint.
 
 Rules it keeps:
 - A newcomer is turned away (accepted and closed at once) when ``--allow``/``--deny`` keep its
-  address out, past ``max_clients``, past ``max_clients_per_addr`` from its address, for a
-  descriptor ``select`` cannot watch (at or above FD_SETSIZE), or when its socket fails while
-  it is being taken in (a reset before TLS could begin): that client only, never the loop.
+  address out, past ``max_clients_per_addr`` from its address, past ``max_clients``, when its
+  socket fails while it is being taken in (a reset before TLS could begin), or for a descriptor
+  the loop refuses (at or above FD_SETSIZE): that client only, never the loop.
 - Every client socket is non-blocking, without Nagle (no message waits on a timer), with TCP
   keepalive (a peer that vanished without a FIN is found without chat traffic).
 - TLS handshakes under way take at most a quarter of ``max_clients``: a newcomer past that
@@ -32,10 +32,11 @@ from functools import partial
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.access import Access, address_key
-from fsmchat.connection import Connection, error_reason
+from fsmchat.connection import Connection
 from fsmchat.hub import Hub
 from fsmchat.lifecycle import State, Trigger
-from fsmchat.loop import FD_SETSIZE, EventLoop, Timer
+from fsmchat.loop import EventLoop, FdLimit, Reader, Timer
+from fsmchat.reasons import Reason, error_reason
 
 ACCEPT_BATCH = 64
 """Connections accepted per readable listener event, so a connect storm cannot starve chat."""
@@ -54,18 +55,6 @@ Listener = tuple[socket.socket, ssl.SSLContext | None]
 
 Take = Callable[[socket.socket, object], None]
 """What a listener's accepted sockets go to: (socket, address)."""
-
-
-class Reader:
-    """A loop handler for descriptors that are only ever read: listeners, the signal socket."""
-
-    __slots__ = ("on_readable",)
-
-    def __init__(self, on_readable: Callable[[], None]) -> None:
-        self.on_readable = on_readable
-
-    def on_writable(self) -> None:
-        raise AssertionError("a read-only descriptor was reported writable")
 
 
 class Acceptor:
@@ -138,24 +127,26 @@ class Acceptor:
         reason = ""
         address = address_key(host)
         if not self.access.open and not self.access.permits(host):
-            reason = "denied"
-        elif fd >= FD_SETSIZE:
-            reason = "fd_limit"
+            reason = Reason.DENIED
         elif 0 < self.max_clients_per_addr <= self.per_addr[address]:
-            reason = "per_addr_limit"
+            reason = Reason.PER_ADDR_LIMIT
         elif len(hub.connections) >= self.max_clients:
-            reason = "server_full"
+            reason = Reason.SERVER_FULL
         else:
             try:
                 sock = _prepare(sock, tls)
             except OSError as exc:  # gone already: that client only, never the loop
-                reason = "tls_error" if isinstance(exc, ssl.SSLError) else error_reason(exc)
+                reason = Reason.TLS_ERROR if isinstance(exc, ssl.SSLError) else error_reason(exc)
+        if not reason:
+            try:
+                conn = Connection(sock, peer, hub)  # in the loop, not yet read from
+            except FdLimit:  # a descriptor select cannot watch
+                reason = Reason.FD_LIMIT
         if reason:
-            hub.counts.rejected[reason] += 1
+            hub.counts.rejected[str(reason)] += 1  # the plain string: a JSON key and a label
             self.log.warning("connection.rejected", peer=peer, reason=reason)
             sock.close()
             return
-        conn = Connection(sock, peer, hub)
         hub.connections[fd] = conn
         self.per_addr[address] += 1
         self._address[fd] = address
@@ -163,9 +154,8 @@ class Acceptor:
             self._make_room_for_handshake()
             self._handshakes[fd] = conn
         hub.counts.accepted += 1
-        self.loop.register(fd, conn, read=False)
         self.log.info("connection.accepted", fd=fd, peer=peer, tls=tls is not None)
-        hub.fire(conn, Trigger.START if tls is None else Trigger.SECURE)
+        conn.fire_safely(Trigger.START if tls is None else Trigger.SECURE)
 
     def _make_room_for_handshake(self) -> None:
         """At ``max_handshakes`` unfinished TLS handshakes, close the oldest one still going."""
@@ -182,7 +172,7 @@ class Acceptor:
                          error=f"the oldest of {self.max_handshakes} unfinished handshakes, "
                                "the most at once (a quarter of --max-clients), closed for a "
                                "newcomer")
-        self.hub.close(conn, "handshake_limit")
+        conn.close_safely(Reason.HANDSHAKE_LIMIT)
 
     def unseat(self, conn: Connection) -> None:
         """A connection is gone: its address has room for one more, and accepting may go on."""

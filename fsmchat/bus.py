@@ -57,6 +57,7 @@ from structlog.typing import FilteringBoundLogger
 from fsmchat.hub import Extension
 from fsmchat.lifecycle import LinkState, LinkTrigger
 from fsmchat.loop import EventLoop, Timer
+from fsmchat.reasons import Reason
 from fsmchat.redis_link import RedisAddress, RedisLink
 
 ENVELOPE = b"fsmchat1 "
@@ -164,7 +165,9 @@ class PublishLink(RedisLink):
             self.unsent_bytes -= message[3]
             inflight.append(message)
             self.inflight_bytes += message[3]
-            self.push(message[1], message[2], CRLF)
+            self.push(message[1])
+            self.push(message[2])
+            self.push(CRLF)
 
     def _drop_oldest(self) -> None:
         dropped = 0
@@ -180,7 +183,7 @@ class PublishLink(RedisLink):
         """Warn now, then at most once per DROP_REPORT while drops go on."""
         self.report_timer = None
         if self.unreported:
-            self.log.warning("redis.dropped", reason="outbox_full", messages=self.unreported,
+            self.log.warning("redis.dropped", reason=Reason.OUTBOX_FULL, messages=self.unreported,
                              limit=self.outbox_limit)
             self.unreported = 0
             self.report_timer = self.loop.call_later(DROP_REPORT, self._report_drops)
@@ -269,12 +272,12 @@ class PublishLink(RedisLink):
         if self.report_timer is not None:
             self.report_timer.cancel()
         if self.unreported:
-            self.log.warning("redis.dropped", reason="outbox_full", messages=self.unreported,
+            self.log.warning("redis.dropped", reason=Reason.OUTBOX_FULL, messages=self.unreported,
                              limit=self.outbox_limit)
         left = len(self.unsent) + len(self.inflight)
         if left:
             self.dropped += left
-            self.log.warning("redis.dropped", reason="shutdown", messages=left,
+            self.log.warning("redis.dropped", reason=Reason.SHUTDOWN, messages=left,
                              limit=self.outbox_limit)
         self.unsent.clear()
         self.inflight.clear()
@@ -443,8 +446,6 @@ class RedisBus(Extension):
     def __init__(self, address: RedisAddress, channel: str, loop: EventLoop,
                  log: FilteringBoundLogger, *, outbox_limit: int, payload_limit: int,
                  deliver: Callable[[bytes], bool]) -> None:
-        self.address = address
-        self.channel = channel
         self.origin = new_origin()
         name = channel.encode()
         self.publisher = PublishLink(address, loop, log, channel=name, origin=self.origin,

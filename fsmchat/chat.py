@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 from fsmchat.framing import LineFramer
 from fsmchat.hub import Extension
+from fsmchat.reasons import Reason
 from fsmchat.telnet import TelnetParser
 
 if TYPE_CHECKING:
@@ -235,14 +236,14 @@ class Chat(Extension):
         member = self.members.pop(client.fd, None)
         if member is None:
             return
-        if member.held and client.reason == "server_shutdown":  # whole lines, read before
+        if member.held and client.reason == Reason.SERVER_SHUTDOWN:  # whole lines, read before
             self.hub.counts.messages_in += len(member.held)
             for line in member.held:
                 message = None if _is_command(line) else _message(member.name, line)
                 if message:
                     self._say(message, client)
         rest = member.framer.flush()
-        if rest and client.reason == "peer_closed":  # typed, then EOF without a newline
+        if rest and client.reason == Reason.PEER_CLOSED:  # typed, then EOF without a newline
             self.hub.counts.messages_in += 1
             message = None if _is_command(rest) else _message(member.name, rest)
             if message:

@@ -1,13 +1,16 @@
 """One client connection: a socket, its outgoing queue, and its place in the lifecycle.
 
 Every connection is a model of the one shared ``transitions`` machine built from
-``lifecycle.CONNECTION`` (see ``machine.TableModel``). The loop's readiness reaches it as
-triggers through ``fire``, and the table decides what a trigger means in the current state.
+``lifecycle.CONNECTION`` (see ``machine.TableModel``), and a ``sock.LoopSocket``: the base owns
+the descriptor, the queue's write interest, recv/send errors and bug containment; this module
+owns what a chat client is. The loop's readiness reaches it as triggers through ``fire``, and
+the table decides what a trigger means in the current state.
 
 Actions do the socket work and may fire the next trigger (an empty queue while draining fires
 ``drained``); they never close a socket mid-turn: ``detach`` hands the connection to the hub, which
 releases it when the loop step ends (Redis's CLOSE_ASAP), so no descriptor is reused while the
-loop still holds its number.
+loop still holds its number. ``detach`` does its bookkeeping first and calls out (``departed``,
+``flow.forget``) last, so a bug in what it calls cannot leave a connection that nobody releases.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from typing import TYPE_CHECKING, Any, cast
 from fsmchat import lifecycle
 from fsmchat.lifecycle import State, Trigger
 from fsmchat.loop import Timer
-from fsmchat.machine import TableModel
-from fsmchat.outqueue import OutQueue
+from fsmchat.reasons import Reason, error_reason
+from fsmchat.sock import LoopSocket
 
 if TYPE_CHECKING:
     from fsmchat.hub import Hub
@@ -33,31 +36,26 @@ if TYPE_CHECKING:
 RECV_SIZE = 64 * 1024
 """Bytes one recv may return: one message, and the most one sender gets per loop turn."""
 
-_REASONS = {errno.ECONNRESET: "reset", errno.EPIPE: "broken_pipe", errno.ETIMEDOUT: "timeout"}
+__all__ = ["MACHINE", "RECV_SIZE", "Connection", "error_reason"]
 
 
-def error_reason(exc: OSError) -> str:
-    """The close reason a socket error gives: ``reset``, ``broken_pipe``, ``timeout`` or another
-    lower-case errno name."""
-    code = exc.errno or 0
-    return _REASONS.get(code) or errno.errorcode.get(code, str(code)).lower()
+class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
+    sock: socket.socket  # always set: a connection is attached from the start
+    recv_size = RECV_SIZE
 
-
-class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
     def __init__(self, sock: socket.socket, peer: str, hub: Hub) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.peer = peer
+        """Raises ``loop.FdLimit`` for a descriptor select cannot watch (nothing is kept)."""
+        super().__init__(hub.loop, hub.log, peer)
+        self.attach(sock, read=False)
         self.hub = hub
         self.flow = hub.flow
         self.limits = hub.limits
-        self.queue = OutQueue()
         self.bytes_in = 0
         self.bytes_out = 0
         self.opened = time.monotonic()
-        self.reason = ""  # why it closes: set when a drain begins, replaced by a forced close
+        self.reason: str = ""  # why it closes (a Reason): set as a drain begins, replaced by a
+        # forced close
         self.congested = False  # over the high-water mark, and not yet back under the low one
-        self.tls = isinstance(sock, ssl.SSLSocket)
         self.heard = self.opened  # when it last sent something (for --idle-timeout)
         self.tokens = float(hub.limits.max_recv_rate)  # its token bucket (for --max-recv-rate)
         self.counted = self.opened  # when the bucket was last brought up to date
@@ -71,20 +69,8 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
     # -- triggers -------------------------------------------------------------------------
 
     def changing(self, source: str, dest: str, trigger: str) -> None:
-        self.hub.log.debug("connection.state", fd=self.fd, **{"from": source, "to": dest},
-                           trigger=trigger)
-
-    def on_readable(self) -> None:
-        try:
-            self.fire(Trigger.READABLE)
-        except Exception as exc:  # noqa: BLE001 - a bug closes this client, never the loop
-            self.hub.bug(self, Trigger.READABLE, exc)
-
-    def on_writable(self) -> None:
-        try:
-            self.fire(Trigger.WRITABLE)
-        except Exception as exc:  # noqa: BLE001
-            self.hub.bug(self, Trigger.WRITABLE, exc)
+        self.log.debug("connection.state", fd=self.fd, **{"from": source, "to": dest},
+                       trigger=trigger)
 
     def close_because(self, reason: str) -> None:
         """Close without delivering what is queued, unless it is closing already.
@@ -96,17 +82,36 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
             self.reason = reason
             self.fire(Trigger.FAIL)
 
+    def close_safely(self, reason: str) -> None:
+        """``close_because`` from a step over many clients: a bug closes this one only."""
+        self.safely(Trigger.FAIL, self.close_because, reason)
+
     def enqueue(self, data: bytes) -> None:
         """Queue a message; over the limit, leave it out and have the hub close this client."""
-        queue = self.queue
-        if queue.nbytes + len(data) > self.flow.high_water:
-            if queue.nbytes + len(data) > self.hub.max_queue_bytes:
+        size = self.queue.nbytes + len(data)
+        if size > self.flow.high_water:
+            if size > self.hub.max_queue_bytes:
                 self.hub.overflowed(self)
                 return
             self.flow.congested(self)
-        if not queue:
-            self.hub.loop.want_write(self.fd, True)
-        queue.push(data)
+        self.push(data)
+
+    # -- the socket base's hooks ------------------------------------------------------------
+
+    def failed(self, op: str, exc: OSError) -> None:
+        if isinstance(exc, ssl.SSLError):  # a TLS protocol error, not a socket error
+            self._tls_failed(exc)
+            return
+        code = exc.errno or 0
+        name = errno.errorcode.get(code, str(code))
+        self.log.warning("connection.error", fd=self.fd, peer=self.peer, op=op,
+                         error=f"{name}: {exc.strerror}")
+        self.close_because(error_reason(exc))
+
+    def abandon(self) -> None:
+        """After a bug: close now, through the table (``detach`` has released it already if
+        the bug struck there)."""
+        self.close_because(Reason.INTERNAL_ERROR)
 
     # -- actions, named by lifecycle.TRANSITIONS ---------------------------------------------
 
@@ -115,10 +120,10 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         if self.timer is not None:  # the handshake's timeout
             self.timer.cancel()
             self.timer = None
-        hub.loop.want_read(self.fd, True)
+        self.loop.want_read(self.fd, True)
         if self.limits.idle_timeout:
             self.heard = time.monotonic()
-            self.timer = hub.loop.call_later(self.limits.idle_timeout, self._check_idle)
+            self.timer = self.loop.call_later(self.limits.idle_timeout, self._check_idle)
         hub.joined(self)
 
     def _check_idle(self) -> None:
@@ -133,19 +138,19 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
             self.heard = time.monotonic()
         silent = time.monotonic() - self.heard
         if silent >= self.limits.idle_timeout:
-            self.hub.log.warning("connection.idle", fd=self.fd, peer=self.peer,
-                                 seconds=round(silent, 3))
-            self._close_safely("idle_timeout")
+            self.log.warning("connection.idle", fd=self.fd, peer=self.peer,
+                             seconds=round(silent, 3))
+            self.close_because(Reason.IDLE_TIMEOUT)
             return
-        self.timer = self.hub.loop.call_later(self.limits.idle_timeout - silent, self._check_idle)
+        self.timer = self.loop.call_later(self.limits.idle_timeout - silent, self._check_idle)
 
     def begin_handshake(self) -> None:
-        self.timer = self.hub.loop.call_later(self.limits.handshake_timeout, self._handshake_late)
+        self.timer = self.loop.call_later(self.limits.handshake_timeout, self._handshake_late)
         self.shake()
 
     def shake(self) -> None:
         assert isinstance(self.sock, ssl.SSLSocket)
-        loop = self.hub.loop
+        loop = self.loop
         try:
             self.sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -157,11 +162,11 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
             loop.want_write(self.fd, True)
             return
         except OSError as exc:
-            self._failed("handshake", exc)
+            self.failed("handshake", exc)
             return
         loop.want_write(self.fd, False)
         cipher = self.sock.cipher()
-        self.hub.log.info("connection.secured", fd=self.fd, peer=self.peer,
+        self.log.info("connection.secured", fd=self.fd, peer=self.peer,
                           version=self.sock.version(), cipher=cipher[0] if cipher else None,
                           subject=_subject(self.sock.getpeercert()))
         self.fire(Trigger.ESTABLISHED)
@@ -169,56 +174,37 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
     def _handshake_late(self) -> None:
         self.timer = None
         if self.state == State.HANDSHAKING:
-            self.hub.log.warning("connection.tls_error", fd=self.fd, peer=self.peer,
-                                 error=f"no handshake within {self.limits.handshake_timeout:g} s")
-            self._close_safely("handshake_timeout")
+            self.log.warning("connection.tls_error", fd=self.fd, peer=self.peer,
+                             error=f"no handshake within {self.limits.handshake_timeout:g} s")
+            self.close_because(Reason.HANDSHAKE_TIMEOUT)
 
     def _tls_failed(self, exc: ssl.SSLError) -> None:
-        self.hub.log.warning("connection.tls_error", fd=self.fd, peer=self.peer,
-                             error=exc.reason or str(exc))
-        self.close_because("tls_error")
-
-    def _close_safely(self, reason: str) -> None:
-        """A close decided by a timer: a bug closes this client only, never the loop."""
-        try:
-            self.close_because(reason)
-        except Exception as exc:  # noqa: BLE001
-            self.hub.bug(self, Trigger.FAIL, exc)
+        self.log.warning("connection.tls_error", fd=self.fd, peer=self.peer,
+                         error=exc.reason or str(exc))
+        self.close_because(Reason.TLS_ERROR)
 
     def wait_for_credit(self) -> None:
         rate = self.limits.max_recv_rate
-        self.hub.loop.want_read(self.fd, False)
+        self.loop.want_read(self.fd, False)
         wait = -self.tokens / rate
-        self.hub.log.debug("connection.limited", fd=self.fd, credit_in=round(wait, 3))
-        self.credit_timer = self.hub.loop.call_later(wait, self._credited)
+        self.log.debug("connection.limited", fd=self.fd, credit_in=round(wait, 3))
+        self.credit_timer = self.loop.call_later(wait, self._credited)
 
     def _credited(self) -> None:
         self.credit_timer = None
         if self.state == State.LIMITED:
-            try:
-                self.fire(Trigger.CREDIT)
-            except Exception as exc:  # noqa: BLE001
-                self.hub.bug(self, Trigger.CREDIT, exc)
+            self.fire(Trigger.CREDIT)
 
     def receive(self) -> None:
-        sock = self.sock
-        try:
-            data = sock.recv(RECV_SIZE)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return
-        except OSError as exc:
-            self._failed("recv", exc)
+        data = self.recv_some()
+        if data is None:
             return
         if not data:
-            self.reason = "peer_closed"
+            self.reason = Reason.PEER_CLOSED
             self.fire(Trigger.HANGUP)
             return
-        if self.tls:  # what TLS decrypted already is invisible to select: take it now
-            tls = cast(ssl.SSLSocket, sock)
-            while tls.pending():
-                data += tls.recv(tls.pending())
         self.bytes_in += len(data)
-        self.hub.log.debug("data.received", fd=self.fd, bytes=len(data))
+        self.log.debug("data.received", fd=self.fd, bytes=len(data))
         limits = self.limits
         if limits.idle_timeout or limits.max_recv_rate:
             self._heard(len(data))
@@ -237,37 +223,31 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
         self.heard = now
 
     def flush(self) -> None:
+        sent = self.send_queued()
+        if sent is None:
+            return
         queue = self.queue
-        try:
-            sent = queue.send_to(self.sock, gather=not self.tls)
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            return
-        except OSError as exc:
-            self._failed("send", exc)
-            return
         self.bytes_out += sent
-        self.hub.log.debug("data.sent", fd=self.fd, bytes=sent, queued=queue.nbytes)
+        self.log.debug("data.sent", fd=self.fd, bytes=sent, queued=queue.nbytes)
         if self.congested and queue.nbytes <= self.flow.low_water:
             self.flow.caught_up(self)
-        if not queue:
-            self.hub.loop.want_write(self.fd, False)
-            if self.state == State.DRAINING:
-                self.fire(Trigger.DRAINED)
+        if not queue and self.state == State.DRAINING:
+            self.fire(Trigger.DRAINED)
 
     def pause_reading(self) -> None:
         self.flow.paused[self.fd] = self
-        self.hub.loop.want_read(self.fd, False)
+        self.loop.want_read(self.fd, False)
 
     def resume_reading(self) -> None:
         self.flow.paused.pop(self.fd, None)
-        self.hub.loop.want_read(self.fd, True)
+        self.loop.want_read(self.fd, True)
 
     def stop_reading(self) -> None:
         if self.credit_timer is not None:
             self.credit_timer.cancel()
             self.credit_timer = None
         self.flow.paused.pop(self.fd, None)
-        self.hub.loop.want_read(self.fd, False)
+        self.loop.want_read(self.fd, False)
 
     def has_input(self) -> bool:
         """Whether reading it now would get something: bytes, or its EOF (a peek)."""
@@ -298,25 +278,28 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
 
     def leave(self) -> None:
         self._cancel_timers()
-        self.reason = self.reason or "server_shutdown"
+        self.reason = self.reason or Reason.SERVER_SHUTDOWN
         self.hub.departed(self)
-        self.hub.loop.want_read(self.fd, False)
+        self.loop.want_read(self.fd, False)
         if not self.queue:
             self.fire(Trigger.DRAINED)
 
     def detach(self) -> None:
+        """Out of the loop, the chat and flow control; released at the end of the step. What
+        cannot fail comes first, the calls out last: a bug in them (logged and contained) still
+        leaves the connection out of the loop and released."""
         self._cancel_timers()
-        self.hub.departed(self)
-        self.hub.loop.unregister(self.fd)
+        self.unwatch()
         self.queue.clear()
-        self.flow.forget(self)
         self.hub.release_soon(self)
+        self.hub.departed(self)
+        self.flow.forget(self)
 
     def finish(self) -> None:
         self.sock.close()
         self.machine.remove_model(self)
         self.hub.forget(self)
-        self.hub.log.info("connection.closed", fd=self.fd, peer=self.peer, reason=self.reason,
+        self.log.info("connection.closed", fd=self.fd, peer=self.peer, reason=self.reason,
                           bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                           seconds=round(time.monotonic() - self.opened, 3))
 
@@ -325,16 +308,6 @@ class Connection(TableModel, lifecycle=lifecycle.CONNECTION):
             if timer is not None:
                 timer.cancel()
         self.timer = self.credit_timer = None
-
-    def _failed(self, op: str, exc: OSError) -> None:
-        if isinstance(exc, ssl.SSLError):  # a TLS protocol error, not a socket error
-            self._tls_failed(exc)
-            return
-        code = exc.errno or 0
-        name = errno.errorcode.get(code, str(code))
-        self.hub.log.warning("connection.error", fd=self.fd, peer=self.peer, op=op,
-                             error=f"{name}: {exc.strerror}")
-        self.close_because(error_reason(exc))
 
 
 def _subject(cert: dict[str, Any] | None) -> str | None:

@@ -37,8 +37,6 @@ CONGESTION_GRACE = 1.0
 
 class FlowControl:
     def __init__(self, loop: EventLoop, log: FilteringBoundLogger, max_queue_bytes: int, *,
-                 fire: Callable[[Connection, str], None],
-                 crashed: Callable[[Connection, str, Exception], None],
                  free: Callable[[], None]) -> None:
         self.loop = loop
         self.log = log
@@ -47,8 +45,6 @@ class FlowControl:
         self.paused: dict[int, Connection] = {}  # senders held back, by fd
         self.holding: dict[int, Timer] = {}  # congested recipients in their grace -> its timer
         self.waiting: dict[int, Connection] = {}  # chat mode: senders with lines held back
-        self._fire = fire  # fires a trigger, a bug closing that client only
-        self._crashed = crashed  # a bug in what ``go_on`` ran: closes that client only
         self._free = free  # nobody holds senders back any more (after the paused resumed)
 
     # -- recipients ---------------------------------------------------------------------------
@@ -80,7 +76,7 @@ class FlowControl:
         waiting = self.waiting
         for conn in list(self.paused.values()):
             if conn.fd not in waiting:  # (one with held lines resumes in go_on, after them)
-                self._fire(conn, Trigger.RESUME)
+                conn.fire_safely(Trigger.RESUME)
         self._free()
 
     # -- senders ------------------------------------------------------------------------------
@@ -97,7 +93,7 @@ class FlowControl:
         holding = self.holding
         if holding and sender.state == State.READING and (
                 len(holding) > 1 or sender.fd not in holding):
-            self._fire(sender, Trigger.THROTTLE)
+            sender.fire_safely(Trigger.THROTTLE)
 
     def wait(self, sender: Connection) -> None:
         """Chat mode: ``sender`` has lines held back; it is paused (if it is reading)."""
@@ -117,13 +113,10 @@ class FlowControl:
             if self.holds(conn):
                 continue
             del waiting[fd]
-            try:
-                lines_go_on(conn)  # (held again: back in waiting)
-            except Exception as exc:  # noqa: BLE001 - one client's bug closes that client
-                self._crashed(conn, Trigger.RESUME, exc)
+            if not conn.safely(Trigger.RESUME, lines_go_on, conn):  # (held again: waiting)
                 continue
             if conn.state == State.PAUSED and fd not in waiting and not self.holds(conn):
-                self._fire(conn, Trigger.RESUME)
+                conn.fire_safely(Trigger.RESUME)
 
     def forget(self, conn: Connection) -> None:
         """``conn`` left the chat: it is neither a paused sender nor a congested recipient."""

@@ -35,8 +35,9 @@ from structlog.typing import FilteringBoundLogger
 
 from fsmchat import lifecycle
 from fsmchat.flow import FlowControl
-from fsmchat.lifecycle import IN_CHAT, InvalidTrigger, State, Trigger
+from fsmchat.lifecycle import IN_CHAT, Trigger
 from fsmchat.loop import EventLoop
+from fsmchat.reasons import Reason
 
 if TYPE_CHECKING:
     from fsmchat.connection import Connection
@@ -121,8 +122,7 @@ class Hub:
         self.counts = Counts()
         self.connections: dict[int, Connection] = {}  # every connection not yet closed, by fd
         self.readers: dict[int, Connection] = {}  # in the chat: take messages
-        self.flow = FlowControl(loop, log, limits.max_queue_bytes, fire=self.fire,
-                                crashed=self.bug, free=self._free)
+        self.flow = FlowControl(loop, log, limits.max_queue_bytes, free=self._free)
         self.extensions: tuple[Extension, ...] = ()
         self.received: Callable[[Connection, bytes], None] = self._relay_bytes
         """What a connection's recv is handed to: straight to everyone (raw mode), or chat
@@ -263,8 +263,8 @@ class Hub:
 
     def quit(self, conn: Connection) -> None:
         if conn.state in IN_CHAT:  # not if its goodbye took it past its limit
-            conn.reason = "quit"
-            self.fire(conn, Trigger.QUIT)
+            conn.reason = Reason.QUIT
+            conn.fire_safely(Trigger.QUIT)
 
     def in_chat(self, conn: Connection) -> bool:
         return conn.state in IN_CHAT
@@ -279,7 +279,7 @@ class Hub:
     def forget(self, conn: Connection) -> None:
         del self.connections[conn.fd]
         counts = self.counts
-        counts.closed[conn.reason] += 1
+        counts.closed[str(conn.reason)] += 1  # the plain string: a JSON key and a label
         counts.bytes_in += conn.bytes_in
         counts.bytes_out += conn.bytes_out
         self._gone(conn)
@@ -289,49 +289,7 @@ class Hub:
         while self._closing:
             closing, self._closing = self._closing, []
             for conn in closing:
-                self.fire(conn, Trigger.RELEASE)
-
-    # -- bugs ---------------------------------------------------------------------------------
-
-    def fire(self, conn: Connection, trigger: str) -> None:
-        """Fire a trigger the server decided on; a bug is logged and closes that client only."""
-        try:
-            conn.fire(trigger)
-        except Exception as exc:  # noqa: BLE001 - one client's bug must not stop the others
-            self.bug(conn, trigger, exc)
-
-    def close(self, conn: Connection, reason: str) -> None:
-        """Close ``conn`` without delivering what is queued; a bug closes that client only."""
-        try:
-            conn.close_because(reason)
-        except Exception as exc:  # noqa: BLE001
-            self.bug(conn, Trigger.FAIL, exc)
-
-    def bug(self, conn: Connection, trigger: str, exc: Exception) -> None:
-        self.log.error("lifecycle.bug", fd=conn.fd, state=conn.state, trigger=trigger,
-                       exception=repr(exc), exc_info=not isinstance(exc, InvalidTrigger))
-        try:
-            conn.close_because("internal_error")
-        except Exception:  # noqa: BLE001 - the table itself is broken: take it out by hand
-            self._take_out(conn)
-            conn.sock.close()
-            if self.connections.pop(conn.fd, None) is not None:
-                self.counts.closed["internal_error"] += 1
-                self._gone(conn)
-            return
-        if conn.state == State.CLOSING and conn not in self._closing:
-            # The bug struck inside detach: finish it by hand, release it as usual. Never a
-            # connection in `closing` that the loop still watches and nobody will release.
-            conn.reason = conn.reason or "internal_error"
-            self._take_out(conn)
-            self.release_soon(conn)
-
-    def _take_out(self, conn: Connection) -> None:
-        """What ``detach`` does, safe to repeat: out of the loop, the chat and flow control."""
-        self.loop.unregister(conn.fd)
-        self.departed(conn)
-        conn.queue.clear()
-        self.flow.forget(conn)
+                conn.fire_safely(Trigger.RELEASE)
 
     # -- flow control's news -----------------------------------------------------------------
 
@@ -362,7 +320,7 @@ class Hub:
                     continue  # closed meanwhile, for another reason
                 self.log.warning("connection.queue_limit", fd=conn.fd, peer=conn.peer,
                                  queued=conn.queue.nbytes, limit=self.max_queue_bytes)
-                self.close(conn, "queue_limit")
+                conn.close_safely(Reason.QUEUE_LIMIT)
         finally:
             self._closing_overflowed = False
 

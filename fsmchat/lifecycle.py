@@ -182,7 +182,6 @@ class Lifecycle:
 CONNECTION = Lifecycle("connection", tuple(State), INITIAL, State.CLOSED, TRANSITIONS)
 
 # The connection's table, indexed: what the connection's code and tests read.
-ROWS = CONNECTION.rows
 row_for = CONNECTION.row_for
 next_state = CONNECTION.next_state
 allowed = CONNECTION.allowed

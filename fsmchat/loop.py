@@ -13,6 +13,14 @@ Rules it keeps:
 - The select timeout is the time to the nearest timer, at most ``MAX_WAIT``; with no timer the
   loop sleeps until a descriptor is ready. It never polls, and no timer, however far, can make
   select's timeout overflow: a far one is waited for an hour at a time.
+- Only descriptors select can watch get in: ``register`` refuses one at or above ``FD_SETSIZE``
+  (``FdLimit``), so select itself never fails on a number too large (as in ``ae.c``, the limit
+  lives in the loop, not in each caller).
+- A handler that raises never stops the loop: an exception from ``on_readable``, ``on_writable``
+  or a timer's callback goes to ``on_crash`` (the one place that contains it, as in curio), and
+  the turn goes on with the next descriptor or timer. What a crash means (a log line, a socket
+  closed) is the hook's business: the loop knows only who raised. ``before_sleep`` is not
+  contained: it is the owner's own step, which contains what it runs.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import heapq
 import itertools
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 FD_SETSIZE = 1024
@@ -36,6 +44,37 @@ class Handler(Protocol):
     def on_readable(self) -> None: ...
 
     def on_writable(self) -> None: ...
+
+
+CrashHook = Callable[[object, str, Exception], None]
+"""``on_crash(culprit, event, exc)``: ``culprit`` is the handler whose method raised, or for a
+timer the object its callback is a method of (None for a plain function); ``event`` is
+``readable``, ``writable`` or the timer callback's qualified name."""
+
+
+class FdLimit(Exception):
+    """``register`` refused a descriptor select cannot watch (at or above ``FD_SETSIZE``)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(f"descriptor {fd} is at or above FD_SETSIZE ({FD_SETSIZE})")
+        self.fd = fd
+
+
+def _reraise(culprit: object, event: str, exc: Exception) -> None:
+    """Without a hook, a handler's exception ends ``run`` like any other."""
+    raise exc
+
+
+class Reader:
+    """A handler for descriptors that are only ever read: listeners, the signal socket."""
+
+    __slots__ = ("on_readable",)
+
+    def __init__(self, on_readable: Callable[[], None]) -> None:
+        self.on_readable = on_readable
+
+    def on_writable(self) -> None:
+        raise AssertionError("a read-only descriptor was reported writable")
 
 
 class Timer:
@@ -57,7 +96,7 @@ class Timer:
 
 
 class EventLoop:
-    def __init__(self) -> None:
+    def __init__(self, on_crash: CrashHook = _reraise) -> None:
         self._handlers: dict[int, Handler] = {}  # fd -> who handles its readiness
         self._reads: set[int] = set()  # fds select watches for reading
         self._writes: set[int] = set()  # fds select watches for writing
@@ -65,10 +104,15 @@ class EventLoop:
         self._seq = itertools.count()  # ties between equal deadlines go first-come first-served
         self._running = False
         self.before_sleep: Callable[[], None] = lambda: None  # end of every turn, before select
+        self.on_crash = on_crash  # told of every exception a handler or a timer raises
         self.turns = 0  # loop iterations so far
         self.select_seconds = 0.0  # time spent waiting in select so far
 
     def register(self, fd: int, handler: Handler, *, read: bool = True) -> None:
+        """Watch ``fd`` (for reading at once unless ``read`` is False); ``FdLimit`` if select
+        cannot watch it: the caller turns that socket away."""
+        if fd >= FD_SETSIZE:
+            raise FdLimit(fd)
         self._handlers[fd] = handler
         if read:
             self._reads.add(fd)
@@ -90,15 +134,6 @@ class EventLoop:
         else:
             self._writes.discard(fd)
 
-    def handler(self, fd: int) -> Handler:
-        return self._handlers[fd]
-
-    def wants_read(self, fd: int) -> bool:
-        return fd in self._reads
-
-    def wants_write(self, fd: int) -> bool:
-        return fd in self._writes
-
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         timer = Timer(time.monotonic() + delay, next(self._seq), callback)
         heapq.heappush(self._timers, timer)
@@ -114,7 +149,7 @@ class EventLoop:
 
     def run(self) -> None:
         self._running = True
-        reads, writes, handlers = self._reads, self._writes, self._handlers
+        reads, writes = self._reads, self._writes
         while self._running:
             self.before_sleep()
             if not self._running:
@@ -125,14 +160,41 @@ class EventLoop:
             now = time.monotonic()
             self.select_seconds += now - entered
             self.turns += 1
-            for fd in readable:
-                if fd in reads:
-                    handlers[fd].on_readable()
-            for fd in writable:
-                if fd in writes:
-                    handlers[fd].on_writable()
-            if self._timers:
-                self.run_timers(now if not (readable or writable) else time.monotonic())
+            if readable or writable:
+                self.dispatch(readable, writable)
+                if self._timers:
+                    self.run_timers(time.monotonic())
+            elif self._timers:
+                self.run_timers(now)
+
+    def dispatch(self, readable: Iterable[int], writable: Iterable[int]) -> None:
+        """Hand what select reported to the handlers: reads first, then writes, each only if
+        its interest still holds. A handler that raises goes to ``on_crash``; the rest of the
+        turn goes on (the iterator keeps its place, so nothing is called twice)."""
+        reads, writes, handlers = self._reads, self._writes, self._handlers
+        handler: Handler | None = None  # reset before each lookup: a crash names who raised
+        ready = iter(readable)
+        while True:
+            try:
+                for fd in ready:
+                    if fd in reads:
+                        handler = None
+                        handler = handlers[fd]
+                        handler.on_readable()
+                break
+            except Exception as exc:  # noqa: BLE001 - the loop's one place for a handler's crash
+                self.on_crash(handler, "readable", exc)
+        ready = iter(writable)
+        while True:
+            try:
+                for fd in ready:
+                    if fd in writes:
+                        handler = None
+                        handler = handlers[fd]
+                        handler.on_writable()
+                break
+            except Exception as exc:  # noqa: BLE001 - the same, for writes
+                self.on_crash(handler, "writable", exc)
 
     def _timeout(self) -> float | None:
         timers = self._timers
@@ -148,4 +210,9 @@ class EventLoop:
         while timers and timers[0].deadline <= now:
             timer = heapq.heappop(timers)
             if not timer.cancelled:
-                timer.callback()
+                try:
+                    timer.callback()
+                except Exception as exc:  # noqa: BLE001 - contained like a handler's
+                    callback = timer.callback
+                    self.on_crash(getattr(callback, "__self__", None),
+                                  getattr(callback, "__qualname__", repr(callback)), exc)

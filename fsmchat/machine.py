@@ -1,6 +1,7 @@
 """Models of a lifecycle table: one shared ``transitions`` machine per table, a fast ``fire``.
 
-Each kind of socket (client connection, Redis link) is a subclass of ``TableModel`` bound to
+Each kind of socket (client connection, Redis link, scraper) is a subclass of ``TableModel``
+(through ``sock.LoopSocket``) bound to
 its table in ``lifecycle``; every instance is a model of that class's one machine. ``fire``
 reads the table:
 
@@ -27,10 +28,16 @@ Steps = dict[str, dict[str, tuple[str | None, str]]]
 
 
 def steps(lifecycle: Lifecycle) -> Steps:
-    """state -> trigger -> (dest, action name): the table reduced to what ``fire`` reads."""
+    """state -> trigger -> (dest, action name): the table reduced to what ``fire`` reads.
+
+    ``fire`` runs an internal row's action itself, so such a row must name one (a row that
+    changes state may have none: the machine runs whatever it names)."""
     table: Steps = {str(state): {} for state in lifecycle.states}
     for (state, trigger), row in lifecycle.rows.items():
-        table[state][trigger] = (row.dest, row.action or "_no_action")
+        if row.dest is None and not row.action:
+            raise ValueError(f"{lifecycle.name}: the internal row {trigger!r} in {state!r} "
+                             "names no action")
+        table[state][trigger] = (row.dest, row.action or "")
     return table
 
 
@@ -74,6 +81,3 @@ class TableModel:
 
     def changing(self, source: str, dest: str, trigger: str) -> None:
         """Called before a state change: where a model logs it."""
-
-    def _no_action(self) -> None:
-        pass

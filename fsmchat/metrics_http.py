@@ -17,6 +17,7 @@ Rules it keeps:
   connection that has waited longest for a request (one that never sent a whole request
   first, then an idle keep-alive one). Only when all of them are being answered is it ``busy``.
 - The chat's ``--allow``/``--deny`` apply here too.
+- A bug closes that scraper only (``sock.LoopSocket`` contains it), never the chat.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import h11
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.lifecycle import METRICS_HTTP, HttpState, HttpTrigger
-from fsmchat.loop import FD_SETSIZE, EventLoop, Timer
-from fsmchat.machine import TableModel
-from fsmchat.outqueue import OutQueue
+from fsmchat.loop import EventLoop, FdLimit, Timer
+from fsmchat.reasons import Reason
+from fsmchat.sock import LoopSocket
 
 PATH = b"/metrics"
 MAX_SCRAPERS = 4
@@ -63,16 +64,22 @@ class MetricsEndpoint:
     def admit(self, sock: socket.socket, peer: str, *, allowed: bool = True) -> None:
         """Serve a scraper, or close it at once: not allowed (``--allow``/``--deny``), every
         place taken by one being answered, or a descriptor select cannot watch."""
-        fd = sock.fileno()
-        reason = "denied" if not allowed else "fd_limit" if fd >= FD_SETSIZE else ""
-        if not reason and len(self.scrapers) >= MAX_SCRAPERS and not self._make_room():
-            reason = "busy"
-        if reason:
+        scraper = None
+        reason = Reason.DENIED
+        if allowed:
+            try:
+                scraper = MetricsConnection(sock, peer, self)
+            except FdLimit:
+                reason = Reason.FD_LIMIT
+        if scraper is not None and len(self.scrapers) >= MAX_SCRAPERS and not self._make_room():
+            scraper.close()
+            scraper, reason = None, Reason.BUSY
+        if scraper is None:
             self.log.warning("metrics.rejected", peer=peer, reason=reason)
             sock.close()
             return
         sock.setblocking(False)
-        self.scrapers[fd] = MetricsConnection(sock, peer, self)
+        self.scrapers[scraper.fd] = scraper
 
     def _make_room(self) -> bool:
         """Close the connection that has waited longest for a request; False if none waits."""
@@ -83,60 +90,54 @@ class MetricsEndpoint:
         oldest = min(waiting, key=lambda scraper: (scraper.served > 0, scraper.waiting_since))
         self.log.warning("metrics.evicted", peer=oldest.peer, served=oldest.served,
                          seconds=round(time.monotonic() - oldest.waiting_since, 3))
-        oldest.on_fail()
+        oldest.fire_safely(HttpTrigger.FAIL)
         return True
 
     def close_all(self) -> None:
         for scraper in list(self.scrapers.values()):
-            scraper.on_fail()
+            scraper.fire_safely(HttpTrigger.FAIL)
 
 
-class MetricsConnection(TableModel, lifecycle=METRICS_HTTP):
+class MetricsConnection(LoopSocket, lifecycle=METRICS_HTTP):
+    sock: socket.socket  # always set: it is attached from the start
+    recv_size = RECV_SIZE
+
     def __init__(self, sock: socket.socket, peer: str, endpoint: MetricsEndpoint) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.peer = peer
+        """Raises ``loop.FdLimit`` for a descriptor select cannot watch (nothing is kept)."""
+        super().__init__(endpoint.loop, endpoint.log, peer)
+        self.attach(sock)
         self.endpoint = endpoint
         self.http = h11.Connection(h11.SERVER)
-        self.queue = OutQueue()
         self.request: h11.Request | None = None
         self.error: h11.RemoteProtocolError | None = None
         self.served = 0  # responses sent on this connection
         self.waiting_since = time.monotonic()  # when its wait for the current request began
-        self.timer: Timer = endpoint.loop.call_later(REQUEST_TIMEOUT, self.on_fail)
+        self.timer: Timer = endpoint.loop.call_later(REQUEST_TIMEOUT, self._timed_out)
         self.machine.add_model(self)
-        endpoint.loop.register(self.fd, self)
 
-    # -- loop handler -------------------------------------------------------------------------
-
-    def on_readable(self) -> None:
-        self._fire(HttpTrigger.READABLE)
-
-    def on_writable(self) -> None:
-        self._fire(HttpTrigger.WRITABLE)
-
-    def on_fail(self) -> None:
+    def _timed_out(self) -> None:
+        """No whole request in time (a bug here is contained by the loop, like a handler's)."""
         if self.state != HttpState.CLOSED:
-            self._fire(HttpTrigger.FAIL)
+            self.fire(HttpTrigger.FAIL)
 
-    def _fire(self, trigger: str) -> None:
-        try:
-            self.fire(trigger)
-        except Exception as exc:  # noqa: BLE001 - a bug closes this scraper, never the loop
-            self.endpoint.log.error("lifecycle.bug", fd=self.fd, state=self.state,
-                                    trigger=trigger, exception=repr(exc), link="metrics")
-            if self.state != HttpState.CLOSED:
-                self.close()
+    # -- the socket base's hooks ------------------------------------------------------------------
+
+    def failed(self, op: str, exc: OSError) -> None:
+        self.fire(HttpTrigger.FAIL)
+
+    def abandon(self) -> None:
+        """After a bug: close at once, by hand (the table may be what is broken)."""
+        if self.state != HttpState.CLOSED:
+            self.close()
+
+    def bug_fields(self) -> dict[str, str]:
+        return {"link": "metrics"}
 
     # -- actions, named by lifecycle.HTTP_TRANSITIONS -------------------------------------------
 
     def receive(self) -> None:
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.fire(HttpTrigger.FAIL)
+        data = self.recv_some()
+        if data is None:
             return
         if not data:
             self.fire(HttpTrigger.FAIL)
@@ -198,21 +199,12 @@ class MetricsConnection(TableModel, lifecycle=METRICS_HTTP):
         for part in (head, http.send(h11.Data(data=body)) if body else b"",
                      http.send(h11.EndOfMessage())):
             if part:
-                self.queue.push(part)
+                self.push(part)
         loop.want_read(self.fd, False)
-        loop.want_write(self.fd, True)
 
     def flush(self) -> None:
-        try:
-            self.queue.send_to(self.sock)
-        except BlockingIOError:
+        if self.send_queued() is None or self.queue:
             return
-        except OSError:
-            self.fire(HttpTrigger.FAIL)
-            return
-        if self.queue:
-            return
-        self.endpoint.loop.want_write(self.fd, False)
         http = self.http
         self.served += 1
         if http.our_state is h11.DONE and http.their_state is h11.DONE:
@@ -223,14 +215,13 @@ class MetricsConnection(TableModel, lifecycle=METRICS_HTTP):
 
     def next_request(self) -> None:
         self.timer.cancel()
-        self.timer = self.endpoint.loop.call_later(KEEPALIVE_TIMEOUT, self.on_fail)
+        self.timer = self.endpoint.loop.call_later(KEEPALIVE_TIMEOUT, self._timed_out)
         self.waiting_since = time.monotonic()
         self.endpoint.loop.want_read(self.fd, True)
         self._parse()  # a pipelined request may be waiting in h11 already
 
     def close(self) -> None:
         self.timer.cancel()
-        self.endpoint.loop.unregister(self.fd)
-        self.sock.close()
+        self.close_socket()
         self.machine.remove_model(self)
         self.endpoint.scrapers.pop(self.fd, None)

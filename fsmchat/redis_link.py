@@ -9,7 +9,8 @@ long as the server runs. Replies are parsed by ``hiredis.Reader``; commands are 
 Redis is trusted no more than a client: whatever it sends (or fails to send) ends one session of
 the link, never the link's retries, the loop or the local chat.
 
-``RedisLink`` is the socket and the lifecycle; what the link is *for* lives in a subclass
+``RedisLink`` is the socket and the lifecycle (the socket plumbing, and a bug that drops the link,
+which then redials, come from ``sock.LoopSocket``); what the link is *for* lives in a subclass
 (``bus.PublishLink``, ``bus.SubscribeLink``), through a few hooks: ``greeting``, ``ready``,
 ``on_reply``, ``awaiting``, ``quiet``, ``lost``, ``idle`` and ``closed``.
 
@@ -42,9 +43,9 @@ import hiredis
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.lifecycle import REDIS_LINK, LinkState, LinkTrigger
-from fsmchat.loop import FD_SETSIZE, EventLoop, Timer
-from fsmchat.machine import TableModel
-from fsmchat.outqueue import OutQueue
+from fsmchat.loop import EventLoop, FdLimit, Timer
+from fsmchat.reasons import Reason
+from fsmchat.sock import LoopSocket
 
 SockAddr = tuple[socket.AddressFamily, socket.SocketKind, int, Any]
 """One address of the host as ``getaddrinfo`` gives it: family, type, protocol, address."""
@@ -163,16 +164,13 @@ def describe(exc: OSError) -> str:
     return f"{name}: {text}" if name else text
 
 
-class RedisLink(TableModel, lifecycle=REDIS_LINK):
+class RedisLink(LoopSocket, lifecycle=REDIS_LINK):
     role: ClassVar[str]  # "publish" or "subscribe": the `link` field of its events
+    recv_size = RECV_SIZE
 
     def __init__(self, address: RedisAddress, loop: EventLoop, log: FilteringBoundLogger) -> None:
+        super().__init__(loop, log, str(address))
         self.address = address
-        self.loop = loop
-        self.log = log
-        self.sock: socket.socket | None = None
-        self.fd = -1
-        self.queue = OutQueue()
         self.reader = hiredis.Reader()
         self.greeting_left = 0  # greeting replies still awaited
         self.attempts = 0  # dials since the last outage ended
@@ -210,15 +208,8 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
             self.fire(LinkTrigger.FAIL)
 
     def send_command(self, *args: bytes) -> None:
+        """Queue a command for Redis; only while connected (the socket is in the loop)."""
         self.push(hiredis.pack_command(args))  # type: ignore[arg-type] # stub: a 1-tuple
-
-    def push(self, *buffers: bytes) -> None:
-        """Queue bytes for Redis; only while connected (the socket is in the loop)."""
-        queue = self.queue
-        if not queue:
-            self.loop.want_write(self.fd, True)
-        for buffer in buffers:
-            queue.push(buffer)
 
     def lose(self, error: str) -> None:
         self.error = error
@@ -228,22 +219,18 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
         """Redis sent what the link did not ask for: a protocol error, not a bug of ours."""
         self.lose(f"protocol error: unexpected reply {reply!r:.80}")
 
-    # -- the loop's handler ----------------------------------------------------------------------
+    # -- the socket base's hooks ------------------------------------------------------------------
 
-    def on_readable(self) -> None:
-        self._safely(LinkTrigger.READABLE)
+    def failed(self, op: str, exc: OSError) -> None:
+        self.lose(describe(exc))
 
-    def on_writable(self) -> None:
-        self._safely(LinkTrigger.WRITABLE)
+    def abandon(self) -> None:
+        """After a bug: drop the session; the link redials as after any loss."""
+        if self.lifecycle.allowed(self.state, LinkTrigger.FAIL):
+            self.lose(Reason.INTERNAL_ERROR)
 
-    def _safely(self, trigger: str) -> None:
-        try:
-            self.fire(trigger)
-        except Exception as exc:  # a bug drops the link (which retries), never the loop
-            self.log.error("lifecycle.bug", fd=self.fd, link=self.role, state=self.state,
-                           trigger=trigger, exception=repr(exc), exc_info=True)
-            if self.lifecycle.allowed(self.state, LinkTrigger.FAIL):
-                self.lose("internal_error")
+    def bug_fields(self) -> dict[str, str]:
+        return {"link": self.role}
 
     def changing(self, source: str, dest: str, trigger: str) -> None:
         self.log.debug("redis.state", link=self.role, **{"from": source, "to": dest},
@@ -274,7 +261,9 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
             except OSError as exc:
                 error = describe(exc)
                 continue
-            if sock.fileno() >= FD_SETSIZE:
+            try:
+                self.attach(sock, read=False)
+            except FdLimit:
                 sock.close()
                 error = "no descriptor below FD_SETSIZE left for select"
                 continue
@@ -282,14 +271,12 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             code = sock.connect_ex(sockaddr)
             if code not in (0, errno.EINPROGRESS):
-                sock.close()
+                self._close_socket()
                 error = describe(OSError(code, os.strerror(code)))
                 continue
-            self.sock, self.fd = sock, sock.fileno()
             self.reader = hiredis.Reader()
             self.unparsed = self.reads = self.reads_seen = 0
             self.heard_at = self.owed_since = time.monotonic()
-            self.loop.register(self.fd, self, read=False)
             self.loop.want_write(self.fd, True)
             self.watch_timer = self.loop.call_later(WATCH_EVERY, self._watch)
             return
@@ -334,13 +321,8 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
         self.greeting_left = len(commands)
 
     def receive(self) -> None:
-        assert self.sock is not None
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.lose(describe(exc))
+        data = self.recv_some()
+        if data is None:
             return
         if not data:
             self.lose("closed by Redis")
@@ -376,16 +358,7 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
                 return  # the reply ended this session: what is left belongs to no one
 
     def flush(self) -> None:
-        assert self.sock is not None
-        try:
-            self.queue.send_to(self.sock)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.lose(describe(exc))
-            return
-        if not self.queue:
-            self.loop.want_write(self.fd, False)
+        self.send_queued()
 
     def go_live(self) -> None:
         self.log.info("redis.connected", link=self.role, address=str(self.address),
@@ -416,8 +389,12 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
         self.delay = min(self.delay * 2, RETRY_MAX)
         self.log.debug("redis.retrying", link=self.role, attempt=self.attempts + 1, delay=delay,
                        error=self.error)
-        self.retry_timer = self.loop.call_later(delay, lambda: self._safely(LinkTrigger.DIAL))
+        self.retry_timer = self.loop.call_later(delay, self._redial)
         self.lost()
+
+    def _redial(self) -> None:
+        """The retry timer (a bug here is contained by the loop, like a handler's)."""
+        self.fire(LinkTrigger.DIAL)
 
     def drain(self) -> None:
         if self.idle():
@@ -435,12 +412,8 @@ class RedisLink(TableModel, lifecycle=REDIS_LINK):
         if self.watch_timer is not None:
             self.watch_timer.cancel()
             self.watch_timer = None
-        if self.sock is not None:
-            self.loop.unregister(self.fd)
-            self.sock.close()
-            self.sock = None
-            self.fd = -1
-        self.queue.clear()
+        self.close_socket()
+        self.fd = -1
 
     # -- the role's hooks ------------------------------------------------------------------------
 

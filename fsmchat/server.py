@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 from structlog.typing import FilteringBoundLogger
 
-from fsmchat.acceptor import Acceptor, Listener, ListenError, Reader, format_peer, open_listener
+from fsmchat.acceptor import Acceptor, Listener, ListenError, format_peer, open_listener
 from fsmchat.access import Access, Network
 from fsmchat.bus import RedisBus
 from fsmchat.chat import DEFAULT_MAX_LINE, ENTRY_BYTES, Chat
@@ -40,11 +40,13 @@ from fsmchat.history import History
 from fsmchat.hub import Extension, Hub, Limits
 from fsmchat.lifecycle import LIVE, SENDING, State, Trigger
 from fsmchat.logstream import DEFAULT_LOG_BUFFER, LogStream, say
-from fsmchat.loop import FD_SETSIZE, EventLoop, Timer
+from fsmchat.loop import FD_SETSIZE, EventLoop, Reader, Timer
 from fsmchat.metrics import CONTENT_TYPE, Exposition
 from fsmchat.metrics_http import MetricsEndpoint
+from fsmchat.reasons import Reason
 from fsmchat.redis_link import RedisAddress
 from fsmchat.signals import SignalWatch
+from fsmchat.sock import contain_in
 from fsmchat.stats import Snapshot, StatsReporter
 from fsmchat.tls import TLSSetupError, server_context
 
@@ -162,7 +164,7 @@ class Server:
                  *, loop: EventLoop | None = None, stream: LogStream | None = None,
                  metrics_listener: socket.socket | None = None) -> None:
         self.options = options
-        self.loop = loop = loop or EventLoop()
+        self.loop = loop = loop or EventLoop(on_crash=contain_in(log))  # a bug: that socket only
         self.log = log
         self.stream = stream  # for the counts of events dropped
         self.listeners = listeners
@@ -255,7 +257,7 @@ class Server:
             if not self.stopping:
                 self._begin_stop(signum)
             else:
-                self._force_close("second_signal")
+                self._force_close(Reason.SECOND_SIGNAL)
 
     # -- numbers ------------------------------------------------------------------------------
 
@@ -309,13 +311,13 @@ class Server:
         self.reporter.stop()
         for conn in list(hub.connections.values()):
             if conn.state == State.HANDSHAKING:  # not in the chat: nothing to deliver to it
-                conn.close_because("server_shutdown")
+                conn.close_because(Reason.SERVER_SHUTDOWN)
         now = time.monotonic()
         self._emptying = Emptying(dict(hub.readers), now + self.options.drain_timeout / 2)
         self.stop_deadline = now + self.options.drain_timeout
         self.loop.call_later(self.options.drain_timeout / 2, _nothing)  # a turn ends the reading
         self.loop.call_later(self.options.drain_timeout,
-                             lambda: self._force_close("drain_timeout"))
+                             lambda: self._force_close(Reason.DRAIN_TIMEOUT))
 
     def _check_emptied(self) -> None:
         """End of a step while stopping: a client that reached EOF leaves as usual; one that
@@ -346,13 +348,13 @@ class Server:
             self._count_unread(conn)
             del emptying[fd]
             quiet.pop(fd, None)
-            hub.fire(conn, Trigger.EMPTY)
+            conn.fire_safely(Trigger.EMPTY)
         if emptying:
             return
         self._emptying = None
         hub.call("stopping")
         for conn in list(hub.readers.values()):
-            hub.fire(conn, Trigger.SHUTDOWN)
+            conn.fire_safely(Trigger.SHUTDOWN)
         hub.call("drain")
 
     def _count_unread(self, conn: Connection) -> None:
@@ -373,7 +375,7 @@ class Server:
                 self.cut.undrained += 1
                 self.cut.undelivered_bytes += conn.queue.nbytes
                 self._count_unread(conn)
-            hub.close(conn, reason)
+            conn.close_safely(reason)
 
 
 def _nothing() -> None:
