@@ -51,7 +51,11 @@ class Table:
 
         out = [line(self.columns), "|" + "|".join(["---"] + ["---:"] * (len(self.columns) - 1))
                + "|"]
-        out += [line(r + [""] * (len(self.columns) - len(r))) for r in self.rows]
+        def label(text: str) -> str:  # a row under a heading row keeps its indent
+            return "&emsp;" + text.lstrip() if text.startswith("  ") else text
+
+        out += [line([label(r[0]), *r[1:]] + [""] * (len(self.columns) - len(r)))
+                for r in self.rows]
         return "\n".join(out)
 
 
