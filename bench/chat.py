@@ -1,6 +1,7 @@
 """What chat mode costs fsmchat per delivered message, against the raw relay: one build, one load.
 
     python bench/chat.py [--quick] [--json PATH] [--repeats 3] [--clients 50] [--history 100]
+                         [--fsmchat DIR] [--out DIR]
 
 Every run starts a fresh server with the same command line but for the mode,
 
@@ -10,12 +11,12 @@ Every run starts a fresh server with the same command line but for the mode,
 ``raw`` (``--mode raw``: the byte relay), ``chat`` (``--mode chat``) and, unless ``--history
 0``, ``chat+hN`` (``--mode chat --history N``, 100 by default). Runs alternate raw, chat,
 chat+hN, raw, ... (``--repeats`` of each). The steps, the options and the figures are
-``bench/tls.py``'s, and so is most of the code (imported from it): paced 64-byte messages at 10
+``bench/tls.py``'s (``harness.alternating``): paced 64-byte messages at 10
 and 20 msg/s from 50 clients, 4,096-byte ones at 10 msg/s, and 20 clients bursting; the server's
 ``utime + stime`` over the deliveries, and so on.
 
-The clients differ in what they send and read. Raw runs use ``tls.py``'s plain clients and
-``bench/loadgen.py``'s binary frames, as in ``tls.py`` and ``run.py``. Chat runs use
+The clients differ in what they send and read. Raw runs use ``harness.counting``'s plain
+clients and ``harness.frames``' binary frames, as in ``tls.py`` and ``run.py``. Chat runs use
 ``ChatWorker``: every frame goes out as a line of the same size, newline included,
 
     <header as 48 hex digits: magic step sender seq send-time> ......... |end \\n
@@ -37,42 +38,32 @@ counts exactly, as with raw. ``server.started`` must report the mode asked for.
 
 A delivery is one message line to one other client, as a message is one frame in raw mode.
 Prints two tables in ``tls.py``'s layout (chat against raw, chat+hN against raw; the raw
-columns are the same), progress on stderr; ``--json PATH`` writes every step. Exit status 1 on
-an error in any run, or when the fsmchat sources changed during the bench. ``bench/README.md``
-explains the figures.
+columns are the same), progress on stderr; the result goes to ``results/chat-<date>.json``.
+Exit status 1 on an error in any run, or when the fsmchat sources changed during the bench.
+``bench/README.md`` explains the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import signal
 import socket
 import sys
 import time
 from dataclasses import replace
 from itertools import pairwise
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from loadgen import HEADER, MAGIC_BYTES, MIN_SIZE, Client, frame_dtype, frame_tail, raise_nofile
+from harness.alternating import Run, alternate, check_bytes, finish_run, one_run, parse, report
+from harness.counting import CountingWorker, Generator
+from harness.frames import HEADER, MAGIC_BYTES, MIN_SIZE, frame_dtype, frame_tail
+from harness.loadgen import Client
+from harness.server import Server, fsmchat, raise_nofile
+from harness.suite import Session, sigint_ignored, usage_error
 from numpy.lib.stride_tricks import sliding_window_view as windows
-from run import HOST, PY, Spec, say, stop_all
-from tls import (
-    CountingWorker,
-    Generator,
-    Run,
-    TlsServer,
-    begin,
-    check_bytes,
-    finish_run,
-    one_run,
-    parse,
-    report,
-)
 
 HEX = 2 * HEADER.size  # the frame's header as hex digits, at the start of each line
 LINE_END = b"|end\n"
@@ -82,7 +73,7 @@ MAX_REST = 1 << 20  # a partial line longer than this is not one of ours: droppe
 PAD_CHECKED = 16  # padding bytes checked at the start of each line's padding (and its end)
 GOODBYE_TIMEOUT = 5.0
 DRAIN_TIMEOUT = 30.0
-"""tls.py waits 5 s at most (3 with --quick). A chat burst leaves megabytes of lines in the
+"""The other suites wait 5 s at most (3 with --quick). A chat burst leaves megabytes of lines in the
 kernel's socket buffers, here and in the generator's, which take a second or two to deliver
 after the senders stop; this is headroom. A step that delivers everything ends as soon as it
 has, so this only matters when one does not."""
@@ -111,7 +102,7 @@ def line_tail(size: int) -> bytes:
 
 
 class ChatWorker(CountingWorker):
-    """``tls.py``'s counting worker (plain sockets) speaking lines: frames go out as text lines,
+    """``harness.counting``'s worker (plain sockets) speaking lines: frames go out as text lines,
     message lines come back in as frames for loadgen's accounting, notices are set aside."""
 
     def __init__(self, control: Connection, wid: int, lifetime: float, ca: str | None) -> None:
@@ -352,7 +343,7 @@ def chat_worker_main(control: Connection, wid: int, lifetime: float, ca: str | N
 def check_lines(counts: list[dict[str, Any]], size: int) -> dict[str, Any]:
     """Client by client: did each receive every line every other client sent, once, each with
     ``<name> `` before it (the sender's name from its welcome line), and nothing else? The keys
-    of ``tls.check_bytes``, a delivery being one line to one client, and a few of chat's own."""
+    of ``check_bytes``, a delivery being one line to one client, and a few of chat's own."""
     rows = [row for c in counts for row in c["streams"]]  # gid, rx, tx, wire, segs, name
     names: dict[int, str] = {row[0]: row[5] for row in rows}
     lines = {row[0]: row[2] // size for row in rows}
@@ -415,23 +406,9 @@ def check_lines(counts: list[dict[str, Any]], size: int) -> dict[str, Any]:
 # -- the servers ---------------------------------------------------------------------------------
 
 
-class ChatServer(TlsServer):
-    """``tls.py``'s server reader, with the mode ``server.started`` reports."""
-
-    def __init__(self, spec: Spec, logdir: Path) -> None:
-        super().__init__(spec, logdir)
-        self.mode = ""
-
-    def _event(self, event: dict[str, Any], raw: bytes) -> None:
-        if event.get("event") == "server.started" and not self.started.is_set():
-            self.mode = str(event.get("mode", ""))
-        super()._event(event, raw)
-
-
 def server_argv(config: str, history: int, max_line: int) -> list[str]:
-    argv = [PY, "-m", "fsmchat", "--host", HOST, "--port", "0", "--log-level", "info",
-            "--drain-timeout", "2", "--mode", "raw" if config == "raw" else "chat",
-            "--max-clients-per-addr", "0"]  # every client comes from one address
+    argv = fsmchat("--port", "0", "--log-level", "info", "--drain-timeout", "2",
+                   "--mode", "raw" if config == "raw" else "chat")
     if config != "raw" and max_line > DEFAULT_MAX_LINE:
         argv += ["--max-line", str(max_line)]
     if config == "history":
@@ -439,11 +416,11 @@ def server_argv(config: str, history: int, max_line: int) -> list[str]:
     return argv
 
 
-def finish_chat(run: Run, srv: TlsServer) -> None:
-    """``tls.finish_run`` (the server's totals against the clients'), and the mode."""
+def finish_chat(run: Run, srv: Server) -> None:
+    """``finish_run`` (the server's totals against the clients'), and the mode."""
     finish_run(run, srv)
     want = "raw" if run.config == "raw" else "chat"
-    mode = srv.mode if isinstance(srv, ChatServer) else ""
+    mode = str(srv.started.get("mode", ""))
     if mode != want:
         run.errors.append(f"server.started says mode {mode!r}, not {want!r}")
 
@@ -465,48 +442,40 @@ def main(argv: list[str] | None = None) -> int:
         args_list, description="fsmchat: server CPU per delivered message in chat mode "
         "against raw mode", min_size=MIN_LINE, extend=add_options)
     if args.history < 0:
-        print("chat.py: --history must be 0 or more", file=sys.stderr)
-        return 2
+        usage_error("chat", "--history must be 0 or more")
     prof = replace(prof, drain_timeout=args.drain_timeout)
     configs = ("raw", "chat", "history") if args.history else ("raw", "chat")
     labels = {"raw": "raw", "chat": "chat", "history": f"chat+h{args.history}"}
     max_line = max(w.size for w in workloads) - 1  # the newline is not part of the line
+    session = Session("chat", args, args_list, logdir=args.logdir)
     argvs = {c: server_argv(c, args.history, max_line) for c in configs}
-    env, logdir = begin("chat", args, prof, args_list, workloads,
-                        server_commands={c: " ".join(a[1:]) for c, a in argvs.items()})
-    started = time.monotonic()
-    runs: list[Run] = []
-    # Forked before any thread, and ignoring Ctrl-C: this process stops them. The chat and the
-    # history runs share one (a connect starts afresh).
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        raw_gen = Generator(None, args.procs, name="chat-bench-raw")
-        chat_gen = Generator(None, args.procs, target=chat_worker_main, name="chat-bench-chat")
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    try:
-        for repeat in range(1, prof.repeats + 1):
-            for config in configs:
+
+    def body() -> int:
+        # Forked before any thread. The chat and the history runs share one (a connect starts
+        # afresh).
+        with sigint_ignored():
+            raw_gen = Generator(None, args.procs, name="chat-bench-raw")
+            chat_gen = Generator(None, args.procs, target=chat_worker_main,
+                                 name="chat-bench-chat")
+        try:
+            def one(config: str, repeat: int) -> Run:
                 raw = config == "raw"
-                runs.append(one_run(
-                    raw_gen if raw else chat_gen, config, repeat, argv=argvs[config],
-                    workloads=workloads, prof=prof, logdir=logdir, labels=labels,
-                    check=check_bytes if raw else check_lines, server_class=ChatServer,
-                    finish=finish_chat))
-    except KeyboardInterrupt as exc:
-        say(f"interrupted ({str(exc) or 'SIGINT'}); every process this bench started was "
-            "stopped")
-        return 130
-    finally:
-        raw_gen.close()
-        chat_gen.close()
-        stop_all()
-    received = {c: "every line every other client sent, after its sender's name"
-                for c in configs[1:]}
-    return report(runs, workloads, configs, labels=labels, env=env, started=started,
-                  logdir=logdir, json_path=args.json, received=received)
+                return one_run(raw_gen if raw else chat_gen, config, repeat, argv=argvs[config],
+                               workloads=workloads, prof=prof, session=session, labels=labels,
+                               check=check_bytes if raw else check_lines, finish=finish_chat)
+
+            runs = alternate(configs, prof, one)
+        finally:
+            raw_gen.close()
+            chat_gen.close()
+        received = {c: "every line every other client sent, after its sender's name"
+                    for c in configs[1:]}
+        return report(session, runs, workloads, configs, labels=labels, prof=prof,
+                      received=received,
+                      server_commands={c: " ".join(a[1:]) for c, a in argvs.items()})
+
+    return session.run(body)
 
 
 if __name__ == "__main__":
-    raise_nofile()
     sys.exit(main())

@@ -1,6 +1,6 @@
 """Micro-benchmarks of the per-event costs inside one process: triggers and status events.
 
-    python bench/micro.py
+    python bench/micro.py [--fsmchat DIR] [--out DIR]
 
 Prints microseconds per call for: one delivery (a 64-byte message queued, then the
 ``writable`` trigger sends it); the ``readable`` action called directly (a recv on a socket
@@ -10,16 +10,27 @@ at 1,000 connections; one status event rendered to JSON (and one filtered out by
 with ``--redis``, the bus's own work per message: wrapping one for PUBLISH, and unwrapping,
 checking and handing on one from another instance (no socket I/O in either); and chat mode's
 ``clean`` of one line: ASCII, accented Latin, CJK, emoji, and a line that needs the full walk.
+Each figure is the best of 5 runs of many calls; the table goes to ``results/micro-<date>.json``.
+
+The calls are timed in a child process of the checkout measured (``harness.checkout``: this
+one, or ``--fsmchat DIR``), which imports that checkout's fsmchat and prints its rows as JSON.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
 import socket
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
+from harness.checkout import current
+from harness.report import Table
+from harness.suite import Session, add_options
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.bus import PublishLink, SubscribeLink
@@ -43,7 +54,7 @@ def per_call(fn: Callable[[], object], n: int) -> float:
     return best / n * 1e6
 
 
-def main() -> None:
+def measure() -> list[tuple[str, float]]:
     listener = socket.create_server(("127.0.0.1", 0))
     hub = Server(Options(host=None, port=0), [(listener, None)],
                  make_logger(LogStream.memory(io.BytesIO()), "info", "json"), loop=EventLoop()).hub
@@ -92,10 +103,9 @@ def main() -> None:
         rows.append((f"one data.sent event at --log-level {level}", per_call(emit, n // 100) / 100))
     rows.extend(bus_rows(n))
     rows.extend(clean_rows(n // 10))
-    for name, micros in rows:
-        print(f"{name:<48} {micros:8.2f} us")
     a.close()
     b.close()
+    return rows
 
 
 def bus_rows(n: int) -> list[tuple[str, float]]:
@@ -138,5 +148,28 @@ def clean_rows(n: int) -> list[tuple[str, float]]:
     return rows
 
 
+CHILD = "--measure-here"  # the child process: time the calls, print the rows as JSON
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list == [CHILD]:
+        print(json.dumps(measure()))
+        return 0
+    parser = argparse.ArgumentParser(description="fsmchat: per-event costs inside one process")
+    add_options(parser)
+    args = parser.parse_args(args_list)
+    session = Session("micro", args, args_list)
+    done = current().run(str(Path(__file__).resolve()), CHILD, timeout=600)
+    if done.returncode:
+        print(f"micro.py: the measuring process failed:\n{done.stderr}", file=sys.stderr)
+        return 1
+    table = Table("", ["call", "us per call"])
+    for name, micros in json.loads(done.stdout):
+        table.add(name, f"{micros:.2f}")
+    session.finish([table], [], {"rows": table.rows})
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

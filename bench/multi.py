@@ -1,6 +1,7 @@
 """Throughput of fsmchat with 1, 2 and 4 instances joined by Redis pub/sub, on one port.
 
     python bench/multi.py [--quick] [--json PATH] [--clients 200] [--instances 1,2,4]
+                          [--fsmchat DIR] [--out DIR]
 
 One redis-server of its own (from PATH, on a free loopback port, no persistence), then one
 configuration after the other, each with fresh processes on a fresh port P:
@@ -23,57 +24,38 @@ every other client, whichever instance each one is on. Per configuration, in thi
    /proc/PID/stat (all threads), divided by the deliveries; with ``verify`` (per-sender order).
 3. Capacity at 200 clients: the highest delivery rate with nothing lost, echoed or garbled and
    p99 latency under 50 ms, found by doubling the per-client rate until a step fails, then
-   bisecting (run.py's ``judge`` decides, and says when the generator was the limit).
+   bisecting (``harness.capacity`` decides, and says when the generator was the limit).
 
 Each step also records the machine's busy time (/proc/stat): what other processes used is
 flagged, since on 2 cores it shows up as latency. Prints a table (stdout; progress on stderr)
-and, with ``--json PATH``, every figure and every step. ``bench/README.md`` explains the
-figures. Every process it starts is stopped at the end, also on errors, SIGINT, SIGTERM and
-SIGHUP.
+and writes every figure and every step to ``results/multi-<date>.json``. ``bench/README.md``
+explains the figures. Every process it starts is stopped at the end, also on errors, SIGINT,
+SIGTERM and SIGHUP.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import hiredis
-from loadgen import LoadGen, StepResult, raise_nofile
-from run import (
-    CLK_TCK,
-    GEN_BUSY,
-    GEN_LIMIT,
-    GEN_MAX_MSGS,
-    HOST,
-    P99_LIMIT_MS,
-    PY,
-    ROOT,
-    Server,
-    Spec,
-    base_environment,
-    free_port,
-    judge,
-    say,
-    search_rate,
-    short,
-    stop_all,
-)
+from harness.capacity import GEN_BUSY, GEN_MAX_MSGS, P99_LIMIT_MS, judge, search, short
+from harness.checkout import current
+from harness.loadgen import LoadGen, StepResult
+from harness.procfs import machine_busy
+from harness.report import Table, cell, say
+from harness.server import HOST, Server, free_port, fsmchat
+from harness.suite import Session, add_options, sigint_ignored, usage_error
 
 CHANNEL = "fsmchat"  # the default --channel
 OTHER_LOAD = 0.15
@@ -111,35 +93,6 @@ QUICK = Profile("quick", clients=200, fixed_rate=2.0, fixed_seconds=3.0, start_r
 
 
 # -- processes -----------------------------------------------------------------------------------
-
-
-class Instance(Server):
-    """An fsmchat process whose every stdout event is read (run.py's ``Server`` reads only the
-    start and the problems) and logged to ``NAME.stdout.jsonl``: the Redis links, the accepts
-    and the final totals are needed here. At ``--log-level info`` that is a few lines per
-    connection, not per message."""
-
-    scan_all = True
-    log_stdout = True
-
-    def __init__(self, spec: Spec, logdir: Path) -> None:
-        super().__init__(spec, logdir)
-        self.links: set[str] = set()  # links that logged redis.connected
-        self.accepted = 0
-        self.instance_id = ""
-        self.stopped: dict[str, Any] = {}  # the server.stopped event
-
-    def _event(self, event: dict[str, Any], raw: bytes) -> None:
-        name = event.get("event")
-        if name == "connection.accepted":
-            self.accepted += 1
-        elif name == "redis.connected":
-            self.links.add(str(event.get("link")))
-        elif name == "server.started" and not self.started.is_set():
-            self.instance_id = str(event.get("instance", ""))  # before super() sets started
-        elif name == "server.stopped":
-            self.stopped = event
-        super()._event(event, raw)
 
 
 class RedisError(Exception):
@@ -201,7 +154,7 @@ class Redis(Server):
             return ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
                     "--appendonly", "no", "--dir", str(logdir), "--logfile", str(self.logfile)]
 
-        super().__init__(Spec("redis", argv, fixed_port=True), logdir)
+        super().__init__("redis", argv, logdir, fixed_port=True)
 
     def start(self, timeout: float = 15.0) -> None:
         super().start(timeout)
@@ -227,14 +180,6 @@ class Redis(Server):
         return text.count("output buffer limits")
 
 
-def machine_busy() -> float:
-    """CPU seconds the whole machine has spent busy (all cores, from /proc/stat): less what this
-    bench's processes used, it shows what else ran during a step on a shared machine."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
-
-
 def redis_version() -> str:
     try:
         done = subprocess.run(["redis-server", "--version"], check=False, capture_output=True,
@@ -246,9 +191,7 @@ def redis_version() -> str:
 
 def has_redis_option() -> bool:
     """Whether the fsmchat being measured has ``--redis`` (the feature may not be in yet)."""
-    done = subprocess.run([PY, "-m", "fsmchat", "--help"], check=False, capture_output=True,
-                          text=True, cwd=ROOT, timeout=30)
-    return "--redis" in done.stdout
+    return "--redis" in current().run("-m", "fsmchat", "--help").stdout
 
 
 # -- one configuration ---------------------------------------------------------------------------
@@ -325,12 +268,6 @@ def check_totals(cfg: Config) -> None:
             cfg.errors.append(f"{key}: {[t.get(key) for t in told]}")
 
 
-def same_argv(argv: list[str]) -> Callable[[int], list[str]]:
-    """A ``Spec`` command that ignores the port it is given: every instance gets ``--port P``,
-    the one they share."""
-    return lambda _port: argv
-
-
 @dataclass
 class Generators:
     """Two load generators, forked before any thread. Bursts get their own: a generator that
@@ -352,10 +289,8 @@ class Bench:
                  logdir: Path) -> None:
         self.gen = gens.main
         self.gens, self.redis, self.cfg, self.prof, self.logdir = gens, redis, cfg, prof, logdir
-        self.instances: list[Instance] = []
+        self.instances: list[Server] = []
         self._best: dict[str, Any] | None = None  # the passing capacity step at the top rate
-        self._gen_failed: set[float] = set()  # failed rates that may be the generator's failure
-        self._failed: dict[float, list[str]] = {}  # rate -> why that capacity step failed
 
     # -- processes --
 
@@ -363,30 +298,31 @@ class Bench:
         cfg = self.cfg
         cfg.port = free_port()
         for i in range(cfg.instances):
-            argv = [PY, "-m", "fsmchat", "--host", HOST, "--port", str(cfg.port),
-                    "--log-level", "info", "--drain-timeout", str(DRAIN_TIMEOUT),
-                    "--max-clients-per-addr", "0"]  # every client comes from one address
+            argv = fsmchat("--port", str(cfg.port), "--log-level", "info", "--drain-timeout",
+                           str(DRAIN_TIMEOUT))  # every instance on the one port P
             if cfg.redis:
                 argv += ["--reuse-port", "--redis", f"redis://{HOST}:{self.redis.port}"]
-            inst = Instance(Spec(f"{cfg.name}-{i}", same_argv(argv)), self.logdir)
+            # every event read: the Redis links, the accepts, the totals (info: a few lines
+            # per connection, not per message)
+            inst = Server(f"{cfg.name}-{i}", argv, self.logdir, read="all", keep_stdout=True)
             self.instances.append(inst)
             inst.start()
         if cfg.redis:
             for inst in self.instances:
                 self._wait_links(inst, 15.0)
-            cfg.instance_ids = [inst.instance_id for inst in self.instances]
+            cfg.instance_ids = [str(inst.started.get("instance", "")) for inst in self.instances]
             cfg.subscribers = self._wait_subscribers(cfg.instances, 5.0)
             if cfg.subscribers != cfg.instances:
                 raise RuntimeError(f"Redis counts {cfg.subscribers} subscribers on "
                                    f"{CHANNEL!r}, expected {cfg.instances}")
 
-    def _wait_links(self, inst: Instance, timeout: float) -> None:
+    def _wait_links(self, inst: Server, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and inst.alive():
             if inst.links >= LINKS:
                 return
             time.sleep(0.02)
-        raise RuntimeError(f"{inst.spec.name}: redis.connected for {sorted(inst.links)} only "
+        raise RuntimeError(f"{inst.name}: redis.connected for {sorted(inst.links)} only "
                            f"after {timeout:g}s (alive: {inst.alive()})")
 
     def _wait_subscribers(self, want: int, timeout: float) -> int:
@@ -402,8 +338,7 @@ class Bench:
         for inst in self.instances:
             inst.stop()
             if inst.stopped:
-                cfg.totals.append({k: v for k, v in inst.stopped.items()
-                                   if k not in ("timestamp", "level", "event")})
+                cfg.totals.append(inst.totals())
             elif inst.proc is not None:
                 cfg.totals.append({"exit_status": inst.proc.returncode})
             for name, count in inst.problems.items():
@@ -411,7 +346,7 @@ class Bench:
             room = 20 - len(cfg.problem_lines)
             cfg.problem_lines += inst.problem_lines[:max(0, room)]
             if inst.proc is not None and inst.proc.returncode not in (0, None):
-                cfg.errors.append(f"{inst.spec.name} exited with status {inst.proc.returncode}")
+                cfg.errors.append(f"{inst.name} exited with status {inst.proc.returncode}")
         if cfg.redis:
             check_totals(cfg)
 
@@ -419,7 +354,7 @@ class Bench:
         for inst in [*self.instances, *([self.redis] if self.cfg.redis else [])]:
             if not inst.alive():
                 code = inst.proc.returncode if inst.proc is not None else None
-                raise RuntimeError(f"{inst.spec.name} died (exit status {code})")
+                raise RuntimeError(f"{inst.name} died (exit status {code})")
 
     # -- measuring --
 
@@ -520,42 +455,30 @@ class Bench:
         cfg.fixed_server_cores = row["server_cores"]
 
     def capacity(self) -> None:
-        """Figure 3: step the rate up by ``growth`` until a step fails (down if the first one
-        fails), then bisect; a failure at the generator's own limit makes it a lower bound."""
+        """Figure 3: ``harness.capacity``'s search; the figures of the passing step at the top
+        rate."""
         cfg, prof = self.cfg, self.prof
-        n = cfg.clients
-        lo, hi = search_rate(self._trial, prof.start_rate, GEN_MAX_MSGS / n,
-                             growth=prof.growth, refine=prof.refine)
-        if lo is None:
-            cfg.capacity_note = f"fails even at {hi:g} msg/s per client"
-            return
-        cfg.capacity = lo * n * (n - 1)
-        if hi is not None:
-            cfg.capacity_limit = [f"{hi:g} msg/s per client", *self._failed.get(hi, [])]
-        if hi is None:
-            cfg.capacity_note = (f"at least: no failure up to {lo:g} msg/s per client (the "
-                                 "generator's limit)")
-        elif hi in self._gen_failed:
-            cfg.capacity_note = (f"at least: the step above, {hi:g} msg/s per client, failed "
-                                 "with the generator at its limit")
-        best = self._best
-        if best is not None:
-            cfg.capacity_p99_ms = best["p99_ms"]
-            cfg.capacity_server_cores = best["server_cores"]
-            if cfg.redis:
-                cfg.capacity_redis_cores = best["redis_cores"]
-                if best["publish_calls"]:
-                    cfg.capacity_frames_per_publish = best["sent"] / best["publish_calls"]
+        best: dict[float, dict[str, Any]] = {}
 
-    def _trial(self, rate: float) -> bool:
-        _res, why, row = self.step("capacity", rate, self.prof.step_seconds)
-        if any(w.startswith(GEN_LIMIT) for w in why):
-            self._gen_failed.add(rate)
-        if not why and (self._best is None or rate > self._best["rate"]):
-            self._best = row
-        if why:
-            self._failed[rate] = why
-        return not why
+        def trial(rate: float) -> list[str]:
+            _res, why, row = self.step("capacity", rate, prof.step_seconds)
+            if not why:
+                best[rate] = row
+            return why
+
+        found = search(trial, cfg.clients, prof.start_rate, growth=prof.growth,
+                       refine=prof.refine)
+        cfg.capacity, cfg.capacity_note = found.deliveries, found.note
+        if found.failed_rate is not None and found.passed_rate is not None:
+            cfg.capacity_limit = [f"{found.failed_rate:g} msg/s per client", *found.failed_why]
+        row = best.get(found.passed_rate) if found.passed_rate is not None else None
+        if row is not None:
+            cfg.capacity_p99_ms = row["p99_ms"]
+            cfg.capacity_server_cores = row["server_cores"]
+            if cfg.redis:
+                cfg.capacity_redis_cores = row["redis_cores"]
+                if row["publish_calls"]:
+                    cfg.capacity_frames_per_publish = row["sent"] / row["publish_calls"]
 
     def burst(self) -> None:
         """Figure 1: a few clients of their own, each sending as fast as its socket takes it."""
@@ -611,13 +534,7 @@ def run_config(gens: Generators, redis: Redis, cfg: Config, prof: Profile,
 # -- output --------------------------------------------------------------------------------------
 
 
-def cell(value: float | None, fmt: str) -> str:
-    if value is None or math.isnan(value):
-        return "n/a"
-    return fmt.format(value)
-
-
-def table(cfgs: list[Config], prof: Profile) -> str:
+def table(cfgs: list[Config], prof: Profile) -> Table:
     n = prof.clients
     fixed = f"{n}x{prof.fixed_rate:g}/s"
     base = next((c for c in cfgs if c.name == "baseline"), None)
@@ -672,28 +589,26 @@ def table(cfgs: list[Config], prof: Profile) -> str:
         ("warning/error events", lambda c: str(sum(c.problems.values()))),
         ("other processes, cores (worst step)", lambda c: cell(c.other_cores, "{:.2f}")),
     ]
-    width = max(14, *(len(c.name) + 2 for c in cfgs))
-    out = [f"{'figure':<36}" + "".join(f"{c.name:>{width}}" for c in cfgs)]
+    out = Table("", ["figure", *(c.name for c in cfgs)])
     for label, fn in rows:
-        out.append(f"{label:<36}" + "".join(f"{fn(c):>{width}}" for c in cfgs))
-    return "\n".join(out)
+        out.add(label, *(fn(c) for c in cfgs))
+    return out
 
 
-def report(cfgs: list[Config], prof: Profile) -> None:
-    print(table(cfgs, prof))
-    print()
+def notes(cfgs: list[Config]) -> list[str]:
+    out: list[str] = []
     for c in cfgs:
         if c.capacity_note:
-            print(f"note: {c.name}: capacity {c.capacity_note}")
+            out.append(f"note: {c.name}: capacity {c.capacity_note}")
         if c.capacity_limit:
-            print(f"note: {c.name}: the step above capacity, {c.capacity_limit[0]}, failed: "
+            out.append(f"note: {c.name}: the step above capacity, {c.capacity_limit[0]}, failed: "
                   + "; ".join(c.capacity_limit[1:]))
         for err in c.errors:
-            print(f"error: {c.name}: {err}")
+            out.append(f"error: {c.name}: {err}")
         if c.problems:
-            print(f"events: {c.name}: {c.problems}")
+            out.append(f"events: {c.name}: {c.problems}")
         if c.redis_buffer_kills:
-            print(f"redis: {c.name}: {c.redis_buffer_kills} client(s) closed for their output "
+            out.append(f"redis: {c.name}: {c.redis_buffer_kills} client(s) closed for their output "
                   "buffer (see redis.log)")
         keys = ("redis_published", "redis_received", "redis_dropped", "redis_missed",
                 "redis_duplicates")
@@ -701,25 +616,16 @@ def report(cfgs: list[Config], prof: Profile) -> None:
         if c.redis and told:
             sums = {k.removeprefix("redis_"): sum(int(t.get(k) or 0) for t in told)
                     for k in keys}
-            print(f"totals: {c.name}: {len(told)} of {c.instances} server.stopped: "
+            out.append(f"totals: {c.name}: {len(told)} of {c.instances} server.stopped: "
                   + ", ".join(f"{k} {v:,}" for k, v in sums.items()))
         if c.burst_why:
-            print(f"burst: {c.name}: {'; '.join(c.burst_why)}")
+            out.append(f"burst: {c.name}: {'; '.join(c.burst_why)}")
         busy = [s for s in c.steps if s["other_cores"] >= OTHER_LOAD]
         if busy:
-            print(f"machine: {c.name}: other processes used {OTHER_LOAD:g} cores or more during "
-                  f"{len(busy)} of {len(c.steps)} steps (up to {c.other_cores:.2f}); load "
+            out.append(f"machine: {c.name}: other processes used {OTHER_LOAD:g} cores or more "
+                  f"during {len(busy)} of {len(c.steps)} steps (up to {c.other_cores:.2f}); load "
                   f"average {c.loadavg:.2f} at the start: its figures are not clean")
-
-
-def environment(prof: Profile, argv: list[str], redis: str) -> dict[str, Any]:
-    return {
-        **base_environment("multi.py", asdict(prof), argv),
-        "redis": redis,
-        "nofile": raise_nofile(),
-        "p99_limit_ms": P99_LIMIT_MS,
-        "generator_max_msgs_per_s": GEN_MAX_MSGS,
-    }
+    return out
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -731,7 +637,8 @@ def parse(args_list: list[str]) -> tuple[argparse.Namespace, Profile, list[int]]
     parser = argparse.ArgumentParser(
         description="fsmchat throughput with 1, 2 and 4 instances joined by Redis pub/sub")
     parser.add_argument("--quick", action="store_true", help="short steps: under 2 minutes")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write every figure and step")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="also write the result (every figure and step) to PATH")
     parser.add_argument("--clients", type=int, metavar="N", help="clients (default: 200)")
     parser.add_argument("--instances", default="1,2,4", metavar="LIST",
                         help="instance counts with Redis, comma-separated (default: 1,2,4)")
@@ -740,6 +647,7 @@ def parse(args_list: list[str]) -> tuple[argparse.Namespace, Profile, list[int]]
     parser.add_argument("--no-burst", action="store_true", help="skip the burst step")
     parser.add_argument("--logdir", type=Path, metavar="DIR",
                         help="each process's output (default: a new directory under /tmp)")
+    add_options(parser)
     args = parser.parse_args(args_list)
     prof = QUICK if args.quick else FULL
     if args.clients is not None:
@@ -756,64 +664,45 @@ def parse(args_list: list[str]) -> tuple[argparse.Namespace, Profile, list[int]]
         parser.error("--instances: every count must be at least 1")
     if redis_version() == "missing":
         parser.error("redis-server is not on PATH (Debian: apt-get install redis-server)")
-    if counts and not has_redis_option():
-        parser.error("this fsmchat has no --redis option: nothing to measure but the baseline "
-                     "(use --instances '' to run only that)")
     return args, prof, counts
+
+
+def check_fsmchat(counts: list[int]) -> None:
+    if counts and not has_redis_option():
+        usage_error("multi", "this fsmchat has no --redis option: nothing to measure but the "
+                    "baseline (use --instances '' to run only that)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     args, prof, counts = parse(args_list)
-    redis_ver = redis_version()
-    logdir: Path = args.logdir or Path(tempfile.mkdtemp(prefix="fsmchat-multi-"))
-    logdir.mkdir(parents=True, exist_ok=True)
-    env = environment(prof, args_list, redis_ver)  # also raises the descriptor limit
+    session = Session("multi", args, args_list, logdir=args.logdir)
+    check_fsmchat(counts)  # of the checkout measured
     cfgs = ([] if args.no_baseline else [Config("baseline", 1, redis=False)])
     cfgs += [Config(f"N={c}", c, redis=True) for c in counts]
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def body() -> int:
+        with sigint_ignored():  # forked before any thread
+            gens = Generators(LoadGen(procs=1, lifetime=3600), LoadGen(procs=1, lifetime=3600))
+        try:
+            redis = Redis(session.logdir)
+            redis.start()
+            for cfg in cfgs:
+                run_config(gens, redis, cfg, prof, session.logdir)
+        except (RuntimeError, OSError) as exc:
+            say(f"error: {exc}")
+            return 1
+        finally:
+            gens.close()
+        session.finish([table(cfgs, prof)], notes(cfgs),
+                       {"profile": asdict(prof), "redis": redis_version(),
+                        "redis_port": redis.port, "p99_limit_ms": P99_LIMIT_MS,
+                        "generator_max_msgs_per_s": GEN_MAX_MSGS,
+                        "configs": [asdict(c) for c in cfgs]})
+        return 1 if any(c.errors for c in cfgs) else 0
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    say(f"logs: {logdir}")
-    started = time.monotonic()
-    # Forked before any thread. They ignore Ctrl-C (sent to the whole foreground group): this
-    # process stops them, without a traceback from each.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        gens = Generators(LoadGen(procs=1, lifetime=3600), LoadGen(procs=1, lifetime=3600))
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    try:
-        redis = Redis(logdir)
-        redis.start()
-        env["redis_port"] = redis.port
-        for cfg in cfgs:
-            run_config(gens, redis, cfg, prof, logdir)
-    except KeyboardInterrupt as exc:
-        say(f"interrupted ({str(exc) or 'SIGINT'}); every process this bench started was stopped")
-        return 130
-    except (RuntimeError, OSError) as exc:
-        say(f"error: {exc}")
-        return 1
-    finally:
-        gens.close()
-        stop_all()
-    env["seconds"] = round(time.monotonic() - started, 1)
-    env["loadavg_after"] = os.getloadavg()
-    env["logdir"] = str(logdir)
-    if args.json:
-        args.json.write_text(json.dumps({"environment": env, "configs": [asdict(c) for c in cfgs]},
-                                        indent=1) + "\n")
-    report(cfgs, prof)
-    print(f"\n{len(cfgs)} configurations in {env['seconds'] / 60:.1f} min "
-          f"(load average before {env['loadavg_before'][0]:.2f}); logs: {logdir}"
-          + (f"; results: {args.json}" if args.json else ""))
-    return 1 if any(c.errors for c in cfgs) else 0
+    return session.run(body)
 
 
 if __name__ == "__main__":
-    raise_nofile()
     sys.exit(main())

@@ -6,11 +6,14 @@ the server itself, as ``sys.executable -m fsmchat --port 0 --host 127.0.0.1 --lo
     .venv/bin/python bench/soak.py --clients 50 --seconds 10      # a quick check
     .venv/bin/python bench/soak.py                                # 500 clients for 120 s
     .venv/bin/python bench/soak.py --json soak.json               # the report as JSON as well
+    .venv/bin/python bench/soak.py --fsmchat ../old               # another checkout's fsmchat
 
 Options: ``--clients N`` (500), ``--seconds S`` (120), ``--rate R`` messages per second per
 client (2), ``--churn F`` fraction of all clients that disconnect and reconnect per second
 (0.02), ``--size B`` bytes per message (64), ``--stable F`` fraction of clients that never
-disconnect (0.5; all of them when ``--churn 0``), ``--seed N``, ``--json PATH``.
+disconnect (0.5; all of them when ``--churn 0``), ``--seed N``, ``--json PATH``, and
+``--fsmchat DIR``, ``--out DIR`` as every suite. The report goes to
+``results/soak-<date>.json``.
 
 Phases, each bounded by a timeout: start the server and read its port from ``server.started``;
 connect every client and wait for as many ``connection.accepted`` events; chat (and churn) for
@@ -18,10 +21,10 @@ connect every client and wait for as many ``connection.accepted`` events; chat (
 (half-close, read to EOF, close) and wait for a ``connection.closed`` per accepted connection;
 count the server's descriptors; send SIGTERM and expect exit status 0.
 
-Messages are frames of exactly ``--size`` bytes: ``b"FSMC"``, the sender's slot (u32), its
-sequence number (u32, counted across all of the slot's connections), the send time (u64 ns on
-the soak's monotonic clock), padding ending in a newline. A receiver cuts its byte stream into
-frames itself, since the server's recv may join several frames and TCP may split them.
+Messages are the harness's frames (``harness.frames``) of exactly ``--size`` bytes: the
+sender is the client's slot, the sequence number is counted across all of the slot's
+connections. A receiver cuts its byte stream into frames itself, since the server's recv may
+join several frames and TCP may split them.
 
 Verification: no client receives its own frame (echo); within one connection, the frames from
 each sender arrive with consecutive sequence numbers, so a gap is a loss, a repeat a duplicate
@@ -31,7 +34,8 @@ order. Churning clients close gracefully (shutdown, read to EOF), so everything 
 the server. The server's ``server.stopped`` byte totals are checked against the clients' own.
 
 Every second the server's RSS (VmRSS), open descriptors and CPU time are sampled from /proc.
-All the clients run in this one process, in a single-threaded non-blocking ``selectors`` loop.
+All the clients run in this one process, in a single-threaded non-blocking ``selectors`` loop;
+the server's events are read by ``harness.server``'s reader thread.
 Only loopback addresses are used. Exit status: 0 when every check passed, 1 otherwise.
 """
 
@@ -42,15 +46,9 @@ import array
 import enum
 import errno
 import heapq
-import json
-import os
 import random
-import resource
 import selectors
-import signal
 import socket
-import struct
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -59,10 +57,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-HOST = "127.0.0.1"
-MAGIC = b"FSMC"
-HEADER = struct.Struct("<4sIIQ")  # magic, sender slot, sequence number, send time (ns)
-MIN_SIZE = HEADER.size + 1
+import numpy as np
+from harness.frames import HEADER, MAGIC, MAGIC_BYTES, MIN_SIZE, TRAILER, frame_struct, frame_tail
+from harness.procfs import own_cpu
+from harness.report import Table, say
+from harness.server import HOST, Server, fsmchat
+from harness.stats import buckets, histogram, percentile_ns
+from harness.suite import Session, add_options, usage_error
+
+SOAK_STEP = 1  # the frames' step field: one step, the whole soak
 RECV_SIZE = 256 * 1024
 FRESH = -2  # in `Client.last`: nothing from that sender yet, in a session that joined mid-run
 PROBES = 4  # stable clients whose every received frame's latency is recorded
@@ -76,8 +79,6 @@ CLOSE_TIMEOUT = 30.0
 HALF_CLOSE_TIMEOUT = 10.0  # a client that shut its side down waits this long for the server's EOF
 RECONNECT_DELAY = 0.05
 EXIT_TIMEOUT = 20.0  # after SIGTERM; the server's own drain timeout is 5 s
-KEEP_PROBLEMS = 20  # warning/error events kept verbatim for the report
-KEEP_STDERR = 64 * 1024
 
 
 class Phase(enum.Enum):
@@ -175,147 +176,20 @@ def errname(code: int) -> str:
     return errno.errorcode.get(code, str(code))
 
 
-def cpu_self() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def raise_fd_limit(need: int) -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit: the clients need it, and the server inherits it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    if soft == resource.RLIM_INFINITY or soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    if soft < max(need, 1024):
-        sys.exit(f"soak: RLIMIT_NOFILE is {soft} (hard {hard}); {max(need, 1024)} are needed")
-    return int(soft)
-
-
-class Server:
-    """The fsmchat process: its event stream (read without blocking) and /proc figures."""
-
-    def __init__(self, selector: selectors.BaseSelector) -> None:
-        self.selector = selector
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fsmchat", "--port", "0", "--host", HOST,
-             "--log-level", "info", "--max-clients-per-addr", "0"],  # all from one address
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self.out_fd = self.proc.stdout.fileno()
-        self.err_fd = self.proc.stderr.fileno()
-        for fd, reader in ((self.out_fd, self._read_stdout), (self.err_fd, self._read_stderr)):
-            os.set_blocking(fd, False)
-            selector.register(fd, selectors.EVENT_READ, reader)
-        self.started_at = time.monotonic()
-        self.tick = os.sysconf("SC_CLK_TCK")
-        self.buffer = bytearray()
-        self.stdout_eof = False
-        self.stderr = bytearray()
-        self.started: dict[str, Any] | None = None
-        self.stopped: dict[str, Any] | None = None
-        self.events: Counter[str] = Counter()
-        self.problems: Counter[str] = Counter()  # event names at level warning or error
-        self.problem_samples: list[dict[str, Any]] = []
-        self.reasons: Counter[str] = Counter()  # connection.closed by reason
-        self.bad_lines: list[str] = []
-        self.accepted = 0
-        self.closed = 0
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def port(self) -> int:
-        assert self.started is not None
-        return int(self.started["port"])
-
-    def _read_stdout(self) -> None:
-        try:
-            chunk = os.read(self.out_fd, 1 << 16)
-        except BlockingIOError:
-            return
-        if not chunk:
-            self.stdout_eof = True
-            self.selector.unregister(self.out_fd)
-            return
-        self.buffer += chunk
-        *lines, rest = self.buffer.split(b"\n")
-        self.buffer = bytearray(rest)
-        for line in lines:
-            self._event(bytes(line))
-
-    def _read_stderr(self) -> None:
-        try:
-            chunk = os.read(self.err_fd, 1 << 16)
-        except BlockingIOError:
-            return
-        if not chunk:
-            self.selector.unregister(self.err_fd)
-            return
-        self.stderr += chunk[: max(0, KEEP_STDERR - len(self.stderr))]
-
-    def _event(self, line: bytes) -> None:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            event = None
-        if not isinstance(event, dict):
-            self.bad_lines.append(line.decode(errors="replace")[:200])
-            return
-        name, level = str(event.get("event")), str(event.get("level"))
-        self.events[name] += 1
-        if level in ("warning", "error", "critical"):
-            self.problems[name] += 1
-            if len(self.problem_samples) < KEEP_PROBLEMS:
-                self.problem_samples.append(event)
-        if name == "connection.accepted":
-            self.accepted += 1
-        elif name == "connection.closed":
-            self.closed += 1
-            self.reasons[str(event.get("reason"))] += 1
-        elif name == "server.started":
-            self.started = event
-        elif name == "server.stopped":
-            self.stopped = event
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def sample(self, phase: Phase, tally: Tally) -> Sample | None:
-        proc = Path("/proc", str(self.pid))
-        try:
-            status = (proc / "status").read_text()
-            fds = len(os.listdir(proc / "fd"))
-            stat = (proc / "stat").read_text()
-        except OSError:  # gone (or a zombie without /proc/PID/fd)
-            return None
-        rss = next((int(line.split()[1]) for line in status.splitlines()
-                    if line.startswith("VmRSS:")), 0)
-        fields = stat.rsplit(")", 1)[1].split()  # fields from 3 (state) on; 14, 15: utime, stime
-        cpu = (int(fields[11]) + int(fields[12])) / self.tick
-        return Sample(t=round(time.monotonic() - self.started_at, 3), phase=phase.value,
-                      rss_kib=rss, fds=fds, cpu_s=cpu, soak_cpu_s=round(cpu_self(), 3),
-                      sent=tally.sent, delivered=tally.delivered, recvs=tally.recvs,
-                      connections=self.accepted - self.closed)
-
-    def stop(self) -> None:
-        if self.running():
-            self.proc.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """Last resort, on the way out after a failure: never leave the server behind."""
-        if self.running():
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+def sample(server: Server, phase: Phase, tally: Tally, started_at: float) -> Sample | None:
+    """The server's figures now, from /proc; None when it is gone."""
+    try:
+        rss, fds, cpu = server.rss_kib(), server.fd_count(), server.cpu_seconds()
+    except OSError:  # gone (or a zombie without /proc/PID/fd)
+        return None
+    return Sample(t=round(time.monotonic() - started_at, 3), phase=phase.value, rss_kib=rss,
+                  fds=fds, cpu_s=cpu, soak_cpu_s=round(own_cpu(), 3), sent=tally.sent,
+                  delivered=tally.delivered, recvs=tally.recvs,
+                  connections=server.accepted - server.closed)
 
 
 class Soak:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, logdir: Path) -> None:
         self.config = config
         self.rng = random.Random(config.seed)
         self.selector = selectors.DefaultSelector()
@@ -324,8 +198,8 @@ class Soak:
         self.clients = [Client(slot, slot < stable, slot < min(PROBES, stable))
                         for slot in range(n)]
         self.churning = [c for c in self.clients if not c.stable]
-        self.frame = struct.Struct(f"<4sIIQ{config.size - HEADER.size}x")
-        self.padding = b"-" * (config.size - HEADER.size - 1) + b"\n"
+        self.frame = frame_struct(config.size)
+        self.tail = frame_tail(config.size)
         self.interval = 1.0 / config.rate if config.rate > 0 else 0.0
         self.tally = Tally()
         self.latency_ns = array.array("q")
@@ -339,7 +213,9 @@ class Soak:
         self.marks: dict[str, float] = {}  # phase boundaries, monotonic
         self.marked: dict[str, Sample] = {}  # the server's figures at those boundaries
         self.soak_cpu: dict[str, float] = {}  # this process's CPU seconds at those boundaries
-        self.server = Server(self.selector)
+        self.server = Server("soak", fsmchat("--port", "0", "--log-level", "info"), logdir,
+                             read="all")
+        self.started_at = time.monotonic()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -348,7 +224,7 @@ class Soak:
         deadline = time.monotonic() + limit
         while not done():
             now = time.monotonic()
-            if now >= deadline or (self.server.stdout_eof and self.phase is not Phase.STOP):
+            if now >= deadline or (self.server.eof.is_set() and self.phase is not Phase.STOP):
                 return False
             self._turn(min(TURN, deadline - now, max(0.0, self._next_timer() - now)))
         return True
@@ -389,17 +265,17 @@ class Soak:
         return client.sock is not None and client.sock.fileno() == fd
 
     def _sample(self) -> None:
-        sample = self.server.sample(self.phase, self.tally)
-        if sample is not None:
-            self.samples.append(sample)
+        found = sample(self.server, self.phase, self.tally, self.started_at)
+        if found is not None:
+            self.samples.append(found)
 
     def mark(self, name: str) -> None:
         self.marks[name] = time.monotonic()
-        self.soak_cpu[name] = cpu_self()
-        sample = self.server.sample(self.phase, self.tally)
-        if sample is not None:
-            self.samples.append(sample)
-            self.marked[name] = sample
+        self.soak_cpu[name] = own_cpu()
+        found = sample(self.server, self.phase, self.tally, self.started_at)
+        if found is not None:
+            self.samples.append(found)
+            self.marked[name] = found
 
     # -- connections ------------------------------------------------------------------------
 
@@ -538,7 +414,8 @@ class Soak:
     def _send(self, client: Client) -> None:
         sock = client.sock
         assert sock is not None
-        frame = HEADER.pack(MAGIC, client.slot, client.seq, time.monotonic_ns()) + self.padding
+        frame = HEADER.pack(MAGIC, SOAK_STEP, client.slot, client.seq,
+                            time.monotonic_ns()) + self.tail
         if client.out:
             client.out += frame
         else:
@@ -586,7 +463,7 @@ class Soak:
                 client.pending = data[end:]
                 return
             self.tally.corrupt += 1
-            start = data.find(MAGIC, start + bad * size + 1)
+            start = data.find(MAGIC_BYTES, start + bad * size + 1)
             if start < 0:
                 client.pending = b""
                 return
@@ -596,8 +473,9 @@ class Soak:
         last, own, slots = client.last, client.slot, len(client.last)
         good = echoes = lost = duplicates = disordered = 0
         bad = -1
-        for index, (magic, sender, seq, _) in enumerate(self.frame.iter_unpack(frames)):
-            if magic != MAGIC or sender >= slots:
+        for index, (magic, step, sender, seq, _, trailer) in enumerate(
+                self.frame.iter_unpack(frames)):
+            if magic != MAGIC or trailer != TRAILER or step != SOAK_STEP or sender >= slots:
                 bad = index
                 break
             if sender == own:
@@ -627,15 +505,18 @@ class Soak:
             tally.lost_churning += lost
         if client.probe and bad < 0:
             now = time.monotonic_ns()
-            self.latency_ns.extend(now - sent for *_, sent in self.frame.iter_unpack(frames))
+            self.latency_ns.extend(now - sent for *_, sent, _ in self.frame.iter_unpack(frames))
         return bad
 
     # -- phases -----------------------------------------------------------------------------
 
     def start_server(self) -> None:
-        if not self.run_until(lambda: self.server.started is not None, STARTUP_TIMEOUT):
-            raise SoakError("the server did not report server.started")
-        started = self.server.started or {}
+        try:
+            self.server.start(STARTUP_TIMEOUT)
+        except RuntimeError as exc:
+            raise SoakError(f"the server did not report server.started: {exc}") from None
+        self.started_at = time.monotonic()
+        started = self.server.started
         max_clients = int(started.get("max_clients", 0))
         if max_clients < len(self.clients):
             raise SoakError(f"the server takes {max_clients} clients, fewer than --clients")
@@ -696,12 +577,7 @@ class Soak:
 
     def stop_server(self) -> int | None:
         self.phase = Phase.STOP
-        self.server.stop()
-        self.run_until(lambda: self.server.stdout_eof, EXIT_TIMEOUT)
-        try:
-            return self.server.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            return None
+        return self.server.stop(EXIT_TIMEOUT)  # SIGKILL after that: not status 0
 
     def missing_tails(self) -> int:
         """Frames a stable receiver never got at the end of some sender's sequence."""
@@ -719,7 +595,7 @@ class Soak:
         for client in self.clients:
             if client.sock is not None:
                 self._drop(client)
-        self.server.kill()
+        self.server.stop()
         self.selector.close()
 
 
@@ -728,12 +604,6 @@ class SoakError(Exception):
 
 
 # -- the report -----------------------------------------------------------------------------
-
-
-def percentile(ordered: list[int], fraction: float) -> float:
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] / 1e6
 
 
 def slope_kib_per_min(samples: list[Sample]) -> float:
@@ -774,7 +644,8 @@ def build_report(soak: Soak, exit_status: int | None, failure: str | None,
     fds_start = first.fds if first else None
     fds_end = end.fds if end else None
     stopped = server.stopped or {}
-    latencies = sorted(soak.latency_ns)
+    latencies = np.frombuffer(soak.latency_ns, dtype=np.int64)
+    hist = histogram() + buckets(latencies) if len(latencies) else histogram()
     stable = sum(c.stable for c in soak.clients)
     intact = sum(c.intact for c in soak.clients)
     report: dict[str, Any] = {
@@ -791,9 +662,9 @@ def build_report(soak: Soak, exit_status: int | None, failure: str | None,
         "messages_delivered": tally.delivered,
         "deliveries_per_s": round(tally.delivered / load_s, 1) if load_s > 0 else 0.0,
         "frames_per_recv": round(tally.delivered / tally.recvs, 2) if tally.recvs else 0.0,
-        "latency_ms": {"samples": len(latencies), "p50": percentile(latencies, 0.5),
-                       "p90": percentile(latencies, 0.9), "p99": percentile(latencies, 0.99),
-                       "max": latencies[-1] / 1e6 if latencies else 0.0},
+        "latency_ms": {"samples": len(latencies), "p50": percentile_ns(hist, 50) / 1e6,
+                       "p90": percentile_ns(hist, 90) / 1e6, "p99": percentile_ns(hist, 99) / 1e6,
+                       "max": int(latencies.max()) / 1e6 if len(latencies) else 0.0},
         "verification": {**checks, "settled": settled,
                          "stable_pairs_checked": intact * (config.clients - 1),
                          "passed": settled and not any(checks.values())},
@@ -804,7 +675,7 @@ def build_report(soak: Soak, exit_status: int | None, failure: str | None,
         "connections_opened": server.accepted, "connections_closed": server.closed,
         "closed_by_reason": dict(server.reasons),
         "warnings_errors": dict(server.problems),
-        "warning_error_samples": server.problem_samples,
+        "warning_error_samples": server.problem_lines,
         "events": dict(server.events),
         "bytes": {"clients_sent": tally.bytes_sent, "server_in": stopped.get("bytes_in"),
                   "clients_received": tally.bytes_received,
@@ -821,7 +692,7 @@ def build_report(soak: Soak, exit_status: int | None, failure: str | None,
         "soak_cpu": {"run_s": round(soak_cpu_run, 2),
                      "run_pct_of_core": round(soak_cpu_run / run_s * 100, 1) if run_s else 0},
         "server_exit_status": exit_status,
-        "server_stderr": server.stderr.decode(errors="replace"),
+        "server_stderr": server.stderr_text(),
         "server_bad_lines": server.bad_lines[:20],
         "samples": [asdict(s) for s in samples],
     }
@@ -891,22 +762,21 @@ def table(report: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def print_report(report: dict[str, Any]) -> None:
-    rows = table(report)
-    width = max(len(name) for name, _ in rows)
-    print(f"\nfsmchat soak ({' '.join(sys.argv[1:]) or 'defaults'})")
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
-    for event in report["warning_error_samples"][:5]:
-        print(f"  ! {json.dumps(event)}")
+def tables_and_notes(report: dict[str, Any]) -> tuple[list[Table], list[str]]:
+    out = Table("fsmchat soak", ["figure", "value"])
+    for name, value in table(report):
+        out.add(name, value)
+    notes = [f"! {line}" for line in report["warning_error_samples"][:5]]
     if report["server_stderr"]:
-        print("  server stderr:\n    " + report["server_stderr"].rstrip().replace("\n", "\n    "))
+        notes.append("server stderr:\n    "
+                     + report["server_stderr"].rstrip().replace("\n", "\n    "))
+    return [out], notes
 
 
 # -- command line ---------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
+def parse_args(argv: list[str]) -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(description="Soak test for fsmchat (see the docstring).")
     parser.add_argument("--clients", type=int, default=500, help="clients (default 500)")
     parser.add_argument("--seconds", type=float, default=120.0,
@@ -920,7 +790,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--stable", type=float, default=0.5,
                         help="fraction of clients that never disconnect (default 0.5)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    parser.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="also write the result (the report as JSON) to PATH")
+    add_options(parser)
     ns = parser.parse_args(argv)
     if not 2 <= ns.clients <= 1008:
         parser.error("--clients must be from 2 to 1008 (what select() in the server allows)")
@@ -931,13 +803,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if not MIN_SIZE <= ns.size <= 65536:
         parser.error(f"--size must be from {MIN_SIZE} to 65536")
     return Config(clients=ns.clients, seconds=ns.seconds, rate=ns.rate, churn=ns.churn,
-                  size=ns.size, stable=ns.stable, seed=ns.seed, json=ns.json)
+                  size=ns.size, stable=ns.stable, seed=ns.seed,
+                  json=str(ns.json) if ns.json else None), ns
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    raise_fd_limit(config.clients + 64)
-    soak = Soak(config)
+    args_list = sys.argv[1:] if argv is None else argv
+    config, ns = parse_args(args_list)
+    session = Session("soak", ns, args_list)
+    need = max(config.clients + 64, 1024)
+    if session.nofile < need:
+        usage_error("soak", f"RLIMIT_NOFILE is {session.nofile}; {need} are needed")
+    say(f"logs: {session.logdir}")
+    soak = Soak(config, session.logdir)
     failure: str | None = None
     settled = closed = False
     exit_status: int | None = None
@@ -955,9 +833,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         soak.cleanup()
     report = build_report(soak, exit_status, failure, settled, closed)
-    print_report(report)
-    if config.json:
-        Path(config.json).write_text(json.dumps(report, indent=2) + "\n")
+    tables, notes = tables_and_notes(report)
+    session.finish(tables, notes, report)
     return 0 if report["passed"] else 1
 
 
