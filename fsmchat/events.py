@@ -2,9 +2,10 @@
 
 structlog turns each call into ``{"timestamp", "level", "event", ...fields}`` (orjson renders it,
 newline included) and hands the line to the stream, which writes stdout when ``select`` says it
-may (``logstream``). On a terminal they are rendered for people instead (``--log-format auto``,
-the default: console when stdout is a terminal, JSON otherwise). ``CATALOGUE`` lists every event the server emits, with its level and fields:
-the README's table and the tests read it.
+may (``logstream``). On a terminal the events are rendered for people instead (``--log-format
+auto``, the default: console when stdout is a terminal, JSON otherwise). ``CATALOGUE`` lists
+every event the server emits, with its level and fields: the README's table and the tests read
+it.
 
 Rules it keeps:
 - Debug-level calls cost a no-op method call when the level is higher (structlog's filtering

@@ -67,6 +67,7 @@ from structlog.typing import FilteringBoundLogger
 
 from fsmchat import lifecycle
 from fsmchat.access import Access, address_key
+from fsmchat.banner import tell_where_to_connect
 from fsmchat.bus import RedisBus
 from fsmchat.chat import DEFAULT_MAX_LINE, ENTRY_BYTES, Chat
 from fsmchat.connection import Connection, error_reason
@@ -867,6 +868,7 @@ def run(options: Options) -> int:
             server.chat.suffix = b"-" + server.bus.origin[:4]
     log.info("server.started", host=host, port=port, pid=os.getpid(), max_clients=max_clients,
              max_queue_bytes=options.max_queue_bytes, **where, **redis, **extra)
+    tell_where_to_connect(options, listeners, metrics_listener)
     if server.bus is not None:
         server.bus.start()
     if options.stats_interval:
