@@ -597,7 +597,9 @@ def read_config(path: str) -> dict[str, Any]:
     for key, value in table.items():
         option = _BY_KEY.get(key)
         if option is None:
-            raise ConfigError(f"{path}: {key}: unknown option{_did_you_mean(key)}")
+            hint = (" (no [sections]: every option is a key at the top of the file)"
+                    if isinstance(value, dict) else _did_you_mean(key))
+            raise ConfigError(f"{path}: {key}: unknown option{hint}")
         if option.field is None:
             raise ConfigError(f"{path}: {key}: a config file cannot name another one; give "
                               f"{CONFIG} on the command line")
