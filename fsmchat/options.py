@@ -622,7 +622,7 @@ def _did_you_mean(key: str) -> str:
 def build(values: Mapping[str, Any]) -> Options:
     """The Options from what was given (by field; the rest keep their defaults), checked."""
     values = {field: tuple(value) if _BY_FIELD[field].repeat else value
-              for field, value in values.items() if field in _BY_FIELD}
+              for field, value in values.items()}
     options = Options(**values)
     _check_combinations(options, values.keys())
     if "history_bytes" not in values:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from conftest import (
     run_cli,
     usage_error,
 )
+
+from fsmchat.options import GROUPS, OPTIONS, Options
 
 
 def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
@@ -200,3 +203,13 @@ def test_options_that_do_not_go_together_are_checked_across_file_and_command_lin
     config = write(tmp_path, toml + "\n")
     line = usage_error(run_cli("--host", HOST, "--config", str(config), *args), says)
     assert line.startswith(f"fsmchat: {says}") and line.endswith("(see --help)"), line
+
+
+def test_every_field_of_options_is_filled_by_exactly_one_option() -> None:
+    """The catalogue and ``Options`` cannot drift apart: a field no flag fills (or two flags
+    fill) would be a setting the command line and the file cannot reach the same way."""
+    filled = [option.field for option in OPTIONS if option.field is not None]
+    assert sorted(filled) == sorted(field.name for field in fields(Options))
+    flags = [option.flag for option in OPTIONS]
+    assert len(set(flags)) == len(flags)
+    assert {option.group for option in OPTIONS} - {None} == {group.title for group in GROUPS}
