@@ -40,8 +40,9 @@ from fsmchat.events import make_logger
 from fsmchat.lifecycle import Trigger
 from fsmchat.logstream import LogStream
 from fsmchat.loop import EventLoop
+from fsmchat.options import Options
 from fsmchat.redis_link import RedisAddress
-from fsmchat.server import Options, Server
+from fsmchat.server import Server
 
 
 def per_call(fn: Callable[[], object], n: int) -> float:

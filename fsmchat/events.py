@@ -2,8 +2,10 @@
 
 structlog turns each call into ``{"timestamp", "level", "event", ...fields}`` (orjson renders it,
 newline included) and hands the line to the stream, which writes stdout when ``select`` says it
-may (``logstream``). ``CATALOGUE`` lists every event the server emits, with its level and fields:
-the README's table and the tests read it.
+may (``logstream``). On a terminal the events are rendered for people instead (``--log-format
+auto``, the default: console when stdout is a terminal, JSON otherwise). ``CATALOGUE`` lists
+every event the server emits, with its level and fields: the README's table and the tests read
+it.
 
 Rules it keeps:
 - Debug-level calls cost a no-op method call when the level is higher (structlog's filtering
@@ -26,7 +28,8 @@ from fsmchat.logstream import LEVELS, LogStream
 
 __all__ = ["CATALOGUE", "FORMATS", "LEVELS", "EventSpec", "make_logger"]
 
-FORMATS = ("json", "console")
+FORMATS = ("auto", "json", "console")
+"""``auto``: console when stdout is a terminal, json otherwise (structlog's own convention)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +194,8 @@ _CLOCK = _Clock()
 def make_logger(stream: LogStream, level: str, fmt: str) -> FilteringBoundLogger:
     """The server's logger over ``stream``; the stream reports its own drops through it."""
     processors: list[structlog.typing.Processor]
+    if fmt == "auto":
+        fmt = "console" if stream.isatty() else "json"
     if fmt == "json":
         processors = [_json_line]
     else:

@@ -127,6 +127,10 @@ class LogStream:
         return cls(lambda buffers: os.writev(own, buffers), own, limit=limit,
                    close=(lambda: os.close(own)) if own != fd else lambda: None)
 
+    def isatty(self) -> bool:
+        """The stream writes to a terminal (where ``--log-format auto`` renders for people)."""
+        return self._fd >= 0 and os.isatty(self._fd)
+
     @classmethod
     def memory(cls, out: BinaryIO, *, limit: int = DEFAULT_LOG_BUFFER) -> LogStream:
         """A stream into ``out`` that takes everything at once, for in-process tests."""

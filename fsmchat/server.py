@@ -31,94 +31,35 @@ from dataclasses import asdict, dataclass, field
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.acceptor import Acceptor, Listener, ListenError, format_peer, open_listener
-from fsmchat.access import Access, Network
+from fsmchat.access import Access
+from fsmchat.banner import tell_where_to_connect
 from fsmchat.bus import RedisBus
-from fsmchat.chat import DEFAULT_MAX_LINE, ENTRY_BYTES, Chat
+from fsmchat.chat import ENTRY_BYTES, Chat
 from fsmchat.connection import Connection
 from fsmchat.events import make_logger
 from fsmchat.history import History
 from fsmchat.hub import Extension, Hub, Limits
 from fsmchat.lifecycle import LIVE, SENDING, State, Trigger
-from fsmchat.logstream import DEFAULT_LOG_BUFFER, LogStream, say
+from fsmchat.logstream import LogStream, say
 from fsmchat.loop import FD_SETSIZE, EventLoop, Reader, Timer
 from fsmchat.metrics import CONTENT_TYPE, Exposition
 from fsmchat.metrics_http import MetricsEndpoint
+from fsmchat.options import RESERVED_FDS, Options
 from fsmchat.reasons import Reason
-from fsmchat.redis_link import RedisAddress
 from fsmchat.signals import SignalWatch
 from fsmchat.sock import contain_in
 from fsmchat.stats import Snapshot, StatsReporter
 from fsmchat.tls import TLSSetupError, server_context
 
-RESERVED_FDS = 16
-"""Descriptors kept out of --max-clients: stdio, the listener, the signal socket, a newcomer
-being rejected, and room for the links to come (Redis, metrics)."""
-
-MAX_CLIENTS_CEILING = FD_SETSIZE - RESERVED_FDS
-
-DEFAULT_MAX_QUEUE_BYTES = 4 * 1024 * 1024
-
-DEFAULT_MAX_CLIENTS_PER_ADDR = 64
-"""Clients one address may have connected at once (0: no limit). One host alone cannot fill
-the server (it takes 16 addresses to fill 1,008 slots), while an office or a classroom behind
-one NAT address still fits. Behind a proxy on the same machine every client has the proxy's
-address: give 0 there."""
-
 EMPTY_QUIET = 0.2
 """Seconds a client must send nothing while the stop reads it before it counts as having
 nothing more: what is still on its way (a network's round trip, a slow link) is read too."""
-
-DEFAULT_CHANNEL = "fsmchat"
-
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-
-DEFAULT_REDIS_OUTBOX = 8 * 1024 * 1024
-
-DEFAULT_HISTORY_BYTES = 1024 * 1024
-
-DEFAULT_STATS_INTERVAL = 60.0
-
-MODES = ("raw", "chat")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Each begins an orderly stop (SIGHUP: the terminal it ran in is gone); a second one forces it."""
 
 LAST_EVENTS_MIN = 1.0
 """Seconds the last events get at least, after a stop that used all of --drain-timeout."""
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    host: str | None  # None: every interface, IPv6 and IPv4 where the system allows
-    port: int
-    log_level: str = "debug"
-    log_format: str = "json"
-    log_buffer: int = DEFAULT_LOG_BUFFER
-    drain_timeout: float = 5.0
-    max_clients: int | None = None  # None: default_max_clients()
-    max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
-    max_clients_per_addr: int = DEFAULT_MAX_CLIENTS_PER_ADDR  # 0: no limit
-    reuse_port: bool = False
-    redis: RedisAddress | None = None  # None: standalone
-    channel: str = DEFAULT_CHANNEL
-    redis_outbox: int = DEFAULT_REDIS_OUTBOX
-    allow: tuple[Network, ...] = ()
-    deny: tuple[Network, ...] = ()
-    idle_timeout: float = 0.0  # 0: never
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    max_recv_rate: int = 0  # bytes per second per client; 0: no limit
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    tls_port: int | None = None  # None: with --tls-cert, the --port listener speaks TLS
-    plain: bool = True  # with tls_port: also serve plain TCP on port
-    mode: str = "raw"  # "raw": the byte relay; "chat": lines, names and commands
-    max_line: int = DEFAULT_MAX_LINE  # chat mode: longest line, in bytes
-    history: int = 0  # messages kept for late joiners; 0: none
-    history_bytes: int = DEFAULT_HISTORY_BYTES
-    stats_interval: float = DEFAULT_STATS_INTERVAL  # seconds between server.stats; 0: never
-    metrics_port: int | None = None  # None: no metrics listener
-    metrics_host: str | None = None  # None: the same as host
-
 
 @dataclass(slots=True)
 class Emptying:
@@ -399,6 +340,7 @@ def run(options: Options) -> int:
     signals = _watch_signals(server)
     stream.attach(server.loop)
     server.start()
+    tell_where_to_connect(options, listeners, metrics_listener)
     try:
         _serve(server, stream, signals)
     finally:

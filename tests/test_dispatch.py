@@ -28,8 +28,9 @@ from fsmchat.logstream import LogStream
 from fsmchat.loop import EventLoop
 from fsmchat.machine import TableModel
 from fsmchat.metrics_http import MetricsConnection
+from fsmchat.options import Options
 from fsmchat.redis_link import RedisAddress, RedisLink
-from fsmchat.server import Options, Server
+from fsmchat.server import Server
 
 
 def hub() -> Hub:

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from fsmchat import docs
-from fsmchat.cli import MAX_SECONDS, build_parser
+from fsmchat.cli import build_parser
 from fsmchat.events import CATALOGUE
 from fsmchat.lifecycle import LIFECYCLES
 from fsmchat.metrics import CATALOGUE as METRICS
+from fsmchat.options import MAX_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -32,7 +32,7 @@ from conftest import (
     wait_event_count,
 )
 
-from fsmchat.server import DEFAULT_MAX_CLIENTS_PER_ADDR
+from fsmchat.options import DEFAULT_MAX_CLIENTS_PER_ADDR
 
 FD_SETSIZE = 1024
 DEFAULT_QUEUE = 4 * 1024 * 1024

@@ -231,9 +231,10 @@ def test_a_closed_stdout_is_no_problem(servers: list[Server]) -> None:
 
 
 def test_a_terminal_is_left_as_it_was(servers: list[Server]) -> None:
-    """stdout a terminal: it is never made non-blocking for the others who share it."""
+    """stdout a terminal: it is never made non-blocking for the others who share it. (JSON
+    asked for: on a terminal the default is the console format.)"""
     controller, terminal = pty.openpty()
-    server = Server(stdout=terminal)
+    server = Server("--log-format", "json", stdout=terminal)
     servers.append(server)
     output: list[bytes] = []
 

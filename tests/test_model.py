@@ -25,7 +25,8 @@ from fsmchat.events import make_logger
 from fsmchat.lifecycle import IN_CHAT, State
 from fsmchat.logstream import LogStream
 from fsmchat.loop import EventLoop
-from fsmchat.server import Options, Server
+from fsmchat.options import Options
+from fsmchat.server import Server
 
 LIMIT = 4096
 CLEAN = {"peer_closed", "server_shutdown"}

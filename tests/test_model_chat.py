@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
 from test_model import CLEAN, LIMIT, Chat, ModelServer, ScriptedSocket
 
-from fsmchat.server import Options
+from fsmchat.options import Options
 
 LINE = re.compile(rb"(<[A-Za-z0-9_-]{1,16}> |\*\*\* |\* [A-Za-z0-9_-]{1,16} )"
                   rb"[^\x00-\x08\x0a-\x1f\x7f]*")

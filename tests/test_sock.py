@@ -26,8 +26,9 @@ from fsmchat.lifecycle import LIFECYCLES, State
 from fsmchat.logstream import LogStream
 from fsmchat.loop import FD_SETSIZE, EventLoop, FdLimit
 from fsmchat.metrics_http import MetricsEndpoint
+from fsmchat.options import Options
 from fsmchat.reasons import ERRNO_DOC, Reason, error_reason
-from fsmchat.server import Options, Server
+from fsmchat.server import Server
 from fsmchat.sock import contain_in
 
 

@@ -41,7 +41,7 @@ from tls_certs import (
     tls_port_of,
 )
 
-from fsmchat.cli import MAX_SECONDS
+from fsmchat.options import MAX_SECONDS
 
 #: Slack on the server's timers: a timer may fire this much early (clock granularity) ...
 EARLY = 0.05
