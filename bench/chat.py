@@ -382,7 +382,7 @@ def check_lines(counts: list[dict[str, Any]], size: int) -> dict[str, Any]:
             notices[kind] = notices.get(kind, 0) + k
     if notices:
         samples = [s for c in counts for s in c["notice_samples"]][:3]
-        errors.append(f"notices during the step: {notices}, such as {samples}")
+        errors.append(f"notices during the turn: {notices}, such as {samples}")
     mismatch = sum(int(c["prefix_mismatch"]) for c in counts)
     if mismatch:
         errors.append(f"names: {mismatch} lines with a prefix of another length than their "

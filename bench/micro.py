@@ -33,15 +33,15 @@ from harness.report import Table
 from harness.suite import Session, add_options
 from structlog.typing import FilteringBoundLogger
 
-from fsmchat.bus import PublishLink, SubscribeLink
-from fsmchat.chat import clean
+from fsmchat.chat.mode import clean
 from fsmchat.connection import MACHINE, Connection
-from fsmchat.events import make_logger
 from fsmchat.lifecycle import Trigger
-from fsmchat.logstream import LogStream
-from fsmchat.loop import EventLoop
+from fsmchat.net.loop import EventLoop
+from fsmchat.ops.events import make_logger
+from fsmchat.ops.logstream import LogStream
 from fsmchat.options import Options
-from fsmchat.redis_link import RedisAddress
+from fsmchat.redis.bus import PublishLink, SubscribeLink
+from fsmchat.redis.link import RedisAddress
 from fsmchat.server import Server
 
 

@@ -35,7 +35,7 @@ from fsmchat.access import Access, address_key
 from fsmchat.connection import Connection
 from fsmchat.hub import Hub
 from fsmchat.lifecycle import State, Trigger
-from fsmchat.loop import EventLoop, FdLimit, Reader, Timer
+from fsmchat.net.loop import EventLoop, FdLimit, Reader, Timer
 from fsmchat.reasons import Reason, error_reason
 
 ACCEPT_BATCH = 64

@@ -20,7 +20,7 @@ import socket
 import ssl
 from collections.abc import Sequence
 
-from fsmchat.logstream import LEVELS, say
+from fsmchat.ops.logstream import LEVELS, say
 from fsmchat.options import Options
 
 _STARTED_LEVEL = "info"

@@ -8,7 +8,7 @@ the table decides what a trigger means in the current state.
 
 Actions do the socket work and may fire the next trigger (an empty queue while draining fires
 ``drained``); they never close a socket mid-turn: ``detach`` hands the connection to the hub, which
-releases it when the loop step ends (Redis's CLOSE_ASAP), so no descriptor is reused while the
+releases it when the loop turn ends (Redis's CLOSE_ASAP), so no descriptor is reused while the
 loop still holds its number. ``detach`` does its bookkeeping first and calls out (``departed``,
 ``flow.forget``) last, so a bug in what it calls cannot leave a connection that nobody releases.
 """
@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 from fsmchat import lifecycle
 from fsmchat.lifecycle import State, Trigger
-from fsmchat.loop import Timer
+from fsmchat.net.loop import Timer
+from fsmchat.net.sock import LoopSocket
 from fsmchat.reasons import Reason, error_reason
-from fsmchat.sock import LoopSocket
 
 if TYPE_CHECKING:
     from fsmchat.hub import Hub
@@ -83,7 +83,7 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
             self.fire(Trigger.FAIL)
 
     def close_safely(self, reason: str) -> None:
-        """``close_because`` from a step over many clients: a bug closes this one only."""
+        """``close_because`` from a pass over many clients: a bug closes this one only."""
         self.safely(Trigger.FAIL, self.close_because, reason)
 
     def enqueue(self, data: bytes) -> None:
@@ -285,7 +285,7 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
             self.fire(Trigger.DRAINED)
 
     def detach(self) -> None:
-        """Out of the loop, the chat and flow control; released at the end of the step. What
+        """Out of the loop, the chat and flow control; released at the end of the turn. What
         cannot fail comes first, the calls out last: a bug in them (logged and contained) still
         leaves the connection out of the loop and released."""
         self._cancel_timers()

@@ -26,9 +26,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from fsmchat import diagrams
-from fsmchat.events import CATALOGUE as EVENTS
 from fsmchat.lifecycle import LIFECYCLES, Documented, Lifecycle
-from fsmchat.metrics import CATALOGUE as METRICS
+from fsmchat.ops.events import CATALOGUE as EVENTS
+from fsmchat.ops.metrics import CATALOGUE as METRICS
+from fsmchat.reasons import ERRNO_DOC, Reason
 
 START = re.compile(r"^<!-- generated: (?P<name>[\w -]+?) -->$")
 END = "<!-- end generated -->"
@@ -138,6 +139,12 @@ def metrics() -> str:
                    for spec in METRICS))
 
 
+def reasons() -> str:
+    return _table(("reason", "what it means"),
+                  [*((f"`{reason}`", _cell(reason.doc)) for reason in Reason),
+                   ("*errno name*", _cell(ERRNO_DOC))])
+
+
 # --- lifecycles ----------------------------------------------------------------------------
 
 def diagram(lifecycle: Lifecycle) -> str:
@@ -167,7 +174,8 @@ def transitions(lifecycle: Lifecycle) -> str:
 
 def regions(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Every region name there is, rendered."""
-    rendered = {"options": options(parser), "events": events(), "metrics": metrics()}
+    rendered = {"options": options(parser), "events": events(), "metrics": metrics(),
+                "reasons": reasons()}
     kinds: dict[str, Callable[[Lifecycle], str]] = {
         "diagram": diagram, "states": states, "triggers": triggers, "transitions": transitions}
     for lifecycle in LIFECYCLES:

@@ -11,7 +11,7 @@ The words, each for one thing:
 - A sender held back is **paused** (the ``throttle`` trigger: the server stops reading it, so TCP
   slows it down) and **resumed** once nobody holds senders back. A sender never holds itself.
 - Chat mode asks between the queue entries of one read (``holds``): a sender whose lines must
-  **wait** is paused, and goes on with them (``go_on``) at the end of a loop step where nobody
+  **wait** is paused, and goes on with them (``go_on``) at the end of a loop turn where nobody
   holds it back, before anything newer is read from it.
 
 The hub owns this object; connections tell it when they become congested or catch up, and the
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.lifecycle import IN_CHAT, State, Trigger
-from fsmchat.loop import EventLoop, Timer
+from fsmchat.net.loop import EventLoop, Timer
 
 if TYPE_CHECKING:
     from fsmchat.connection import Connection
@@ -101,10 +101,10 @@ class FlowControl:
         self.pause_if_held(sender)
 
     def go_on(self, lines_go_on: Callable[[Connection], None]) -> None:
-        """End of a loop step: senders whose lines waited, and whom nobody holds back any more,
+        """End of a loop turn: senders whose lines waited, and whom nobody holds back any more,
         go on with them (a paused one still paused, so that nothing newer is read before
         them), then read again. Never inside a flush or a close; one held again waits for a
-        later step."""
+        later turn."""
         waiting = self.waiting
         for fd, conn in list(waiting.items()):
             if conn.state not in IN_CHAT:

@@ -20,7 +20,7 @@ Rules it keeps:
   (``queue_limit``) once the delivery is done; everyone else still gets the message. The
   closes, and the leave notices they announce (which may take others past their limit in turn),
   run from one work list at one level, never by recursion: one warning per client.
-- A connection that moved to ``closing`` during a loop step is released after it (``release``),
+- A connection that moved to ``closing`` during a loop turn is released after it (``release``),
   so no descriptor is closed while the loop may still hold its number.
 """
 
@@ -36,7 +36,7 @@ from structlog.typing import FilteringBoundLogger
 from fsmchat import lifecycle
 from fsmchat.flow import FlowControl
 from fsmchat.lifecycle import IN_CHAT, Trigger
-from fsmchat.loop import EventLoop
+from fsmchat.net.loop import EventLoop
 from fsmchat.reasons import Reason
 
 if TYPE_CHECKING:
@@ -67,8 +67,8 @@ class Extension:
     def free(self) -> None:
         """No recipient holds senders back any more (paused clients resumed already)."""
 
-    def step(self) -> None:
-        """The end of a loop step, before what closed during it is released."""
+    def end_of_turn(self) -> None:
+        """The end of a loop turn, before what closed during it is released."""
 
     def unread(self, conn: Connection) -> int:
         """Bytes of ``conn``'s that this part holds and has not passed on (a stop cut short
@@ -135,14 +135,14 @@ class Hub:
         self._overflowed: dict[int, Connection] = {}  # past the limit, to close: by fd, in order
         self._refused = 0  # messages left out of a queue for its limit, so far
         self._closing_overflowed = False  # _close_overflowed is working through its list
-        self._closing: list[Connection] = []  # moved to `closing` this step; released after it
+        self._closing: list[Connection] = []  # moved to `closing` this turn; released after it
         self._hooks: dict[str, list[Callable[..., object]]] = {}
 
     def plug(self, *extensions: Extension) -> None:
         """Plug the server's parts in, in the order their hooks run (the server's constructor
         calls this once). Only the hooks a part overrides are called."""
         self.extensions = extensions
-        for name in ("greet", "joined", "left", "delivered", "published", "free", "step",
+        for name in ("greet", "joined", "left", "delivered", "published", "free", "end_of_turn",
                      "unread", "stopping", "drain", "forced", "done"):
             base = getattr(Extension, name)
             self._hooks[name] = [getattr(part, name) for part in extensions
@@ -285,7 +285,7 @@ class Hub:
         self._gone(conn)
 
     def release(self) -> None:
-        """End of a loop step: close what moved to ``closing`` during it."""
+        """End of a loop turn: close what moved to ``closing`` during it."""
         while self._closing:
             closing, self._closing = self._closing, []
             for conn in closing:
@@ -295,7 +295,7 @@ class Hub:
 
     def _free(self) -> None:
         """Flow control holds nobody back any more: relayed messages may come again, unless
-        some of them still wait (they go on at the end of a step: ``relay_done``)."""
+        some of them still wait (they go on at the end of a turn: ``relay_done``)."""
         if not self.relay_waits():
             self.call("free")
 

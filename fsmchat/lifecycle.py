@@ -41,7 +41,7 @@ class State(Documented):
     LIMITED = "limited", "in the chat, but not read from until --max-recv-rate allows again"
     EMPTIED = "emptied", "the server stops: all it had sent is read; reads nothing, still receives"
     DRAINING = "draining", "reads nothing, takes no new messages, delivers what is queued, closes"
-    CLOSING = "closing", "out of the loop; its socket is closed at the end of this loop step"
+    CLOSING = "closing", "out of the loop; its socket is closed at the end of this loop turn"
     CLOSED = "closed", "socket closed, model released"
 
 
@@ -61,7 +61,7 @@ class Trigger(Documented):
     SHUTDOWN = "shutdown", "the server is stopping and every client is emptied: deliver, leave"
     DRAINED = "drained", "the outgoing queue became empty while draining"
     FAIL = "fail", "a socket error, or a close forced by the server"
-    RELEASE = "release", "the loop step that decided to close has ended"
+    RELEASE = "release", "the loop turn that decided to close has ended"
 
 
 INITIAL = State.ACCEPTED
@@ -127,7 +127,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(Trigger.FAIL, LIVE, State.CLOSING, "detach",
                "socket error, TLS error, timeout, output limit or forced close: drop the queue"),
     Transition(Trigger.RELEASE, (State.CLOSING,), State.CLOSED, "finish",
-               "end of the loop step: close the socket, forget the connection"),
+               "end of the loop turn: close the socket, forget the connection"),
 )
 
 

@@ -24,15 +24,15 @@ from fsmchat.lifecycle import InvalidTrigger, Lifecycle
 # transitions logs every callback at INFO, and each binding model_override skips at WARNING.
 logging.getLogger("transitions").setLevel(logging.ERROR)
 
-Steps = dict[str, dict[str, tuple[str | None, str]]]
+Dispatch = dict[str, dict[str, tuple[str | None, str]]]
 
 
-def steps(lifecycle: Lifecycle) -> Steps:
+def dispatch_table(lifecycle: Lifecycle) -> Dispatch:
     """state -> trigger -> (dest, action name): the table reduced to what ``fire`` reads.
 
     ``fire`` runs an internal row's action itself, so such a row must name one (a row that
     changes state may have none: the machine runs whatever it names)."""
-    table: Steps = {str(state): {} for state in lifecycle.states}
+    table: Dispatch = {str(state): {} for state in lifecycle.states}
     for (state, trigger), row in lifecycle.rows.items():
         if row.dest is None and not row.action:
             raise ValueError(f"{lifecycle.name}: the internal row {trigger!r} in {state!r} "
@@ -51,7 +51,7 @@ class TableModel:
     ``model_override`` binds only methods a model declares, and models declare none: without it
     every instance would carry some thirty bound helpers (``readable``, ``may_readable``,
     ``is_reading``, ...), about 9 kB each, that nothing here calls."""
-    _steps: ClassVar[Steps]
+    _dispatch: ClassVar[Dispatch]
     state: str  # owned by the machine
 
     def __init_subclass__(cls, lifecycle: Lifecycle | None = None, **kwargs: Any) -> None:
@@ -65,14 +65,14 @@ class TableModel:
             cls.lifecycle = lifecycle
             cls.machine = Machine(model=None, send_event=False, model_override=True,
                                   **lifecycle.machine_config())
-            cls._steps = steps(lifecycle)
+            cls._dispatch = dispatch_table(lifecycle)
 
     def fire(self, trigger: str) -> None:
         state = self.state
-        step = self._steps[state].get(trigger)
-        if step is None:
+        row = self._dispatch[state].get(trigger)
+        if row is None:
             raise InvalidTrigger(state, trigger)
-        dest, action = step
+        dest, action = row
         if dest is None:
             getattr(self, action)()
             return

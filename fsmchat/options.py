@@ -30,12 +30,12 @@ from datetime import date, datetime, time
 from typing import Any
 
 from fsmchat.access import Network, parse_network
-from fsmchat.chat import DEFAULT_MAX_LINE, MAX_LINE_RANGE
+from fsmchat.chat.mode import DEFAULT_MAX_LINE, MAX_LINE_RANGE
 from fsmchat.connection import RECV_SIZE
-from fsmchat.events import FORMATS, LEVELS
-from fsmchat.logstream import DEFAULT_LOG_BUFFER
-from fsmchat.loop import FD_SETSIZE
-from fsmchat.redis_link import RedisAddress
+from fsmchat.net.loop import FD_SETSIZE
+from fsmchat.ops.events import FORMATS, LEVELS
+from fsmchat.ops.logstream import DEFAULT_LOG_BUFFER
+from fsmchat.redis.link import RedisAddress
 
 __all__ = [
     "DEFAULT_CHANNEL", "DEFAULT_HANDSHAKE_TIMEOUT", "DEFAULT_HISTORY_BYTES",

@@ -33,23 +33,23 @@ from structlog.typing import FilteringBoundLogger
 from fsmchat.acceptor import Acceptor, Listener, ListenError, format_peer, open_listener
 from fsmchat.access import Access
 from fsmchat.banner import tell_where_to_connect
-from fsmchat.bus import RedisBus
-from fsmchat.chat import ENTRY_BYTES, Chat
+from fsmchat.chat.mode import ENTRY_BYTES, Chat
 from fsmchat.connection import Connection
-from fsmchat.events import make_logger
 from fsmchat.history import History
 from fsmchat.hub import Extension, Hub, Limits
 from fsmchat.lifecycle import LIVE, SENDING, State, Trigger
-from fsmchat.logstream import LogStream, say
-from fsmchat.loop import FD_SETSIZE, EventLoop, Reader, Timer
-from fsmchat.metrics import CONTENT_TYPE, Exposition
-from fsmchat.metrics_http import MetricsEndpoint
+from fsmchat.net.loop import FD_SETSIZE, EventLoop, Reader, Timer
+from fsmchat.net.signals import SignalWatch
+from fsmchat.net.sock import contain_in
+from fsmchat.net.tls import TLSSetupError, server_context
+from fsmchat.ops.events import make_logger
+from fsmchat.ops.logstream import LogStream, say
+from fsmchat.ops.metrics import CONTENT_TYPE, Exposition
+from fsmchat.ops.metrics_http import MetricsEndpoint
+from fsmchat.ops.stats import Snapshot, StatsReporter
 from fsmchat.options import RESERVED_FDS, Options
 from fsmchat.reasons import Reason
-from fsmchat.signals import SignalWatch
-from fsmchat.sock import contain_in
-from fsmchat.stats import Snapshot, StatsReporter
-from fsmchat.tls import TLSSetupError, server_context
+from fsmchat.redis.bus import RedisBus
 
 EMPTY_QUIET = 0.2
 """Seconds a client must send nothing while the stop reads it before it counts as having
@@ -148,7 +148,7 @@ class Server:
         self._emptying: Emptying | None = None  # the stop's first part, while it lasts
         self.stop_deadline = 0.0  # when the stop closes whatever is left
         self.cut = Cut()  # what a stop cut short did not deliver
-        loop.before_sleep = self.end_of_step
+        loop.before_sleep = self.end_of_turn
 
     def start(self) -> None:
         """Say where it listens, and set the timers and links going."""
@@ -182,11 +182,11 @@ class Server:
 
     # -- the loop's callbacks -------------------------------------------------------------------
 
-    def end_of_step(self) -> None:
-        """What waited goes on; release what closed during the step; stop once stopping and
+    def end_of_turn(self) -> None:
+        """What waited goes on; release what closed during the turn; stop once stopping and
         nobody is left."""
         hub = self.hub
-        hub.call("step")
+        hub.call("end_of_turn")
         if self._emptying is not None:
             self._check_emptied()
         hub.release()
@@ -261,7 +261,7 @@ class Server:
                              lambda: self._force_close(Reason.DRAIN_TIMEOUT))
 
     def _check_emptied(self) -> None:
-        """End of a step while stopping: a client that reached EOF leaves as usual; one that
+        """End of a turn while stopping: a client that reached EOF leaves as usual; one that
         sent nothing for ``EMPTY_QUIET`` seconds (what was on its way is read too) is emptied;
         once every one is (or half the drain timeout passed), everyone drains."""
         assert self._emptying is not None
@@ -320,7 +320,7 @@ class Server:
 
 
 def _nothing() -> None:
-    """A timer's callback whose only work is to end a loop turn (``end_of_step`` follows)."""
+    """A timer's callback whose only work is to end a loop turn (``end_of_turn`` follows)."""
 
 
 def run(options: Options) -> int:

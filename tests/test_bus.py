@@ -19,7 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fsmchat.bus import (
+from fsmchat.lifecycle import LinkState
+from fsmchat.net.loop import EventLoop
+from fsmchat.ops.events import make_logger
+from fsmchat.ops.logstream import LogStream
+from fsmchat.redis.bus import (
     DROP_REPORT,
     ENVELOPE,
     GAP_MAX,
@@ -29,11 +33,7 @@ from fsmchat.bus import (
     SubscribeLink,
     unpack,
 )
-from fsmchat.events import make_logger
-from fsmchat.lifecycle import LinkState
-from fsmchat.logstream import LogStream
-from fsmchat.loop import EventLoop
-from fsmchat.redis_link import RedisAddress, RedisLink
+from fsmchat.redis.link import RedisAddress, RedisLink
 
 ORIGIN = b"00112233aabbccdd"
 OTHER = b"ffeeddccbbaa9988"

@@ -69,10 +69,10 @@ class Stuck:
         self.overhead = len(observer.line()) - 100  # a refusal's size, less the name's
 
     def queued(self) -> dict[int, int]:
-        """Each one's queue in the server, once two looks a loop step apart agree."""
+        """Each one's queue in the server, once two looks a loop turn apart agree."""
         before = None
         while True:
-            self.observer.say("/who")  # a later step of the loop: earlier sends are logged
+            self.observer.say("/who")  # a later turn of the loop: earlier sends are logged
             self.observer.line()
             sent = _sent(self.server)
             now = {fd: self.owed[fd] - sent[fd] for fd in self.fds}

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import structlog
 
-from fsmchat.chat import Chat
+from fsmchat.chat.mode import Chat
 from fsmchat.connection import Connection
 
 
@@ -23,7 +23,7 @@ class Person:
 class Flow:
     """The recording hub's flow control: every question counted, answered by ``holding``."""
 
-    def __init__(self, room: Room) -> None:
+    def __init__(self, room: RecordingHub) -> None:
         self.room = room
 
     @property
@@ -43,7 +43,7 @@ class Flow:
 
 
 @dataclass
-class Room:
+class RecordingHub:
     """A hub that records what the chat asks for: (to, bytes) pairs; "*" is everyone but the
     sender."""
 
@@ -61,7 +61,7 @@ class Room:
         return Flow(self)
 
     @property
-    def counts(self) -> Room:
+    def counts(self) -> RecordingHub:
         return self
 
     def broadcast(self, data: bytes, exclude: Person | None = None,
@@ -93,8 +93,8 @@ class Room:
         return said
 
 
-def setup(count: int, entry_bytes: int = 1024) -> tuple[Chat, Room, list[Connection]]:
-    room = Room()
+def setup(count: int, entry_bytes: int = 1024) -> tuple[Chat, RecordingHub, list[Connection]]:
+    room = RecordingHub()
     chat = Chat(cast(Any, room), max_line=32, entry_bytes=entry_bytes)
     people = [cast(Connection, Person(fd)) for fd in range(10, 10 + count)]
     for person in people:

@@ -19,17 +19,17 @@ from hypothesis import strategies as st
 from transitions import Machine, MachineError
 
 from fsmchat import lifecycle
-from fsmchat.bus import PublishLink
 from fsmchat.connection import MACHINE, Connection
-from fsmchat.events import make_logger
 from fsmchat.hub import Hub
 from fsmchat.lifecycle import InvalidTrigger, LinkTrigger, State, Trigger
-from fsmchat.logstream import LogStream
-from fsmchat.loop import EventLoop
 from fsmchat.machine import TableModel
-from fsmchat.metrics_http import MetricsConnection
+from fsmchat.net.loop import EventLoop
+from fsmchat.ops.events import make_logger
+from fsmchat.ops.logstream import LogStream
+from fsmchat.ops.metrics_http import MetricsConnection
 from fsmchat.options import Options
-from fsmchat.redis_link import RedisAddress, RedisLink
+from fsmchat.redis.bus import PublishLink
+from fsmchat.redis.link import RedisAddress, RedisLink
 from fsmchat.server import Server
 
 

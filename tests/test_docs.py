@@ -22,9 +22,9 @@ import pytest
 
 from fsmchat import docs
 from fsmchat.cli import build_parser
-from fsmchat.events import CATALOGUE
 from fsmchat.lifecycle import LIFECYCLES
-from fsmchat.metrics import CATALOGUE as METRICS
+from fsmchat.ops.events import CATALOGUE
+from fsmchat.ops.metrics import CATALOGUE as METRICS
 from fsmchat.options import MAX_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ LEVELS = {"debug", "info", "warning", "error", "critical"}
 def emitted() -> set[tuple[str, str]]:
     """(event, level) for every ``<logger>.<level>("event", ...)`` call in the package."""
     found: set[tuple[str, str]] = set()
-    for path in (ROOT / "fsmchat").glob("*.py"):
+    for path in (ROOT / "fsmchat").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.Call)

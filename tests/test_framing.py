@@ -8,8 +8,8 @@ import unicodedata
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fsmchat.chat import MARKS_MAX, PLANES, clean
-from fsmchat.framing import LineFramer
+from fsmchat.chat.framing import LineFramer
+from fsmchat.chat.mode import MARKS_MAX, PLANES, clean
 from fsmchat.history import History
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f\x80-\x9f]")

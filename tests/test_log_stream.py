@@ -24,9 +24,9 @@ from typing import IO, Any
 import pytest
 from conftest import HOST, WAIT, free_port, recv_exactly, server_command, server_env
 
-from fsmchat.events import make_logger
-from fsmchat.logstream import LogStream
-from fsmchat.outqueue import Buffer
+from fsmchat.net.outqueue import Buffer
+from fsmchat.ops.events import make_logger
+from fsmchat.ops.logstream import LogStream
 
 Event = dict[str, Any]
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fsmchat.loop import EventLoop
+from fsmchat.net.loop import EventLoop
 
 
 class Echo:

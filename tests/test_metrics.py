@@ -34,8 +34,8 @@ from conftest import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from fsmchat.metrics import CATALOGUE
-from fsmchat.metrics_http import MAX_SCRAPERS, REQUEST_TIMEOUT
+from fsmchat.ops.metrics import CATALOGUE
+from fsmchat.ops.metrics_http import MAX_SCRAPERS, REQUEST_TIMEOUT
 
 METRICS = ("--metrics-port", "0")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from fsmchat.connection import Connection
-from fsmchat.events import make_logger
 from fsmchat.lifecycle import IN_CHAT, State
-from fsmchat.logstream import LogStream
-from fsmchat.loop import EventLoop
+from fsmchat.net.loop import EventLoop
+from fsmchat.ops.events import make_logger
+from fsmchat.ops.logstream import LogStream
 from fsmchat.options import Options
 from fsmchat.server import Server
 
@@ -167,8 +167,8 @@ class Chat(RuleBasedStateMachine):
         self.loop.dispatch((), (sock.fd,))
 
     @rule()
-    def end_of_step(self) -> None:
-        self.server.end_of_step()
+    def end_of_turn(self) -> None:
+        self.server.end_of_turn()
 
     @rule()
     def time_passes(self) -> None:
@@ -206,7 +206,7 @@ class Chat(RuleBasedStateMachine):
                     self.readable(who)
                     sock.window = 1 << 30
                     self.loop.dispatch((), (sock.fd,))
-                self.server.end_of_step()
+                self.server.end_of_turn()
                 if not self.server.hub.connections:
                     break
             assert not self.server.hub.connections

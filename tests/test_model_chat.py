@@ -76,7 +76,7 @@ def test_a_sender_closed_by_the_notices_its_message_caused_reads_no_further() ->
             conn.enqueue(b"x" * (LIMIT - room - conn.queue.nbytes))
         model.sockets[0].inbound.append(b"hello there\n/who\n")
         model.loop.dispatch((a.fd,), ())
-        model.server.end_of_step()
+        model.server.end_of_turn()
         assert not model.server.hub.connections
         # Were either still watched, select would report it (a closed descriptor: EBADF in a
         # real select); here the loop would call a handler it no longer has (KeyError), or one

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fsmchat.outqueue import IOV_MAX, JOIN_MAX, OutQueue
+from fsmchat.net.outqueue import IOV_MAX, JOIN_MAX, OutQueue
 
 
 def queued_bytes(queue: OutQueue) -> bytes:

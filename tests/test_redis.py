@@ -36,8 +36,8 @@ from conftest import (
 )
 from redis_harness import FakeFactory, FakeSession, RedisFactory, RedisServer, bug_free
 
-from fsmchat.bus import PING_IDLE
-from fsmchat.redis_link import ANSWER_TIMEOUT, RECV_SIZE, REPLY_MAX
+from fsmchat.redis.bus import PING_IDLE
+from fsmchat.redis.link import ANSWER_TIMEOUT, RECV_SIZE, REPLY_MAX
 
 pytest_plugins = ["redis_harness"]
 

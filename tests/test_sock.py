@@ -21,15 +21,15 @@ from test_model import ScriptedSocket
 
 import fsmchat
 from fsmchat.connection import Connection
-from fsmchat.events import make_logger
 from fsmchat.lifecycle import LIFECYCLES, State
-from fsmchat.logstream import LogStream
-from fsmchat.loop import FD_SETSIZE, EventLoop, FdLimit
-from fsmchat.metrics_http import MetricsEndpoint
+from fsmchat.net.loop import FD_SETSIZE, EventLoop, FdLimit
+from fsmchat.net.sock import contain_in
+from fsmchat.ops.events import make_logger
+from fsmchat.ops.logstream import LogStream
+from fsmchat.ops.metrics_http import MetricsEndpoint
 from fsmchat.options import Options
 from fsmchat.reasons import ERRNO_DOC, Reason, error_reason
 from fsmchat.server import Server
-from fsmchat.sock import contain_in
 
 
 class Recorder:
@@ -162,7 +162,7 @@ def test_a_bug_in_an_action_closes_that_client_only(chat: InProcess,
     monkeypatch.setattr(chat.hub, "received", received)
     victim_peer.sendall(b"boom")
     chat.turn()
-    chat.turn()  # the end of the step releases it
+    chat.turn()  # the end of the turn releases it
     [bug] = chat.events("lifecycle.bug")
     assert (bug["fd"], bug["state"], bug["trigger"]) == (victim.fd, "reading", "readable")
     assert "planted" in str(bug["exception"])
@@ -179,7 +179,7 @@ def test_a_bug_in_an_action_closes_that_client_only(chat: InProcess,
 def test_a_bug_inside_detach_still_releases_the_client(chat: InProcess,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # The bug strikes in what detach calls out to, once the connection is out of the loop and
-    # the chat: it must still be released (closed, forgotten) at the end of the step, and
+    # the chat: it must still be released (closed, forgotten) at the end of the turn, and
     # never be watched again.
     victim, victim_peer = chat.connect()
     other, _ = chat.connect()
@@ -243,7 +243,7 @@ def reasons_in_code() -> tuple[set[str], set[str]]:
     """(string literals used as reasons, ``Reason.NAME`` names) across the package."""
     literals: set[str] = set()
     names: set[str] = set()
-    for path in Path(fsmchat.__file__).parent.glob("*.py"):
+    for path in Path(fsmchat.__file__).parent.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             candidates: list[ast.expr] = []
             if isinstance(node, ast.Call):

@@ -1,7 +1,7 @@
 """Telnet's commands out of a byte stream, without sockets: what passes, what is answered.
 
 The streams are built from commands as RFC 854 encodes them; the expected answers are the
-rules of ``fsmchat.telnet``'s docstring applied to the commands the test chose.
+rules of ``fsmchat.chat.telnet``'s docstring applied to the commands the test chose.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fsmchat.telnet import SUB_MAX, Byte, TelnetParser
+from fsmchat.chat.telnet import SUB_MAX, Byte, TelnetParser
 
 IAC, WILL, WONT, DO, DONT, SB, SE = 255, 251, 252, 253, 254, 250, 240
 TM = 6

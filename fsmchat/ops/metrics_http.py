@@ -31,9 +31,9 @@ import h11
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.lifecycle import METRICS_HTTP, HttpState, HttpTrigger
-from fsmchat.loop import EventLoop, FdLimit, Timer
+from fsmchat.net.loop import EventLoop, FdLimit, Timer
+from fsmchat.net.sock import LoopSocket
 from fsmchat.reasons import Reason
-from fsmchat.sock import LoopSocket
 
 PATH = b"/metrics"
 MAX_SCRAPERS = 4

@@ -56,9 +56,9 @@ from structlog.typing import FilteringBoundLogger
 
 from fsmchat.hub import Extension
 from fsmchat.lifecycle import LinkState, LinkTrigger
-from fsmchat.loop import EventLoop, Timer
+from fsmchat.net.loop import EventLoop, Timer
 from fsmchat.reasons import Reason
-from fsmchat.redis_link import RedisAddress, RedisLink
+from fsmchat.redis.link import RedisAddress, RedisLink
 
 ENVELOPE = b"fsmchat1 "
 """What every payload of ours starts with; the number is the envelope's version."""

@@ -43,9 +43,9 @@ import hiredis
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.lifecycle import REDIS_LINK, LinkState, LinkTrigger
-from fsmchat.loop import EventLoop, FdLimit, Timer
+from fsmchat.net.loop import EventLoop, FdLimit, Timer
+from fsmchat.net.sock import LoopSocket
 from fsmchat.reasons import Reason
-from fsmchat.sock import LoopSocket
 
 SockAddr = tuple[socket.AddressFamily, socket.SocketKind, int, Any]
 """One address of the host as ``getaddrinfo`` gives it: family, type, protocol, address."""

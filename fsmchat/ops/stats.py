@@ -1,7 +1,7 @@
 """The server's numbers, read once for both ``server.stats`` events and ``/metrics``.
 
 Counting happens where the work happens, as plain integers of the hub's ``Counts`` and the loop
-(one addition per message, never a per-recipient step); the server's ``snapshot`` gathers them,
+(one addition per message, never per recipient); the server's ``snapshot`` gathers them,
 with what is derived from the live connections (states, queued bytes), into one ``Snapshot``.
 The periodic ``server.stats`` event and the Prometheus collector both read that record, so the
 two can never disagree on what a number means.
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from structlog.typing import FilteringBoundLogger
 
-from fsmchat.loop import EventLoop, Timer
+from fsmchat.net.loop import EventLoop, Timer
 
 
 @dataclass(frozen=True, slots=True)

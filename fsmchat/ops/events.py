@@ -24,7 +24,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
-from fsmchat.logstream import LEVELS, LogStream
+from fsmchat.ops.logstream import LEVELS, LogStream
 
 __all__ = ["CATALOGUE", "FORMATS", "LEVELS", "EventSpec", "make_logger"]
 

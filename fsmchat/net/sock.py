@@ -13,10 +13,10 @@ The base owns the descriptor and the plumbing around it:
   "nothing yet" (``BlockingIOError``, ``SSLWant*``) is None, any other ``OSError`` goes to the
   kind's ``failed`` hook, never up the stack.
 - ``unwatch`` takes the socket out of the loop at once; ``close_socket`` closes it. A kind that
-  detaches mid-step closes only when the step is over (a client's ``finish`` runs from the end of
-  the step, Redis's CLOSE_ASAP), so no descriptor number is reused while the loop still holds it.
+  detaches mid-turn closes only when the turn is over (a client's ``finish`` runs from the end of
+  the turn, Redis's CLOSE_ASAP), so no descriptor number is reused while the loop still holds it.
 - ``contain`` is the one place a crash is contained: the loop's ``on_crash`` hook (``contain_in``)
-  and ``safely``/``fire_safely`` (for what runs outside the socket's own readiness, in a step
+  and ``safely``/``fire_safely`` (for what runs outside the socket's own readiness, in a pass
   over many sockets at once) both end there. It logs ``lifecycle.bug`` (fd, state, trigger,
   exception), has the kind close that socket (``abandon``: a client closes, a link redials) and
   returns: the loop and every other socket go on.
@@ -35,9 +35,9 @@ from typing import ClassVar, cast
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.lifecycle import InvalidTrigger
-from fsmchat.loop import CrashHook, EventLoop
 from fsmchat.machine import TableModel
-from fsmchat.outqueue import OutQueue
+from fsmchat.net.loop import CrashHook, EventLoop
+from fsmchat.net.outqueue import OutQueue
 
 NOTHING_YET = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 """What a non-blocking recv or send raises when it would block: not an error."""
@@ -136,15 +136,15 @@ class LoopSocket(TableModel):
     # -- crashes ----------------------------------------------------------------------------------
 
     def fire_safely(self, trigger: str) -> None:
-        """Fire a trigger decided outside this socket's own readiness (a step over many
-        sockets): a bug closes this socket only, and the step goes on with the others."""
+        """Fire a trigger decided outside this socket's own readiness (a pass over many
+        sockets): a bug closes this socket only, and the pass goes on with the others."""
         self.safely(trigger, self.fire, trigger)
 
-    def safely(self, trigger: str, step: Callable[..., object], *args: object) -> bool:
-        """Run ``step(*args)`` for this socket (``trigger`` names it in a bug's log) from a
-        step over many sockets; False if it raised (then contained: this socket is closed)."""
+    def safely(self, trigger: str, work: Callable[..., object], *args: object) -> bool:
+        """Run ``work(*args)`` for this socket (``trigger`` names it in a bug's log) from a
+        pass over many sockets; False if it raised (then contained: this socket is closed)."""
         try:
-            step(*args)
+            work(*args)
         except Exception as exc:  # noqa: BLE001 - contained as the loop contains its handlers'
             self.contain(trigger, exc)
             return False

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from fsmchat.stats import Snapshot
+from fsmchat.ops.stats import Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The text format ``generate_latest`` writes."""

@@ -20,7 +20,7 @@ Rules it keeps:
   or a timer's callback goes to ``on_crash`` (the one place that contains it, as in curio), and
   the turn goes on with the next descriptor or timer. What a crash means (a log line, a socket
   closed) is the hook's business: the loop knows only who raised. ``before_sleep`` is not
-  contained: it is the owner's own step, which contains what it runs.
+  contained: it is the owner's own pass, which contains what it runs.
 """
 
 from __future__ import annotations

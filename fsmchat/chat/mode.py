@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING
 
-from fsmchat.framing import LineFramer
+from fsmchat.chat.framing import LineFramer
+from fsmchat.chat.telnet import TelnetParser
 from fsmchat.hub import Extension
 from fsmchat.reasons import Reason
-from fsmchat.telnet import TelnetParser
 
 if TYPE_CHECKING:
     from fsmchat.connection import Connection as Client
@@ -241,16 +241,16 @@ class Chat(Extension):
             for line in member.held:
                 message = None if _is_command(line) else _message(member.name, line)
                 if message:
-                    self._say(message, client)
+                    self._broadcast_or_publish(message, client)
         rest = member.framer.flush()
         if rest and client.reason == Reason.PEER_CLOSED:  # typed, then EOF without a newline
             self.hub.counts.messages_in += 1
             message = None if _is_command(rest) else _message(member.name, rest)
             if message:
-                self._say(message, client)
+                self._broadcast_or_publish(message, client)
         self.lines_cut += member.framer.cuts
         self.taken.pop(skeleton(member.name), None)
-        self._say(b"*** %s left\n" % member.name, client)
+        self._broadcast_or_publish(b"*** %s left\n" % member.name, client)
 
     def stopping(self) -> None:
         """The server is shutting down: say so here; from now on, leaves go to other instances
@@ -259,8 +259,8 @@ class Chat(Extension):
         self.hub.deliver(b"*** the server is shutting down\n")
         self.closing = True
 
-    def step(self) -> None:
-        """End of a loop step: lines that waited for flow control go on, senders' first."""
+    def end_of_turn(self) -> None:
+        """End of a loop turn: lines that waited for flow control go on, senders' first."""
         flow = self.flow
         if flow.waiting:
             flow.go_on(self.resumed)
@@ -269,7 +269,9 @@ class Chat(Extension):
             if not self.relaying:
                 self.hub.relay_done()
 
-    def _say(self, data: bytes, client: Client) -> None:
+    def _broadcast_or_publish(self, data: bytes, client: Client) -> None:
+        """What a leaver said last: to everyone, or while the server closes (everyone here
+        leaves too) to the other instances only."""
         if self.closing:
             self.hub.publish(data)
         else:
@@ -390,7 +392,7 @@ class Chat(Extension):
         for _ in range(framer.cuts - cuts):
             self.hub.log.warning("chat.line_cut", fd=None, peer="redis", limit=self.max_line)
         relaying = self.relaying
-        going = not relaying  # else the older ones go first, at the end of a step
+        going = not relaying  # else the older ones go first, at the end of a turn
         relaying.extend(clean(line) + b"\n" for line in lines)
         if going:
             self.relay_on()

@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Protocol
 
-from fsmchat.outqueue import Buffer, OutQueue
+from fsmchat.net.outqueue import Buffer, OutQueue
 
 DEFAULT_LOG_BUFFER = 4 * 1024 * 1024
 
