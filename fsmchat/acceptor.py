@@ -33,7 +33,7 @@ from structlog.typing import FilteringBoundLogger
 
 from fsmchat.access import Access, address_key
 from fsmchat.connection import Connection
-from fsmchat.hub import Hub
+from fsmchat.hub import Extension, Hub
 from fsmchat.lifecycle import State, Trigger
 from fsmchat.net.loop import EventLoop, FdLimit, Reader, Timer
 from fsmchat.reasons import Reason, error_reason
@@ -57,7 +57,9 @@ Take = Callable[[socket.socket, object], None]
 """What a listener's accepted sockets go to: (socket, address)."""
 
 
-class Acceptor:
+class Acceptor(Extension):
+    """An extension of the hub too: a TLS client that joins the chat has finished its handshake."""
+
     def __init__(self, listeners: list[Listener], hub: Hub, access: Access, *,
                  max_clients: int, max_clients_per_addr: int) -> None:
         self.listeners = listeners
@@ -70,7 +72,7 @@ class Acceptor:
         self.max_handshakes = max(1, max_clients // 4)
         self.per_addr: Counter[str] = Counter()  # address_key -> connections now
         self._address: dict[int, str] = {}  # fd -> its address_key
-        self._handshakes: dict[int, Connection] = {}  # TLS, maybe unfinished; oldest first
+        self._handshakes: dict[int, Connection] = {}  # TLS, not yet in the chat; oldest first
         self._listening: list[socket.socket] = []  # every listener, the metrics one too
         self._timer: Timer | None = None  # set while accepting is paused
         self._failures = 0  # failed accepts in the current episode
@@ -159,20 +161,20 @@ class Acceptor:
 
     def _make_room_for_handshake(self) -> None:
         """At ``max_handshakes`` unfinished TLS handshakes, close the oldest one still going."""
-        handshakes = self._handshakes
-        if len(handshakes) < self.max_handshakes:
+        if len(self._handshakes) < self.max_handshakes:
             return
-        for fd, conn in list(handshakes.items()):  # those done are no handshakes any more
-            if conn.state != State.HANDSHAKING:
-                del handshakes[fd]
-        if len(handshakes) < self.max_handshakes:
-            return
-        conn = next(iter(handshakes.values()))
-        self.log.warning("connection.tls_error", fd=conn.fd, peer=conn.peer,
-                         error=f"the oldest of {self.max_handshakes} unfinished handshakes, "
-                               "the most at once (a quarter of --max-clients), closed for a "
-                               "newcomer")
-        conn.close_safely(Reason.HANDSHAKE_LIMIT)
+        for conn in self._handshakes.values():  # (one that failed is released after the turn)
+            if conn.state == State.HANDSHAKING:
+                self.log.warning("connection.tls_error", fd=conn.fd, peer=conn.peer,
+                                 error=f"the oldest of {self.max_handshakes} unfinished "
+                                       "handshakes, the most at once (a quarter of "
+                                       "--max-clients), closed for a newcomer")
+                conn.close_safely(Reason.HANDSHAKE_LIMIT)
+                return
+
+    def greet(self, conn: Connection) -> None:
+        """A client joined the chat: its handshake, if it had one, is over."""
+        self._handshakes.pop(conn.fd, None)
 
     def unseat(self, conn: Connection) -> None:
         """A connection is gone: its address has room for one more, and accepting may go on."""

@@ -40,6 +40,10 @@ __all__ = ["MACHINE", "RECV_SIZE", "Connection", "error_reason"]
 
 
 class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
+    __slots__ = ("hub", "flow", "limits", "bytes_in", "bytes_out", "opened", "reason",
+                 "congested", "heard", "tokens", "counted", "timer", "credit_timer")
+    """Slots, not a dict: an idle client costs its socket, its queue and these."""
+
     sock: socket.socket  # always set: a connection is attached from the start
     recv_size = RECV_SIZE
 

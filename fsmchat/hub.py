@@ -43,10 +43,18 @@ if TYPE_CHECKING:
     from fsmchat.connection import Connection
 
 
+HOOKS = ("greet", "joined", "left", "delivered", "published", "free", "end_of_turn", "stopping",
+         "drain", "forced")
+"""The hooks the hub calls through ``call`` or its own lists (``unread`` and ``done`` are asked
+of every part)."""
+
+
 class Extension:
     """A part of the server that plugs into the hub: chat mode, history, the Redis bus.
 
     Each hook is a no-op here; a part overrides what it needs, and the hub calls only those."""
+
+    __slots__ = ()
 
     def greet(self, conn: Connection) -> None:
         """A newcomer entered the chat: what it gets before anything live (a welcome, the
@@ -65,7 +73,8 @@ class Extension:
         """A local message, for the other instances."""
 
     def free(self) -> None:
-        """No recipient holds senders back any more (paused clients resumed already)."""
+        """Relayed messages may come again: no recipient holds senders back (paused clients
+        resumed already) and no relayed lines wait."""
 
     def end_of_turn(self) -> None:
         """The end of a loop turn, before what closed during it is released."""
@@ -136,14 +145,18 @@ class Hub:
         self._refused = 0  # messages left out of a queue for its limit, so far
         self._closing_overflowed = False  # _close_overflowed is working through its list
         self._closing: list[Connection] = []  # moved to `closing` this turn; released after it
-        self._hooks: dict[str, list[Callable[..., object]]] = {}
+        self._hooks: dict[str, list[Callable[..., object]]] = {name: [] for name in HOOKS}
+        self._greet: list[Callable[..., object]] = []  # the hooks the hot paths call, as lists
+        self._joined: list[Callable[..., object]] = []
+        self._left: list[Callable[..., object]] = []
+        self._delivered: list[Callable[..., object]] = []
+        self._published: list[Callable[..., object]] = []
 
     def plug(self, *extensions: Extension) -> None:
         """Plug the server's parts in, in the order their hooks run (the server's constructor
         calls this once). Only the hooks a part overrides are called."""
         self.extensions = extensions
-        for name in ("greet", "joined", "left", "delivered", "published", "free", "end_of_turn",
-                     "unread", "stopping", "drain", "forced", "done"):
+        for name in HOOKS:
             base = getattr(Extension, name)
             self._hooks[name] = [getattr(part, name) for part in extensions
                                  if getattr(type(part), name) is not base]
@@ -163,7 +176,7 @@ class Hub:
 
     def call(self, hook: str, *args: object) -> None:
         """Run one hook of every part that has it, in order."""
-        for run in self._hooks.get(hook, ()):
+        for run in self._hooks[hook]:  # (a name that is no hook: KeyError, never silence)
             run(*args)
 
     def unread_by_parts(self, conn: Connection) -> int:

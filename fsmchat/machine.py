@@ -44,6 +44,8 @@ def dispatch_table(lifecycle: Lifecycle) -> Dispatch:
 class TableModel:
     """Base of every model: ``class Link(TableModel, lifecycle=REDIS_LINK)`` binds the table."""
 
+    __slots__ = ("state",)  # every model has a state; the slotted ones nothing else per instance
+
     lifecycle: ClassVar[Lifecycle]
     machine: ClassVar[Machine]
     """The one machine every instance shares (add_model/remove_model), built from the table.

@@ -7,8 +7,9 @@ metrics endpoint and the stats reporter. ``run`` is the process around it: stdou
 the listeners it opens, the exit status.
 
 Rules it keeps:
-- The parts never see the server: they hear from each other through the hub's hooks, and
-  ``stats`` and ``/metrics`` read a ``Snapshot`` the server takes.
+- The parts never see the server: they share the hub (and its flow control and counters), hear
+  what happens through its hooks, and ``stats`` and ``/metrics`` read a ``Snapshot`` the server
+  takes.
 - First SIGINT/SIGTERM/SIGHUP: stop accepting; read every client until what it had sent is
   used up (EOF, or nothing more to read; flow control still holds), so nothing that reached
   TCP before the signal is lost; then every connection drains (and the publisher publishes what
@@ -132,8 +133,8 @@ class Server:
             hub.take_input(self.chat.received, self.chat.relayed, self.chat.relay_waits)
         self.history = (History(options.history, options.history_bytes, hub.replay)
                         if options.history else None)
-        parts: list[Extension] = [part for part in (self.chat, self.history, self.bus)
-                                  if part is not None]
+        parts: list[Extension] = [self.acceptor, *(part for part in (self.chat, self.history,
+                                                                     self.bus) if part is not None)]
         hub.plug(*parts)
         self.metrics: MetricsEndpoint | None = None
         if metrics_listener is not None:
@@ -158,17 +159,18 @@ class Server:
         where: dict[str, object] = {"tls": tls is not None}
         if len(self.listeners) == 2:
             where = {"tls": False, "tls_port": self.listeners[1][0].getsockname()[1]}
+        redis: dict[str, object] = {}
+        if self.bus is not None and options.redis is not None:
+            redis = {"instance": self.bus.origin.decode(), "redis": options.redis.url(),
+                     "channel": options.channel}
         extra: dict[str, object] = {"mode": options.mode}
         if self.metrics_listener is not None:
             extra["metrics_port"] = self.metrics_listener.getsockname()[1]
         if options.history:
             extra.update(history=options.history, history_bytes=options.history_bytes)
-        if self.bus is not None and options.redis is not None:
-            extra.update(instance=self.bus.origin.decode(), redis=options.redis.url(),
-                         channel=options.channel)
         self.log.info("server.started", host=host, port=port, pid=os.getpid(),
                       max_clients=self.max_clients, max_queue_bytes=options.max_queue_bytes,
-                      **where, **extra)
+                      **where, **redis, **extra)
         if self.bus is not None:
             self.bus.start()
         self.reporter.start()

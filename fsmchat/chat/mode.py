@@ -25,7 +25,8 @@ Rules it keeps:
 - A payload from the Redis channel is framed like a read (lines past ``max_line`` cut, counted
   in ``lines_cut``), and its lines go out in entries of at most ``entry_bytes`` too; when flow
   control holds between them, the rest waits in ``relaying`` (the server pauses the subscriber)
-  and goes on (``relay_on``) before any newer payload. ``stopping`` says what still waits.
+  and goes on (``relay_on``) before any newer payload; at the stop (the ``stopping`` hook),
+  what still waits goes first.
 - Telnet's commands never reach anyone: each client's reads go through its ``TelnetParser``
   before its framer (answers go back to it alone, an interrupt drops its unfinished line).
 - Names are unique on this instance by their ``skeleton`` (case and look-alike letters aside);

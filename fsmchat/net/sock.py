@@ -46,6 +46,8 @@ NOTHING_YET = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 class LoopSocket(TableModel):
     """Base of every socket the loop watches; a subclass binds its lifecycle table."""
 
+    __slots__ = ("loop", "log", "peer", "sock", "fd", "tls", "queue")
+
     recv_size: ClassVar[int] = 64 * 1024
     """Bytes one ``recv_some`` may take by default."""
 

@@ -1,6 +1,6 @@
 """Prometheus metrics: a catalogue of what is exported, and a collector that reads a snapshot.
 
-Each ``MetricSpec`` names a metric, its type, its help text, and the ``stats.snapshot`` field it
+Each ``MetricSpec`` names a metric, its type, its help text, and the ``Snapshot`` field it
 is read from (a field holding a mapping gives one sample per key, under the spec's label). The
 README's metric table and the tests read ``CATALOGUE``, and rendering is ``prometheus_client``'s
 own exposition for a registry holding just this collector: nothing here formats text by hand.
@@ -8,7 +8,7 @@ own exposition for a registry holding just this collector: nothing here formats 
 Rules it keeps:
 - Nothing is counted at scrape time that the server does not count already: a scrape is one
   snapshot, turned into metric families.
-- Redis metrics appear only with ``--redis`` (their snapshot fields exist only then).
+- Redis metrics appear only with ``--redis`` (their snapshot fields are None without it).
 """
 
 from __future__ import annotations

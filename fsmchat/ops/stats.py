@@ -68,19 +68,20 @@ class StatsReporter:
         self.since = time.monotonic()  # the previous report (or the start)
         self.select_since = loop.select_seconds
         self.timer: Timer | None = None
+        self.stopped = False
 
     def start(self) -> None:
         if self.interval:
             self.timer = self.loop.call_later(self.interval, self._tick)
 
     def stop(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        """The server is stopping: the next report (if one falls due) is the last."""
+        self.stopped = True
 
     def _tick(self) -> None:
         self.report()
-        self.timer = self.loop.call_later(self.interval, self._tick)
+        if not self.stopped:
+            self.timer = self.loop.call_later(self.interval, self._tick)
 
     def report(self) -> None:
         """One ``server.stats`` event now (the interval's timer, or SIGUSR1)."""
