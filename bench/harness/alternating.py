@@ -435,11 +435,14 @@ def notes(runs: list[Run], workloads: list[Workload], configs: tuple[str, ...],
 
 def report(session: Session, runs: list[Run], workloads: list[Workload],
            configs: tuple[str, ...], *, labels: dict[str, str], prof: Profile,
-           received: dict[str, str] | None = None, **figures: Any) -> int:
-    """The tables, the notes (``received`` as in ``notes``) and the result; the exit status."""
+           received: dict[str, str] | None = None, tables_after: list[Table] | None = None,
+           notes_after: list[str] | None = None, **figures: Any) -> int:
+    """The tables, the notes (``received`` as in ``notes``) and the result; the exit status.
+    A suite's own tables and notes (``tables_after``, ``notes_after``) follow the common ones."""
     same_build = session.same_build()
     out, summary = tables(runs, workloads, configs, labels)
-    lines = notes(runs, workloads, configs, labels, received)
+    out += tables_after or []
+    lines = notes(runs, workloads, configs, labels, received) + (notes_after or [])
     if not same_build:
         lines.append("error: the fsmchat sources changed during the run: the runs did not all "
                      "measure the same build")
