@@ -1,0 +1,1 @@
+"""The web port: the page, its files, and WebSocket clients of the chat."""
