@@ -15,12 +15,14 @@ each run measures paced 64-byte messages at 10 and 20 msg/s from 50 clients (the
 20 msg/s, server CPU per delivery at most ``GOAL`` times plain TCP's), 4,096-byte ones at the
 first rate, and 20 clients bursting. Then, unless ``--capacity-clients 0``, the capacity at 500
 clients of each transport (``harness.capacity``: the highest delivery rate with p99 under
-50 ms and nothing lost, lost, echoed or out of order), each in a server of its own.
+50 ms and nothing lost, echoed or out of order), each in a server of its own.
 
 The WebSocket clients are ``harness.counting``'s workers with ``WsSocket`` in place of the
-plain socket: the upgrade is done by hand (blocking, one client after the other), then every
-``send`` of the load generator is one masked binary frame (a fixed mask key: the server unmasks
-it for real, the generator XORs with one precomputed integer) and ``recv_into`` hands over the
+plain socket: each client sends its upgrade request as it connects (16 connections at a time,
+each upgraded, blocking, before the next ones open: the web port evicts connections that wait
+without a request once 64 are open), then every ``send`` of the load generator is one masked
+binary frame (a fixed mask key, not zero: the server unmasks it for real; the generator's XOR
+is one big-integer operation) and ``recv_into`` hands over the
 payloads of the server's frames (a read of frames of one size, the paced case, is unpacked with
 numpy in one go). The generator stays cheap, so it does not compete with the server. Pings are
 answered; at the end every client sends a close frame and reads until the server's, so nobody
@@ -51,6 +53,7 @@ import numpy as np
 from harness.alternating import Run, alternate, one_run, parse, report
 from harness.capacity import Capacity, judge, search, short
 from harness.counting import HANDSHAKE_TIMEOUT, CountingWorker, Generator, PlainSocket
+from harness.loadgen import connect_many
 from harness.report import Table, cell, say
 from harness.server import HOST, Server, fsmchat, raise_nofile
 from harness.suite import Session, sigint_ignored, usage_error
@@ -67,6 +70,7 @@ MASK = b"\x5a\xc3\x96\x3c"  # a fixed key, not zero: the server unmasks for real
 MAX_FRAME = 16 * 1024  # payload of one client frame at most (the server's limit is 64 KiB)
 BINARY, CLOSE, PING, PONG = 0x2, 0x8, 0x9, 0xA
 GOODBYE_TIMEOUT = 5.0
+UPGRADE_BATCH = 16  # connections opened at once, each upgraded before the next batch
 
 
 def mask(payload: bytes) -> bytes:
@@ -254,20 +258,41 @@ class WsSocket(PlainSocket):
 
 
 class WsWorker(CountingWorker):
-    """``harness.counting``'s worker with every client upgraded to a WebSocket."""
+    """``harness.counting``'s worker with every client upgraded to a WebSocket as it connects:
+    ``UPGRADE_BATCH`` connections at a time, each upgraded before the next batch opens, as a
+    browser sends its request at once (the web port evicts connections that wait without a
+    request once 64 are open)."""
 
-    def _connect(self, msg: dict[str, Any]) -> dict[str, Any]:
-        self.target: tuple[str, int] = (msg["host"], msg["port"])
-        return super()._connect(msg)
+    def _open(self, addr: tuple[str, int], count: int, timeout: float, errors: dict[str, int],
+              *, in_flight: int, rate: float) -> list[socket.socket | None]:
+        deadline = time.monotonic() + timeout
+        out: list[socket.socket | None] = []
+        while len(out) < count:
+            batch = min(UPGRADE_BATCH, count - len(out))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                errors["timeout"] = errors.get("timeout", 0) + count - len(out)
+                out += [None] * (count - len(out))
+                break
+            for raw in connect_many(addr, batch, left, errors, in_flight=in_flight, rate=rate):
+                out.append(None if raw is None else self._handshake(raw, addr, errors))
+        return out
 
-    def _upgrade(self, raw: socket.socket) -> PlainSocket:
+    def _handshake(self, raw: socket.socket, addr: tuple[str, int],
+                   errors: dict[str, int]) -> WsSocket | None:
         ws = WsSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
         try:
-            ws.handshake(*self.target, HANDSHAKE_TIMEOUT)
-        except (OSError, ValueError):
+            ws.handshake(*addr, HANDSHAKE_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            why = f"upgrade: {type(exc).__name__}: {exc}"[:120]
+            errors[why] = errors.get(why, 0) + 1
             ws.close()
-            raise
+            return None
         return ws
+
+    def _upgrade(self, raw: socket.socket) -> PlainSocket:
+        assert isinstance(raw, WsSocket), "every client was upgraded as it connected"
+        return raw
 
     def _close_clients(self) -> None:
         self._goodbye()

@@ -9,6 +9,7 @@ message proved the server got that far.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
@@ -47,6 +48,7 @@ from ws_harness import (
     PING,
     PONG,
     TEXT,
+    Frame,
     RawWs,
     WsLines,
     accepted_ws,
@@ -69,13 +71,12 @@ class Jar:
     """WebSocket clients of one test, every one closed at teardown."""
 
     def __init__(self) -> None:
-        self.conns: list[ClientConnection] = []
+        self.stack = contextlib.ExitStack()
         self.raws: list[RawWs] = []
 
     def connect(self, port: int, **kwargs: object) -> ClientConnection:
-        conn = ws_connect(port, **kwargs)  # type: ignore[arg-type]
-        self.conns.append(conn)
-        return conn
+        """A library client, entered as its context manager (websockets wants it so)."""
+        return self.stack.enter_context(ws_connect(port, **kwargs))  # type: ignore[arg-type]
 
     def raw(self, port: int, **kwargs: object) -> RawWs:
         ws = RawWs.open(port, **kwargs)  # type: ignore[arg-type]
@@ -85,8 +86,7 @@ class Jar:
     def close(self) -> None:
         for ws in self.raws:
             ws.close()
-        for conn in self.conns:
-            conn.close_socket()
+        self.stack.close()
 
 
 @pytest.fixture
@@ -286,6 +286,36 @@ def test_raw_mode_carries_all_256_byte_values_both_ways(
     assert recv_bytes(ws2, len(big)) == big
 
 
+def test_bytes_in_and_out_count_every_byte_on_the_wire(start_server: StartServer) -> None:
+    """``connection.closed``'s bytes_in and bytes_out of a WebSocket client are wire bytes:
+    the upgrade request and its 101, frame headers, close frames; also a frame that came in
+    the same segment as the request."""
+    server = start_server(*WEB)
+    nc = server.connect()
+    port = web_port(server)
+    sock = socket.create_connection((HOST, port), timeout=WAIT)
+    ws = RawWs(sock)
+    try:
+        key = new_key()
+        first = encode_frame(BINARY, b"with the request", mask=os.urandom(4))
+        ws.send(upgrade_request(f"{HOST}:{port}", key) + first)  # one send, one segment
+        ws.upgraded(key)
+        client = accepted_ws(server, sock)
+        assert recv_exactly(nc.sock, 16) == b"with the request"
+        nc.sock.sendall(b"to the browser")
+        assert ws.frame() == Frame(BINARY, b"to the browser")
+        ws.send_frame(BINARY, b"x" * 300)
+        assert recv_exactly(nc.sock, 300) == b"x" * 300
+        ws.send_frame(CLOSE, struct.pack("!H", 1000))
+        assert ws.frames_until_close()[-1].close_code == 1000
+        assert ws.eof() == b""
+        closed = server.wait_closed(client)
+    finally:
+        ws.close()
+    assert closed["reason"] == "peer_closed", closed
+    assert (closed["bytes_in"], closed["bytes_out"]) == (ws.sent, ws.received), closed
+
+
 def test_a_fragmented_message_is_relayed_and_utf8_may_span_fragments(
     start_server: StartServer, jar: Jar
 ) -> None:
@@ -449,10 +479,16 @@ def test_an_unmasked_client_frame_is_a_protocol_error(
 
 
 def http_exchange(port: int, request: bytes) -> bytes:
-    """Send ``request`` on a fresh connection; everything until the server closes it."""
+    """Send ``request`` on a fresh connection; everything until the server closes it (a
+    well-formed request asks for that with ``Connection: close``)."""
     with socket.create_connection((HOST, port), timeout=WAIT) as sock:
         sock.sendall(request)
         return closed_by_server(sock)
+
+
+def get(path: str, *headers: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: x", *headers, "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def status_of(response: bytes) -> int:
@@ -471,13 +507,13 @@ def test_bad_requests_get_400_404_426_and_the_chat_goes_on(
     assert status_of(http_exchange(port, b"this is not HTTP at all\r\n\r\n")) == 400
     assert status_of(http_exchange(port, b"GET /ws HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")) in (
         400, 426)
-    assert status_of(http_exchange(port, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")) == 404
-    assert status_of(http_exchange(port, b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n")) in (
-        400, 404)
-    assert status_of(http_exchange(port, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")) == 426
+    assert status_of(http_exchange(port, get("/nope"))) == 404
+    assert status_of(http_exchange(port, get("/../../etc/passwd"))) in (400, 404)
+    assert status_of(http_exchange(port, get("/ws"))) == 426
     # An upgrade with the wrong version or no key is no WebSocket either.
     key = new_key()
-    bad_version = upgrade_request(f"{HOST}:{port}", key).replace(b"Version: 13", b"Version: 8")
+    bad_version = upgrade_request(f"{HOST}:{port}", key).replace(
+        b"Version: 13\r\n", b"Version: 8\r\nConnection: close\r\n")
     assert status_of(http_exchange(port, bad_version)) in (400, 426)
     ws.say("still chatting")
     nc.expect(f"<{ws.name}> still chatting\n")
@@ -613,7 +649,7 @@ def test_wss_with_tls_cert_joins_the_plain_chat(
 
 CROWD_WS = 200
 CROWD_TCP = 200
-CROWD_MESSAGES = 5  # lines each client sends
+CROWD_MESSAGES = 10  # lines each client sends
 IN_FLIGHT = 32  # connections opened but not welcomed yet
 LINE = re.compile(rb"<([A-Za-z0-9_-]+)> m (\d+) (\d+)\n")
 

@@ -242,6 +242,9 @@ class RawWs:
 
     sock: socket.socket
     buf: bytearray = field(default_factory=bytearray)
+    #: Bytes sent and received on the wire so far (by the methods of this class).
+    sent: int = 0
+    received: int = 0
 
     @classmethod
     def open(
@@ -254,12 +257,18 @@ class RawWs:
         sock.connect((HOST, port))
         ws = cls(sock)
         key = new_key()
-        sock.sendall(upgrade_request(f"{HOST}:{port}", key, origin=origin))
-        ws._read_until(lambda: b"\r\n\r\n" in ws.buf, "the upgrade response")
-        end = ws.buf.index(b"\r\n\r\n") + 4
-        check_switching(bytes(ws.buf[:end]), key)
-        del ws.buf[:end]
+        request = upgrade_request(f"{HOST}:{port}", key, origin=origin)
+        sock.sendall(request)
+        ws.sent += len(request)
+        ws.upgraded(key)
         return ws
+
+    def upgraded(self, key: str) -> None:
+        """Read the server's answer to an upgrade request with ``key``: a 101 that accepts it."""
+        self._read_until(lambda: b"\r\n\r\n" in self.buf, "the upgrade response")
+        end = self.buf.index(b"\r\n\r\n") + 4
+        check_switching(bytes(self.buf[:end]), key)
+        del self.buf[:end]
 
     @property
     def peer(self) -> str:
@@ -278,10 +287,16 @@ class RawWs:
             finally:
                 self.sock.settimeout(WAIT)
             assert chunk, f"EOF before {what}; got {bytes(self.buf[:200])!r}"
+            self.received += len(chunk)
             self.buf += chunk
 
     def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True) -> None:
-        self.sock.sendall(encode_frame(opcode, payload, mask=os.urandom(4), fin=fin))
+        self.send(encode_frame(opcode, payload, mask=os.urandom(4), fin=fin))
+
+    def send(self, data: bytes) -> None:
+        """Bytes as they are (frames made by the caller)."""
+        self.sock.sendall(data)
+        self.sent += len(data)
 
     def frame(self, timeout: float = WAIT) -> Frame:
         """The next frame from the server."""
@@ -310,6 +325,7 @@ class RawWs:
         self.buf.clear()
         try:
             while chunk := self.sock.recv(1 << 16):
+                self.received += len(chunk)
                 rest += chunk
         except ConnectionResetError:
             pass

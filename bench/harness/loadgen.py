@@ -290,8 +290,8 @@ class Worker:
         self.total_clients = msg["total"]
         host, port, base = msg["host"], msg["port"], msg["base"]
         errors: dict[str, int] = {}
-        socks = connect_many((host, port), msg["count"], msg["timeout"], errors,
-                             in_flight=msg["in_flight"], rate=msg["rate"])
+        socks = self._open((host, port), msg["count"], msg["timeout"], errors,
+                           in_flight=msg["in_flight"], rate=msg["rate"])
         for i, sock in enumerate(socks):
             if sock is None:
                 continue
@@ -305,6 +305,12 @@ class Worker:
         self.verify = False
         self._reset_stats()
         return {"connected": len(self.clients), "errors": errors}
+
+    def _open(self, addr: tuple[str, int], count: int, timeout: float, errors: dict[str, int],
+              *, in_flight: int, rate: float) -> list[socket.socket | None]:
+        """The sockets of a connect (None where one failed): ``connect_many``'s; a subclass may
+        do more with each as it connects (``bench/websocket.py``: the upgrade)."""
+        return connect_many(addr, count, timeout, errors, in_flight=in_flight, rate=rate)
 
     def _close_clients(self) -> None:
         for client in self.clients:
