@@ -125,11 +125,14 @@ class ChatPage:
         """How the row reading ``text`` is drawn (background, colour, font style and size)."""
         return str(self.page.evaluate(LOOK_JS, text))
 
-    def say(self, text: str) -> None:
-        """Type into the box labelled Message and press Enter."""
+    def say(self, text: str, *, button: bool = False) -> None:
+        """Type into the box labelled Message and press Enter (or click Send)."""
         box = self.page.get_by_label("Message", exact=True)
         box.fill(text)
-        box.press("Enter")
+        if button:
+            self.page.get_by_role("button", name="Send").click()
+        else:
+            box.press("Enter")
 
     def status(self) -> str:
         return self.page.get_by_role("status").inner_text()
@@ -214,7 +217,7 @@ def test_two_pages_and_a_terminal_chat_together(
     wait_sees([alice, bob], [term], acted)
 
     old = bob.name
-    bob.say("/nick bobby")
+    bob.say("/nick bobby", button=True)
     bob.wait_row("*** you are now bobby")
     wait_sees([alice], [term], f"*** {old} is now bobby")
     bob.say("renamed")  # the page learned its new name from the server's notice
@@ -232,6 +235,19 @@ def test_two_pages_and_a_terminal_chat_together(
     assert alice.look(heard) != alice.look(f"*** {term.name} joined")
     assert alice.look(heard) != alice.look(acted)
     assert alice.errors == [] and bob.errors == []
+
+
+def test_the_page_is_labelled_for_screen_readers(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = chat_server(start_server)
+    page = open_page(browser, page_url(server)).page
+    live = page.get_by_role("log").evaluate("e => e.getAttribute('aria-live') ?? 'polite'")
+    assert live == "polite"  # role=log is polite unless told otherwise
+    labels = page.get_by_role("textbox").evaluate("e => [...e.labels].map(l => l.textContent)")
+    assert labels == ["Message"]  # a real <label>, not only a placeholder
+    assert page.get_by_role("status").count() == 1
+    assert page.get_by_role("button", name="Send").count() == 1
 
 
 def test_markup_in_a_message_is_shown_as_text_and_runs_nothing(
