@@ -331,6 +331,7 @@ def test_a_message_over_the_line_limit_is_explained(
     tab.say("x" * 200)
     text = tab.wait_status(r"reconnecting in \d+ s")
     assert "too long" in text, text
+    assert tab.page.get_by_label("Message", exact=True).input_value() == "x" * 200
     closed = server.wait_event("connection.closed", reason="message_too_big")
     assert closed["fd"] is not None
     tab.wait_status("^connected again$", timeout=RECONNECT_WAIT_MS)

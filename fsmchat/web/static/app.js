@@ -39,6 +39,7 @@
   let quitting = false; // we typed /quit: the server closes, and we stay away
   let me = null; // our name in chat mode (the welcome line, then "you are now")
   let raw = false; // binary frames came: a raw-mode server, where nobody has a name
+  let lastSent = ""; // the last line sent, given back to the box if it was too long
   let tail = ""; // text after the last "\n" (frames should end in one; kept in case)
   let decoder = new TextDecoder("utf-8"); // not fatal: bytes that are not UTF-8 become U+FFFD
 
@@ -172,7 +173,10 @@
       if (opened || !down) {
         why = everConnected ? "disconnected" : "cannot reach the server";
         if (event.code === 1001) why = "the server is shutting down or restarting";
-        if (event.code === 1009) why = "your message was too long for the server";
+        if (event.code === 1009) {
+          why = "your message was too long for the server";
+          if (input.value === "") input.value = lastSent; // to shorten it rather than retype it
+        }
         if (everConnected) addLocal(why);
       }
       down = true;
@@ -203,6 +207,7 @@
     }
     // One frame, one line, as nc sends it; commands (/nick, /who, /me, /quit) go as typed.
     socket.send(text + "\n");
+    lastSent = text;
     showOwn(text);
     if (!raw && me !== null && /^\/quit(\s|$)/.test(text)) quitting = true;
     input.value = "";
