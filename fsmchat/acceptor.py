@@ -35,6 +35,7 @@ from fsmchat.access import Access, address_key
 from fsmchat.connection import Connection
 from fsmchat.hub import Extension, Hub
 from fsmchat.lifecycle import State, Trigger
+from fsmchat.net.http import Site
 from fsmchat.net.loop import EventLoop, FdLimit, Reader, Timer
 from fsmchat.reasons import Reason, error_reason
 
@@ -85,6 +86,26 @@ class Acceptor(Extension):
         self._listening.append(listener)
         self.loop.register(listener.fileno(), Reader(partial(self._accept, listener, take)))
 
+    def serve(self, listener: socket.socket, site: Site) -> None:
+        """Accept from ``listener`` for an HTTP site (the metrics, the web page); the chat's
+        ``--allow``/``--deny`` apply there too."""
+        self.listen(listener, partial(self._take_http, site))
+
+    def _take_http(self, site: Site, sock: socket.socket, address: object) -> None:
+        peer = format_peer(address)
+        host = address[0] if isinstance(address, tuple) else ""
+        if self.permits(address):
+            try:
+                sock = prepare(sock, site.tls)
+            except OSError as exc:  # gone already
+                reason = Reason.TLS_ERROR if isinstance(exc, ssl.SSLError) else error_reason(exc)
+                self.log.warning("http.rejected", site=site.name, peer=peer, reason=reason)
+                sock.close()
+                return
+            site.admit(sock, peer, host)
+        else:
+            site.admit(sock, peer, host, allowed=False)
+
     def close(self) -> None:
         """Accept no more: the listeners are closed."""
         self.closed = True
@@ -120,44 +141,64 @@ class Acceptor(Extension):
         host = address[0] if isinstance(address, tuple) else ""
         return self.access.open or self.access.permits(host)
 
+    def refusal(self, host: str) -> str:
+        """Why a newcomer from ``host`` is turned away (a ``Reason``), or "" if it may come in."""
+        if not self.access.open and not self.access.permits(host):
+            return Reason.DENIED
+        if 0 < self.max_clients_per_addr <= self.per_addr[address_key(host)]:
+            return Reason.PER_ADDR_LIMIT
+        if len(self.hub.connections) >= self.max_clients:
+            return Reason.SERVER_FULL
+        return ""
+
     def admit(self, sock: socket.socket, peer: str, tls: ssl.SSLContext | None = None,
               host: str = "") -> None:
         """Take an accepted socket into the hub, or turn it away: not allowed, no room, or gone
         before it could be taken in (a reset before TLS began)."""
-        hub = self.hub
-        fd = sock.fileno()
-        reason = ""
-        address = address_key(host)
-        if not self.access.open and not self.access.permits(host):
-            reason = Reason.DENIED
-        elif 0 < self.max_clients_per_addr <= self.per_addr[address]:
-            reason = Reason.PER_ADDR_LIMIT
-        elif len(hub.connections) >= self.max_clients:
-            reason = Reason.SERVER_FULL
-        else:
+        reason = self.refusal(host)
+        if not reason:
             try:
-                sock = _prepare(sock, tls)
+                sock = prepare(sock, tls)
             except OSError as exc:  # gone already: that client only, never the loop
                 reason = Reason.TLS_ERROR if isinstance(exc, ssl.SSLError) else error_reason(exc)
         if not reason:
             try:
-                conn = Connection(sock, peer, hub)  # in the loop, not yet read from
+                conn = Connection(sock, peer, self.hub)  # in the loop, not yet read from
             except FdLimit:  # a descriptor select cannot watch
                 reason = Reason.FD_LIMIT
         if reason:
-            hub.counts.rejected[str(reason)] += 1  # the plain string: a JSON key and a label
-            self.log.warning("connection.rejected", peer=peer, reason=reason)
-            sock.close()
+            self.turn_away(sock, peer, reason)
             return
+        self.seat(conn, host, Trigger.START if tls is None else Trigger.SECURE)
+
+    def turn_away(self, sock: socket.socket, peer: str, reason: str) -> None:
+        self.refused(peer, reason)
+        sock.close()
+
+    def refused(self, peer: str, reason: str) -> None:
+        """A newcomer turned away: counted and said (the web port answers it in words)."""
+        self.hub.counts.rejected[str(reason)] += 1  # the plain string: a JSON key and a label
+        self.log.warning("connection.rejected", peer=peer, reason=reason)
+
+    def seat(self, conn: Connection, host: str, trigger: str) -> None:
+        """A connection the hub takes (``refusal`` let it in): counted, then ``trigger``
+        (``start``, ``secure`` or, from the web port, ``upgrade``) sets it going."""
+        hub = self.hub
+        fd = conn.fd
+        address = address_key(host)
         hub.connections[fd] = conn
         self.per_addr[address] += 1
         self._address[fd] = address
-        if tls is not None:
+        if trigger == Trigger.SECURE:
             self._make_room_for_handshake()
             self._handshakes[fd] = conn
         hub.counts.accepted += 1
-        self.log.info("connection.accepted", fd=fd, peer=peer, tls=tls is not None)
-        conn.fire_safely(Trigger.START if tls is None else Trigger.SECURE)
+        if trigger == Trigger.UPGRADE:
+            self.log.info("connection.accepted", fd=fd, peer=conn.peer, tls=conn.tls, web=True)
+        else:
+            self.log.info("connection.accepted", fd=fd, peer=conn.peer,
+                          tls=trigger == Trigger.SECURE)
+        conn.fire_safely(trigger)
 
     def _make_room_for_handshake(self) -> None:
         """At ``max_handshakes`` unfinished TLS handshakes, close the oldest one still going."""
@@ -206,7 +247,7 @@ class Acceptor(Extension):
                 self.loop.want_read(listener.fileno(), True)
 
 
-def _prepare(sock: socket.socket, tls: ssl.SSLContext | None) -> socket.socket:
+def prepare(sock: socket.socket, tls: ssl.SSLContext | None) -> socket.socket:
     """Non-blocking, no Nagle, keepalive, and TLS if asked: OSError if the client is gone."""
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):

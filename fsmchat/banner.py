@@ -31,22 +31,28 @@ _ANYWHERE = {"", "0.0.0.0", "::"}
 
 def tell_where_to_connect(options: Options,
                           listeners: Sequence[tuple[socket.socket, ssl.SSLContext | None]],
-                          metrics: socket.socket | None) -> None:
+                          metrics: socket.socket | None,
+                          web: tuple[socket.socket, ssl.SSLContext | None] | None = None) -> None:
     """Say the line, if someone may need it (see the module's rules)."""
     if os.isatty(2) or LEVELS.index(options.log_level) > LEVELS.index(_STARTED_LEVEL):
         say(where_to_connect(options, [(sock.getsockname()[1], tls is not None)
                                        for sock, tls in listeners],
-                             None if metrics is None else metrics.getsockname()[1]))
+                             None if metrics is None else metrics.getsockname()[1],
+                             None if web is None else web[0].getsockname()[1]))
 
 
 def where_to_connect(options: Options, ports: Sequence[tuple[int, bool]],
-                     metrics_port: int | None) -> str:
+                     metrics_port: int | None, web_port: int | None = None) -> str:
     """The line: ``ports`` are the bound listeners, (port, speaks TLS), plain first."""
     host = _host(options.host)
     listening = ", ".join(f"TLS on port {port}" if tls else f"port {port}"
                           for port, tls in ports)
     commands = " or ".join(_command(host, port, tls, options) for port, tls in ports)
     line = f"listening on {listening} ({options.mode} mode): connect with {commands}"
+    if web_port is not None:
+        scheme = "https" if options.tls_cert else "http"
+        web_host = _host(options.web_host or options.host)
+        line += f", or open {scheme}://{_bracketed(web_host)}:{web_port}/ in a browser"
     if metrics_port is not None:
         metrics_host = _host(options.metrics_host or options.host)
         line += f"; metrics at http://{_bracketed(metrics_host)}:{metrics_port}/metrics"

@@ -93,12 +93,18 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
     def enqueue(self, data: bytes) -> None:
         """Queue a message; over the limit, leave it out and have the hub close this client."""
         size = self.queue.nbytes + len(data)
-        if size > self.flow.high_water:
-            if size > self.hub.max_queue_bytes:
-                self.hub.overflowed(self)
-                return
-            self.flow.congested(self)
+        if size > self.flow.high_water and not self.may_grow(size):
+            return
         self.push(data)
+
+    def may_grow(self, size: int) -> bool:
+        """Over the high-water mark: whether the queue may grow to ``size`` (congested), or
+        the message is left out and the hub closes this client."""
+        if size > self.hub.max_queue_bytes:
+            self.hub.overflowed(self)
+            return False
+        self.flow.congested(self)
+        return True
 
     # -- the socket base's hooks ------------------------------------------------------------
 
@@ -154,25 +160,12 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
 
     def shake(self) -> None:
         assert isinstance(self.sock, ssl.SSLSocket)
-        loop = self.loop
-        try:
-            self.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            loop.want_read(self.fd, True)
-            loop.want_write(self.fd, False)
+        if not self.handshake_step():
             return
-        except ssl.SSLWantWriteError:
-            loop.want_read(self.fd, False)
-            loop.want_write(self.fd, True)
-            return
-        except OSError as exc:
-            self.failed("handshake", exc)
-            return
-        loop.want_write(self.fd, False)
         cipher = self.sock.cipher()
         self.log.info("connection.secured", fd=self.fd, peer=self.peer,
-                          version=self.sock.version(), cipher=cipher[0] if cipher else None,
-                          subject=_subject(self.sock.getpeercert()))
+                      version=self.sock.version(), cipher=cipher[0] if cipher else None,
+                      subject=_subject(self.sock.getpeercert()))
         self.fire(Trigger.ESTABLISHED)
 
     def _handshake_late(self) -> None:

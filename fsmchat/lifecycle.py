@@ -48,10 +48,15 @@ class State(Documented):
 class Trigger(Documented):
     START = "start", "the socket is non-blocking and registered with the loop (plain TCP)"
     SECURE = "secure", "the same, for a socket accepted on a TLS listener"
+    UPGRADE = ("upgrade", "the web port took a WebSocket handshake over from HTTP (its 101 "
+               "answer is queued)")
     ESTABLISHED = "established", "the TLS handshake completed"
     READABLE = "readable", "select reported the socket readable"
     WRITABLE = "writable", "select reported the socket writable (asked only while output is queued)"
-    HANGUP = "hangup", "the peer closed its sending side (recv returned EOF)"
+    HANGUP = ("hangup", "the peer closed its sending side (recv returned EOF), or sent its "
+              "WebSocket close frame")
+    REFUSE = ("refuse", "WebSocket: a message over the limit (1009), a text frame that is not "
+              "UTF-8 (1007), a malformed frame (1002) or, in chat mode, a binary one (1003)")
     QUIT = "quit", "chat mode: the client asked to leave (/quit)"
     THROTTLE = "throttle", "its message left a recipient's queue over the high-water mark"
     RESUME = "resume", "no recipient holds senders back any more"
@@ -93,6 +98,8 @@ TRANSITIONS: tuple[Transition, ...] = (
                "join the chat: read from the client, queue others' messages to it"),
     Transition(Trigger.SECURE, (State.ACCEPTED,), State.HANDSHAKING, "begin_handshake",
                "TLS: start the handshake and its timeout"),
+    Transition(Trigger.UPGRADE, (State.ACCEPTED,), State.READING, "join",
+               "WebSocket: join the chat; the 101 answer goes first, then what everyone gets"),
     Transition(Trigger.READABLE, (State.HANDSHAKING,), None, "shake",
                "one more handshake step; it says whether to wait to read or to write"),
     Transition(Trigger.WRITABLE, (State.HANDSHAKING,), None, "shake",
@@ -113,7 +120,11 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(Trigger.CREDIT, (State.LIMITED,), State.READING, "resume_reading",
                "the bucket refilled: read again"),
     Transition(Trigger.HANGUP, (State.READING,), State.DRAINING, "leave",
-               "the peer sent EOF: stop reading, deliver what is queued"),
+               "the peer sent EOF (or a WebSocket close frame, answered after what is queued): "
+               "stop reading, deliver what is queued"),
+    Transition(Trigger.REFUSE, (State.READING,), State.DRAINING, "leave",
+               "WebSocket: stop reading; its close frame (with the code) goes after what is "
+               "queued"),
     Transition(Trigger.QUIT, SENDING, State.DRAINING, "leave",
                "chat mode: the client typed /quit; deliver what is queued (its goodbye too)"),
     Transition(Trigger.EMPTY, SENDING, State.EMPTIED, "stop_reading",
@@ -252,41 +263,65 @@ REDIS_LINK = Lifecycle("redis_link", tuple(LinkState), LinkState.IDLE, LinkState
                        LINK_TRANSITIONS)
 
 class HttpState(Documented):
+    ACCEPTED = "accepted", "socket taken from the metrics or web listener, in the loop"
+    HANDSHAKING = ("handshaking", "web port with --tls-cert: the TLS handshake runs (within the "
+                   "time the first request has)")
     RECEIVING = ("receiving", "reads a request (h11 parses it; 5 s at most for the first); waits "
                  "for the next one on keep-alive (30 s at most)")
     RESPONDING = "responding", "the response is queued: writes it, reads nothing"
-    CLOSED = "closed", "socket closed, connection forgotten"
+    CLOSED = "closed", "socket closed (or handed to the chat as a WebSocket), connection forgotten"
 
 
 class HttpTrigger(Documented):
+    START = "start", "the socket is non-blocking and registered with the loop (plain HTTP)"
+    SECURE = "secure", "the same, for the web port with --tls-cert (HTTPS)"
+    ESTABLISHED = "established", "the TLS handshake completed"
     READABLE = "readable", "select reported the socket readable"
     WRITABLE = "writable", "select reported the socket writable (asked only while output is queued)"
     REQUEST = "request", "a whole request arrived, or a bad one did (answered 400)"
+    UPGRADE = ("upgrade", "web port: a valid WebSocket handshake for /ws, from an allowed origin, "
+               "with room in the chat")
     SENT = "sent", "the whole response was written and the connection may be reused"
     DONE = ("done", "the whole response was written and the connection must close "
             "(Connection: close, HTTP/1.0, a bad request)")
-    FAIL = ("fail", "EOF, a socket error, no whole request in time, or its place given to a "
-            "newcomer")
+    FAIL = ("fail", "EOF, a socket or TLS error, no whole request in time, or its place given to "
+            "a newcomer")
 
 
 HTTP_TRANSITIONS: tuple[Transition, ...] = (
+    Transition(HttpTrigger.START, (HttpState.ACCEPTED,), HttpState.RECEIVING, "await_request",
+               "wait for a request (5 s at most)"),
+    Transition(HttpTrigger.SECURE, (HttpState.ACCEPTED,), HttpState.HANDSHAKING, "shake",
+               "start the TLS handshake"),
+    Transition(HttpTrigger.READABLE, (HttpState.HANDSHAKING,), None, "shake",
+               "one more handshake step; it says whether to wait to read or to write"),
+    Transition(HttpTrigger.WRITABLE, (HttpState.HANDSHAKING,), None, "shake",
+               "the same, when the handshake waited to write"),
+    Transition(HttpTrigger.ESTABLISHED, (HttpState.HANDSHAKING,), HttpState.RECEIVING,
+               "await_request", "the handshake completed: read the request"),
     Transition(HttpTrigger.READABLE, (HttpState.RECEIVING,), None, "receive",
-               "recv once and feed h11; a whole request fires request"),
+               "recv once and feed h11; a whole request fires request (or upgrade)"),
     Transition(HttpTrigger.REQUEST, (HttpState.RECEIVING,), HttpState.RESPONDING, "respond",
-               "route it (GET /metrics, else 404/405/400) and queue the response"),
+               "queue the site's answer: /metrics, the page and its files, else 404/405/400 "
+               "(and 403/426/503 for a WebSocket handshake it refuses)"),
+    Transition(HttpTrigger.UPGRADE, (HttpState.RECEIVING,), HttpState.CLOSED, "hand_over",
+               "the socket leaves this table for the connection table (upgrade), with what "
+               "the client sent after its request"),
     Transition(HttpTrigger.WRITABLE, (HttpState.RESPONDING,), None, "flush",
                "send as much of the response as the socket takes"),
     Transition(HttpTrigger.SENT, (HttpState.RESPONDING,), HttpState.RECEIVING, "next_request",
                "keep-alive: wait for the next request"),
     Transition(HttpTrigger.DONE, (HttpState.RESPONDING,), HttpState.CLOSED, "close",
                "the response said Connection: close (or the request was bad): close"),
-    Transition(HttpTrigger.FAIL, (HttpState.RECEIVING, HttpState.RESPONDING), HttpState.CLOSED,
-               "close", "EOF, a socket error, no whole request in time (5 s for the first, 30 s "
-               "for the next) or its place given to a newcomer: close"),
+    Transition(HttpTrigger.FAIL, (HttpState.HANDSHAKING, HttpState.RECEIVING,
+                                  HttpState.RESPONDING), HttpState.CLOSED,
+               "close", "EOF, a socket or TLS error, no whole request in time (5 s for the "
+               "first, 30 s for the next) or its place given to a newcomer: close"),
 )
 
-METRICS_HTTP = Lifecycle("metrics_http", tuple(HttpState), HttpState.RECEIVING, HttpState.CLOSED,
-                         HTTP_TRANSITIONS)
+HTTP = Lifecycle("http", tuple(HttpState), HttpState.ACCEPTED, HttpState.CLOSED,
+                 HTTP_TRANSITIONS)
+"""A metrics scraper's or a web browser's HTTP connection, up to a WebSocket upgrade."""
 
-LIFECYCLES = (CONNECTION, REDIS_LINK, METRICS_HTTP)
+LIFECYCLES = (CONNECTION, REDIS_LINK, HTTP)
 """Every machine the server runs; the diagram generator draws each one."""

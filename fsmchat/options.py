@@ -102,6 +102,9 @@ class Options:
     history: int = 0  # messages kept for late joiners; 0: none
     history_bytes: int = DEFAULT_HISTORY_BYTES  # build(): at most a quarter of max_queue_bytes
     stats_interval: float = DEFAULT_STATS_INTERVAL  # seconds between server.stats; 0: never
+    web_port: int | None = None  # None: no web page
+    web_host: str | None = None  # None: the same as host
+    web_origin: tuple[str, ...] = ()  # other sites whose pages may open the WebSocket
     metrics_port: int | None = None  # None: no metrics listener
     metrics_host: str | None = None  # None: the same as host
 
@@ -156,6 +159,21 @@ def _host(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"invalid address or host name {text!r}: {exc.__cause__ or exc} (a name is labels "
             "of 1 to 63 characters between dots)") from None
+    return text
+
+
+def _origin(text: str) -> str:
+    """``*``, or a web origin: ``http://`` or ``https://``, a host, maybe a port; no path."""
+    text = text.strip().rstrip("/")
+    if text == "*":
+        return text
+    scheme, _, rest = text.partition("://")
+    host, _, port = rest.rpartition(":") if rest.count(":") == 1 else (rest, "", "")
+    if (scheme.lower() not in ("http", "https") or not host or "/" in rest
+            or (port and not port.isdigit())):
+        raise argparse.ArgumentTypeError(
+            f"invalid origin {text!r}: write it as a browser does, scheme://host[:port], e.g. "
+            "https://chat.example.org or http://localhost:8000 (or * for any)")
     return text
 
 
@@ -377,6 +395,7 @@ ACCESS = "access control"
 TLS = "TLS"
 SEVERAL = "several instances, one chat"
 CHAT = "chat mode and history"
+WEB = "the web page"
 NUMBERS = "numbers for operators"
 
 GROUPS: tuple[Group, ...] = (
@@ -393,6 +412,10 @@ GROUPS: tuple[Group, ...] = (
           "raw (the default) relays bytes as they come; chat makes the relay a chat for nc and "
           "telnet users: lines, names, /nick, /who, /me, /quit, join and leave notices, and "
           "control characters made harmless."),
+    Group(WEB,
+          "With --web-port, browsers join the same chat: the page at / talks to the server "
+          "over a WebSocket at /ws, with the same limits as every client. HTTPS with "
+          "--tls-cert."),
     Group(NUMBERS),
 )
 
@@ -516,6 +539,17 @@ OPTIONS: tuple[Option, ...] = (
            "log a server.stats event this often: connections by state, messages and bytes, "
            "queues, closes by reason, loop figures; 0: never (default: %(default)s)",
            metavar="SECONDS", group=NUMBERS, show="{:g}".format),
+    Option("--web-port", "web_port", _port,
+           "serve the chat's web page at http://HOST:PORT/ (https with --tls-cert), its "
+           "browsers joining the same chat over a WebSocket, from the same select loop "
+           "(0 picks a free port, reported in server.started; default: off)",
+           metavar="PORT", group=WEB),
+    Option("--web-host", "web_host", _host,
+           "address to serve the web page on (default: --host)", metavar="ADDR", group=WEB),
+    Option("--web-origin", "web_origin", _origin,
+           "a site whose pages may open the chat's WebSocket besides the chat's own page, as "
+           "scheme://host[:port] (repeatable; * for any; default: only the chat's own page)",
+           metavar="ORIGIN", group=WEB, repeat=True),
     Option("--metrics-port", "metrics_port", _port,
            "serve Prometheus metrics at http://HOST:PORT/metrics, from the same select loop "
            "(same --host; 0 picks a free port, reported in server.started; default: off)",
@@ -652,7 +686,17 @@ def _check_combinations(o: Options, given: Collection[str]) -> None:
         raise UsageError("--metrics-host needs --metrics-port")
     if o.metrics_port and o.metrics_port in (o.port, o.tls_port):
         raise UsageError("--metrics-port must differ from --port and --tls-port")
+    _check_web(o, given)
     _check_chat(o, given)
+
+
+def _check_web(o: Options, given: Collection[str]) -> None:
+    if o.web_port is None:
+        for field in ("web_host", "web_origin"):
+            if field in given:
+                raise UsageError(f"{_BY_FIELD[field].flag} needs --web-port")
+    elif o.web_port and o.web_port in (o.port, o.tls_port, o.metrics_port):
+        raise UsageError("--web-port must differ from --port, --tls-port and --metrics-port")
 
 
 def _check_chat(o: Options, given: Collection[str]) -> None:

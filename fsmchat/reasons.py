@@ -1,7 +1,7 @@
 """Why a connection closed, was turned away, or why Redis messages were dropped: one catalogue.
 
 The reasons are public: the ``reason`` field of ``connection.closed``, ``connection.rejected``,
-``metrics.rejected``, ``server.forced`` and ``redis.dropped``, and the ``reason`` label of the
+``http.rejected``, ``server.forced`` and ``redis.dropped``, and the ``reason`` label of the
 closed and rejected counters (``server.stats``, ``/metrics``). ``Reason`` is a ``StrEnum``, so a
 member is its string in JSON and in labels; the code names members, never literals, and each
 member says in ``doc`` what it means (the docs are generated from it).
@@ -38,11 +38,16 @@ class Reason(StrEnum):
     HANDSHAKE_LIMIT = "handshake_limit", ("the oldest of too many unfinished TLS handshakes (a "
                                           "quarter of --max-clients), closed for a newcomer")
     TLS_ERROR = "tls_error", "a TLS protocol error (a failed handshake, a bad record)"
+    MESSAGE_TOO_BIG = ("message_too_big", "WebSocket: it sent a message over the limit "
+                       "(--max-line in chat mode, 64 KiB in raw mode): closed with 1009")
+    WEBSOCKET_ERROR = ("websocket_error", "WebSocket: a malformed frame (1002), a text frame that "
+                       "is not UTF-8 (1007) or, in chat mode, a binary frame (1003)")
+    NO_PONG = "no_pong", "WebSocket: it did not answer the server's ping within 30 s"
     INTERNAL_ERROR = "internal_error", "a bug in the server (logged as lifecycle.bug) closed it"
     RESET = "reset", "the client reset the connection (ECONNRESET)"
     BROKEN_PIPE = "broken_pipe", "the client stopped receiving while the server sent (EPIPE)"
     TIMEOUT = "timeout", "the network gave up on the client (ETIMEDOUT: keepalive, retransmits)"
-    # a newcomer turned away (connection.rejected, metrics.rejected)
+    # a newcomer turned away (connection.rejected, http.rejected)
     DENIED = "denied", "its address is not allowed (--allow, --deny)"
     FD_LIMIT = "fd_limit", "its descriptor is at or above FD_SETSIZE, which select cannot watch"
     PER_ADDR_LIMIT = "per_addr_limit", "its address has --max-clients-per-addr clients already"

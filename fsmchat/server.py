@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass, field
 
 from structlog.typing import FilteringBoundLogger
 
-from fsmchat.acceptor import Acceptor, Listener, ListenError, format_peer, open_listener
+from fsmchat.acceptor import Acceptor, Listener, ListenError, open_listener
 from fsmchat.access import Access
 from fsmchat.banner import tell_where_to_connect
 from fsmchat.chat.mode import ENTRY_BYTES, Chat
-from fsmchat.connection import Connection
+from fsmchat.connection import RECV_SIZE, Connection
 from fsmchat.history import History
 from fsmchat.hub import Extension, Hub, Limits
 from fsmchat.lifecycle import LIVE, SENDING, State, Trigger
@@ -46,11 +46,12 @@ from fsmchat.net.tls import TLSSetupError, server_context
 from fsmchat.ops.events import make_logger
 from fsmchat.ops.logstream import LogStream, say
 from fsmchat.ops.metrics import CONTENT_TYPE, Exposition
-from fsmchat.ops.metrics_http import MetricsEndpoint
+from fsmchat.ops.metrics_http import MetricsSite
 from fsmchat.ops.stats import Snapshot, StatsReporter
 from fsmchat.options import RESERVED_FDS, Options
 from fsmchat.reasons import Reason
 from fsmchat.redis.bus import RedisBus
+from fsmchat.web.site import WebSite
 
 EMPTY_QUIET = 0.2
 """Seconds a client must send nothing while the stop reads it before it counts as having
@@ -104,7 +105,8 @@ class Server:
 
     def __init__(self, options: Options, listeners: list[Listener], log: FilteringBoundLogger,
                  *, loop: EventLoop | None = None, stream: LogStream | None = None,
-                 metrics_listener: socket.socket | None = None) -> None:
+                 metrics_listener: socket.socket | None = None,
+                 web_listener: Listener | None = None) -> None:
         self.options = options
         self.loop = loop = loop or EventLoop(on_crash=contain_in(log))  # a bug: that socket only
         self.log = log
@@ -136,12 +138,20 @@ class Server:
         parts: list[Extension] = [self.acceptor, *(part for part in (self.chat, self.history,
                                                                      self.bus) if part is not None)]
         hub.plug(*parts)
-        self.metrics: MetricsEndpoint | None = None
+        self.metrics: MetricsSite | None = None
         if metrics_listener is not None:
-            self.metrics = MetricsEndpoint(loop, log, Exposition(self.snapshot).render,
-                                           CONTENT_TYPE)
-            self.acceptor.listen(metrics_listener, self._take_scraper)
+            self.metrics = MetricsSite(loop, log, Exposition(self.snapshot).render, CONTENT_TYPE)
+            self.acceptor.serve(metrics_listener, self.metrics)
         self.metrics_listener = metrics_listener
+        self.web: WebSite | None = None
+        if web_listener is not None:
+            web_sock, web_tls = web_listener
+            self.web = WebSite(self.acceptor, log, mode=options.mode,
+                               limit=options.max_line if options.mode == "chat" else RECV_SIZE,
+                               origins=options.web_origin, tls=web_tls,
+                               handshake_timeout=options.handshake_timeout)
+            self.acceptor.serve(web_sock, self.web)
+        self.web_listener = web_listener
         self.reporter = StatsReporter(self.snapshot, loop, log, options.stats_interval)
         self.started = time.monotonic()
         self.start_time = time.time()
@@ -166,6 +176,8 @@ class Server:
         extra: dict[str, object] = {"mode": options.mode}
         if self.metrics_listener is not None:
             extra["metrics_port"] = self.metrics_listener.getsockname()[1]
+        if self.web_listener is not None:
+            extra["web_port"] = self.web_listener[0].getsockname()[1]
         if options.history:
             extra.update(history=options.history, history_bytes=options.history_bytes)
         self.log.info("server.started", host=host, port=port, pid=os.getpid(),
@@ -174,10 +186,6 @@ class Server:
         if self.bus is not None:
             self.bus.start()
         self.reporter.start()
-
-    def _take_scraper(self, sock: socket.socket, address: object) -> None:
-        assert self.metrics is not None
-        self.metrics.admit(sock, format_peer(address), allowed=self.acceptor.permits(address))
 
     def _gone(self, conn: Connection) -> None:
         self.acceptor.unseat(conn)
@@ -249,8 +257,9 @@ class Server:
         self.stopping = True
         self.log.info("server.stopping", signal=signum.name, connections=len(hub.connections))
         self.acceptor.close()
-        if self.metrics is not None:
-            self.metrics.close_all()
+        for site in (self.metrics, self.web):
+            if site is not None:
+                site.close_all()
         self.reporter.stop()
         for conn in list(hub.connections.values()):
             if conn.state == State.HANDSHAKING:  # not in the chat: nothing to deliver to it
@@ -332,17 +341,19 @@ def run(options: Options) -> int:
     try:
         listeners = open_listeners(options)
         metrics_listener = open_metrics_listener(options, listeners)
+        web_listener = open_web_listener(options, listeners, metrics_listener)
     except (ListenError, TLSSetupError) as exc:
         log.error("server.failed", host=options.host, port=options.port, error=str(exc))
         stream.flush()
         stream.close()
         say(str(exc))
         return 2 if isinstance(exc, TLSSetupError) or exc.usage else 1
-    server = Server(options, listeners, log, stream=stream, metrics_listener=metrics_listener)
+    server = Server(options, listeners, log, stream=stream, metrics_listener=metrics_listener,
+                    web_listener=web_listener)
     signals = _watch_signals(server)
     stream.attach(server.loop)
     server.start()
-    tell_where_to_connect(options, listeners, metrics_listener)
+    tell_where_to_connect(options, listeners, metrics_listener, web_listener)
     try:
         _serve(server, stream, signals)
     finally:
@@ -403,6 +414,21 @@ def open_metrics_listener(options: Options, listeners: list[Listener]) -> socket
         for sock, _ in listeners:
             sock.close()
         raise ListenError(f"metrics: {exc}", usage=exc.usage) from None
+
+
+def open_web_listener(options: Options, listeners: list[Listener],
+                      metrics: socket.socket | None) -> Listener | None:
+    """The --web-port listener, if asked for, speaking TLS when the chat does; a failure closes
+    the other listeners too."""
+    if options.web_port is None:
+        return None
+    tls = next((context for _, context in listeners if context is not None), None)
+    try:
+        return open_listener(options.web_host or options.host, options.web_port), tls
+    except ListenError as exc:
+        for sock in [sock for sock, _ in listeners] + ([metrics] if metrics else []):
+            sock.close()
+        raise ListenError(f"web: {exc}", usage=exc.usage) from None
 
 
 def open_listeners(options: Options) -> list[Listener]:

@@ -23,10 +23,10 @@ from fsmchat.connection import MACHINE, Connection
 from fsmchat.hub import Hub
 from fsmchat.lifecycle import InvalidTrigger, LinkTrigger, State, Trigger
 from fsmchat.machine import TableModel
+from fsmchat.net.http import HttpConnection
 from fsmchat.net.loop import EventLoop
 from fsmchat.ops.events import make_logger
 from fsmchat.ops.logstream import LogStream
-from fsmchat.ops.metrics_http import MetricsConnection
 from fsmchat.options import Options
 from fsmchat.redis.bus import PublishLink
 from fsmchat.redis.link import RedisAddress, RedisLink
@@ -153,8 +153,8 @@ for _row in lifecycle.LINK_TRANSITIONS:
         setattr(RecordingLink, _row.action, _recorder(_row.action))
 
 
-@pytest.mark.parametrize("model", [RedisLink, MetricsConnection], ids=lambda m: m.__name__)
-def test_the_link_and_metrics_machines_are_built_from_their_tables(
+@pytest.mark.parametrize("model", [RedisLink, HttpConnection], ids=lambda m: m.__name__)
+def test_the_link_and_http_machines_are_built_from_their_tables(
         model: type[TableModel]) -> None:
     machine, table = model.machine, model.lifecycle
     triggers = {str(row.trigger) for row in table.transitions}

@@ -71,10 +71,12 @@ def test_states_and_triggers_have_the_documented_values() -> None:
     assert {t.name: t.value for t in Trigger} == {
         "START": "start",
         "SECURE": "secure",
+        "UPGRADE": "upgrade",
         "ESTABLISHED": "established",
         "READABLE": "readable",
         "WRITABLE": "writable",
         "HANGUP": "hangup",
+        "REFUSE": "refuse",
         "QUIT": "quit",
         "THROTTLE": "throttle",
         "RESUME": "resume",

@@ -34,8 +34,9 @@ from conftest import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from fsmchat.net.http import REQUEST_TIMEOUT
 from fsmchat.ops.metrics import CATALOGUE
-from fsmchat.ops.metrics_http import MAX_SCRAPERS, REQUEST_TIMEOUT
+from fsmchat.ops.metrics_http import MAX_SCRAPERS
 
 METRICS = ("--metrics-port", "0")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -213,7 +214,7 @@ def test_other_paths_are_404(start_server: StartServer, path: str) -> None:
         urllib.request.urlopen(url(server, path), timeout=WAIT)
     assert caught.value.code == 404
     caught.value.close()
-    event = server.wait_event("metrics.request", target=path)
+    event = server.wait_event("http.request", target=path)
     assert (event["method"], event["status"], event["level"]) == ("GET", 404, "debug")
 
 
@@ -231,7 +232,7 @@ def test_other_methods_on_metrics_are_405_with_allow(
         assert response.getheader("Allow") == "GET, HEAD"
     finally:
         connection.close()
-    event = server.wait_event("metrics.request", method=method)
+    event = server.wait_event("http.request", method=method)
     assert (event["target"], event["status"]) == ("/metrics", 405)
 
 
@@ -258,7 +259,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(start_server: Star
         assert local[0] == local[1], "the second request went over a new connection"
     finally:
         connection.close()
-    requests = wait_event_count(server, "metrics.request", 2)
+    requests = wait_event_count(server, "http.request", 2)
     assert requests[0]["fd"] == requests[1]["fd"]
     assert [(r["method"], r["target"], r["status"]) for r in requests] == [
         ("GET", "/metrics", 200)
@@ -284,7 +285,7 @@ def test_a_malformed_request_gets_400_and_is_closed_while_the_chat_goes_on(
         rest = recv_until_eof(bad)  # the server closes it
         assert b"HTTP/1.1" not in rest
         peer = "{}:{}".format(*bad.getsockname()[:2])
-    warning = server.wait_event("metrics.bad_request", peer=peer)
+    warning = server.wait_event("http.bad_request", peer=peer)
     assert warning["level"] == "warning"
     assert isinstance(warning["error"], str) and warning["error"]
     b.say("after")
@@ -335,12 +336,12 @@ def test_slow_scrapers_cannot_lock_a_real_scrape_out(start_server: StartServer, 
                 head = recv_until(holder, lambda buf: b"\r\n\r\n" in buf, "a response head")
                 assert http_status_of(head) == 200
         assert scrape(server).value("fsmchat_connections_accepted_total") == 0
-        evicted = server.wait_event("metrics.evicted")
+        evicted = server.wait_event("http.evicted")
         oldest = "{}:{}".format(*holders[0].getsockname()[:2])
         assert evicted["peer"] == oldest, evicted
         assert evicted["served"] == (0 if stuck == "half-sent requests" else 1), evicted
         assert closed_by_server(holders[0]) == b""  # closed, and nothing more for it
-        assert not server.events("metrics.rejected")
+        assert not server.events("http.rejected")
     finally:
         for holder in holders:
             holder.close()
@@ -375,7 +376,7 @@ def test_deny_keeps_a_scraper_out_as_it_keeps_a_client_out(start_server: StartSe
     denied.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     assert closed_by_server(denied) == b""  # no response, and closed
     denied.close()
-    rejected = server.wait_event("metrics.rejected")
+    rejected = server.wait_event("http.rejected")
     assert rejected["reason"] == "denied" and rejected["peer"].startswith("127.0.0.2:")
     assert scrape(server).value("fsmchat_connections_accepted_total") == 0  # 127.0.0.1 may
 

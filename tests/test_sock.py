@@ -26,7 +26,7 @@ from fsmchat.net.loop import FD_SETSIZE, EventLoop, FdLimit
 from fsmchat.net.sock import contain_in
 from fsmchat.ops.events import make_logger
 from fsmchat.ops.logstream import LogStream
-from fsmchat.ops.metrics_http import MetricsEndpoint
+from fsmchat.ops.metrics_http import MetricsSite
 from fsmchat.options import Options
 from fsmchat.reasons import ERRNO_DOC, Reason, error_reason
 from fsmchat.server import Server
@@ -226,11 +226,12 @@ def test_a_client_whose_descriptor_select_cannot_watch_is_turned_away(chat: InPr
 
 
 def test_a_scraper_whose_descriptor_select_cannot_watch_is_turned_away(chat: InProcess) -> None:
-    endpoint = MetricsEndpoint(chat.loop, chat.log, lambda: b"", "text/plain")
+    endpoint = MetricsSite(chat.loop, chat.log, lambda: b"", "text/plain")
     sock = ScriptedSocket(FD_SETSIZE)
     endpoint.admit(sock, "high")  # type: ignore[arg-type]
-    [rejected] = chat.events("metrics.rejected")
-    assert rejected["reason"] == "fd_limit" and sock.closed and not endpoint.scrapers
+    [rejected] = chat.events("http.rejected")
+    assert rejected["reason"] == "fd_limit" and rejected["site"] == "metrics"
+    assert sock.closed and not endpoint.clients
 
 
 # -- the catalogue of reasons --------------------------------------------------------------------

@@ -127,6 +127,29 @@ class LoopSocket(TableModel):
                 data += tls.recv(tls.pending())
         return data
 
+    # -- TLS -------------------------------------------------------------------------------------
+
+    def handshake_step(self) -> bool:
+        """One step of a TLS handshake: True once it is done; else it waits to read or to write
+        (the loop is told which), or it failed (``failed`` was told)."""
+        sock = cast(ssl.SSLSocket, self.sock)
+        loop = self.loop
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            loop.want_read(self.fd, True)
+            loop.want_write(self.fd, False)
+            return False
+        except ssl.SSLWantWriteError:
+            loop.want_read(self.fd, False)
+            loop.want_write(self.fd, True)
+            return False
+        except OSError as exc:
+            self.failed("handshake", exc)
+            return False
+        loop.want_write(self.fd, False)
+        return True
+
     # -- the loop's handler ----------------------------------------------------------------------
 
     def on_readable(self) -> None:

@@ -43,7 +43,7 @@ class EventSpec:
 CATALOGUE: tuple[EventSpec, ...] = (
     EventSpec("server.started", "info",
               ("host", "port", "pid", "max_clients", "max_queue_bytes", "tls", "tls_port",
-               "instance", "redis", "channel", "mode", "metrics_port", "history",
+               "instance", "redis", "channel", "mode", "metrics_port", "web_port", "history",
                "history_bytes"),
               "the listener is bound; port is the one actually bound (useful with --port 0); "
               "instance, redis and channel with --redis"),
@@ -74,7 +74,8 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "the log reader fell behind and --log-buffer filled: count events were dropped "
               "whole since the last report (levels: how many of each level); written once it "
               "catches up"),
-    EventSpec("connection.accepted", "info", ("fd", "peer", "tls"), "a client connected"),
+    EventSpec("connection.accepted", "info", ("fd", "peer", "tls", "web"),
+              "a client connected (web: a browser's WebSocket, from the web port)"),
     EventSpec("connection.rejected", "warning", ("peer", "reason"),
               "a client was accepted and closed at once (denied, per_addr_limit, server_full, "
               "fd_limit, reset)"),
@@ -83,7 +84,12 @@ CATALOGUE: tuple[EventSpec, ...] = (
     EventSpec("connection.tls_error", "warning", ("fd", "peer", "error"),
               "a TLS handshake failed or took too long, or a TLS record was bad: it closes"),
     EventSpec("connection.idle", "warning", ("fd", "peer", "seconds"),
-              "a client sent nothing for --idle-timeout seconds: it closes"),
+              "a client sent nothing for --idle-timeout seconds, or a WebSocket client did not "
+              "answer a ping in 30 s: it closes"),
+    EventSpec("connection.websocket_error", "warning", ("fd", "peer", "code", "limit"),
+              "a WebSocket client sent a message over the limit (code 1009), a text frame "
+              "that is not UTF-8 (1007), a malformed frame (1002) or, in chat mode, a binary "
+              "frame (1003): it gets a close frame with that code after what is queued"),
     EventSpec("connection.limited", "debug", ("fd", "credit_in"),
               "a client went over --max-recv-rate: not read for credit_in seconds"),
     EventSpec("connection.queue_limit", "warning", ("fd", "peer", "queued", "limit"),
@@ -111,16 +117,21 @@ CATALOGUE: tuple[EventSpec, ...] = (
     EventSpec("chat.nick", "info", ("fd", "old", "new"), "chat mode: a client changed its name"),
     EventSpec("chat.line_cut", "warning", ("fd", "peer", "limit"),
               "chat mode: a line longer than --max-line was cut into lines of that size"),
-    EventSpec("metrics.request", "debug", ("fd", "method", "target", "status"),
-              "a scraper's HTTP request was answered"),
-    EventSpec("metrics.bad_request", "warning", ("peer", "error"),
-              "a request to the metrics port was not HTTP: answered 400, then closed"),
-    EventSpec("metrics.rejected", "warning", ("peer", "reason"),
-              "a connection to the metrics port was closed at once: denied (--allow/--deny), "
-              "busy (every place is being answered) or fd_limit"),
-    EventSpec("metrics.evicted", "warning", ("peer", "served", "seconds"),
-              "every metrics place was taken: the connection that waited longest for a "
-              "request is closed for a newcomer"),
+    EventSpec("http.request", "debug", ("site", "fd", "method", "target", "status"),
+              "an HTTP request to the metrics port (site metrics) or the web port (site web) "
+              "was answered"),
+    EventSpec("http.bad_request", "warning", ("site", "peer", "error"),
+              "a request to the metrics or web port was not HTTP: answered 400, then closed"),
+    EventSpec("http.bad_origin", "warning", ("site", "peer", "origin"),
+              "a page of another site tried to open the chat's WebSocket: answered 403 (see "
+              "--web-origin)"),
+    EventSpec("http.rejected", "warning", ("site", "peer", "reason"),
+              "a connection to the metrics or web port was closed at once: denied "
+              "(--allow/--deny), busy (every place is being answered), fd_limit, or gone "
+              "before its TLS could begin"),
+    EventSpec("http.evicted", "warning", ("site", "peer", "served", "seconds"),
+              "every place of the metrics port (4) or the web port (64) was taken: the "
+              "connection that waited longest for a request is closed for a newcomer"),
     EventSpec("redis.connected", "info", ("link", "address", "attempts"),
               "a Redis link is ready (the subscriber once SUBSCRIBE is confirmed)"),
     EventSpec("redis.disconnected", "warning",

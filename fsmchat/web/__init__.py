@@ -1,1 +1,1 @@
-"""The web port: the chat page for browsers, served by the same loop as every other client."""
+"""The web port: the page, its files, and WebSocket clients of the chat."""

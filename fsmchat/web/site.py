@@ -1,0 +1,153 @@
+"""The web port: the chat's page, its two files, and the WebSocket that lets a browser in.
+
+Served over ``net.http`` from the one loop. ``GET /`` is the page, ``/app.js`` and
+``/style.css`` its script and style (package data, read once at start), ``/ws`` the WebSocket:
+a valid handshake leaves HTTP for the connection table (``WebConnection``), where the
+acceptor seats it like any newcomer.
+
+Rules it keeps:
+- A cross-site page may not open the WebSocket (cross-site WebSocket hijacking): a handshake
+  whose ``Origin`` is not this site's own (``Host``, with this port's scheme) nor one of
+  ``--web-origin`` is answered 403. One without ``Origin`` comes from no browser page: allowed.
+- A handshake the chat has no room for, or that ``--allow``/``--deny`` keep out, is answered in
+  plain words (503, 403) before it costs a seat; ``/ws`` without an upgrade is 426.
+- Every answer carries a strict Content-Security-Policy (nothing but this site's own script,
+  style and WebSocket; no inline script, no frames), ``nosniff`` and no referrer; no cookies.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Sequence
+from importlib import resources
+
+import h11
+from structlog.typing import FilteringBoundLogger
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
+from wsproto.utilities import RemoteProtocolError
+
+from fsmchat.acceptor import Acceptor
+from fsmchat.lifecycle import Trigger
+from fsmchat.net.http import Answer, Headers, HttpConnection, Site
+from fsmchat.reasons import Reason
+from fsmchat.web.websocket import BINARY, TEXT, Frames, WebConnection
+
+WEB_PLACES = 64
+"""HTTP connections of the web port open at once (a browser opens up to six for one page)."""
+
+SECURITY: Headers = [
+    ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self'; "
+     "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+     "form-action 'none'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-cache"),
+]
+
+FILES = {b"/": ("index.html", "text/html; charset=utf-8"),
+         b"/index.html": ("index.html", "text/html; charset=utf-8"),
+         b"/app.js": ("app.js", "text/javascript; charset=utf-8"),
+         b"/style.css": ("style.css", "text/css; charset=utf-8")}
+
+WS_PATH = b"/ws"
+
+REFUSALS: dict[str, tuple[int, str]] = {Reason.DENIED: (403, "not allowed from your address"),
+            Reason.PER_ADDR_LIMIT: (503, "too many connections from your address"),
+            Reason.SERVER_FULL: (503, "the chat is full; try again later")}
+"""What a refused WebSocket handshake is answered, in words a person reads."""
+
+
+def _static(name: str) -> bytes:
+    return resources.files("fsmchat.web").joinpath("static", name).read_bytes()
+
+
+class WebSite(Site):
+    name = "web"
+
+    def __init__(self, acceptor: Acceptor, log: FilteringBoundLogger, *, mode: str, limit: int,
+                 origins: Sequence[str] = (), tls: ssl.SSLContext | None = None,
+                 handshake_timeout: float = 0.0) -> None:
+        super().__init__(acceptor.loop, log, places=WEB_PLACES, tls=tls,
+                         handshake_timeout=handshake_timeout)
+        self.acceptor = acceptor
+        self.scheme = "https" if tls is not None else "http"
+        self.any_origin = "*" in origins
+        self.origins = {origin.rstrip("/").lower() for origin in origins}
+        self.frames = Frames(TEXT if mode == "chat" else BINARY)
+        self.limit = limit  # the longest message a browser may send
+        self.files = {path: Answer(200, [("Content-Type", kind), *SECURITY], _static(name))
+                      for path, (name, kind) in FILES.items()}
+        self._pending: dict[int, tuple[WSConnection, bytes]] = {}  # fd -> accepted handshake
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def answer(self, request: h11.Request, conn: HttpConnection) -> Answer:
+        target = request.target.split(b"?", 1)[0]
+        if target == WS_PATH:
+            return self._refuse_upgrade(request, conn)
+        found = self.files.get(target)
+        if found is None:
+            return Answer.plain(404, headers=SECURITY)
+        if request.method not in (b"GET", b"HEAD"):
+            return Answer.plain(405, headers=[("Allow", "GET, HEAD"), *SECURITY])
+        return found
+
+    def upgrade(self, request: h11.Request, conn: HttpConnection) -> bool:
+        """A WebSocket handshake the chat takes: wsproto accepts it here, the socket follows."""
+        if request.target.split(b"?", 1)[0] != WS_PATH or not _upgrading(request):
+            return False
+        if not self._origin_ok(request) or self.acceptor.refusal(conn.host):
+            return False  # answered by _refuse_upgrade
+        ws = WSConnection(ConnectionType.SERVER)
+        try:
+            ws.initiate_upgrade_connection([(key, value) for key, value in request.headers],
+                                            request.target)
+            if not any(isinstance(event, Request) for event in ws.events()):
+                return False
+        except RemoteProtocolError:
+            return False  # answered 400 by _refuse_upgrade
+        self._pending[conn.fd] = ws, ws.send(AcceptConnection())
+        return True
+
+    def _refuse_upgrade(self, request: h11.Request, conn: HttpConnection) -> Answer:
+        if not _upgrading(request):
+            return Answer.plain(426, "this is the chat's WebSocket: open / instead",
+                                [("Upgrade", "websocket"), *SECURITY], close=True)
+        if not self._origin_ok(request):
+            origin = _header(request, b"origin").decode("ascii", "replace")
+            self.log.warning("http.bad_origin", site=self.name, peer=conn.peer, origin=origin)
+            return Answer.plain(403, f"a page from {origin} may not join this chat "
+                                "(see --web-origin)", SECURITY, close=True)
+        reason = self.acceptor.refusal(conn.host)
+        if reason:
+            self.acceptor.refused(conn.peer, reason)
+            status, text = REFUSALS.get(reason, (503, reason))
+            return Answer.plain(status, text, SECURITY, close=True)
+        return Answer.plain(400, "not a valid WebSocket handshake", SECURITY, close=True)
+
+    def _origin_ok(self, request: h11.Request) -> bool:
+        origin = _header(request, b"origin").decode("ascii", "replace").rstrip("/").lower()
+        if not origin or self.any_origin or origin in self.origins:
+            return True
+        host = _header(request, b"host").decode("ascii", "replace").lower()
+        return origin == f"{self.scheme}://{host}"
+
+    def take_over(self, conn: HttpConnection, trailing: bytes) -> None:
+        ws, accept = self._pending.pop(conn.fd)
+        sock: socket.socket = conn.sock
+        web = WebConnection(sock, conn.peer, self.acceptor.hub, ws=ws, accept=accept,
+                            trailing=trailing, frames=self.frames, limit=self.limit)
+        self.acceptor.seat(web, conn.host, Trigger.UPGRADE)
+
+
+def _header(request: h11.Request, name: bytes) -> bytes:
+    for key, value in request.headers:
+        if key == name:  # (h11 gives names in lower case)
+            return bytes(value)
+    return b""
+
+
+def _upgrading(request: h11.Request) -> bool:
+    return request.method == b"GET" and b"websocket" in _header(request, b"upgrade").lower()

@@ -1,0 +1,229 @@
+"""A WebSocket client of the chat: a ``Connection`` whose bytes travel in frames.
+
+The web site hands over a socket whose handshake request h11 parsed and ``wsproto`` accepted;
+from then on it is a row of the connection table like any client (``upgrade``: accepted ->
+reading), with the same limits, flow control, history and shutdown. What differs is only the
+framing, so only the two ends change:
+
+- in: what one recv brings is fed to wsproto; the messages it completes are handed to the hub
+  as what that one recv returned (joined: raw mode relays bytes, chat mode frames lines, and a
+  message always ends a line), pings are answered, a close frame is a hangup;
+- out: every message is one frame. Server frames are not masked, so the frame's header is the
+  same for every recipient: ``Frames`` makes it once per message, and each WebSocket queue holds
+  that header and the very bytes object every other queue holds (no copy per recipient).
+
+Rules it keeps:
+- A message over ``limit`` (chat mode: --max-line; raw mode: one recv's worth) is refused with
+  1009, a text frame that is not UTF-8 with 1007, a malformed frame with 1002, a binary frame in
+  chat mode (whose lines are text) with 1003: the close frame goes after what is queued.
+- The server pings every ``PING_INTERVAL`` seconds; a client that has not answered the previous
+  ping by then is gone (``no_pong``). Pings and pongs are not chat: --idle-timeout still counts
+  a silent client as silent.
+- Every way out of the chat that delivers what is queued (shutdown 1001, /quit 1000, the peer's
+  own close frame answered) ends with a close frame, then the socket closes.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from wsproto import WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.frame_protocol import CloseReason
+
+from fsmchat.connection import Connection
+from fsmchat.lifecycle import State, Trigger
+from fsmchat.net.loop import Timer
+from fsmchat.reasons import Reason
+
+if TYPE_CHECKING:
+    from fsmchat.hub import Hub
+
+PING_INTERVAL = 30.0
+"""Seconds between the server's pings: often enough for proxies and NATs that drop quiet
+connections after a minute, and to find a vanished browser within two intervals."""
+
+TEXT, BINARY = 0x1, 0x2
+
+_CLOSE_CODES: dict[str, int] = {Reason.SERVER_SHUTDOWN: CloseReason.GOING_AWAY,
+                Reason.MESSAGE_TOO_BIG: CloseReason.MESSAGE_TOO_BIG}
+
+
+class Frames:
+    """The header of each message's frame, made once, for every WebSocket recipient."""
+
+    __slots__ = ("opcode", "last", "header")
+
+    def __init__(self, opcode: int) -> None:
+        self.opcode = opcode  # TEXT in chat mode (its lines are clean UTF-8), else BINARY
+        self.last: bytes | None = None  # the message the header is for (held: its id stays)
+        self.header = b""
+
+    def head(self, data: bytes) -> bytes:
+        if data is not self.last:
+            self.last = data
+            self.header = frame_header(self.opcode, len(data))
+        return self.header
+
+
+def frame_header(opcode: int, size: int) -> bytes:
+    """RFC 6455's header of one final, unmasked frame (what a server sends)."""
+    first = 0x80 | opcode
+    if size < 126:
+        return bytes((first, size))
+    if size < 1 << 16:
+        return struct.pack("!BBH", first, 126, size)
+    return struct.pack("!BBQ", first, 127, size)
+
+
+class WebConnection(Connection):
+    __slots__ = ("ws", "frames", "limit", "lines", "partial", "partial_size", "closing_code",
+                 "ping_timer", "pinged")
+
+    def __init__(self, sock: socket.socket, peer: str, hub: Hub, *, ws: WSConnection,
+                 accept: bytes, trailing: bytes, frames: Frames, limit: int) -> None:
+        """``accept``: the 101 answer, queued first; ``trailing``: what came after the request."""
+        super().__init__(sock, peer, hub)
+        self.ws = ws
+        self.frames = frames
+        self.limit = limit  # the longest message it may send
+        self.lines = frames.opcode == TEXT  # chat mode: a message is a line
+        self.partial: list[bytes] = []  # the pieces of an unfinished message
+        self.partial_size = 0
+        self.closing_code: int | None = None  # the code of the close frame it gets at the end
+        self.ping_timer: Timer | None = None
+        self.pinged = False  # a ping went out and no pong came back yet
+        self.push(accept)
+        if trailing:
+            ws.receive_data(trailing)
+
+    def __repr__(self) -> str:
+        return f"<WebConnection fd={self.fd} {self.peer} {self.state}>"
+
+    # -- out --------------------------------------------------------------------------------
+
+    def enqueue(self, data: bytes) -> None:
+        header = self.frames.head(data)
+        size = self.queue.nbytes + len(header) + len(data)
+        if size > self.flow.high_water and not self.may_grow(size):
+            return
+        self.push(header)
+        self.queue.push(data)
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def join(self) -> None:
+        super().join()
+        self.ping_timer = self.loop.call_later(PING_INTERVAL, self._ping)
+        if self.state == State.READING:
+            self._take_events()  # what came right after the handshake request
+
+    def receive(self) -> None:
+        data = self.recv_some()
+        if data is None:
+            return
+        if not data:
+            self.reason = Reason.PEER_CLOSED
+            self.fire(Trigger.HANGUP)
+            return
+        self.bytes_in += len(data)
+        self.log.debug("data.received", fd=self.fd, bytes=len(data))
+        self.ws.receive_data(data)
+        self._take_events()
+
+    def _take_events(self) -> None:
+        """What wsproto parsed: the messages it completed go to the hub as one read; then a
+        close frame, or a protocol error, ends it."""
+        ws = self.ws
+        done: list[bytes] = []
+        ending: CloseConnection | None = None
+        refusal: tuple[int, str] | None = None
+        for event in ws.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                refusal = self._piece(event, done)
+                if refusal is not None:
+                    break
+            elif isinstance(event, Ping):
+                self.push(ws.send(event.response()))
+            elif isinstance(event, Pong):
+                self.pinged = False
+            elif isinstance(event, CloseConnection):
+                if ws.state is ConnectionState.OPEN:  # wsproto's own: the peer broke the rules
+                    refusal = event.code, Reason.WEBSOCKET_ERROR
+                else:
+                    ending = event
+                break
+        if done:
+            self._hand_in(done)
+        if self.state != State.READING:
+            return
+        if refusal is not None:
+            self.closing_code, self.reason = refusal
+            self.log.warning("connection.websocket_error", fd=self.fd, peer=self.peer,
+                             code=int(refusal[0]), limit=self.limit)
+            self.fire(Trigger.REFUSE)
+        elif ending is not None:
+            self.reason = Reason.PEER_CLOSED
+            self.push(ws.send(ending.response()))
+            self.fire(Trigger.HANGUP)
+
+    def _piece(self, event: TextMessage | BytesMessage,
+               done: list[bytes]) -> tuple[int, str] | None:
+        """Part of a message (or all of it): kept, ``done`` once whole; or why it is refused."""
+        if self.lines and isinstance(event, BytesMessage):
+            return CloseReason.UNSUPPORTED_DATA, Reason.WEBSOCKET_ERROR
+        piece = event.data.encode() if isinstance(event, TextMessage) else bytes(event.data)
+        self.partial_size += len(piece)
+        if self.partial_size > self.limit:
+            return CloseReason.MESSAGE_TOO_BIG, Reason.MESSAGE_TOO_BIG
+        self.partial.append(piece)
+        if event.message_finished:
+            done.append(b"".join(self.partial))
+            self.partial.clear()
+            self.partial_size = 0
+        return None
+
+    def _hand_in(self, messages: list[bytes]) -> None:
+        """Whole messages, as the hub takes one read: a message ends a line in chat mode."""
+        if self.lines:
+            data = b"".join(message + b"\n" for message in messages)
+        else:
+            data = messages[0] if len(messages) == 1 else b"".join(messages)
+        if not data:
+            return
+        limits = self.limits
+        if limits.idle_timeout or limits.max_recv_rate:
+            self._heard(len(data))
+        self.hub.received(self, data)
+
+    def _ping(self) -> None:
+        self.ping_timer = None
+        if self.state not in (State.READING, State.PAUSED, State.LIMITED, State.EMPTIED):
+            return
+        if self.pinged:
+            self.log.warning("connection.idle", fd=self.fd, peer=self.peer,
+                             seconds=PING_INTERVAL)
+            self.close_because(Reason.NO_PONG)
+            return
+        self.pinged = True
+        self.push(self.ws.send(Ping(b"%d" % time.monotonic_ns())))
+        self.ping_timer = self.loop.call_later(PING_INTERVAL, self._ping)
+
+    def leave(self) -> None:
+        """The close frame goes after what is queued (the answer to the peer's went already)."""
+        ws = self.ws
+        if ws.state is ConnectionState.OPEN:
+            code = self.closing_code or _CLOSE_CODES.get(self.reason or Reason.SERVER_SHUTDOWN,
+                                                         CloseReason.NORMAL_CLOSURE)
+            self.push(ws.send(CloseConnection(code=code)))
+        super().leave()
+
+    def _cancel_timers(self) -> None:
+        super()._cancel_timers()
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
+            self.ping_timer = None
