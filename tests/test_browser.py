@@ -61,7 +61,7 @@ WELCOME = r"^\*\*\* welcome, you are (\S+) \("
 def browser(tmp_path: Path) -> Iterator[BrowserContext]:
     """A chromium with a profile of its own, gone with the test's tmp_path."""
     if CHROMIUM is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
+        pytest.fail("no chromium on PATH (Debian: apt-get install chromium; .ci/run does)")
     with chromium(CHROMIUM, tmp_path / "profile") as context:
         yield context
 
@@ -450,7 +450,7 @@ PHONE_SCREEN = {"width": 360, "height": 560}
 
 def test_the_screenshot_command_writes_a_png(tmp_path: Path) -> None:
     if CHROMIUM is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
+        pytest.fail("no chromium on PATH (Debian: apt-get install chromium; .ci/run does)")
     out = tmp_path / "chat.png"
     make_screenshot(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

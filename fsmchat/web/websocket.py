@@ -191,7 +191,8 @@ class WebConnection(Connection):
     def _hand_in(self, messages: list[bytes]) -> None:
         """Whole messages, as the hub takes one read: a message ends a line in chat mode."""
         if self.lines:
-            data = b"".join(message + b"\n" for message in messages)
+            data = b"".join(message if message[-1:] == b"\n" else message + b"\n"
+                            for message in messages)
         else:
             data = messages[0] if len(messages) == 1 else b"".join(messages)
         if not data:
