@@ -1,5 +1,6 @@
-"""Command line: ``fsmchat [options]`` serves; ``fsmchat diagrams [options]`` draws the lifecycles;
-``fsmchat docs [--check]`` rewrites the generated tables of the documentation.
+"""Command line: ``fsmchat [options]`` serves; ``fsmchat connect HOST PORT`` is a terminal client;
+``fsmchat diagrams [options]`` draws the lifecycles; ``fsmchat docs [--check]`` rewrites the
+generated tables of the documentation.
 
 The options themselves (flags, parsers, defaults, help) are ``options.OPTIONS``; this module
 builds argparse from them, reads ``--config FILE`` when given (the command line wins over the
@@ -39,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="An event-driven chat relay: every byte a client sends is forwarded to every "
                     "other connected client. One select() loop, a state machine per connection, "
                     "one JSON status event per line on stdout.",
-        epilog="Draw the connection lifecycle with: fsmchat diagrams --help",
+        epilog="Other commands: fsmchat connect HOST PORT, a terminal client for chatting "
+               "(fsmchat connect --help); fsmchat diagrams, which draws the connection "
+               "lifecycle (fsmchat diagrams --help); fsmchat docs (fsmchat docs --help).",
     )
     add_arguments(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -48,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["connect"]:
+        return connect_main(args[1:])
     if args[:1] == ["diagrams"]:
         return diagrams_main(args[1:])
     if args[:1] == ["docs"]:
@@ -62,6 +67,56 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         parser.error(str(exc))
     return run(options)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected 1 to 65535")
+    return port
+
+
+def build_connect_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fsmchat connect",
+        description="Chat on an fsmchat server (chat or raw mode, plain TCP or TLS) from a "
+                    "terminal: lines that arrive are printed above the line you are typing, "
+                    "which stays intact. Enter sends the line (with \\n); Up and Down recall the "
+                    "lines you typed; Ctrl-D (on an empty line) or Ctrl-C leaves. What the "
+                    "server sends is shown as chat mode cleans text: control characters in "
+                    "caret notation (ESC as ^[), invalid UTF-8 as U+FFFD. When standard input "
+                    "or output is not a terminal, it sends the lines it reads and prints the "
+                    "lines that arrive, until the server closes the connection.",
+        epilog="Exit status: 0 once connected (the server closed, or you left with Ctrl-D), "
+               "1 if it could not connect, 2 for bad arguments, 130 for Ctrl-C.",
+    )
+    parser.add_argument("host", metavar="HOST", help="the server's name or address")
+    parser.add_argument("port", metavar="PORT", type=_port,
+                        help="its port: the plain one, or the TLS one with --tls")
+    parser.add_argument("--tls", action="store_true",
+                        help="connect over TLS and verify the server's certificate and name "
+                             "(against the system's CAs, or --ca FILE's)")
+    parser.add_argument("--ca", type=Path, metavar="FILE",
+                        help="trust the CA certificates (PEM) in FILE instead of the "
+                             "system's, as for a self-signed server; implies --tls")
+    return parser
+
+
+def connect_main(argv: list[str]) -> int:
+    parser = build_connect_parser()
+    args = parser.parse_args(argv)
+    from fsmchat import connect  # noqa: PLC0415 - here only: the server never loads the client
+
+    context = None
+    if args.tls or args.ca is not None:
+        try:
+            context = connect.tls_context(args.ca)
+        except connect.CaError as exc:
+            parser.error(f"--ca {args.ca}: {exc}")
+    return connect.run(connect.Target(args.host, args.port, context))
 
 
 def build_diagrams_parser() -> argparse.ArgumentParser:

@@ -1,9 +1,18 @@
-"""Structural rules: one select() call, no threads / async / other pollers in the package."""
+"""Structural rules: one select() call, no threads / async / other pollers in the package.
+
+The rules cover every module of the package but the terminal client, ``fsmchat/connect.py``
+(``CLIENT``), which runs on asyncio for prompt_toolkit: the server never imports it (only
+``cli`` does, inside the function that runs ``fsmchat connect``), and importing the server's
+entry path loads neither it, prompt_toolkit, nor asyncio on fsmchat's behalf.
+"""
 
 from __future__ import annotations
 
 import ast
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +20,11 @@ import pytest
 from conftest import ServerProcess, recv_exactly
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fsmchat"
+#: The one module the rules do not cover: the terminal client (asyncio, prompt_toolkit).
+CLIENT = PACKAGE / "connect.py"
+CLIENT_MODULE = "fsmchat.connect"
+#: The one module that may import the client, and only inside a function.
+CLI = PACKAGE / "cli.py"
 
 FORBIDDEN_MODULES = (
     "threading",
@@ -99,9 +113,9 @@ def scan_source(source: str, name: str, findings: Findings) -> None:
                 findings.pollers.append(f"{name}:{node.lineno} .{node.attr}")
 
 
-def scan_package(root: Path) -> tuple[Findings, list[Path]]:
+def scan_package(root: Path, skip: tuple[Path, ...] = ()) -> tuple[Findings, list[Path]]:
     findings = Findings()
-    files = sorted(root.rglob("*.py"))
+    files = sorted(path for path in root.rglob("*.py") if path not in skip)
     for path in files:
         scan_source(path.read_text(encoding="utf-8"), str(path.relative_to(root.parent)), findings)
     return findings, files
@@ -109,7 +123,7 @@ def scan_package(root: Path) -> tuple[Findings, list[Path]]:
 
 @pytest.fixture(scope="module")
 def package_findings() -> Findings:
-    findings, files = scan_package(PACKAGE)
+    findings, files = scan_package(PACKAGE, skip=(CLIENT,))
     assert len(files) >= 2, f"expected the fsmchat package under {PACKAGE}"
     return findings
 
@@ -124,6 +138,130 @@ def test_no_threads_async_or_process_pools_are_imported(package_findings: Findin
 
 def test_no_other_poller_is_used(package_findings: Findings) -> None:
     assert package_findings.pollers == []
+
+
+def test_the_client_is_the_one_exception_and_needs_it() -> None:
+    """Should the client stop needing asyncio, the exception goes: it covers nothing else."""
+    findings = Findings()
+    scan_source(CLIENT.read_text(encoding="utf-8"), "fsmchat/connect.py", findings)
+    assert any("asyncio" in where for where in findings.forbidden_imports), findings
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def client_imports(tree: ast.Module, module: str, is_package: bool) -> list[ast.stmt]:
+    """The import statements of ``module`` that name the client module (absolute or relative)."""
+    package = module if is_package else module.rpartition(".")[0]
+    found: list[ast.stmt] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        if any(name == CLIENT_MODULE or name.startswith(CLIENT_MODULE + ".") for name in names):
+            found.append(node)
+    return found
+
+
+def top_level_statements(tree: ast.Module) -> set[ast.stmt]:
+    """Statements that run on import: the module's body and what its ifs and trys hold."""
+    out: set[ast.stmt] = set()
+    todo: list[ast.stmt] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        out.add(node)
+        if isinstance(node, ast.If | ast.Try | ast.With):
+            for block in ("body", "orelse", "finalbody", "handlers"):
+                todo += getattr(node, block, [])
+        if isinstance(node, ast.ExceptHandler):
+            todo += node.body
+    return out
+
+
+def test_no_server_module_imports_the_client() -> None:
+    offenders: list[str] = []
+    lazy_in_cli = 0
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == CLIENT:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found = client_imports(tree, module_name(path), path.name == "__init__.py")
+        at_import = top_level_statements(tree)
+        for node in found:
+            if path == CLI and node not in at_import:
+                lazy_in_cli += 1
+            else:
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert offenders == []
+    assert lazy_in_cli == 1, "cli imports the client inside the function that runs it"
+
+
+@pytest.mark.parametrize(
+    ("source", "module", "count"),
+    [
+        ("import fsmchat.connect\n", "fsmchat.hub", 1),
+        ("from fsmchat import connect\n", "fsmchat.hub", 1),
+        ("from fsmchat.connect import run\n", "fsmchat.hub", 1),
+        ("from . import connect\n", "fsmchat.hub", 1),
+        ("from .. import connect\n", "fsmchat.net.loop", 1),
+        ("from fsmchat import connection\n", "fsmchat.hub", 0),
+        ("from .net import connect\n", "fsmchat.hub", 0),
+    ],
+)
+def test_checker_finds_imports_of_the_client(source: str, module: str, count: int) -> None:
+    assert len(client_imports(ast.parse(source), module, is_package=False)) == count
+
+
+#: Run in a fresh interpreter: which module imported each watched one first.
+IMPORT_SPY = """
+import json, sys
+WATCHED = ("asyncio", "prompt_toolkit", "fsmchat.connect")
+seen = {}
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name in WATCHED and name not in seen:
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith("<frozen"):
+                frame = frame.f_back
+            seen[name] = frame.f_globals.get("__name__") if frame is not None else None
+        return None
+sys.meta_path.insert(0, Spy())
+for module in sys.argv[1:]:
+    __import__(module)
+print(json.dumps(seen))
+"""
+
+
+def first_importers(*modules: str) -> dict[str, str | None]:
+    result = subprocess.run([sys.executable, "-c", IMPORT_SPY, *modules], capture_output=True,
+                            text=True, timeout=60, check=True)
+    seen: dict[str, str | None] = json.loads(result.stdout)
+    return seen
+
+
+def test_the_server_entry_path_loads_no_client_and_no_asyncio_of_its_own() -> None:
+    """What ``python -m fsmchat`` imports (cli, and the server through it): not the client, not
+    prompt_toolkit; asyncio only on behalf of a library (transitions' extensions import it, and
+    structlog), never of fsmchat's own."""
+    seen = first_importers("fsmchat.cli", "fsmchat.server")
+    assert "fsmchat.connect" not in seen and "prompt_toolkit" not in seen, seen
+    importer = seen.get("asyncio")
+    assert importer is None or not importer.startswith("fsmchat"), seen
+
+
+def test_the_import_spy_sees_the_client_import_asyncio() -> None:
+    """The check above can fail: importing the client is seen, and whom it brings in."""
+    seen = first_importers("fsmchat.connect")
+    assert seen["asyncio"] == seen["prompt_toolkit"] == "fsmchat.connect", seen
 
 
 # The checker itself must be able to fail: feed it known-bad sources.

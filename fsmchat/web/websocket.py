@@ -36,7 +36,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from wsproto.frame_protocol import CloseReason
 
 from fsmchat.connection import Connection
-from fsmchat.lifecycle import State, Trigger
+from fsmchat.lifecycle import IN_CHAT, State, Trigger
 from fsmchat.net.loop import Timer
 from fsmchat.reasons import Reason
 
@@ -117,8 +117,9 @@ class WebConnection(Connection):
     # -- actions ----------------------------------------------------------------------------
 
     def join(self) -> None:
+        self.ping_timer = self.loop.call_later(PING_INTERVAL, self._ping)  # (before: a close
+        # during the greeting cancels it)
         super().join()
-        self.ping_timer = self.loop.call_later(PING_INTERVAL, self._ping)
         if self.state == State.READING:
             self._take_events()  # what came right after the handshake request
 
@@ -190,7 +191,8 @@ class WebConnection(Connection):
     def _hand_in(self, messages: list[bytes]) -> None:
         """Whole messages, as the hub takes one read: a message ends a line in chat mode."""
         if self.lines:
-            data = b"".join(message + b"\n" for message in messages)
+            data = b"".join(message if message[-1:] == b"\n" else message + b"\n"
+                            for message in messages)
         else:
             data = messages[0] if len(messages) == 1 else b"".join(messages)
         if not data:
@@ -202,7 +204,7 @@ class WebConnection(Connection):
 
     def _ping(self) -> None:
         self.ping_timer = None
-        if self.state not in (State.READING, State.PAUSED, State.LIMITED, State.EMPTIED):
+        if self.state not in IN_CHAT:
             return
         if self.pinged:
             self.log.warning("connection.idle", fd=self.fd, peer=self.peer,

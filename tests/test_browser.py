@@ -1,0 +1,571 @@
+"""The chat page in a real browser: the system's chromium, driven by Playwright, on a real server.
+
+Each test starts ``python -m fsmchat --web-port 0`` (the port is ``web_port`` in
+``server.started``), opens pages in a chromium with a fresh profile, and talks to the same chat
+through plain TCP clients, as nc users would. What a page shows is read from its log
+(``role="log"``, one child per line); a row's text is exactly the line the server sent, so the
+tests compare it with what an nc user gets.
+
+Run as a script, this file makes README's screenshot from a real run:
+``.venv/bin/python tests/test_browser.py --screenshot docs/chat.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from chat_harness import Chatter, join, welcome
+from conftest import HOST, WAIT, ServerProcess, StartServer
+from playwright.sync_api import BrowserContext, ConsoleMessage, Dialog, Page, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+#: Debian's chromium: there is no browser download to be had, so Playwright drives this one.
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+MS = 1000 * WAIT  # Playwright counts in milliseconds
+#: The page waits about 1 s, then 2 s, 4 s ... before it tries again: room for a few tries.
+RECONNECT_WAIT_MS = 4 * MS
+PHONE = {"width": 360, "height": 640}
+
+# Rows in the log, read in the page. Only the structure is assumed: the log is the element
+# with role="log", and each line is one of its children.
+ROWS_JS = "() => [...document.querySelector('[role=log]').children].map(r => r.textContent)"
+HAS_ROW_JS = """t => [...document.querySelector('[role=log]').children]
+                      .some(r => r.textContent === t)"""
+FIND_ROW_JS = """p => [...document.querySelector('[role=log]').children]
+                      .map(r => r.textContent).find(t => new RegExp(p).test(t)) ?? null"""
+LOOK_JS = """t => {
+  const row = [...document.querySelector('[role=log]').children].find(r => r.textContent === t);
+  const s = getComputedStyle(row);
+  return [s.backgroundColor, s.color, s.fontStyle, s.fontSize].join(' | ');
+}"""
+WELCOME = r"^\*\*\* welcome, you are (\S+) \("
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[BrowserContext]:
+    """A chromium with a profile of its own, gone with the test's tmp_path."""
+    if CHROMIUM is None:
+        pytest.fail("no chromium on PATH (Debian: apt-get install chromium; .ci/run does)")
+    with chromium(CHROMIUM, tmp_path / "profile") as context:
+        yield context
+
+
+@contextmanager
+def chromium(executable: str, profile: Path) -> Iterator[BrowserContext]:
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=executable, args=CHROMIUM_ARGS, headless=True,
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def web_port(server: ServerProcess) -> int:
+    return int(server.wait_event("server.started")["web_port"])
+
+
+def page_url(server: ServerProcess) -> str:
+    return f"http://{HOST}:{web_port(server)}/"
+
+
+def chat_server(start_server: StartServer, *extra: str) -> ServerProcess:
+    return start_server("--mode", "chat", "--web-port", "0", *extra)
+
+
+@dataclass
+class ChatPage:
+    """One browser tab on the chat, with what it logged, the dialogs it opened, what it fetched."""
+
+    page: Page
+    errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+    name: str = ""
+
+    def rows(self) -> list[str]:
+        rows: list[str] = self.page.evaluate(ROWS_JS)
+        return rows
+
+    def wait_row(self, text: str, timeout: float = MS) -> None:
+        """Wait until a line of the log reads exactly ``text``."""
+        try:
+            self.page.wait_for_function(HAS_ROW_JS, arg=text, timeout=timeout)
+        except PlaywrightTimeout as exc:  # say what the log did show
+            raise AssertionError(f"no row {text!r} in {self.rows()!r}") from exc
+
+    def wait_match(self, pattern: str, timeout: float = MS) -> re.Match[str]:
+        """Wait for the first line of the log matching the regular expression ``pattern``."""
+        try:
+            handle = self.page.wait_for_function(FIND_ROW_JS, arg=pattern, timeout=timeout)
+        except PlaywrightTimeout as exc:
+            raise AssertionError(f"no row matching {pattern!r} in {self.rows()!r}") from exc
+        match = re.search(pattern, str(handle.json_value()))
+        assert match is not None
+        return match
+
+    def look(self, text: str) -> str:
+        """How the row reading ``text`` is drawn (background, colour, font style and size)."""
+        return str(self.page.evaluate(LOOK_JS, text))
+
+    def say(self, text: str, *, button: bool = False) -> None:
+        """Type into the box labelled Message and press Enter (or click Send)."""
+        box = self.page.get_by_label("Message", exact=True)
+        box.fill(text)
+        if button:
+            self.page.get_by_role("button", name="Send").click()
+        else:
+            box.press("Enter")
+
+    def status(self) -> str:
+        return self.page.get_by_role("status").inner_text()
+
+    def wait_status(self, pattern: str, timeout: float = MS) -> str:
+        """Wait until the status line matches ``pattern``; return its text."""
+        script = "p => new RegExp(p).test(document.querySelector('[role=status]').textContent)"
+        try:
+            self.page.wait_for_function(script, arg=pattern, timeout=timeout)
+        except PlaywrightTimeout as exc:
+            raise AssertionError(f"status {self.status()!r} never matched {pattern!r}") from exc
+        return self.status()
+
+
+def open_page(
+    context: BrowserContext,
+    url: str,
+    *,
+    viewport: dict[str, int] | None = None,
+    scheme: Literal["light", "dark"] = "light",
+    chat: bool = True,
+) -> ChatPage:
+    """Open the page; in chat mode wait for the welcome line and learn the page's name."""
+    page = context.new_page()
+    tab = ChatPage(page)
+    page.on("console", lambda m: _console(tab, m))
+    page.on("pageerror", lambda e: tab.errors.append(f"pageerror: {e}"))
+    page.on("dialog", lambda d: _dialog(tab, d))
+    page.on("request", lambda r: tab.requests.append(r.url))
+    if viewport is not None:
+        page.set_viewport_size({"width": viewport["width"], "height": viewport["height"]})
+    page.emulate_media(color_scheme=scheme)
+    page.goto(url)
+    if chat:
+        tab.name = tab.wait_match(WELCOME).group(1)
+    tab.wait_status("^connected$")
+    return tab
+
+
+def _dialog(tab: ChatPage, dialog: Dialog) -> None:
+    tab.dialogs.append(dialog.message)
+    dialog.dismiss()
+
+
+def _console(tab: ChatPage, message: ConsoleMessage) -> None:
+    if message.type == "error":
+        tab.errors.append(f"console: {message.text}")
+
+
+def wait_sees(tabs: list[ChatPage], terminals: list[Chatter], line: str) -> None:
+    """Every page shows ``line``, and it is the next line each terminal reads."""
+    for tab in tabs:
+        tab.wait_row(line)
+    for terminal in terminals:
+        terminal.expect(line + "\n")
+
+
+# --------------------------------------------------------------------------
+# Browsers and terminals in one chat
+# --------------------------------------------------------------------------
+
+
+def test_two_pages_and_a_terminal_chat_together(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = chat_server(start_server)
+    url = page_url(server)
+    alice = open_page(browser, url)
+    bob = open_page(browser, url)
+    alice.wait_row(f"*** {bob.name} joined")
+    term = join(server)
+    wait_sees([alice, bob], [], f"*** {term.name} joined")
+
+    said = f"<{alice.name}> hello from a browser"
+    alice.say("hello from a browser")
+    wait_sees([alice, bob], [term], said)  # alice's own line too: the page shows it itself
+    heard = f"<{term.name}> hello from a terminal"
+    term.say("hello from a terminal")
+    wait_sees([alice, bob], [], heard)
+    acted = f"* {bob.name} waves"
+    bob.say("/me waves")
+    wait_sees([alice, bob], [term], acted)
+
+    old = bob.name
+    bob.say("/nick bobby", button=True)
+    bob.wait_row("*** you are now bobby")
+    wait_sees([alice], [term], f"*** {old} is now bobby")
+    bob.say("renamed")  # the page learned its new name from the server's notice
+    wait_sees([alice, bob], [term], "<bobby> renamed")
+
+    alice.say("/who")
+    who = alice.wait_match(r"^\*\*\* 3 here: (.*)$").group(1)
+    assert sorted(who.split(", ")) == sorted([alice.name, "bobby", term.name])
+
+    # The server echoes nothing back, and the page shows each own line once.
+    assert alice.rows().count(said) == 1
+    assert bob.rows().count(acted) == 1
+    # Own lines, others' lines, notices and actions look different.
+    assert alice.look(said) != bob.look(said)
+    assert alice.look(heard) != alice.look(f"*** {term.name} joined")
+    assert alice.look(heard) != alice.look(acted)
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_the_page_is_labelled_for_screen_readers(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = chat_server(start_server)
+    page = open_page(browser, page_url(server)).page
+    live = page.get_by_role("log").evaluate("e => e.getAttribute('aria-live') ?? 'polite'")
+    assert live == "polite"  # role=log is polite unless told otherwise
+    labels = page.get_by_role("textbox").evaluate("e => [...e.labels].map(l => l.textContent)")
+    assert labels == ["Message"]  # a real <label>, not only a placeholder
+    assert page.get_by_role("status").count() == 1
+    assert page.get_by_role("button", name="Send").count() == 1
+
+
+def test_markup_in_a_message_is_shown_as_text_and_runs_nothing(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = chat_server(start_server)
+    url = page_url(server)
+    alice = open_page(browser, url)
+    bob = open_page(browser, url)
+    term = join(server)
+    for tab in (alice, bob):
+        tab.wait_row(f"*** {term.name} joined")
+    attack = "<img src=x onerror=alert(1)>"
+    alice.say(attack)
+    wait_sees([alice, bob], [term], f"<{alice.name}> {attack}")
+    term.say(f"{attack} <script>alert(2)</script> <b>bold</b>")
+    wait_sees([alice, bob], [], f"<{term.name}> {attack} <script>alert(2)</script> <b>bold</b>")
+
+    for tab in (alice, bob):
+        assert tab.dialogs == []
+        counts = tab.page.evaluate(
+            "() => ['img', 'script:not([src])', 'b'].map(s => document.querySelectorAll(s).length)"
+        )
+        assert counts == [0, 0, 0], counts
+        assert not [u for u in tab.requests if u.endswith("/x")], tab.requests
+        assert tab.errors == []
+
+
+def test_raw_mode_shows_bytes_as_utf8_text_without_names(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = start_server("--web-port", "0")
+    tab = open_page(browser, page_url(server), chat=False)
+    term = server.connect()
+    term.sock.sendall(b"caf\xc3\xa9 \xff\xfe ok\r\n")
+    tab.wait_row("café \ufffd\ufffd ok")
+    term.sock.sendall(b"\x1b[2J gone?\n")
+    tab.wait_row("^[[2J gone?")  # an escape cannot clear anything: it shows in caret notation
+    tab.say("from the page")
+    tab.wait_row("from the page")  # no names in raw mode: the page shows it as typed
+    got = b""
+    while not got.endswith(b"\n"):
+        got += term.sock.recv(4096)
+    assert got == b"from the page\n"
+    assert tab.errors == []
+
+
+# --------------------------------------------------------------------------
+# Connection trouble
+# --------------------------------------------------------------------------
+
+
+def test_the_page_reconnects_after_the_server_restarts(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    first = chat_server(start_server)
+    port = web_port(first)
+    tab = open_page(browser, f"http://{HOST}:{port}/")
+    first.stop()
+    # The close frame at shutdown (1001) says why; the page says when it tries again.
+    text = tab.wait_status(r"reconnecting in \d+ s")
+    assert "shutting down" in text or "restarting" in text, text
+
+    second = start_server("--mode", "chat", "--web-port", str(port))
+    tab.wait_status("^connected again$", timeout=RECONNECT_WAIT_MS)
+    term = join(second)
+    tab.wait_row(f"*** {term.name} joined")
+    # A new server, a new welcome: the page's name is the last one it was given.
+    name = re.findall(WELCOME, "\n".join(tab.rows()), re.MULTILINE)[-1]
+    tab.say("back again")
+    wait_sees([tab], [term], f"<{name}> back again")
+    term.say("welcome back")
+    tab.wait_row(f"<{term.name}> welcome back")
+
+
+def test_a_message_over_the_line_limit_is_explained(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = chat_server(start_server, "--max-line", "64")
+    tab = open_page(browser, page_url(server))
+    tab.say("x" * 200)
+    text = tab.wait_status(r"reconnecting in \d+ s")
+    assert "too long" in text, text
+    assert tab.page.get_by_label("Message", exact=True).input_value() == "x" * 200
+    closed = server.wait_event("connection.closed", reason="message_too_big")
+    assert closed["fd"] is not None
+    tab.wait_status("^connected again$", timeout=RECONNECT_WAIT_MS)
+
+
+# --------------------------------------------------------------------------
+# What the page is served with, loads and keeps
+# --------------------------------------------------------------------------
+
+
+def csp_directives(header: str) -> dict[str, list[str]]:
+    directives: dict[str, list[str]] = {}
+    for part in header.split(";"):
+        words = part.split()
+        if words:
+            directives[words[0].lower()] = words[1:]
+    return directives
+
+
+def test_the_page_has_a_strict_csp_no_cookies_and_loads_only_from_its_server(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = chat_server(start_server)
+    url = page_url(server)
+    tab = open_page(browser, url)
+    tab.say("hello")
+    tab.wait_row(f"<{tab.name}> hello")
+
+    for path in ("", "app.js", "style.css"):
+        response = browser.request.get(url + path)
+        assert response.ok, (path, response.status)
+        headers = response.headers
+        assert "set-cookie" not in headers, (path, headers)
+        csp = csp_directives(headers.get("content-security-policy", ""))
+        assert csp.get("default-src") == ["'self'"], (path, csp)
+        for name in ("script-src", "style-src"):
+            assert csp.get(name, ["'self'"]) == ["'self'"], (path, csp)
+        for name, sources in csp.items():
+            for source in sources:
+                assert "'unsafe-" not in source and "*" not in source, (path, csp)
+                assert source not in ("http:", "https:", "ws:", "wss:"), (path, csp)
+                # data: images cannot run anything; data: script, style or frames could.
+                assert name == "img-src" or source not in ("data:", "blob:"), (path, csp)
+
+    # The page itself holds no inline script or style (the CSP would refuse them).
+    inline = tab.page.evaluate(
+        "() => document.querySelectorAll('script:not([src]), style, [style]').length"
+    )
+    assert inline == 0
+    origin = url.rstrip("/")
+    others = [u for u in tab.requests if not u.startswith((origin + "/", "ws://" + origin[7:]))]
+    assert others == [], others
+    assert browser.cookies() == []
+    stored = tab.page.evaluate(
+        "() => [document.cookie, localStorage.length, sessionStorage.length]"
+    )
+    assert stored == ["", 0, 0]
+    assert tab.errors == []
+
+
+def test_the_page_logs_no_errors_while_chatting(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = chat_server(start_server)
+    url = page_url(server)
+    alice = open_page(browser, url)
+    bob = open_page(browser, url)
+    alice.say("/me checks the console")
+    bob.wait_row(f"* {alice.name} checks the console")
+    bob.say("/who")
+    bob.wait_match(r"^\*\*\* 2 here: ")
+    bob.page.get_by_role("button", name="Send").click()  # an empty box: nothing is sent
+    alice.page.reload()
+    alice.wait_match(WELCOME)
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_the_page_fits_a_phone_and_follows_the_dark_theme(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = chat_server(start_server)
+    url = page_url(server)
+    light = open_page(browser, url, viewport=PHONE)
+    dark = open_page(browser, url, viewport=PHONE, scheme="dark")
+    long_word = "w" * 300
+    light.say(long_word)
+    dark.wait_row(f"<{light.name}> {long_word}")
+
+    for tab in (light, dark):
+        width = tab.page.evaluate("() => document.documentElement.scrollWidth")
+        assert width <= PHONE["width"], width
+        for control in (tab.page.get_by_label("Message", exact=True),
+                        tab.page.get_by_role("button", name="Send")):
+            box = control.bounding_box()
+            assert box is not None
+            assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
+            assert box["y"] + box["height"] <= PHONE["height"], box
+    assert luminance(dark.page) < 0.2, luminance(dark.page)
+    assert luminance(light.page) > 0.8, luminance(light.page)
+
+
+def luminance(page: Page) -> float:
+    """How light the page's background is, 0 (black) to 1 (white)."""
+    colour = page.evaluate("() => getComputedStyle(document.documentElement).backgroundColor")
+    red, green, blue = (int(c) for c in re.findall(r"\d+", str(colour))[:3])
+    return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255
+
+
+# --------------------------------------------------------------------------
+# README's screenshot, from a real run
+# --------------------------------------------------------------------------
+
+SCREEN = {"width": 520, "height": 560}
+PHONE_SCREEN = {"width": 360, "height": 560}
+
+
+def test_the_screenshot_command_writes_a_png(tmp_path: Path) -> None:
+    if CHROMIUM is None:
+        pytest.fail("no chromium on PATH (Debian: apt-get install chromium; .ci/run does)")
+    out = tmp_path / "chat.png"
+    make_screenshot(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def make_screenshot(out: Path) -> None:
+    """Two pages (a laptop in the light theme, a phone in the dark) and an nc user chat; the
+    pages and the terminal's screen are put side by side in one PNG."""
+    assert CHROMIUM is not None, "no chromium on PATH"
+    server = ServerProcess(["--port", "0", "--host", HOST, "--mode", "chat", "--web-port", "0"])
+    server.port = int(server.wait_event("server.started")["port"])
+    try:
+        with tempfile.TemporaryDirectory() as profile, chromium(CHROMIUM, Path(profile)) as ctx:
+            url = page_url(server)
+            alice = open_page(ctx, url, viewport=SCREEN)
+            bob = open_page(ctx, url, viewport=PHONE_SCREEN, scheme="dark")
+            term = join(server)
+            screen = TerminalScreen(term)
+            for tab in (alice, bob):
+                tab.wait_row(f"*** {term.name} joined")
+
+            def step(who: ChatPage | None, text: str, seen: str, own: str = "") -> None:
+                """``who`` (None: the terminal) types ``text``; everyone else sees ``seen``."""
+                if who is None:
+                    screen.type_line(text)
+                else:
+                    who.say(text)
+                    screen.read(seen)
+                    who.wait_row(own or seen)
+                for tab in (alice, bob):
+                    if tab is not who:
+                        tab.wait_row(seen)
+
+            step(alice, "/nick alice", f"*** {alice.name} is now alice", "*** you are now alice")
+            step(bob, "/nick bob", f"*** {bob.name} is now bob", "*** you are now bob")
+            step(None, "/nick carol", f"*** {term.name} is now carol")
+            step(alice, "hi both! the page works on the classroom wifi",
+                 "<alice> hi both! the page works on the classroom wifi")
+            step(bob, "and on my phone, in the dark", "<bob> and on my phone, in the dark")
+            step(None, "I'm on nc in a terminal", "<carol> I'm on nc in a terminal")
+            step(bob, "/me waves", "* bob waves")
+            step(alice, "<b>markup</b> stays text", "<alice> <b>markup</b> stays text")
+            screen.type_line("/who")
+            screen.read_match(r"^\*\*\* 3 here: ")
+            shots = [tab.page.screenshot() for tab in (alice, bob)]
+            compose(ctx, out, shots, screen.text())
+    finally:
+        server.close()
+
+
+class TerminalScreen:
+    """What the nc user's terminal shows: the lines it read, and what was typed (echoed)."""
+
+    def __init__(self, chatter: Chatter) -> None:
+        self.chatter = chatter
+        self.shown = [welcome(chatter.name).decode().rstrip("\n")]  # join() read it
+
+    def _next(self) -> str:
+        line = self.chatter.line().decode().rstrip("\n")
+        self.shown.append(line)
+        return line
+
+    def read(self, line: str) -> None:
+        """Read lines until ``line`` has arrived."""
+        while self._next() != line:
+            pass
+
+    def read_match(self, pattern: str) -> None:
+        while not re.search(pattern, self._next()):
+            pass
+
+    def type_line(self, text: str) -> None:
+        self.shown.append(text)
+        self.chatter.say(text)
+
+    def text(self) -> str:
+        return "\n".join(self.shown) + "\n"
+
+
+def compose(context: BrowserContext, out: Path, shots: list[bytes], terminal: str) -> None:
+    """Lay the screenshots and the terminal out in a page of their own and photograph it."""
+    def image(png: bytes, caption: str) -> str:
+        data = base64.b64encode(png).decode()
+        return (f'<figure><img src="data:image/png;base64,{data}" alt="">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+    body = "".join([
+        image(shots[0], "alice: a laptop, light theme"),
+        image(shots[1], "bob: a phone, dark theme"),
+        "<figure><pre>$ nc chat.example 8080\n" + html.escape(terminal) + "</pre>"
+        "<figcaption>carol: nc in a terminal</figcaption></figure>",
+    ])
+    style = """body { margin: 0; padding: 16px; background: #e8e8e6; display: flex; gap: 16px;
+                      align-items: flex-start; font: 14px system-ui, sans-serif;
+                      width: max-content; }
+               figure { margin: 0; } figcaption { margin-top: 6px; color: #333; }
+               img, pre { display: block; border: 1px solid #999; border-radius: 6px; }
+               pre { margin: 0; width: 440px; height: 560px; padding: 10px; overflow: hidden;
+                     background: #101010; color: #d8d8d8; font: 13px/1.45 monospace;
+                     white-space: pre-wrap; box-sizing: border-box; }"""
+    page = context.new_page()
+    page.set_content(f"<!doctype html><style>{style}</style>{body}")
+    page.locator("body").screenshot(path=str(out))
+    page.close()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description="Make README's screenshot from a real run.")
+    parser.add_argument("--screenshot", type=Path, required=True, metavar="PNG")
+    args = parser.parse_args(argv)
+    make_screenshot(args.screenshot)
+    print(f"wrote {args.screenshot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
