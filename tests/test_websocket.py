@@ -463,6 +463,22 @@ def test_a_text_frame_that_is_not_utf8_is_closed_with_1007(
     assert b"\xff" not in got, got
 
 
+def test_a_binary_frame_in_chat_mode_is_closed_with_1003(
+    start_server: StartServer, jar: Jar
+) -> None:
+    """Chat mode's lines are text (docs/using.md): a binary frame is unsupported data."""
+    server = start_server(*WEB, *CHAT)
+    nc = join(server)
+    ws = ws_join(server, jar, nc)
+    ws.conn.send(b"binary line\n")
+    assert close_code(ws.conn) == 1003
+    assert server.wait_closed(ws.client)["reason"] == "websocket_error"
+    nc.expect(f"*** {ws.name} left\n")  # and not the line
+    other = ws_join(server, jar, nc)
+    other.say("text is fine")
+    nc.expect(f"<{other.name}> text is fine\n")
+
+
 def test_an_unmasked_client_frame_is_a_protocol_error(
     start_server: StartServer, jar: Jar
 ) -> None:
