@@ -16,6 +16,8 @@ Rules it keeps:
 - A message over ``limit`` (chat mode: --max-line; raw mode: one recv's worth) is refused with
   1009, a text frame that is not UTF-8 with 1007, a malformed frame with 1002, a binary frame in
   chat mode (whose lines are text) with 1003: the close frame goes after what is queued.
+- Pongs are queued like messages: one that would take the queue past --max-queue-bytes
+  closes the client (``queue_limit``), so pings from one that never reads cost no memory.
 - The server pings every ``PING_INTERVAL`` seconds; a client that has not answered the previous
   ping by then is gone (``no_pong``). Pings and pongs are not chat: --idle-timeout still counts
   a silent client as silent.
@@ -145,13 +147,18 @@ class WebConnection(Connection):
         close frame, or a protocol error, ends it (``_end_if_due``)."""
         ws = self.ws
         done: list[bytes] = []
+        overflowing = False
         for event in ws.events():
             if isinstance(event, (TextMessage, BytesMessage)):
                 self.refusal = self._piece(event, done)
                 if self.refusal is not None:
                     break
             elif isinstance(event, Ping):
-                self.push(ws.send(event.response()))
+                pong = ws.send(event.response())
+                if self.queue.nbytes + len(pong) > self.hub.max_queue_bytes:
+                    overflowing = True  # pings from one that does not read its pongs
+                    break
+                self.push(pong)
             elif isinstance(event, Pong):
                 self.pinged = False
             elif isinstance(event, CloseConnection):
@@ -162,6 +169,11 @@ class WebConnection(Connection):
                 break
         if done:
             self._hand_in(done)
+        if overflowing and self.state in IN_CHAT:
+            self.log.warning("connection.queue_limit", fd=self.fd, peer=self.peer,
+                             queued=self.queue.nbytes, limit=self.hub.max_queue_bytes)
+            self.close_because(Reason.QUEUE_LIMIT)
+            return
         self._end_if_due()
 
     def _end_if_due(self) -> None:
