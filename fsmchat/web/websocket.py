@@ -20,7 +20,7 @@ Rules it keeps:
   closes the client (``queue_limit``), so pings from one that never reads cost no memory.
 - The server pings every ``PING_INTERVAL`` seconds; a client that has not answered the previous
   ping by then is gone (``no_pong``). Pings and pongs are not chat: --idle-timeout still counts
-  a silent client as silent.
+  a silent client as silent; but --max-recv-rate counts every byte it sends, pings too.
 - Every way out of the chat that delivers what is queued (shutdown 1001, /quit 1000, the peer's
   own close frame answered) ends with a close frame, then the socket closes. A close frame or
   a refusal that came in a read which left the client held back (flow control, its rate) takes
@@ -139,6 +139,8 @@ class WebConnection(Connection):
             return
         self.bytes_in += len(data)
         self.log.debug("data.received", fd=self.fd, bytes=len(data))
+        if self.limits.max_recv_rate:  # every byte it sends: pings and fragments too
+            self._charge(len(data), time.monotonic())
         self.ws.receive_data(data)
         self._take_events()
 
@@ -219,9 +221,8 @@ class WebConnection(Connection):
             data = messages[0] if len(messages) == 1 else b"".join(messages)
         if not data:
             return
-        limits = self.limits
-        if limits.idle_timeout or limits.max_recv_rate:
-            self._heard(len(data))
+        if self.limits.idle_timeout:  # (the rate was charged as it was read)
+            self.heard = time.monotonic()
         self.hub.received(self, data)
 
     def _ping(self) -> None:
