@@ -217,11 +217,13 @@ def test_a_browser_gets_the_largest_message_at_the_smallest_queue_limit(
     no_bug(srv)
 
 
+@pytest.mark.xfail(strict=True, reason="not fixed: one read of a browser can complete the rest "
+                   "of one message and another, handed to the hub as one read of up to 128 KiB")
 def test_a_browser_sends_an_nc_user_no_more_than_the_largest_message_at_once(
         debug_server: Callable[..., ServerProcess]) -> None:
-    """Raw mode: messages a browser completes in one read go on one by one, so no recipient
-    gets more than 64 KiB at once (the rest of one message and the next, joined, took an idle
-    nc user at the smallest output limit past it)."""
+    """Raw mode: a TCP client's read is at most 64 KiB, and so is what a recipient gets from one
+    sender in a loop turn; a browser's read that completes the rest of one message and the
+    next, joined, takes an idle nc user at the smallest output limit past it."""
     srv = debug_server("--mode", "raw", "--max-queue-bytes", "64K")
     reader = srv.connect()
     browser = Browser(web_port(srv))

@@ -114,7 +114,8 @@ class WebConnection(Connection):
 
     def enqueue(self, data: bytes) -> None:
         header = self.frames.head(data)
-        size = self.queue.nbytes + len(header) + len(data)
+        size = self.queue.nbytes + len(data)  # (its header aside: the largest message fits the
+        # smallest --max-queue-bytes, as for a TCP client)
         if size > self.flow.high_water and not self.may_grow(size):
             return
         self.push(header)
