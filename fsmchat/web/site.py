@@ -32,11 +32,13 @@ from wsproto.utilities import RemoteProtocolError
 from fsmchat.acceptor import Acceptor
 from fsmchat.lifecycle import Trigger
 from fsmchat.net.http import Answer, Headers, HttpConnection, Site
+from fsmchat.options import WEB_FDS
 from fsmchat.reasons import Reason
 from fsmchat.web.websocket import BINARY, TEXT, Frames, WebConnection
 
-WEB_PLACES = 64
-"""HTTP connections of the web port open at once (a browser opens up to six for one page)."""
+WEB_PLACES = WEB_FDS
+"""HTTP connections of the web port open at once (a browser opens up to six for one page); the
+default --max-clients leaves their descriptors out."""
 
 SECURITY: Headers = [
     ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self'; "
