@@ -19,8 +19,9 @@ Rules it keeps:
 - Pongs are queued like messages: one that would take the queue past --max-queue-bytes
   closes the client (``queue_limit``), so pings from one that never reads cost no memory.
 - The server pings every ``PING_INTERVAL`` seconds; a client that has not answered the previous
-  ping by then is gone (``no_pong``). Pings and pongs are not chat: --idle-timeout still counts
-  a silent client as silent; but --max-recv-rate counts every byte it sends, pings too.
+  ping by then is gone (``no_pong``), unless the server holds it back (flow control, its rate:
+  its pong is not read yet). Pings and pongs are not chat: --idle-timeout still counts a
+  silent client as silent; but --max-recv-rate counts every byte it sends, pings too.
 - Every way out of the chat that delivers what is queued (shutdown 1001, /quit 1000, the peer's
   own close frame answered) ends with a close frame, then the socket closes. A close frame or
   a refusal that came in a read which left the client held back (flow control, its rate) takes
@@ -230,13 +231,15 @@ class WebConnection(Connection):
         self.ping_timer = None
         if self.state not in IN_CHAT:
             return
-        if self.pinged:
+        if not self.pinged:
+            self.pinged = True
+            self.push(self.ws.send(Ping(b"%d" % time.monotonic_ns())))
+        elif self.state == State.READING and not self.has_input():
             self.log.warning("connection.idle", fd=self.fd, peer=self.peer,
                              seconds=PING_INTERVAL)
             self.close_because(Reason.NO_PONG)
             return
-        self.pinged = True
-        self.push(self.ws.send(Ping(b"%d" % time.monotonic_ns())))
+        # (else the server holds it back, or has not read it yet: its pong may be waiting)
         self.ping_timer = self.loop.call_later(PING_INTERVAL, self._ping)
 
     def leave(self) -> None:
