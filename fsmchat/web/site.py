@@ -10,8 +10,10 @@ Rules it keeps:
   whose ``Origin`` is not this site's own (``Host``, with this port's scheme) nor one of
   ``--web-origin`` is answered 403. One without ``Origin`` comes from no browser page: allowed.
 - A handshake is an HTTP/1.1 GET without a body; anything else asking to upgrade is 400.
-- A handshake the chat has no room for, or that ``--allow``/``--deny`` keep out, is answered in
-  plain words (503, 403) before it costs a seat; ``/ws`` without an upgrade is 426.
+- A handshake the chat has no room for (``--max-clients``, ``--max-clients-per-addr``) is
+  answered in plain words (503) before it costs a seat; ``/ws`` without an upgrade is 426. An
+  address ``--allow``/``--deny`` keep out is closed as it is accepted, as on every port
+  (``http.rejected``): it gets no answer at all.
 - Every answer carries a strict Content-Security-Policy (nothing but this site's own script,
   style and WebSocket; no inline script, no frames), ``nosniff`` and no referrer; no cookies.
 """
