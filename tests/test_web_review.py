@@ -162,6 +162,19 @@ def test_bad_utf8_behind_a_rate_limited_message_is_refused(
     no_bug(srv)
 
 
+def test_quit_and_a_close_frame_in_one_read_get_a_close_frame(
+        debug_server: Callable[..., ServerProcess]) -> None:
+    """A page that sends /quit and closes at once: /quit ended it while its close frame was
+    parsed already, and neither the server's close frame nor the answer to its own went out."""
+    srv = debug_server("--mode", "chat")
+    browser = Browser(web_port(srv))
+    browser.send(frame(TEXT, b"/quit") + frame(CLOSE, b"\x03\xe8"))
+    assert browser.close_frame().code == 1000
+    assert "*** bye\n" in browser.text()
+    assert closed_event(srv, browser.peer)["reason"] == "quit"
+    no_bug(srv)
+
+
 # -- control frames obey the limits too -----------------------------------------------------------
 
 
