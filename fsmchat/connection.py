@@ -210,14 +210,18 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
     def _heard(self, size: int) -> None:
         """Mark it active, and charge its token bucket; over its rate, it waits for credit."""
         now = time.monotonic()
-        rate = self.limits.max_recv_rate
-        if rate:
-            tokens = min(float(rate), self.tokens + (now - self.counted) * rate) - size
-            self.tokens = tokens
-            self.counted = now
-            if tokens < 0 and self.state == State.READING:
-                self.fire(Trigger.OVERRUN)
+        if self.limits.max_recv_rate:
+            self._charge(size, now)
         self.heard = now
+
+    def _charge(self, size: int, now: float) -> None:
+        """Take ``size`` bytes from its token bucket; over its rate, it waits for credit."""
+        rate = self.limits.max_recv_rate
+        tokens = min(float(rate), self.tokens + (now - self.counted) * rate) - size
+        self.tokens = tokens
+        self.counted = now
+        if tokens < 0 and self.state == State.READING:
+            self.fire(Trigger.OVERRUN)
 
     def flush(self) -> None:
         sent = self.send_queued()

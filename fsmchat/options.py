@@ -41,13 +41,17 @@ __all__ = [
     "DEFAULT_CHANNEL", "DEFAULT_HANDSHAKE_TIMEOUT", "DEFAULT_HISTORY_BYTES",
     "DEFAULT_MAX_CLIENTS_PER_ADDR", "DEFAULT_MAX_QUEUE_BYTES", "DEFAULT_REDIS_OUTBOX",
     "DEFAULT_STATS_INTERVAL", "GROUPS", "MAX_CLIENTS_CEILING", "MODES", "OPTIONS",
-    "RESERVED_FDS", "ConfigError", "Group", "Option", "Options", "UsageError",
+    "RESERVED_FDS", "WEB_FDS", "ConfigError", "Group", "Option", "Options", "UsageError",
     "add_arguments", "build", "from_command_line", "read_config",
 ]
 
 RESERVED_FDS = 16
 """Descriptors kept out of --max-clients: stdio, the listener, the signal socket, a newcomer
 being rejected, and room for the links to come (Redis, metrics)."""
+
+WEB_FDS = 64
+"""Descriptors the web port's HTTP connections may hold at once (``web.site.WEB_PLACES``): with
+--web-port, kept out of the default --max-clients as well, so that they cost no chat seat."""
 
 MAX_CLIENTS_CEILING = FD_SETSIZE - RESERVED_FDS
 
@@ -451,8 +455,8 @@ OPTIONS: tuple[Option, ...] = (
            metavar="SECONDS"),
     Option("--max-clients", "max_clients", _clients,
            "most clients connected at once; more are accepted and closed at once (default: the "
-           f"smaller of {FD_SETSIZE} and the descriptor limit, less {RESERVED_FDS}; at most "
-           f"{MAX_CLIENTS_CEILING})",
+           f"smaller of {FD_SETSIZE} and the descriptor limit, less {RESERVED_FDS}, and less "
+           f"{WEB_FDS} more with --web-port; at most {MAX_CLIENTS_CEILING})",
            metavar="N"),
     Option("--max-clients-per-addr", "max_clients_per_addr", _per_addr,
            "most clients one address (an IPv4 address, an IPv6 /64) may have connected at "

@@ -48,7 +48,7 @@ from fsmchat.ops.logstream import LogStream, say
 from fsmchat.ops.metrics import CONTENT_TYPE, Exposition
 from fsmchat.ops.metrics_http import MetricsSite
 from fsmchat.ops.stats import Snapshot, StatsReporter
-from fsmchat.options import RESERVED_FDS, Options
+from fsmchat.options import RESERVED_FDS, WEB_FDS, Options
 from fsmchat.reasons import Reason
 from fsmchat.redis.bus import RedisBus
 from fsmchat.web.site import WebSite
@@ -89,11 +89,12 @@ class Cut:
     unread_bytes: int = 0  # what clients had sent that the stop never read
 
 
-def default_max_clients() -> int:
-    """What select() and this process's descriptor limit allow, less a reserve."""
+def default_max_clients(web: bool = False) -> int:
+    """What select() and this process's descriptor limit allow, less a reserve (and, with
+    ``web``, the web port's HTTP connections)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     usable = FD_SETSIZE if soft == resource.RLIM_INFINITY else min(FD_SETSIZE, soft)
-    return max(1, usable - RESERVED_FDS)
+    return max(1, usable - RESERVED_FDS - (WEB_FDS if web else 0))
 
 
 
@@ -112,7 +113,7 @@ class Server:
         self.log = log
         self.stream = stream  # for the counts of events dropped
         self.listeners = listeners
-        self.max_clients = options.max_clients or default_max_clients()
+        self.max_clients = options.max_clients or default_max_clients(web_listener is not None)
         self.hub = hub = Hub(loop, log, Limits(options.max_queue_bytes, options.max_recv_rate,
                                                options.idle_timeout, options.handshake_timeout),
                              gone=self._gone)

@@ -9,8 +9,11 @@ Rules it keeps:
 - A cross-site page may not open the WebSocket (cross-site WebSocket hijacking): a handshake
   whose ``Origin`` is not this site's own (``Host``, with this port's scheme) nor one of
   ``--web-origin`` is answered 403. One without ``Origin`` comes from no browser page: allowed.
-- A handshake the chat has no room for, or that ``--allow``/``--deny`` keep out, is answered in
-  plain words (503, 403) before it costs a seat; ``/ws`` without an upgrade is 426.
+- A handshake is an HTTP/1.1 GET without a body; anything else asking to upgrade is 400.
+- A handshake the chat has no room for (``--max-clients``, ``--max-clients-per-addr``) is
+  answered in plain words (503) before it costs a seat; ``/ws`` without an upgrade is 426. An
+  address ``--allow``/``--deny`` keep out is closed as it is accepted, as on every port
+  (``http.rejected``): it gets no answer at all.
 - Every answer carries a strict Content-Security-Policy (nothing but this site's own script,
   style and WebSocket; no inline script, no frames), ``nosniff`` and no referrer; no cookies.
 """
@@ -31,11 +34,13 @@ from wsproto.utilities import RemoteProtocolError
 from fsmchat.acceptor import Acceptor
 from fsmchat.lifecycle import Trigger
 from fsmchat.net.http import Answer, Headers, HttpConnection, Site
+from fsmchat.options import WEB_FDS
 from fsmchat.reasons import Reason
 from fsmchat.web.websocket import BINARY, TEXT, Frames, WebConnection
 
-WEB_PLACES = 64
-"""HTTP connections of the web port open at once (a browser opens up to six for one page)."""
+WEB_PLACES = WEB_FDS
+"""HTTP connections of the web port open at once (a browser opens up to six for one page); the
+default --max-clients leaves their descriptors out."""
 
 SECURITY: Headers = [
     ("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self'; "
@@ -100,13 +105,15 @@ class WebSite(Site):
             return False
         if not self._origin_ok(request) or self.acceptor.refusal(conn.host):
             return False  # answered by _refuse_upgrade
+        if request.http_version != b"1.1" or _has_body(request):
+            return False  # not a handshake (RFC 6455 4.1): answered 400, however TCP cut it
         ws = WSConnection(ConnectionType.SERVER)
         try:
             ws.initiate_upgrade_connection([(key, value) for key, value in request.headers],
                                             request.target)
             if not any(isinstance(event, Request) for event in ws.events()):
                 return False
-        except RemoteProtocolError:
+        except (RemoteProtocolError, h11.ProtocolError):  # (h11's: what wsproto builds from it)
             return False  # answered 400 by _refuse_upgrade
         self._pending[conn.fd] = ws, ws.send(AcceptConnection())
         return True
@@ -147,6 +154,11 @@ def _header(request: h11.Request, name: bytes) -> bytes:
         if key == name:  # (h11 gives names in lower case)
             return bytes(value)
     return b""
+
+
+def _has_body(request: h11.Request) -> bool:
+    return (_header(request, b"content-length") not in (b"", b"0")
+            or bool(_header(request, b"transfer-encoding")))
 
 
 def _upgrading(request: h11.Request) -> bool:

@@ -16,11 +16,16 @@ Rules it keeps:
 - A message over ``limit`` (chat mode: --max-line; raw mode: one recv's worth) is refused with
   1009, a text frame that is not UTF-8 with 1007, a malformed frame with 1002, a binary frame in
   chat mode (whose lines are text) with 1003: the close frame goes after what is queued.
+- Pongs are queued like messages: one that would take the queue past --max-queue-bytes
+  closes the client (``queue_limit``), so pings from one that never reads cost no memory.
 - The server pings every ``PING_INTERVAL`` seconds; a client that has not answered the previous
-  ping by then is gone (``no_pong``). Pings and pongs are not chat: --idle-timeout still counts
-  a silent client as silent.
+  ping by then is gone (``no_pong``), unless the server holds it back (flow control, its rate:
+  its pong is not read yet). Pings and pongs are not chat: --idle-timeout still counts a
+  silent client as silent; but --max-recv-rate counts every byte it sends, pings too.
 - Every way out of the chat that delivers what is queued (shutdown 1001, /quit 1000, the peer's
-  own close frame answered) ends with a close frame, then the socket closes.
+  own close frame answered) ends with a close frame, then the socket closes. A close frame or
+  a refusal that came in a read which left the client held back (flow control, its rate) takes
+  effect when the server reads it again, as a TCP client's EOF would.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def frame_header(opcode: int, size: int) -> bytes:
 
 class WebConnection(Connection):
     __slots__ = ("ws", "frames", "limit", "lines", "partial", "partial_size", "closing_code",
-                 "ping_timer", "pinged")
+                 "refusal", "goodbye", "ping_timer", "pinged")
 
     def __init__(self, sock: socket.socket, peer: str, hub: Hub, *, ws: WSConnection,
                  accept: bytes, trailing: bytes, frames: Frames, limit: int) -> None:
@@ -95,6 +100,8 @@ class WebConnection(Connection):
         self.partial: list[bytes] = []  # the pieces of an unfinished message
         self.partial_size = 0
         self.closing_code: int | None = None  # the code of the close frame it gets at the end
+        self.refusal: tuple[int, str] | None = None  # why it is refused (code, reason), once read
+        self.goodbye: CloseConnection | None = None  # its close frame, once read
         self.ping_timer: Timer | None = None
         self.pinged = False  # a ping went out and no pong came back yet
         self.push(accept)
@@ -108,7 +115,8 @@ class WebConnection(Connection):
 
     def enqueue(self, data: bytes) -> None:
         header = self.frames.head(data)
-        size = self.queue.nbytes + len(header) + len(data)
+        size = self.queue.nbytes + len(data)  # (its header aside: the largest message fits the
+        # smallest --max-queue-bytes, as for a TCP client)
         if size > self.flow.high_water and not self.may_grow(size):
             return
         self.push(header)
@@ -133,44 +141,63 @@ class WebConnection(Connection):
             return
         self.bytes_in += len(data)
         self.log.debug("data.received", fd=self.fd, bytes=len(data))
+        if self.limits.max_recv_rate:  # every byte it sends: pings and fragments too
+            self._charge(len(data), time.monotonic())
         self.ws.receive_data(data)
         self._take_events()
 
     def _take_events(self) -> None:
         """What wsproto parsed: the messages it completed go to the hub as one read; then a
-        close frame, or a protocol error, ends it."""
+        close frame, or a protocol error, ends it (``_end_if_due``)."""
         ws = self.ws
         done: list[bytes] = []
-        ending: CloseConnection | None = None
-        refusal: tuple[int, str] | None = None
+        overflowing = False
         for event in ws.events():
             if isinstance(event, (TextMessage, BytesMessage)):
-                refusal = self._piece(event, done)
-                if refusal is not None:
+                self.refusal = self._piece(event, done)
+                if self.refusal is not None:
                     break
             elif isinstance(event, Ping):
-                self.push(ws.send(event.response()))
+                pong = ws.send(event.response())
+                if self.queue.nbytes + len(pong) > self.hub.max_queue_bytes:
+                    overflowing = True  # pings from one that does not read its pongs
+                    break
+                self.push(pong)
             elif isinstance(event, Pong):
                 self.pinged = False
             elif isinstance(event, CloseConnection):
                 if ws.state is ConnectionState.OPEN:  # wsproto's own: the peer broke the rules
-                    refusal = event.code, Reason.WEBSOCKET_ERROR
+                    self.refusal = event.code, Reason.WEBSOCKET_ERROR
                 else:
-                    ending = event
+                    self.goodbye = event
                 break
         if done:
             self._hand_in(done)
+        if overflowing and self.state in IN_CHAT:
+            self.log.warning("connection.queue_limit", fd=self.fd, peer=self.peer,
+                             queued=self.queue.nbytes, limit=self.hub.max_queue_bytes)
+            self.close_because(Reason.QUEUE_LIMIT)
+            return
+        self._end_if_due()
+
+    def _end_if_due(self) -> None:
+        """The refusal or the close frame a read brought, once the server reads it: while flow
+        control or its rate hold it back, it waits (``resume_reading``), after what it sent
+        before it."""
         if self.state != State.READING:
             return
-        if refusal is not None:
-            self.closing_code, self.reason = refusal
+        if self.refusal is not None:
+            self.closing_code, self.reason = self.refusal
             self.log.warning("connection.websocket_error", fd=self.fd, peer=self.peer,
-                             code=int(refusal[0]), limit=self.limit)
+                             code=int(self.refusal[0]), limit=self.limit)
             self.fire(Trigger.REFUSE)
-        elif ending is not None:
+        elif self.goodbye is not None:
             self.reason = Reason.PEER_CLOSED
-            self.push(ws.send(ending.response()))
             self.fire(Trigger.HANGUP)
+
+    def resume_reading(self) -> None:
+        super().resume_reading()
+        self._end_if_due()
 
     def _piece(self, event: TextMessage | BytesMessage,
                done: list[bytes]) -> tuple[int, str] | None:
@@ -197,31 +224,35 @@ class WebConnection(Connection):
             data = messages[0] if len(messages) == 1 else b"".join(messages)
         if not data:
             return
-        limits = self.limits
-        if limits.idle_timeout or limits.max_recv_rate:
-            self._heard(len(data))
+        if self.limits.idle_timeout:  # (the rate was charged as it was read)
+            self.heard = time.monotonic()
         self.hub.received(self, data)
 
     def _ping(self) -> None:
         self.ping_timer = None
         if self.state not in IN_CHAT:
             return
-        if self.pinged:
+        if not self.pinged:
+            self.pinged = True
+            self.push(self.ws.send(Ping(b"%d" % time.monotonic_ns())))
+        elif self.state == State.READING and not self.has_input():
             self.log.warning("connection.idle", fd=self.fd, peer=self.peer,
                              seconds=PING_INTERVAL)
             self.close_because(Reason.NO_PONG)
             return
-        self.pinged = True
-        self.push(self.ws.send(Ping(b"%d" % time.monotonic_ns())))
+        # (else the server holds it back, or has not read it yet: its pong may be waiting)
         self.ping_timer = self.loop.call_later(PING_INTERVAL, self._ping)
 
     def leave(self) -> None:
-        """The close frame goes after what is queued (the answer to the peer's went already)."""
+        """The close frame goes after what is queued: the server's, or its answer to the
+        peer's."""
         ws = self.ws
         if ws.state is ConnectionState.OPEN:
             code = self.closing_code or _CLOSE_CODES.get(self.reason or Reason.SERVER_SHUTDOWN,
                                                          CloseReason.NORMAL_CLOSURE)
             self.push(ws.send(CloseConnection(code=code)))
+        elif ws.state is ConnectionState.REMOTE_CLOSING and self.goodbye is not None:
+            self.push(ws.send(self.goodbye.response()))
         super().leave()
 
     def _cancel_timers(self) -> None:
