@@ -230,8 +230,6 @@ def test_a_browser_gets_the_largest_message_at_the_smallest_queue_limit(
     no_bug(srv)
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: one read of a browser can complete the rest "
-                   "of one message and another, handed to the hub as one read of up to 128 KiB")
 def test_a_browser_sends_an_nc_user_no_more_than_the_largest_message_at_once(
         debug_server: Callable[..., ServerProcess]) -> None:
     """Raw mode: a TCP client's read is at most 64 KiB, and so is what a recipient gets from one

@@ -156,6 +156,7 @@ class HttpConnection(LoopSocket, lifecycle=HTTP):
         self.request: h11.Request | None = None
         self.error: h11.RemoteProtocolError | None = None
         self.served = 0  # responses sent on this connection
+        self.bytes_in = 0  # read from it (what a WebSocket it becomes counts as its own)
         self.waiting_since = time.monotonic()  # when its wait for the current request began
         self.timer: Timer = site.loop.call_later(site.first_timeout, self._timed_out)
         self.machine.add_model(self)
@@ -194,6 +195,7 @@ class HttpConnection(LoopSocket, lifecycle=HTTP):
         if not data:
             self.fire(HttpTrigger.FAIL)
             return
+        self.bytes_in += len(data)
         self.http.receive_data(data)
         self._parse()
 

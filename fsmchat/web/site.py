@@ -145,7 +145,8 @@ class WebSite(Site):
         ws, accept = self._pending.pop(conn.fd)
         sock: socket.socket = conn.sock
         web = WebConnection(sock, conn.peer, self.acceptor.hub, ws=ws, accept=accept,
-                            trailing=trailing, frames=self.frames, limit=self.limit)
+                            trailing=trailing, frames=self.frames, limit=self.limit,
+                            bytes_in=conn.bytes_in)
         self.acceptor.seat(web, conn.host, Trigger.UPGRADE)
 
 

@@ -54,6 +54,10 @@ connections after a minute, and to find a vanished browser within two intervals.
 
 TEXT, BINARY = 0x1, 0x2
 
+MIN_READ = 16
+"""Bytes a read takes at least, a frame's longest header and more, however much of a message
+waits unfinished."""
+
 _CLOSE_CODES: dict[str, int] = {Reason.SERVER_SHUTDOWN: CloseReason.GOING_AWAY,
                 Reason.MESSAGE_TOO_BIG: CloseReason.MESSAGE_TOO_BIG}
 
@@ -90,9 +94,12 @@ class WebConnection(Connection):
                  "refusal", "goodbye", "ping_timer", "pinged")
 
     def __init__(self, sock: socket.socket, peer: str, hub: Hub, *, ws: WSConnection,
-                 accept: bytes, trailing: bytes, frames: Frames, limit: int) -> None:
-        """``accept``: the 101 answer, queued first; ``trailing``: what came after the request."""
+                 accept: bytes, trailing: bytes, frames: Frames, limit: int,
+                 bytes_in: int = 0) -> None:
+        """``accept``: the 101 answer, queued first; ``trailing``: what came after the request;
+        ``bytes_in``: what HTTP read of it (the request and ``trailing``)."""
         super().__init__(sock, peer, hub)
+        self.bytes_in = bytes_in
         self.ws = ws
         self.frames = frames
         self.limit = limit  # the longest message it may send
@@ -132,7 +139,9 @@ class WebConnection(Connection):
             self._take_events()  # what came right after the handshake request
 
     def receive(self) -> None:
-        data = self.recv_some()
+        # At most a TCP client's read, with what an unfinished message holds already: the
+        # messages one read completes reach the hub as one read, of at most that much.
+        data = self.recv_some(max(MIN_READ, self.recv_size - self.partial_size))
         if data is None:
             return
         if not data:
