@@ -8,9 +8,9 @@ framing, so only the two ends change:
 - in: what one recv brings is fed to wsproto; the messages it completes are handed to the hub
   as what that one recv returned (joined: raw mode relays bytes, chat mode frames lines, and a
   message always ends a line), pings are answered, a close frame is a hangup;
-- out: every message is one frame. Server frames are not masked, so the frame's header is the
-  same for every recipient: ``Frames`` makes it once per message, and each WebSocket queue holds
-  that header and the very bytes object every other queue holds (no copy per recipient).
+- out: every message is one frame. Server frames are not masked, so the frame is the same for
+  every recipient: ``Frames`` makes it once per message (one copy of the message, whatever the
+  number of browsers), and every WebSocket queue holds that one bytes object.
 
 Rules it keeps:
 - A message over ``limit`` (chat mode: --max-line; raw mode: one recv's worth) is refused with
@@ -63,20 +63,23 @@ _CLOSE_CODES: dict[str, int] = {Reason.SERVER_SHUTDOWN: CloseReason.GOING_AWAY,
 
 
 class Frames:
-    """The header of each message's frame, made once, for every WebSocket recipient."""
+    """Each message's frame, made once, for every WebSocket recipient."""
 
-    __slots__ = ("opcode", "last", "header")
+    __slots__ = ("opcode", "last", "framed")
 
     def __init__(self, opcode: int) -> None:
         self.opcode = opcode  # TEXT in chat mode (its lines are clean UTF-8), else BINARY
-        self.last: bytes | None = None  # the message the header is for (held: its id stays)
-        self.header = b""
+        self.last: bytes | None = None  # the message the frame is of (held: its id stays)
+        self.framed = b""
 
-    def head(self, data: bytes) -> bytes:
+    def frame(self, data: bytes) -> bytes:
+        """``data`` as one frame: one copy per message, shared by every recipient (one queue
+        entry each, as for a TCP client: a header of its own would double the entries that
+        every send gathers)."""
         if data is not self.last:
             self.last = data
-            self.header = frame_header(self.opcode, len(data))
-        return self.header
+            self.framed = frame_header(self.opcode, len(data)) + data
+        return self.framed
 
 
 def frame_header(opcode: int, size: int) -> bytes:
@@ -121,13 +124,12 @@ class WebConnection(Connection):
     # -- out --------------------------------------------------------------------------------
 
     def enqueue(self, data: bytes) -> None:
-        header = self.frames.head(data)
+        framed = self.frames.frame(data)
         size = self.queue.nbytes + len(data)  # (its header aside: the largest message fits the
         # smallest --max-queue-bytes, as for a TCP client)
         if size > self.flow.high_water and not self.may_grow(size):
             return
-        self.push(header)
-        self.queue.push(data)
+        self.push(framed)
 
     # -- actions ----------------------------------------------------------------------------
 
