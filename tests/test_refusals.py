@@ -329,12 +329,13 @@ def test_dropping_a_queue_keeps_the_message_partly_sent_and_a_frame_whole(
         web.queue.clear()
         for data in (first, second):
             web.enqueue(data)
-        web.queue.consume(1)  # one byte of the first frame's header: its payload must follow
+        framed = frame_header(TEXT, len(first)) + first
+        web.queue.consume(1)  # one byte of the first frame: the rest of that frame follows
         web.drop_queued()
-        assert [bytes(b) for b in web.queue] == [frame_header(TEXT, len(first))[1:], first]
-        web.queue.consume(len(web.queue[0]) + 3)  # into the payload: the rest of it only
+        assert [bytes(b) for b in web.queue] == [framed[1:]]
+        web.queue.consume(3)  # further into it: still the rest of that frame only
         web.drop_queued()
-        assert [bytes(b) for b in web.queue] == [first[3:]]
+        assert [bytes(b) for b in web.queue] == [framed[4:]]
         web.queue.clear()
         web.enqueue(first)
         web.drop_queued()  # nothing partly sent: nothing kept

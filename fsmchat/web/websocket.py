@@ -293,19 +293,6 @@ class WebConnection(Connection):
         elif ws.state is ConnectionState.REMOTE_CLOSING and self.goodbye is not None:
             self.push(ws.send(self.goodbye.response()))
 
-    def drop_queued(self) -> None:
-        """As a TCP client's, frames kept whole: a text frame's header partly sent keeps its
-        payload. (In chat mode no payload starts with 0x81, a UTF-8 continuation byte, so a
-        buffer that does is a text frame's header.)"""
-        queue = self.queue
-        payload = None
-        if len(queue) > 1 and isinstance(queue[0], memoryview) and (
-                memoryview(queue[0].obj)[0] == 0x81):
-            payload = bytes(queue[1])  # (the bytes object itself: never a view)
-        super().drop_queued()
-        if payload is not None:
-            queue.push(payload)
-
     def _cancel_timers(self) -> None:
         super()._cancel_timers()
         if self.ping_timer is not None:
