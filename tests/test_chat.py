@@ -23,7 +23,7 @@ from conftest import (
 
 CHAT = ("--mode", "chat")
 UNKNOWN = (
-    "*** unknown command /foo (commands: /nick NAME, /who, /me ACTION, /quit; "
+    "*** unknown command /foo (/help lists the commands; "
     "start a line with // to send one that begins with /)\n"
 )
 INVALID_UTF8 = b"bad \xfe\xc0 utf8 \xc3 \xe6\x97 end"  # no 0xFF: in chat mode, telnet's IAC
@@ -351,6 +351,46 @@ def test_unknown_command_is_explained_to_the_sender_only(chat: ServerProcess) ->
     a.expect(UNKNOWN)
     a.say("visible")
     b.expect("<user1> visible\n")
+    b.quiet()
+
+
+def test_help_lists_every_command_one_line_each(chat: ServerProcess) -> None:
+    a, b = join_many(chat, 2)
+    a.say("/help")
+    first = a.line()
+    assert first.startswith(b"*** /help "), first
+    lines = [first]
+    a.say("/who")  # its answer ends the list
+    while not (line := a.line()).startswith(b"*** 2 here"):
+        lines.append(line)
+    usages = [line.split(b"  ")[0].removeprefix(b"*** ").strip() for line in lines]
+    for usage in (b"/help", b"/nick NAME", b"/who", b"/me ACTION", b"/quit"):
+        assert usage in usages, (usage, lines)
+    assert all(line.startswith(b"*** /") and line.count(b"\n") == 1 for line in lines), lines
+    b.say("after")
+    a.expect("<user2> after\n")
+    b.quiet()
+
+
+def test_commands_are_case_insensitive(chat: ServerProcess) -> None:
+    a, b = join_many(chat, 2)
+    a.say("/NICK alice")
+    a.expect("*** you are now alice\n")
+    b.expect("*** user1 is now alice\n")
+    a.say("/Me waves")
+    b.expect("* alice waves\n")
+    a.say("/WHO")
+    a.expect("*** 2 here: alice, user2\n")
+
+
+def test_me_without_text_is_answered_with_its_usage(chat: ServerProcess) -> None:
+    a, b = join_many(chat, 2)
+    a.say("/me")
+    a.expect("*** usage: /me ACTION\n")
+    a.say("/me   ")
+    a.expect("*** usage: /me ACTION\n")
+    a.say("visible")
+    b.expect("<user1> visible\n")  # and no empty action before it
     b.quiet()
 
 

@@ -125,8 +125,7 @@ def test_a_new_name_skips_names_taken_by_hand() -> None:
     room.take()
     newcomer = cast(Connection, Person(20))
     chat.greet(newcomer)
-    assert room.take() == [("20", b"*** welcome, you are user3 (commands: /nick NAME, /who, "
-                                  b"/me ACTION, /quit)\n")]
+    assert room.take() == [("20", b"*** welcome, you are user3 (/help lists the commands)\n")]
 
 
 def test_after_quit_the_rest_of_the_read_is_ignored() -> None:
