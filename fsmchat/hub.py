@@ -98,6 +98,21 @@ class Extension:
         return True
 
 
+class Gate:
+    """What a newcomer passes before it is in the chat (the join password). A client it holds
+    is in ``connections`` and may be told things, but takes no message and is greeted by no
+    part; the gate calls ``Hub.admit`` once it may come in."""
+
+    __slots__ = ()
+
+    def holds(self, conn: Connection) -> bool:
+        """A newcomer, before anything greets it: whether the gate holds it back for now."""
+        return False
+
+    def gone(self, conn: Connection) -> None:
+        """A client the gate held left (for whatever reason) before it was admitted."""
+
+
 @dataclass(slots=True)
 class Counts:
     """What the hub and the acceptor counted since the start (only ever grows)."""
@@ -141,6 +156,9 @@ class Hub:
         self.relay_waits: Callable[[], bool] = _never
         """Whether some of what other instances relayed waits for flow control."""
         self._gone = gone  # a connection was forgotten (its seat is free)
+        self.gate: Gate | None = None
+        """What newcomers must pass first (chat mode's --password): those it holds are no
+        readers, and no part greets them, until it admits them."""
         self._overflowed: dict[int, Connection] = {}  # past the limit, to close: by fd, in order
         self._refused = 0  # messages left out of a queue for its limit, so far
         self._closing_overflowed = False  # _close_overflowed is working through its list
@@ -259,7 +277,14 @@ class Hub:
     # -- what connections tell the hub -----------------------------------------------------------
 
     def joined(self, conn: Connection) -> None:
-        """A client entered the chat: what the parts greet it with, then live."""
+        """A client entered the chat: what the parts greet it with, then live; unless the gate
+        holds it (chat mode's --password), which admits it later."""
+        if self.gate is not None and self.gate.holds(conn):
+            return
+        self.admit(conn)
+
+    def admit(self, conn: Connection) -> None:
+        """A client is in the chat: a reader from now on, greeted by the parts, then live."""
         self.readers[conn.fd] = conn
         for greet in self._greet:
             greet(conn)
@@ -272,6 +297,8 @@ class Hub:
         if self.readers.pop(conn.fd, None) is not None:
             for left in self._left:
                 left(conn)
+        elif self.gate is not None:
+            self.gate.gone(conn)
         self.flow.paused.pop(conn.fd, None)
 
     def quit(self, conn: Connection) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hmac
 import os
-import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from pathlib import Path
 from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from fsmchat.chat.mode import NAME_MAX, skeleton
+from fsmchat.chat.text import NAME_MAX, is_name, skeleton
 
 HASHER = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1, type=Type.ID)
 """How ``fsmchat passwd`` hashes: argon2id with 8 MiB and one pass, about 3 ms per check. A chat
@@ -48,9 +47,6 @@ hash would stall everyone for little gain."""
 MAX_COST = 4 * HASHER.memory_cost * HASHER.time_cost
 """Most KiB x passes a hash in the file may cost (four times ``HASHER``'s, some 12 ms a check):
 a costlier one would stall the chat at every login."""
-
-NAME = re.compile(r"[A-Za-z0-9_-]{1,%d}" % NAME_MAX)
-"""A chat name, as ``/nick`` takes it."""
 
 OP = "op"
 
@@ -103,6 +99,10 @@ class Accounts:
         return verify(account.hash, password)
 
 
+def _is_name(name: str) -> bool:
+    return name.isascii() and is_name(name.encode())
+
+
 def verify(encoded: str, password: bytes) -> bool:
     try:
         return HASHER.verify(encoded, password)
@@ -138,7 +138,7 @@ def parse_line(text: str, number: int) -> Account | None:
     if len(parts) not in (2, 3):
         raise AccountsError(f"line {number}: expected NAME:HASH or NAME:HASH:op")
     name, encoded = parts[0], parts[1]
-    if NAME.fullmatch(name) is None:
+    if not _is_name(name):
         raise AccountsError(f"line {number}: {name!r} is not a name: use 1 to {NAME_MAX} "
                             "letters, digits, - or _")
     if len(parts) == 3 and parts[2] != OP:
@@ -200,7 +200,7 @@ def set_account(path: str, name: str, password: str, op: bool | None) -> bool:
     or not; None: as it was, not for a new one); whether it was new. The file is rewritten
     whole through a temporary file and a rename, so a reader sees the old file or the new one;
     a new file is made with mode 0600 (others cannot read the hashes), an old one keeps its."""
-    if NAME.fullmatch(name) is None:
+    if not _is_name(name):
         raise AccountsError(f"{name!r} is not a name: use 1 to {NAME_MAX} letters, digits, - or _")
     check_password(password)
     target = Path(path)

@@ -37,6 +37,7 @@ Rules it keeps:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,8 @@ class Member:
     telnet: TelnetParser
     held: list[bytes] = field(default_factory=list)  # whole lines waiting for flow control
     operator: bool = False  # may run the commands marked operator_only
+    gag: Callable[[Client], bool] | None = None  # set by /mute: asked before each message it
+    # says, True while it is muted (and the callable answers it): the message goes to nobody
 
 
 class Chat(Extension):
@@ -93,6 +96,8 @@ class Chat(Extension):
         prepare()
         self.members: dict[int, Member] = {}  # fd -> member
         self.taken: dict[bytes, bytes] = {}  # skeleton -> the name in use that has it
+        self.reserved: Container[bytes] = ()  # skeletons of account names (--accounts): no
+        # newcomer is given one
         self.next_number = 1  # for the next user<N>
         self.suffix = suffix  # after user<N>: with --redis, "-" and 4 digits of the instance id
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
@@ -121,13 +126,13 @@ class Chat(Extension):
             self.hub.counts.messages_in += len(member.held)
             for line in member.held:
                 message = None if _is_command(line) else _message(member.name, line)
-                if message:
+                if message and not (member.gag and member.gag(client)):
                     self._broadcast_or_publish(message, client)
         rest = member.framer.flush()
         if rest and client.reason == Reason.PEER_CLOSED:  # typed, then EOF without a newline
             self.hub.counts.messages_in += 1
             message = None if _is_command(rest) else _message(member.name, rest)
-            if message:
+            if message and not (member.gag and member.gag(client)):
                 self._broadcast_or_publish(message, client)
         self.lines_cut += member.framer.cuts
         self.taken.pop(skeleton(member.name), None)
@@ -203,7 +208,7 @@ class Chat(Extension):
         for count, line in enumerate(lines, 1):
             if not _is_command(line):
                 message = _message(member.name, line)
-                if message:
+                if message and not (member.gag and member.gag(client)):
                     if said and size + len(message) > self.entry_bytes:
                         self._broadcast(said, client)
                         size = 0
@@ -320,6 +325,6 @@ class Chat(Extension):
             name = b"user%d%s" % (self.next_number, self.suffix)
             self.next_number += 1
             look = skeleton(name)
-            if look not in self.taken:
+            if look not in self.taken and look not in self.reserved:
                 self.taken[look] = name
                 return name
