@@ -245,6 +245,18 @@ def test_wrong_passwords_are_slowed_per_name_and_per_address(chat: ServerProcess
     assert second["wait"] == 2.0
 
 
+def test_a_read_full_of_logins_checks_one_password(chat: ServerProcess) -> None:
+    """Each check is some milliseconds of the loop: one connection gets one a second."""
+    a = join(chat)
+    a.send(f"/login bob {PASSWORDS['bob']}\n".encode() * 200)
+    a.expect("*** logged in as bob\n", "*** you are now bob\n")
+    for _ in range(199):
+        assert WAIT_LINE.fullmatch(a.line()) is not None
+    a.say("/who")
+    a.expect("*** 1 here: bob\n")
+    assert len(chat.events("chat.login")) == 1
+
+
 # --- fsmchat passwd ---------------------------------------------------------------------------
 
 

@@ -10,7 +10,8 @@ Rules it keeps:
 - A try for a name (``/login`` or ``/nick`` with a password) is first asked of the throttle,
   for the address it comes from and for the name: while either must wait, it is refused before
   any hash is checked (``*** too many tries for alice; wait N s``), whatever the password. A
-  wrong password makes both wait longer; a right one forgives the name.
+  wrong password makes both wait longer; a right one forgives the name. One connection gets
+  one check a second at most, right or wrong (``CHECK_SPACING``): hashing is the loop's time.
 - A refusal changes nothing: the name, the login and the operator flag stay as they were.
 - Passwords are never logged, never echoed, never part of a notice: events name the account and
   the peer only.
@@ -29,6 +30,10 @@ from fsmchat.chat.commands import Call, Handler
 from fsmchat.chat.guard import Throttle, seconds
 from fsmchat.chat.text import clean, is_name, skeleton
 from fsmchat.hub import Extension
+
+CHECK_SPACING = 1.0
+"""Seconds between two password checks of one connection, right or wrong: a check costs some
+3 ms of the loop, so a read full of logins cannot stall the chat (wrong ones wait longer)."""
 
 if TYPE_CHECKING:
     from fsmchat.chat.mode import Chat
@@ -52,6 +57,7 @@ class Login(Extension):
         self.accounts = accounts
         self.throttle = throttle or Throttle()
         self.logged_in: dict[int, Account] = {}  # fd -> the account it gave the password of
+        self.checked: dict[int, float] = {}  # fd -> when a password of its was last checked
         chat.reserved = accounts.by_look
 
     def account_of(self, client: Client) -> Account | None:
@@ -59,6 +65,7 @@ class Login(Extension):
 
     def left(self, client: Client) -> None:
         self.logged_in.pop(client.fd, None)
+        self.checked.pop(client.fd, None)
 
     # -- the commands ---------------------------------------------------------------------------
 
@@ -108,10 +115,13 @@ class Login(Extension):
         shown = account.name.encode()
         keys = (("name", skeleton(shown)), ("address", peer_address(client.peer)))
         throttle = self.throttle
-        wait = throttle.wait(*keys)
+        now = throttle.clock()
+        last = self.checked.get(client.fd)
+        wait = max(throttle.wait(*keys), 0.0 if last is None else last + CHECK_SPACING - now)
         if wait:
             call.answer(b"too many tries for %s; wait %d s" % (shown, seconds(wait)))
             return False
+        self.checked[client.fd] = now
         if not self.accounts.check(account, password):
             wait = throttle.failed(*keys)
             self.hub.log.warning("chat.login_failed", fd=client.fd, peer=client.peer,

@@ -28,11 +28,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from fsmchat import lifecycle
 from fsmchat.chat.commands import COMMANDS, Call, Command, CommandTable, Handler
 from fsmchat.chat.login import Login
 from fsmchat.chat.text import clean, is_name, skeleton
 from fsmchat.hub import Extension
-from fsmchat.lifecycle import IN_CHAT, Trigger
+from fsmchat.lifecycle import Trigger
 from fsmchat.reasons import Reason
 
 if TYPE_CHECKING:
@@ -133,8 +134,9 @@ class Moderation(Extension):
         why = clean(why.strip(b" "))
         by = call.member.name
         said = b": " + why if why else b""
+        text = why.decode(errors="replace")  # (clean made it UTF-8 already)
         self.hub.log.info("chat.kick", fd=client.fd, peer=client.peer, name=member.name.decode(),
-                          by=by.decode(), reason=why.decode(errors="replace"))
+                          by=by.decode(), reason=text)
         self.hub.tell(client, b"*** kicked by %s%s\n" % (by, said))
         self.hub.broadcast(b"*** %s was kicked by %s%s\n" % (member.name, by, said), client)
         close_with_reason(client, Reason.KICKED)
@@ -201,7 +203,7 @@ class Moderation(Extension):
 def close_with_reason(client: Client, reason: str) -> None:
     """Close ``client`` once what is queued for it (its last line) is sent, for ``reason``:
     the path ``/quit`` takes, with another reason."""
-    if client.state in IN_CHAT:
+    if lifecycle.allowed(client.state, Trigger.QUIT):
         client.reason = reason
         client.fire_safely(Trigger.QUIT)
 
