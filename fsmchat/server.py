@@ -38,6 +38,7 @@ from fsmchat.chat.gate import JoinGate
 from fsmchat.chat.login import Login
 from fsmchat.chat.mode import ENTRY_BYTES, Chat
 from fsmchat.chat.moderation import Moderation, commands_with_accounts
+from fsmchat.chat.recent import Budget, time_zone
 from fsmchat.connection import RECV_SIZE, Connection
 from fsmchat.history import History
 from fsmchat.hub import Extension, Hub, Limits
@@ -134,11 +135,14 @@ class Server:
         self.chat: Chat | None = None
         if options.mode == "chat":  # every instance counts from user1: tell theirs apart
             suffix = b"-" + self.bus.origin[:4] if self.bus is not None else b""
+            # History is kept per room, by the chat itself.
+            budget = Budget(options.history, options.history_bytes) if options.history else None
             self.chat = Chat(hub, options.max_line,
-                             min(ENTRY_BYTES, options.max_queue_bytes // 8), suffix)
+                             min(ENTRY_BYTES, options.max_queue_bytes // 8), suffix,
+                             history=budget, zone=time_zone(options.tz))
             hub.take_input(self.chat.received, self.chat.relayed, self.chat.relay_waits)
         self.history = (History(options.history, options.history_bytes, hub.replay)
-                        if options.history else None)
+                        if options.history and self.chat is None else None)
         parts: list[Extension] = [self.acceptor, *(part for part in (self.chat, self.history,
                                                                      self.bus) if part is not None)]
         if self.chat is not None:
@@ -256,7 +260,8 @@ class Server:
             loop_turns=self.loop.turns,
             select_seconds=self.loop.select_seconds,
             lines_cut=self.chat.cuts() if self.chat is not None else 0,
-            history=len(self.history) if self.history is not None else 0,
+            history=(len(self.history) if self.history is not None
+                     else self.chat.history_kept() if self.chat is not None else 0),
             seconds=round(time.monotonic() - self.started, 3),
             start_time=self.start_time,
             log_dropped=dict(stream.dropped) if stream is not None else {},

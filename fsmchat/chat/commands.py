@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fsmchat.chat.text import NAME_MAX, clean, is_name, skeleton
+from fsmchat.chat.text import NAME_MAX, clean, is_name
 
 if TYPE_CHECKING:
     from fsmchat.chat.mode import Chat, Member
@@ -156,8 +156,7 @@ def _nick(call: Call) -> bool:
                     % (clean(name), NAME_MAX))
     elif name == member.name:
         call.answer(b"you are %s already" % name)
-    elif (look := skeleton(name)) in chat.taken and look != skeleton(member.name):
-        other = chat.taken[look]
+    elif (other := chat.directory.holder(name)) is not None and other != member.name:
         if other.lower() == name.lower():
             call.answer(b"nick: %s is taken" % name)
         else:
@@ -168,20 +167,21 @@ def _nick(call: Call) -> bool:
     return False
 
 
-@COMMANDS.command("who", "/who", "list who is here")
+@COMMANDS.command("who", "/who", "list who is in your room")
 def _who(call: Call) -> bool:
-    names = sorted((m.name for m in call.chat.members.values()), key=bytes.lower)
-    call.answer(b"%d here: %s" % (len(names), b", ".join(names)))
+    room = call.member.room
+    names = call.chat.directory.who(room)
+    call.answer(b"%d in %s: %s" % (len(names), room.name, b", ".join(names)))
     return False
 
 
-@COMMANDS.command("me", "/me ACTION", "say what you do: * NAME ACTION")
+@COMMANDS.command("me", "/me ACTION", "tell your room what you do: * NAME ACTION")
 def _me(call: Call) -> bool:
     if not call.argument:
         call.usage()
         return False
-    call.chat.hub.broadcast(b"* %s %s\n" % (call.member.name, clean(call.argument)),
-                            call.client)
+    call.chat.say(call.member.room, b"* %s %s\n" % (call.member.name, clean(call.argument)),
+                  call.client)
     return True
 
 

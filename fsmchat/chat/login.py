@@ -144,16 +144,10 @@ class Login(Extension):
         """The account's name, if another connection holds it (logged in as the same account),
         passes to ``client``: that one gets a fresh name and is logged in no more."""
         chat = self.chat
-        holder = chat.taken.get(skeleton(name))
-        if holder is None:
+        other = chat.directory.find(name)
+        if other is None or other.client is client:
             return
-        for fd, other in chat.members.items():
-            if other.name == holder and fd != client.fd:
-                connection = self.hub.readers.get(fd)
-                if connection is None:
-                    return
-                self.logged_in.pop(fd, None)
-                other.operator = False
-                self.hub.tell(connection, b"*** %s logged in from another connection\n" % name)
-                chat.rename(connection, other, chat._new_name())  # (a name nobody holds)
-                return
+        self.logged_in.pop(other.client.fd, None)
+        other.operator = False
+        self.hub.tell(other.client, b"*** %s logged in from another connection\n" % name)
+        chat.rename(other.client, other, chat._new_name())  # (a name nobody holds)

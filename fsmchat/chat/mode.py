@@ -37,12 +37,18 @@ Rules it keeps:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, tzinfo
 from typing import TYPE_CHECKING
 
+from fsmchat.chat import private as _private  # noqa: F401  (registers /msg)
 from fsmchat.chat.commands import COMMANDS, CommandTable
+from fsmchat.chat.directory import Directory
 from fsmchat.chat.framing import LineFramer
+from fsmchat.chat.payload import To, route
+from fsmchat.chat.recent import Budget
+from fsmchat.chat.rooms import Room, Rooms
 from fsmchat.chat.telnet import TelnetParser
 from fsmchat.chat.text import clean, prepare, skeleton
 from fsmchat.hub import Extension
@@ -71,9 +77,11 @@ def _message(name: bytes, line: bytes) -> bytes | None:
     return b"<%s> %s\n" % (name, clean(line[1:] if line[:1] == b"/" else line))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Member:
     name: bytes
+    client: Client
+    room: Room
     framer: LineFramer
     telnet: TelnetParser
     held: list[bytes] = field(default_factory=list)  # whole lines waiting for flow control
@@ -86,8 +94,9 @@ class Chat(Extension):
     """Names, commands and framing for every client in the chat."""
 
     def __init__(self, hub: Hub, max_line: int = DEFAULT_MAX_LINE,
-                 entry_bytes: int = ENTRY_BYTES, suffix: bytes = b"",
-                 commands: CommandTable = COMMANDS) -> None:
+                 entry_bytes: int = ENTRY_BYTES, suffix: bytes = b"", *,
+                 commands: CommandTable = COMMANDS, history: Budget | None = None,
+                 zone: tzinfo = UTC, directory: Directory | None = None) -> None:
         self.hub = hub
         self.commands = commands  # what a line starting with / may run
         self.flow = hub.flow
@@ -95,14 +104,18 @@ class Chat(Extension):
         self.entry_bytes = entry_bytes  # most bytes of messages joined into one queue entry
         prepare()
         self.members: dict[int, Member] = {}  # fd -> member
-        self.taken: dict[bytes, bytes] = {}  # skeleton -> the name in use that has it
+        self.rooms = Rooms(history)
+        self.zone = zone  # of the times in replayed history
+        self.directory = directory or Directory(self.members, self.rooms, shared=bool(suffix))
         self.reserved: Container[bytes] = ()  # skeletons of account names (--accounts): no
         # newcomer is given one
+        self.entering: Callable[[Client, Room], None] | None = None  # told as a member comes
+        # into a room, before its history (moderation: the room's topic)
         self.next_number = 1  # for the next user<N>
         self.suffix = suffix  # after user<N>: with --redis, "-" and 4 digits of the instance id
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
         self.relay_framer = LineFramer(max_line)  # for payloads from the Redis channel
-        self.relaying: deque[bytes] = deque()  # relayed clean lines flow control holds back
+        self.relaying: deque[tuple[Room | Client, bytes]] = deque()  # relayed, held back
         self.closing = False  # the server is shutting down: leaves are news elsewhere only
 
     # -- the hub's hooks --------------------------------------------------------------------
@@ -110,12 +123,21 @@ class Chat(Extension):
     def greet(self, client: Client) -> None:
         """A client entered the chat: name it and welcome it (history comes next, then
         ``joined``)."""
-        name = self._new_name()
-        self.members[client.fd] = Member(name, LineFramer(self.max_line), TelnetParser())
-        self.hub.tell(client, b"*** welcome, you are %s (/help lists the commands)\n" % name)
+        room = self.rooms.enter(self.rooms.lobby.name, client)
+        member = Member(self._new_name(), client, room, LineFramer(self.max_line),
+                        TelnetParser())
+        self.members[client.fd] = member
+        self.directory.claim(member)
+        self.directory.moved(member, None, room)
+        self.hub.tell(client, b"*** welcome, you are %s (/help lists the commands)\n"
+                      % member.name)
+        if self.entering is not None:
+            self.entering(client, room)
+        self._replay(client, room)
 
     def joined(self, client: Client) -> None:
-        self.hub.broadcast(b"*** %s joined\n" % self.members[client.fd].name, client)
+        member = self.members[client.fd]
+        self.say(member.room, b"*** %s joined %s\n" % (member.name, member.room.name), client)
 
     def left(self, client: Client) -> None:
         """A client left the chat (EOF, /quit, an error, a timeout, the shutdown)."""
@@ -127,16 +149,19 @@ class Chat(Extension):
             for line in member.held:
                 message = None if _is_command(line) else _message(member.name, line)
                 if message and not (member.gag and member.gag(client)):
-                    self._broadcast_or_publish(message, client)
+                    self._broadcast_or_publish(member.room, message, client)
         rest = member.framer.flush()
         if rest and client.reason == Reason.PEER_CLOSED:  # typed, then EOF without a newline
             self.hub.counts.messages_in += 1
             message = None if _is_command(rest) else _message(member.name, rest)
             if message and not (member.gag and member.gag(client)):
-                self._broadcast_or_publish(message, client)
+                self._broadcast_or_publish(member.room, message, client)
         self.lines_cut += member.framer.cuts
-        self.taken.pop(skeleton(member.name), None)
-        self._broadcast_or_publish(b"*** %s left\n" % member.name, client)
+        self.directory.release(member.name)
+        room = member.room
+        self._broadcast_or_publish(room, b"*** %s left %s\n" % (member.name, room.name), client)
+        self.rooms.leave(room, client)
+        self.directory.moved(member, room, None)
 
     def stopping(self) -> None:
         """The server is shutting down: say so here; from now on, leaves go to other instances
@@ -155,13 +180,22 @@ class Chat(Extension):
             if not self.relaying:
                 self.hub.relay_done()
 
-    def _broadcast_or_publish(self, data: bytes, client: Client) -> None:
-        """What a leaver said last: to everyone, or while the server closes (everyone here
+    def _broadcast_or_publish(self, room: Room, data: bytes, client: Client) -> None:
+        """What a leaver said last: to its room, or while the server closes (everyone here
         leaves too) to the other instances only."""
         if self.closing:
-            self.hub.publish(data)
+            self.hub.publish(data, room.tag)
         else:
-            self.hub.broadcast(data, client)
+            self.say(room, data, client)
+
+    def say(self, room: Room, data: bytes, sender: Client | None = None,
+            lines: Sequence[bytes] = ()) -> None:
+        """A public line (or the ``lines`` that ``data`` joins) for ``room``: its members but
+        ``sender``, the other instances, its history."""
+        self.hub.broadcast(data, sender, lines, room.readers, room.tag)
+        recent = room.recent
+        if recent is not None:
+            recent.add(data, lines)
 
     def received(self, client: Client, data: bytes) -> None:
         """What one recv returned: every line it completes, in order."""
@@ -257,74 +291,121 @@ class Chat(Extension):
         return lines
 
     def _broadcast(self, said: list[bytes], client: Client) -> None:
-        if len(said) == 1:
-            self.hub.broadcast(said[0], client)
-        elif said:
-            self.hub.broadcast(b"".join(said), client, said)
-        said.clear()
+        if said:
+            room = self.members[client.fd].room
+            self.say(room, said[0] if len(said) == 1 else b"".join(said), client,
+                     said if len(said) > 1 else ())
+            said.clear()
 
     def relayed(self, payload: bytes) -> bool:
-        """A payload from another instance: its lines, cleaned, for every local client; whether
-        some of them wait for flow control.
+        """A payload from another instance: its lines, cleaned, for the local members of the
+        room it names (``chat/payload.py``), or for the one it names; whether some of them wait
+        for flow control.
 
         Another chat instance sent clean lines already; something else on the channel may not
-        have: it is framed like a read, and a missing last newline added."""
+        have: it is framed like a read, and a missing last newline added. Lines for a room
+        nobody here is in, or a name nobody here has, are for nobody here."""
+        to, name, body = route(payload)
+        target: Room | Client | None
+        if to is To.DEFAULT:
+            target = self.rooms.lobby
+        elif to is To.ROOM:
+            target = self.rooms.find(name)
+        else:
+            member = self.directory.find(name)
+            target = member.client if member is not None else None
         framer = self.relay_framer
         cuts = framer.cuts
-        lines = framer.feed(payload)
+        lines = framer.feed(body)
         rest = framer.flush()
-        if rest or payload[-1:] == b"\r":  # (an unfinished empty line is no line)
+        if rest or body[-1:] == b"\r":  # (an unfinished empty line is no line)
             lines.append(rest)
         for _ in range(framer.cuts - cuts):
             self.hub.log.warning("chat.line_cut", fd=None, peer="redis", limit=self.max_line)
         relaying = self.relaying
+        if target is None or not lines:
+            return bool(relaying)
         going = not relaying  # else the older ones go first, at the end of a turn
-        relaying.extend(clean(line) + b"\n" for line in lines)
+        relaying.extend((target, clean(line) + b"\n") for line in lines)
         if going:
             self.relay_on()
         return bool(relaying)
 
     def relay_on(self, hold: bool = True) -> None:
-        """Relayed lines go on, an entry of at most ``entry_bytes`` at a time, until none is
-        left or (``hold``) flow control holds between entries."""
+        """Relayed lines go on, an entry of at most ``entry_bytes`` at a time (of one room's
+        lines, or one person's), until none is left or (``hold``) flow control holds between
+        entries."""
         relaying = self.relaying
         hub = self.hub
         flow = self.flow
         limit = self.entry_bytes
         while relaying:
-            said = [relaying.popleft()]
-            size = len(said[0])
-            while relaying and size + len(relaying[0]) <= limit:
-                line = relaying.popleft()
+            target, line = relaying.popleft()
+            said = [line]
+            size = len(line)
+            while relaying and relaying[0][0] is target and size + len(relaying[0][1]) <= limit:
+                line = relaying.popleft()[1]
                 said.append(line)
                 size += len(line)
-            hub.deliver(b"".join(said), None, said)
+            data = b"".join(said) if len(said) > 1 else line
+            if isinstance(target, Room):
+                hub.deliver(data, None, said, target.readers)
+                if target.recent is not None:
+                    target.recent.add(data, said)
+            else:
+                hub.tell(target, data)
             if hold and relaying and flow.holding:
                 return
+
+    def history_kept(self) -> int:
+        """Lines of history kept, in every room."""
+        budget = self.rooms.budget
+        return budget.kept if budget is not None else 0
 
     def cuts(self) -> int:
         return self.lines_cut + self.relay_framer.cuts + sum(
             m.framer.cuts for m in self.members.values())
 
-    # -- names ------------------------------------------------------------------------------
+    # -- names and rooms ----------------------------------------------------------------------
 
     def rename(self, client: Client, member: Member, name: bytes) -> None:
-        """``member`` is ``name`` from now on (a name ``/nick`` found free), and everyone is
+        """``member`` is ``name`` from now on (a name ``/nick`` found free), and its room is
         told."""
         hub = self.hub
         old = member.name
-        del self.taken[skeleton(old)]
-        self.taken[skeleton(name)] = name
+        self.directory.release(old)
         member.name = name
+        self.directory.claim(member)
         hub.log.info("chat.nick", fd=client.fd, old=old.decode(), new=name.decode())
         hub.tell(client, b"*** you are now %s\n" % name)
-        hub.broadcast(b"*** %s is now %s\n" % (old, name), client)
+        self.say(member.room, b"*** %s is now %s\n" % (old, name), client)
+
+    def move(self, client: Client, member: Member, name: bytes) -> bool:
+        """``member`` goes to room ``name`` (a valid room name): its old room is told, it is
+        given the new one's history, then the new one is told. Whether it announced."""
+        old = member.room
+        if self.rooms.find(name) is old:
+            self.hub.tell(client, b"*** you are in %s already\n" % old.name)
+            return False
+        self.say(old, b"*** %s left %s\n" % (member.name, old.name), client)
+        self.rooms.leave(old, client)
+        room = member.room = self.rooms.enter(name, client)
+        self.directory.moved(member, old, room)
+        self.hub.tell(client, b"*** you are now in %s\n" % room.name)
+        if self.entering is not None:
+            self.entering(client, room)
+        self._replay(client, room)
+        self.say(room, b"*** %s joined %s\n" % (member.name, room.name), client)
+        return True
+
+    def _replay(self, client: Client, room: Room) -> None:
+        """``room``'s recent lines, framed and with their times, for a newcomer to it."""
+        if room.recent is not None and room.recent.lines:
+            self.hub.replay(client, room.recent.framed(self.zone))
 
     def _new_name(self) -> bytes:
         while True:
             name = b"user%d%s" % (self.next_number, self.suffix)
             self.next_number += 1
-            look = skeleton(name)
-            if look not in self.taken and look not in self.reserved:
-                self.taken[look] = name
+            if self.directory.holder(name) is None and skeleton(name) not in self.reserved:
                 return name

@@ -21,6 +21,32 @@ def is_name(name: bytes) -> bool:
     (no ``*``, so nobody can pass for a notice or an action)."""
     return _NAME.fullmatch(name) is not None
 
+
+ROOM_MAX = 32
+"""Most characters in a room name."""
+
+
+def room_problem(name: bytes) -> bytes | None:
+    """What is wrong with ``name`` as a room name (a ``*** `` answer's text), or None.
+
+    A room name is one word of 1 to ``ROOM_MAX`` characters, any letters, digits or punctuation
+    (``math``, ``équipe-2``): no blanks, no control or invisible characters, valid UTF-8, so it
+    shows as it is everywhere and fits on the bus's first line."""
+    if not name:
+        return b"a room needs a name"
+    if _UNSAFE_UTF8.search(name):
+        return b'"%s" has control characters: a room name has none' % clean(name)
+    try:
+        length = len(name.decode())
+    except UnicodeDecodeError:
+        return b'"%s" is not UTF-8 text' % clean(name)
+    if length > ROOM_MAX:
+        return b"a room name has at most %d characters, not %d" % (ROOM_MAX, length)
+    if b" " in name or clean(name) != name or name[:1] in (b"#", b"@"):
+        return (b'"%s" is not a room name: one word of letters, digits or punctuation, '
+                b'without # or @ in front' % clean(name))
+    return None
+
 # C0 controls and DEL in caret notation (as ``cat -v`` shows them), but TAB, a blank like any
 # other; C1 controls, which some terminals also obey (U+009B is CSI), as U+FFFD.
 _SAFE = {code: f"^{chr(code + 64)}" for code in range(0x20)}

@@ -130,8 +130,8 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "chat mode: the operator by kicked name (reason: what they gave, maybe empty)"),
     EventSpec("chat.mute", "info", ("fd", "peer", "name", "by", "minutes"),
               "chat mode: the operator by muted name for minutes (0: lifted the mute)"),
-    EventSpec("chat.topic", "info", ("fd", "by", "topic"),
-              "chat mode: the operator by set the topic"),
+    EventSpec("chat.topic", "info", ("fd", "by", "room", "topic"),
+              "chat mode: the operator by set the topic of room"),
     EventSpec("http.request", "debug", ("site", "fd", "method", "target", "status"),
               "an HTTP request to the metrics port (site metrics) or the web port (site web) "
               "was answered"),
