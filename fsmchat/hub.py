@@ -23,6 +23,8 @@ Rules it keeps:
   run from one work list at one level, never by recursion: one warning per client.
 - A connection that moved to ``closing`` during a loop turn is released after it (``release``),
   so no descriptor is closed while the loop may still hold its number.
+- In chat mode a client the server sends away hears why (``close_with``: one ``*** `` line,
+  then the close); in raw mode it is closed without a word, as the relay always did.
 """
 
 from __future__ import annotations
@@ -140,10 +142,11 @@ class Limits:
 
 class Hub:
     def __init__(self, loop: EventLoop, log: FilteringBoundLogger, limits: Limits, *,
-                 gone: Callable[[Connection], None]) -> None:
+                 gone: Callable[[Connection], None], chat_mode: bool = False) -> None:
         self.loop = loop
         self.log = log
         self.limits = limits
+        self.chat_mode = chat_mode  # clients read lines: one closed or turned away is told why
         self.max_queue_bytes = limits.max_queue_bytes
         self.counts = Counts()
         self.connections: dict[int, Connection] = {}  # every connection not yet closed, by fd
@@ -314,6 +317,14 @@ class Hub:
     def in_chat(self, conn: Connection) -> bool:
         return conn.state in IN_CHAT
 
+    def close_with(self, conn: Connection, reason: str, line: bytes) -> None:
+        """Send ``conn`` away for ``reason`` (a ``Reason``: a moderator's /kick, say), telling it
+        why: in chat mode ``line`` (one ``*** `` line ending in ``\\n``) goes after what is
+        queued, and the socket closes once it is out (``connection.FAREWELL_TIMEOUT`` seconds at
+        most); others see it leave as for any close. Raw mode: closed at once, without a line.
+        A bug closes that client only."""
+        conn.safely(Trigger.DISMISS, conn.close_with, reason, line)
+
     def overflowed(self, conn: Connection) -> None:
         self._refused += 1
         self._overflowed[conn.fd] = conn  # once, however many messages it refuses meanwhile
@@ -365,7 +376,7 @@ class Hub:
                     continue  # closed meanwhile, for another reason
                 self.log.warning("connection.queue_limit", fd=conn.fd, peer=conn.peer,
                                  queued=conn.queue.nbytes, limit=self.max_queue_bytes)
-                conn.close_safely(Reason.QUEUE_LIMIT)
+                conn.safely(Trigger.DISMISS, conn.close_over_limit)
         finally:
             self._closing_overflowed = False
 

@@ -120,7 +120,7 @@ class Server:
         self.max_clients = options.max_clients or default_max_clients(web_listener is not None)
         self.hub = hub = Hub(loop, log, Limits(options.max_queue_bytes, options.max_recv_rate,
                                                options.idle_timeout, options.handshake_timeout),
-                             gone=self._gone)
+                             gone=self._gone, chat_mode=options.mode == "chat")
         self.acceptor = Acceptor(listeners, hub, Access(options.allow, options.deny),
                                  max_clients=self.max_clients,
                                  max_clients_per_addr=options.max_clients_per_addr)

@@ -26,6 +26,11 @@ Rules it keeps:
   own close frame answered) ends with a close frame, then the socket closes. A close frame or
   a refusal that came in a read which left the client held back (flow control, its rate) takes
   effect when the server reads it again, as a TCP client's EOF would.
+- In chat mode a close the server decides says why first, as to nc users: its ``*** `` line
+  in a text frame, then the close frame with the same words as its reason and a code a page
+  can act on: 1008 (policy: --idle-timeout, a moderator's /kick: reconnecting will not help),
+  1013 (try again later: past --max-queue-bytes), or the refused frame's own (1009, 1003, 1007;
+  a malformed frame, 1002, gets no line).
 """
 
 from __future__ import annotations
@@ -59,7 +64,11 @@ MIN_READ = 16
 waits unfinished."""
 
 _CLOSE_CODES: dict[str, int] = {Reason.SERVER_SHUTDOWN: CloseReason.GOING_AWAY,
-                Reason.MESSAGE_TOO_BIG: CloseReason.MESSAGE_TOO_BIG}
+                Reason.MESSAGE_TOO_BIG: CloseReason.MESSAGE_TOO_BIG,
+                Reason.QUEUE_LIMIT: CloseReason.TRY_AGAIN_LATER,
+                Reason.IDLE_TIMEOUT: CloseReason.POLICY_VIOLATION}
+"""The close code of a close for a reason; one the server decides and says why otherwise gets
+1008 (a /kick), one that says nothing 1000 (/quit)."""
 
 
 class Frames:
@@ -185,7 +194,7 @@ class WebConnection(Connection):
         if overflowing and self.state in IN_CHAT:
             self.log.warning("connection.queue_limit", fd=self.fd, peer=self.peer,
                              queued=self.queue.nbytes, limit=self.hub.max_queue_bytes)
-            self.close_because(Reason.QUEUE_LIMIT)
+            self.close_over_limit()
             return
         self._end_if_due()
 
@@ -199,10 +208,24 @@ class WebConnection(Connection):
             self.closing_code, self.reason = self.refusal
             self.log.warning("connection.websocket_error", fd=self.fd, peer=self.peer,
                              code=int(self.refusal[0]), limit=self.limit)
+            if self.lines:
+                self.farewell = self._refusal_line(self.closing_code)
             self.fire(Trigger.REFUSE)
         elif self.goodbye is not None:
             self.reason = Reason.PEER_CLOSED
             self.fire(Trigger.HANGUP)
+
+    def _refusal_line(self, code: int) -> bytes:
+        """What a frame refused with ``code`` is told; a malformed frame (1002) gets no line:
+        its sender does not speak WebSocket."""
+        if code == CloseReason.MESSAGE_TOO_BIG:
+            return (b"*** closed: your message was over %d bytes, the most this chat takes\n"
+                    % self.limit)
+        if code == CloseReason.UNSUPPORTED_DATA:
+            return b"*** closed: this chat takes text frames only\n"
+        if code == CloseReason.INVALID_FRAME_PAYLOAD_DATA:
+            return b"*** closed: your message was not UTF-8\n"
+        return b""
 
     def resume_reading(self) -> None:
         super().resume_reading()
@@ -252,17 +275,34 @@ class WebConnection(Connection):
         # (else the server holds it back, or has not read it yet: its pong may be waiting)
         self.ping_timer = self.loop.call_later(PING_INTERVAL, self._ping)
 
-    def leave(self) -> None:
-        """The close frame goes after what is queued: the server's, or its answer to the
-        peer's."""
+    def last_words(self) -> None:
+        """After what is queued: the line saying why (chat mode), then the close frame, the
+        server's (with those words as its reason) or its answer to the peer's."""
         ws = self.ws
+        line = self.farewell
         if ws.state is ConnectionState.OPEN:
-            code = self.closing_code or _CLOSE_CODES.get(self.reason or Reason.SERVER_SHUTDOWN,
-                                                         CloseReason.NORMAL_CLOSURE)
-            self.push(ws.send(CloseConnection(code=code)))
+            if line:
+                self.push(frame_header(TEXT, len(line)))
+                self.queue.push(line)
+            code = self.closing_code or _CLOSE_CODES.get(
+                self.reason, CloseReason.POLICY_VIOLATION if line else CloseReason.NORMAL_CLOSURE)
+            words = line[4:].decode().strip() if line else None  # (without "*** ")
+            self.push(ws.send(CloseConnection(code=code, reason=words)))
         elif ws.state is ConnectionState.REMOTE_CLOSING and self.goodbye is not None:
             self.push(ws.send(self.goodbye.response()))
-        super().leave()
+
+    def drop_queued(self) -> None:
+        """As a TCP client's, frames kept whole: a text frame's header partly sent keeps its
+        payload. (In chat mode no payload starts with 0x81, a UTF-8 continuation byte, so a
+        buffer that does is a text frame's header.)"""
+        queue = self.queue
+        payload = None
+        if len(queue) > 1 and isinstance(queue[0], memoryview) and (
+                memoryview(queue[0].obj)[0] == 0x81):
+            payload = bytes(queue[1])  # (the bytes object itself: never a view)
+        super().drop_queued()
+        if payload is not None:
+            queue.push(payload)
 
     def _cancel_timers(self) -> None:
         super()._cancel_timers()
