@@ -77,7 +77,7 @@ def join_from(server: ServerProcess, source: str, *present: Chatter) -> Chatter:
     assert match is not None
     name = match.group(1).decode()
     for other in present:
-        other.expect(f"*** {name} joined\n")
+        other.expect(f"*** {name} joined lobby\n")
     return Chatter(client, name, lines)
 
 
@@ -118,7 +118,7 @@ def help_lines(chatter: Chatter) -> bytes:
     chatter.say("/help")
     chatter.say("/who")
     shown = b""
-    while not re.fullmatch(rb"\*\*\* \d+ here: .*\n", line := chatter.line()):
+    while not re.fullmatch(rb"\*\*\* \d+ in lobby: .*\n", line := chatter.line()):
         shown += line
     return shown
 
@@ -138,7 +138,7 @@ def test_a_reserved_name_is_refused_without_its_password_and_taken_with_it(
     b.say("/nick aIice")
     b.expect("*** nick: aIice looks too much like alice, a reserved name\n")
     b.say("/who")
-    b.expect(f"*** 2 here: {a.name}, {b.name}\n")
+    b.expect(f"*** 2 in lobby: {a.name}, {b.name}\n")
     a.quiet()
     old = b.name
     login(b, "alice", a, command="/nick")
@@ -211,7 +211,7 @@ def test_a_wrong_password_changes_nothing_and_makes_the_next_try_wait(
     waiting = WAIT_LINE.fullmatch(b.line())
     assert waiting is not None and waiting.group(1) == b"alice"
     b.say("/who")
-    b.expect(f"*** 2 here: {a.name}, {b.name}\n")  # still not alice
+    b.expect(f"*** 2 in lobby: {a.name}, {b.name}\n")  # still not alice
     b.say("/kick " + a.name)
     b.expect("*** /kick is for operators only\n")
     failed = event_of(chat, "chat.login_failed", name="alice")
@@ -253,7 +253,7 @@ def test_a_read_full_of_logins_checks_one_password(chat: ServerProcess) -> None:
     for _ in range(199):
         assert WAIT_LINE.fullmatch(a.line()) is not None
     a.say("/who")
-    a.expect("*** 1 here: bob\n")
+    a.expect("*** 1 in lobby: bob\n")
     assert len(chat.events("chat.login")) == 1
 
 
@@ -363,7 +363,7 @@ def test_an_operator_kicks_and_everyone_is_told_who_did_it(chat: ServerProcess) 
     assert target.lines.rest_until_eof() == b""
     for watcher in (op, other):
         watcher.expect(f"*** {target.name} was kicked by olga: flooding the chat\n",
-                       f"*** {target.name} left\n")
+                       f"*** {target.name} left lobby\n")
     event = event_of(chat, "chat.kick", name=target.name)
     assert event["by"] == "olga" and event["reason"] == "flooding the chat"
     assert chat.wait_closed(target.client)["reason"] == "kicked"
@@ -390,7 +390,7 @@ def test_a_muted_client_says_nothing_to_anyone_until_the_mute_is_lifted(
     loud.expect("*** you are muted for 5 more minutes\n")
     loud.say("/who")  # commands that say nothing still work
     names = ", ".join(sorted((loud.name, "olga", other.name), key=str.lower))
-    loud.expect(f"*** 3 here: {names}\n")
+    loud.expect(f"*** 3 in lobby: {names}\n")
     event = event_of(chat, "chat.mute", name=loud.name, minutes=5)
     assert event["by"] == "olga"
     op.say(f"/mute {loud.name} 0")
@@ -409,19 +409,19 @@ def test_the_topic_is_set_by_operators_and_shown_to_newcomers(chat: ServerProces
     op = join(chat)
     other = join(chat, op)
     other.say("/topic")
-    other.expect("*** no topic is set\n")
+    other.expect("*** no topic is set in lobby\n")
     other.say("/topic my topic")
     other.expect("*** topic: only operators set the topic\n")
     login(op, "olga", other)
     op.say("/topic homework: \x1b[31mchapter 3")
-    op.expect("*** you set the topic: homework: ^[[31mchapter 3\n")
-    other.expect("*** olga set the topic: homework: ^[[31mchapter 3\n")
+    op.expect("*** you set the topic of lobby: homework: ^[[31mchapter 3\n")
+    other.expect("*** olga set the topic of lobby: homework: ^[[31mchapter 3\n")
     other.say("/topic")
-    other.expect("*** topic: homework: ^[[31mchapter 3 (set by olga)\n")
+    other.expect("*** topic of lobby: homework: ^[[31mchapter 3 (set by olga)\n")
     newcomer = chat.connect()
     lines = Lines(newcomer.sock)
     assert WELCOME.fullmatch(lines.line())
-    assert lines.line() == b"*** topic: homework: ^[[31mchapter 3 (set by olga)\n"
+    assert lines.line() == b"*** topic of lobby: homework: ^[[31mchapter 3 (set by olga)\n"
     event = chat.wait_event("chat.topic", by="olga")
     assert event["topic"] == "homework: ^[[31mchapter 3"
 
@@ -458,7 +458,7 @@ def test_nothing_but_the_password_until_it_is_given(locked: ServerProcess) -> No
     assert waiting_lines.line() == b"*** wrong password (next try in 1 s)\n"
     inside.say("a secret for members")
     inside.say("/who")
-    inside.expect(f"*** 1 here: {inside.name}\n")  # the held one is nobody yet
+    inside.expect(f"*** 1 in lobby: {inside.name}\n")  # the held one is nobody yet
     waiting.sock.sendall(b"open sesame\n")  # the right one, too soon
     assert waiting_lines.line() == b"*** too many tries; wait 1 s\n"
     deadline = time.monotonic() + WAIT
@@ -471,7 +471,7 @@ def test_nothing_but_the_password_until_it_is_given(locked: ServerProcess) -> No
     match = WELCOME.fullmatch(answer)
     assert match is not None, answer
     name = match.group(1).decode()
-    inside.expect(f"*** {name} joined\n")
+    inside.expect(f"*** {name} joined lobby\n")
     failed = locked.wait_event("chat.pass_failed", peer=waiting.peer)
     assert failed["wait"] == 1.0
     for line in locked.lines():
@@ -501,3 +501,36 @@ def test_the_join_password_file_loses_its_trailing_newline_only(
     client, lines = held(server)
     client.sock.sendall(b"/pass two  words\n")
     assert lines.line() == welcome("user1")
+
+
+def test_each_room_has_its_topic_and_loses_it_when_it_is_gone(chat: ServerProcess) -> None:
+    op = join(chat)
+    other = join(chat, op)
+    login(op, "olga", other)
+    op.say("/join math")
+    op.expect("*** you are now in math\n")
+    other.expect("*** olga left lobby\n")
+    op.say("/topic fractions")
+    op.expect("*** you set the topic of math: fractions\n")
+    other.say("/topic")
+    other.expect("*** no topic is set in lobby\n")  # the lobby's is its own
+    other.say("/join MATH")
+    other.expect("*** you are now in math\n", "*** topic of math: fractions (set by olga)\n")
+    op.expect(f"*** {other.name} joined math\n")
+    # a kick from another room: the target's room is told, and so is the operator
+    other.say("/part")
+    other.expect("*** you are now in lobby\n")
+    op.expect(f"*** {other.name} left math\n")
+    watcher = join(chat, other)
+    op.say(f"/kick {other.name}")
+    other.expect("*** kicked by olga\n")
+    op.expect(f"*** {other.name} was kicked by olga\n")
+    watcher.expect(f"*** {other.name} was kicked by olga\n", f"*** {other.name} left lobby\n")
+    op.say("/part")  # math is empty now: gone, topic and all
+    op.expect("*** you are now in lobby\n")
+    watcher.expect("*** olga joined lobby\n")
+    op.say("/join math")
+    op.expect("*** you are now in math\n")
+    watcher.expect("*** olga left lobby\n")
+    op.say("/topic")
+    op.expect("*** no topic is set in math\n")

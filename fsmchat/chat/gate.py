@@ -27,7 +27,6 @@ from fsmchat.chat.accounts import JoinPassword
 from fsmchat.chat.framing import LineFramer
 from fsmchat.chat.guard import Throttle, seconds
 from fsmchat.chat.login import peer_address
-from fsmchat.chat.moderation import close_with_reason
 from fsmchat.chat.telnet import IAC, TelnetParser
 from fsmchat.hub import Extension, Gate
 from fsmchat.reasons import Reason
@@ -87,9 +86,8 @@ class JoinGate(Gate, Extension):
 
     def stopping(self) -> None:
         for waiting in list(self.held.values()):
-            client = waiting.client
-            self.hub.tell(client, b"*** the server is shutting down\n")
-            close_with_reason(client, Reason.SERVER_SHUTDOWN)
+            self.hub.close_with(waiting.client, Reason.SERVER_SHUTDOWN,
+                                b"*** the server is shutting down\n")
 
     # -- a held client's lines -------------------------------------------------------------------
 

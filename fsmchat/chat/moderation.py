@@ -30,13 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from fsmchat import lifecycle
 from fsmchat.chat.commands import COMMANDS, Call, Command, CommandTable, Handler
 from fsmchat.chat.login import Login
 from fsmchat.chat.rooms import Room, room_key
-from fsmchat.chat.text import clean, is_name, skeleton
+from fsmchat.chat.text import clean, is_name
 from fsmchat.hub import Extension
-from fsmchat.lifecycle import Trigger
 from fsmchat.reasons import Reason
 
 if TYPE_CHECKING:
@@ -225,14 +223,6 @@ class Topic:
 
     def line(self) -> bytes:
         return b"*** topic of %s: %s (set by %s)\n" % (self.room.name, self.text, self.by)
-
-
-def close_with_reason(client: Client, reason: str) -> None:
-    """Close ``client`` once what is queued for it (its last line) is sent, for ``reason``:
-    the path ``/quit`` takes, with another reason."""
-    if lifecycle.allowed(client.state, Trigger.QUIT):
-        client.reason = reason
-        client.fire_safely(Trigger.QUIT)
 
 
 def commands_with_accounts(login: Login, moderation: Moderation,
