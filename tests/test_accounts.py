@@ -33,6 +33,8 @@ from conftest import (
     server_env,
     usage_error,
 )
+from websockets.exceptions import ConnectionClosed
+from ws_harness import WsLines, web_port, ws_connect
 
 from fsmchat.chat.accounts import make_hash
 
@@ -388,6 +390,8 @@ def test_a_muted_client_says_nothing_to_anyone_until_the_mute_is_lifted(
     loud.expect("*** you are muted for 5 more minutes\n")
     loud.say("/me shouts")
     loud.expect("*** you are muted for 5 more minutes\n")
+    loud.say(f"/msg {other.name} psst")
+    loud.expect("*** you are muted for 5 more minutes\n")
     loud.say("/who")  # commands that say nothing still work
     names = ", ".join(sorted((loud.name, "olga", other.name), key=str.lower))
     loud.expect(f"*** 3 in lobby: {names}\n")
@@ -534,3 +538,28 @@ def test_each_room_has_its_topic_and_loses_it_when_it_is_gone(chat: ServerProces
     watcher.expect("*** olga left lobby\n")
     op.say("/topic")
     op.expect("*** no topic is set in math\n")
+
+
+def test_a_browser_gives_the_join_password_and_can_be_kicked(
+    start_server: StartServer, tmp_path: Path, accounts_file: Path,
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("open sesame\n")
+    server = start_server("--mode", "chat", "--password", str(secret), "--accounts",
+                          str(accounts_file), "--web-port", "0")
+    with ws_connect(web_port(server)) as browser:
+        lines = WsLines(browser)
+        lines.expect(PROMPT.decode())
+        browser.send("open sesame")
+        match = WELCOME.fullmatch(lines.line().encode())
+        assert match is not None
+        client, op_lines = held(server)
+        client.sock.sendall(f"open sesame\n/login olga {PASSWORDS['olga']}\n".encode())
+        assert WELCOME.fullmatch(op_lines.line())
+        assert op_lines.line() == b"*** logged in as olga, an operator\n"
+        lines.expect("*** user2 joined lobby\n", "*** user2 is now olga\n")
+        client.sock.sendall(f"/kick {match.group(1).decode()} bye now\n".encode())
+        lines.expect("*** kicked by olga: bye now\n")
+        with pytest.raises(ConnectionClosed) as closed:
+            browser.recv(WAIT)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
