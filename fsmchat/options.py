@@ -30,7 +30,9 @@ from datetime import date, datetime, time
 from typing import Any
 
 from fsmchat.access import Network, parse_network
+from fsmchat.chat.accounts import Accounts, AccountsError, JoinPassword, load, load_join_password
 from fsmchat.chat.mode import DEFAULT_MAX_LINE, MAX_LINE_RANGE
+from fsmchat.chat.recent import time_zone
 from fsmchat.connection import RECV_SIZE
 from fsmchat.net.loop import FD_SETSIZE
 from fsmchat.ops.events import FORMATS, LEVELS
@@ -105,12 +107,15 @@ class Options:
     max_line: int = DEFAULT_MAX_LINE  # chat mode: longest line, in bytes
     history: int = 0  # messages kept for late joiners; 0: none
     history_bytes: int = DEFAULT_HISTORY_BYTES  # build(): at most a quarter of max_queue_bytes
+    tz: str = "UTC"  # chat mode: the time zone of replayed history's times
     stats_interval: float = DEFAULT_STATS_INTERVAL  # seconds between server.stats; 0: never
     web_port: int | None = None  # None: no web page
     web_host: str | None = None  # None: the same as host
     web_origin: tuple[str, ...] = ()  # other sites whose pages may open the WebSocket
     metrics_port: int | None = None  # None: no metrics listener
     metrics_host: str | None = None  # None: the same as host
+    accounts: Accounts | None = None  # chat mode: reserved names, read from --accounts FILE
+    password: JoinPassword | None = None  # chat mode: everyone's join password, from a file
 
 
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Options)}
@@ -313,8 +318,36 @@ def _channel(text: str) -> str:
     return text
 
 
+def _zone(text: str) -> str:
+    try:
+        time_zone(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid time zone {text!r}: expected UTC or an IANA name such as Europe/Paris "
+            "or America/New_York") from None
+    return text
+
+
 def _file(text: str) -> str:
     return text
+
+
+def _accounts(text: str) -> Accounts:
+    try:
+        return load(text)
+    except AccountsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _join_password(text: str) -> JoinPassword:
+    try:
+        return load_join_password(text)
+    except AccountsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _no_file(value: object) -> str:
+    return "none" if value is None else str(value)
 
 
 # -- the catalogue ------------------------------------------------------------------------------
@@ -539,6 +572,21 @@ OPTIONS: tuple[Option, ...] = (
            "--max-queue-bytes. Takes K, M, G (default: %(default)s, or a quarter of "
            "--max-queue-bytes if that is less)",
            metavar="BYTES", group=CHAT, show=_size_text),
+    Option("--accounts", "accounts", _accounts,
+           "chat mode: reserve the names of this file's accounts (NAME:HASH[:op] lines, made "
+           "by fsmchat passwd NAME) for those who give the password: /nick NAME PASSWORD or "
+           "/login NAME PASSWORD; accounts marked op may /kick, /mute and /topic. Read once, "
+           "at the start (default: no accounts)",
+           metavar="FILE", group=CHAT, show=_no_file),
+    Option("--password", "password", _join_password,
+           "chat mode: everyone must give the password in this file (its first line) before "
+           "joining: /pass PASSWORD, or the password as the first line. Read once, at the "
+           "start (default: none)",
+           metavar="SECRET_FILE", group=CHAT, show=_no_file),
+    Option("--tz", "tz", _zone,
+           "chat mode: the time zone of the times (HH:MM) in front of replayed history, an "
+           "IANA name such as Europe/Paris (default: %(default)s)",
+           metavar="ZONE", group=CHAT),
     Option("--stats-interval", "stats_interval", _seconds,
            "log a server.stats event this often: connections by state, messages and bytes, "
            "queues, closes by reason, loop figures; 0: never (default: %(default)s)",
@@ -704,8 +752,13 @@ def _check_web(o: Options, given: Collection[str]) -> None:
 
 
 def _check_chat(o: Options, given: Collection[str]) -> None:
+    for field in ("accounts", "password"):
+        if field in given and o.mode != "chat":
+            raise UsageError(f"{_BY_FIELD[field].flag} needs --mode chat")
     if "max_line" in given and o.mode != "chat":
         raise UsageError("--max-line needs --mode chat")
+    if "tz" in given and o.mode != "chat":
+        raise UsageError("--tz needs --mode chat")
     if "history_bytes" in given and not o.history:
         raise UsageError("--history-bytes needs --history")
     if "history_bytes" in given and o.history_bytes > o.max_queue_bytes // 4:

@@ -34,7 +34,11 @@ from structlog.typing import FilteringBoundLogger
 from fsmchat.acceptor import Acceptor, Listener, ListenError, open_listener
 from fsmchat.access import Access
 from fsmchat.banner import tell_where_to_connect
+from fsmchat.chat.gate import JoinGate
+from fsmchat.chat.login import Login
 from fsmchat.chat.mode import ENTRY_BYTES, Chat
+from fsmchat.chat.moderation import Moderation, commands_with_accounts
+from fsmchat.chat.recent import Budget, time_zone
 from fsmchat.connection import RECV_SIZE, Connection
 from fsmchat.history import History
 from fsmchat.hub import Extension, Hub, Limits
@@ -131,13 +135,18 @@ class Server:
         self.chat: Chat | None = None
         if options.mode == "chat":  # every instance counts from user1: tell theirs apart
             suffix = b"-" + self.bus.origin[:4] if self.bus is not None else b""
+            # History is kept per room, by the chat itself.
+            budget = Budget(options.history, options.history_bytes) if options.history else None
             self.chat = Chat(hub, options.max_line,
-                             min(ENTRY_BYTES, options.max_queue_bytes // 8), suffix)
+                             min(ENTRY_BYTES, options.max_queue_bytes // 8), suffix,
+                             history=budget, zone=time_zone(options.tz))
             hub.take_input(self.chat.received, self.chat.relayed, self.chat.relay_waits)
         self.history = (History(options.history, options.history_bytes, hub.replay)
-                        if options.history else None)
+                        if options.history and self.chat is None else None)
         parts: list[Extension] = [self.acceptor, *(part for part in (self.chat, self.history,
                                                                      self.bus) if part is not None)]
+        if self.chat is not None:
+            parts[2:2] = self._accounts(self.chat, options)
         hub.plug(*parts)
         self.metrics: MetricsSite | None = None
         if metrics_listener is not None:
@@ -161,6 +170,23 @@ class Server:
         self.stop_deadline = 0.0  # when the stop closes whatever is left
         self.cut = Cut()  # what a stop cut short did not deliver
         loop.before_sleep = self.end_of_turn
+
+    def _accounts(self, chat: Chat, options: Options) -> list[Extension]:
+        """Chat mode's accounts, moderators and join password, when asked for: the parts that
+        come right after the chat (a newcomer's topic follows its welcome, before history)."""
+        parts: list[Extension] = []
+        if options.accounts is not None:
+            login = Login(chat, options.accounts)
+            moderation = Moderation(chat)
+            chat.commands = commands_with_accounts(login, moderation, chat.commands)
+            parts += [login, moderation]
+        if options.password is not None:
+            hub = self.hub
+            gate = JoinGate(hub, options.password, options.max_line, passed=self.acceptor.greet)
+            hub.gate = gate
+            hub.take_input(gate.wrap(chat.received), chat.relayed, chat.relay_waits)
+            parts.append(gate)
+        return parts
 
     def start(self) -> None:
         """Say where it listens, and set the timers and links going."""
@@ -234,7 +260,8 @@ class Server:
             loop_turns=self.loop.turns,
             select_seconds=self.loop.select_seconds,
             lines_cut=self.chat.cuts() if self.chat is not None else 0,
-            history=len(self.history) if self.history is not None else 0,
+            history=(len(self.history) if self.history is not None
+                     else self.chat.history_kept() if self.chat is not None else 0),
             seconds=round(time.monotonic() - self.started, 3),
             start_time=self.start_time,
             log_dropped=dict(stream.dropped) if stream is not None else {},

@@ -207,9 +207,9 @@ def test_two_pages_and_a_terminal_chat_together(
     url = page_url(server)
     alice = open_page(browser, url)
     bob = open_page(browser, url)
-    alice.wait_row(f"*** {bob.name} joined")
+    alice.wait_row(f"*** {bob.name} joined lobby")
     term = join(server)
-    wait_sees([alice, bob], [], f"*** {term.name} joined")
+    wait_sees([alice, bob], [], f"*** {term.name} joined lobby")
 
     said = f"<{alice.name}> hello from a browser"
     alice.say("hello from a browser")
@@ -229,7 +229,7 @@ def test_two_pages_and_a_terminal_chat_together(
     wait_sees([alice, bob], [term], "<bobby> renamed")
 
     alice.say("/who")
-    who = alice.wait_match(r"^\*\*\* 3 here: (.*)$").group(1)
+    who = alice.wait_match(r"^\*\*\* 3 in lobby: (.*)$").group(1)
     assert sorted(who.split(", ")) == sorted([alice.name, "bobby", term.name])
 
     # The server echoes nothing back, and the page shows each own line once.
@@ -237,7 +237,7 @@ def test_two_pages_and_a_terminal_chat_together(
     assert bob.rows().count(acted) == 1
     # Own lines, others' lines, notices and actions look different.
     assert alice.look(said) != bob.look(said)
-    assert alice.look(heard) != alice.look(f"*** {term.name} joined")
+    assert alice.look(heard) != alice.look(f"*** {term.name} joined lobby")
     assert alice.look(heard) != alice.look(acted)
     assert alice.errors == [] and bob.errors == []
 
@@ -264,7 +264,7 @@ def test_markup_in_a_message_is_shown_as_text_and_runs_nothing(
     bob = open_page(browser, url)
     term = join(server)
     for tab in (alice, bob):
-        tab.wait_row(f"*** {term.name} joined")
+        tab.wait_row(f"*** {term.name} joined lobby")
     attack = "<img src=x onerror=alert(1)>"
     alice.say(attack)
     wait_sees([alice, bob], [term], f"<{alice.name}> {attack}")
@@ -319,7 +319,7 @@ def test_the_page_reconnects_after_the_server_restarts(
     second = start_server("--mode", "chat", "--web-port", str(port))
     tab.wait_status("^connected again$", timeout=RECONNECT_WAIT_MS)
     term = join(second)
-    tab.wait_row(f"*** {term.name} joined")
+    tab.wait_row(f"*** {term.name} joined lobby")
     # A new server, a new welcome: the page's name is the last one it was given.
     name = re.findall(WELCOME, "\n".join(tab.rows()), re.MULTILINE)[-1]
     tab.say("back again")
@@ -455,7 +455,7 @@ def test_the_page_logs_no_errors_while_chatting(
     alice.say("/me checks the console")
     bob.wait_row(f"* {alice.name} checks the console")
     bob.say("/who")
-    bob.wait_match(r"^\*\*\* 2 here: ")
+    bob.wait_match(r"^\*\*\* 2 in lobby: ")
     bob.page.get_by_role("button", name="Send").click()  # an empty box: nothing is sent
     alice.page.reload()
     alice.wait_match(WELCOME)
@@ -523,7 +523,7 @@ def make_screenshot(out: Path) -> None:
             term = join(server)
             screen = TerminalScreen(term)
             for tab in (alice, bob):
-                tab.wait_row(f"*** {term.name} joined")
+                tab.wait_row(f"*** {term.name} joined lobby")
 
             def step(who: ChatPage | None, text: str, seen: str, own: str = "") -> None:
                 """``who`` (None: the terminal) types ``text``; everyone else sees ``seen``."""
@@ -547,7 +547,7 @@ def make_screenshot(out: Path) -> None:
             step(bob, "/me waves", "* bob waves")
             step(alice, "<b>markup</b> stays text", "<alice> <b>markup</b> stays text")
             screen.type_line("/who")
-            screen.read_match(r"^\*\*\* 3 here: ")
+            screen.read_match(r"^\*\*\* 3 in lobby: ")
             shots = [tab.page.screenshot() for tab in (alice, bob)]
             compose(ctx, out, shots, screen.text())
     finally:

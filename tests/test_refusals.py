@@ -178,7 +178,7 @@ def test_an_idle_client_is_told_how_long_it_was_silent_and_others_see_it_leave(
     first.expect("*** closed: you sent nothing for 1 s\n")
     assert first.lines.rest_until_eof() == b""
     assert server.wait_closed(first.client)["reason"] == "idle_timeout"
-    second.expect(f"*** {first.name} left\n", "*** closed: you sent nothing for 1 s\n")
+    second.expect(f"*** {first.name} left lobby\n", "*** closed: you sent nothing for 1 s\n")
     assert second.lines.rest_until_eof() == b""
 
 
@@ -374,7 +374,7 @@ def test_close_with_says_the_line_after_what_is_queued(chat: InProcess) -> None:
     [closed] = chat.events("connection.closed")
     assert closed["reason"] == "idle_timeout" and closed["fd"] == kicked.fd
     stays_peer.setblocking(False)
-    assert stays_peer.recv(1 << 16).endswith(b" left\n")
+    assert stays_peer.recv(1 << 16).endswith(b" left lobby\n")
     assert chat.hub.connections == {stays.fd: stays}
 
 
@@ -440,7 +440,7 @@ def test_a_full_chat_tells_a_websocket_in_words_and_closes_with_1013(
     assert server.wait_event("connection.rejected")["reason"] == "server_full"
     assert not [e for e in server.events("connection.accepted") if e.get("web")]
     inside.say("/who")
-    inside.expect(f"*** 1 here: {inside.name}\n")
+    inside.expect(f"*** 1 in lobby: {inside.name}\n")
 
 
 def test_too_many_from_one_address_tells_a_websocket_and_closes_with_1013(
@@ -482,7 +482,7 @@ def test_a_websocket_too_slow_gets_whole_frames_then_its_line_and_1013(
     browser = RawWs.open(web_port(server), rcvbuf=STUCK_RCVBUF)
     try:
         client = accepted_ws(server, browser.sock)
-        writer.expect(f"*** {browser_name(browser)} joined\n")
+        writer.expect(f"*** {browser_name(browser)} joined lobby\n")
         said = flood(writer, 4000)
         server.wait_connection_event(client, "connection.queue_limit")
         frames = browser.frames_until_close(timeout=WAIT)

@@ -6,6 +6,9 @@ On the channel a message is an envelope and the client's bytes, untouched::
 
     fsmchat1 <instance id> <sequence number>\\n<message>
 
+(in chat mode the message's first line says where it goes, ``#ROOM`` or ``@NAME``: the hub's
+``head``, written after the envelope so that the message itself is never copied).
+
 The instance id (16 hex digits, new at every start) lets an instance drop its own messages when
 they come back; the sequence number (1, 2, 3, ... per instance) lets a receiver drop repeats and
 count what it missed. A payload without the envelope, from ``redis-cli PUBLISH`` say, is
@@ -145,9 +148,10 @@ class PublishLink(RedisLink):
         self.unreported = 0  # dropped since the last redis.dropped warning
         self.report_timer: Timer | None = None
 
-    def publish(self, data: bytes) -> None:
+    def publish(self, data: bytes, head: bytes = b"") -> None:
+        """``data`` on the channel, after the envelope and ``head`` (chat mode's first line)."""
         self.seq += 1
-        envelope = b"%s%d\n" % (self.envelope, self.seq)
+        envelope = b"%s%d\n%s" % (self.envelope, self.seq, head)
         head = b"%s$%d\r\n%s" % (self.prefix, len(envelope) + len(data), envelope)
         size = len(head) + len(data) + 2
         self.unsent.append((self.seq, head, data, size))
@@ -459,8 +463,8 @@ class RedisBus(Extension):
 
     # -- the hub's hooks ------------------------------------------------------------------------
 
-    def published(self, data: bytes) -> None:
-        self.publisher.publish(data)
+    def published(self, data: bytes, head: bytes = b"") -> None:
+        self.publisher.publish(data, head)
 
     def free(self) -> None:
         self.subscriber.unpause()
