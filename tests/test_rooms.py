@@ -258,11 +258,62 @@ def test_a_room_gone_takes_its_history_with_it(start_server: StartServer) -> Non
     a.expect("*** 2 rooms: lobby (0), tmp (1)\n")
 
 
+def newest(lines: list[tuple[str, str]], limit: int) -> list[tuple[str, str]]:
+    """The newest (room, line) pairs whose lines fit ``limit`` bytes together, in order."""
+    out: list[tuple[str, str]] = []
+    size = 0
+    for room, line in reversed(lines):
+        if size + len(line.encode()) > limit:
+            break
+        out.append((room, line))
+        size += len(line.encode())
+    return out[::-1]
+
+
+def test_all_rooms_share_the_history_bytes_the_oldest_line_of_all_going_first(
+    start_server: StartServer,
+) -> None:
+    limit = 260
+    server = start_server(*CHAT, "--history", "10", "--history-bytes", str(limit))
+    said: list[tuple[str, str]] = []  # (room, line) as the server kept them, in order
+    a = join(server)
+    said.append(("lobby", f"*** {a.name} joined lobby\n"))
+    b = join(server, a)
+    b.expect_replay(*(line for _, line in said))
+    said.append(("lobby", f"*** {b.name} joined lobby\n"))
+    goes(a, "r1", b)
+    said += [("lobby", f"*** {a.name} left lobby\n"), ("r1", f"*** {a.name} joined r1\n")]
+    goes(b, "r2")
+    said += [("lobby", f"*** {b.name} left lobby\n"), ("r2", f"*** {b.name} joined r2\n")]
+    for chatter, room in ((a, "r1"), (b, "r2")):
+        for i in range(3):
+            text = f"{room} line {i} ".ljust(40, ".")
+            chatter.say(text)
+            said.append((room, f"<{chatter.name}> {text}\n"))
+        chatter.say("/who")  # (its answer: the server took the lines before the next ones)
+        chatter.expect(f"*** 1 in {room}: {chatter.name}\n")
+    c = join(server)  # nobody in the lobby
+    lobby = [line for room, line in newest(said, limit) if room == "lobby"]
+    if lobby:  # (none with these sizes: then no frame at all, as the next line shows)
+        c.expect_replay(*lobby)
+    said.append(("lobby", f"*** {c.name} joined lobby\n"))
+    c.say("/join r1")
+    c.expect("*** you are now in r1\n")
+    said.append(("lobby", f"*** {c.name} left lobby\n"))
+    kept = newest(said, limit)
+    assert len(kept) < len(said) and {"r1", "r2"} <= {room for room, _ in kept}  # (the test's)
+    c.expect_replay(*(line for room, line in kept if room == "r1"))
+    a.expect(f"*** {c.name} joined r1\n")
+    c.quiet()
+
+
 def test_tz_gives_the_replays_times_in_that_zone(start_server: StartServer) -> None:
     zone = "Asia/Kolkata"  # UTC+05:30: its HH:MM is never UTC's
     server = start_server(*CHAT, "--history", "5", "--tz", zone)
     a = join(server)
     a.say("namaste")
+    a.say("/who")  # (its answer: the server took the line before b comes)
+    a.expect(f"*** 1 in lobby: {a.name}\n")
     b = join(server, a)
     b.expect_replay(f"*** {a.name} joined lobby\n", f"<{a.name}> namaste\n",
                     zone=ZoneInfo(zone))
@@ -305,15 +356,15 @@ def test_rooms_and_msg_work_across_instances(
     alice.expect(f"<{bob.name}> across\n")
     alice.say("back")
     bob.expect(f"<{alice.name}> back\n")
+    carol.say("lobby only")  # nobody else is in the lobby, here or there
     carol.say(f"/msg {bob.name} psst")  # carol on one, in the lobby; bob on two, in math
     carol.expect(f"-> *{bob.name}* psst\n")
-    bob.expect(f"*{carol.name}* psst\n")
+    bob.expect(f"*{carol.name}* psst\n")  # the next line after carol's: it was not for him
     bob.say(f"/msg {carol.name} ok")
     bob.expect(f"-> *{carol.name}* ok\n")
     carol.expect(f"*{bob.name}* ok\n")
-    carol.say("lobby only")  # nobody else is in the lobby, here or there
     alice.say("math only")
-    bob.expect(f"<{alice.name}> math only\n")  # and neither carol's line nor a /msg echo
+    bob.expect(f"<{alice.name}> math only\n")  # and no /msg echo before it
     bob.say("/part")
     bob.expect("*** you are now in lobby\n")
     alice.expect(f"*** {bob.name} left math\n")
