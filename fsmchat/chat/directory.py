@@ -5,8 +5,10 @@ The chat asks a ``Directory`` every question about names and rooms (``/nick``, `
 ``release``, ``moved``). This one knows this instance alone: its answers are the chat's own
 members and rooms. It is the seam for presence across instances: a directory that also knows
 the other instances (through Redis) overrides the questions (``holder``, ``elsewhere``,
-``who``, ``rooms``) and listens to the changes, and the chat is given it instead
-(``Chat(directory=...)``); nothing else in the chat changes.
+``who``, ``rooms``) and listens to the changes, and the chat is given a way to make it
+instead (``Chat(directory=lambda members, rooms: Shared(members, rooms, presence))``, a
+``MakeDirectory``: the chat's members and rooms exist only once the chat does); nothing else
+in the chat changes.
 
 Rules it keeps:
 - Names are unique by their ``skeleton`` (case and look-alike letters aside): ``holder`` says
@@ -17,7 +19,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from fsmchat.chat.text import skeleton
@@ -25,6 +27,10 @@ from fsmchat.chat.text import skeleton
 if TYPE_CHECKING:
     from fsmchat.chat.mode import Member
     from fsmchat.chat.rooms import Room, Rooms
+
+
+MakeDirectory = Callable[["Mapping[int, Member]", "Rooms"], "Directory"]
+"""What makes the chat's directory from its members (fd -> member) and rooms."""
 
 
 class Directory:
