@@ -34,7 +34,7 @@ from structlog.typing import FilteringBoundLogger
 from fsmchat.acceptor import Acceptor, Listener, ListenError, open_listener
 from fsmchat.access import Access
 from fsmchat.banner import tell_where_to_connect
-from fsmchat.chat.mode import ENTRY_BYTES, Chat
+from fsmchat.chat.mode import ENTRY_BYTES, Chat, skeleton
 from fsmchat.connection import RECV_SIZE, Connection
 from fsmchat.history import History
 from fsmchat.hub import Extension, Hub, Limits
@@ -51,6 +51,7 @@ from fsmchat.ops.stats import Snapshot, StatsReporter
 from fsmchat.options import RESERVED_FDS, WEB_FDS, Options
 from fsmchat.reasons import Reason
 from fsmchat.redis.bus import RedisBus
+from fsmchat.redis.presence import Presence, delayed
 from fsmchat.web.site import WebSite
 
 EMPTY_QUIET = 0.2
@@ -134,10 +135,17 @@ class Server:
             self.chat = Chat(hub, options.max_line,
                              min(ENTRY_BYTES, options.max_queue_bytes // 8), suffix)
             hub.take_input(self.chat.received, self.chat.relayed, self.chat.relay_waits)
+        self.presence: Presence | None = None
+        if self.bus is not None and self.chat is not None:  # names and notices across instances
+            self.presence = Presence(hub, self.bus, loop, log, ttl=options.presence_ttl,
+                                     skeleton=skeleton)
+            self.bus.subscriber.late = delayed
+            self.bus.on_links = lambda up: hub.call("reconnected" if up else "isolated")
         self.history = (History(options.history, options.history_bytes, hub.replay)
                         if options.history else None)
-        parts: list[Extension] = [self.acceptor, *(part for part in (self.chat, self.history,
-                                                                     self.bus) if part is not None)]
+        parts: list[Extension] = [self.acceptor, *(
+            part for part in (self.chat, self.history, self.presence, self.bus)
+            if part is not None)]
         hub.plug(*parts)
         self.metrics: MetricsSite | None = None
         if metrics_listener is not None:
