@@ -33,7 +33,7 @@ from harness.report import Table
 from harness.suite import Session, add_options
 from structlog.typing import FilteringBoundLogger
 
-from fsmchat.chat.mode import clean
+from fsmchat.chat.text import clean
 from fsmchat.connection import MACHINE, Connection
 from fsmchat.lifecycle import Trigger
 from fsmchat.net.loop import EventLoop

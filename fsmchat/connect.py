@@ -38,7 +38,7 @@ from typing import TextIO
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import run_in_terminal
 
-from fsmchat.chat.mode import clean
+from fsmchat.chat.text import clean
 
 CONNECT_TIMEOUT = 15.0
 """Seconds for the TCP connection and the TLS handshake together."""

@@ -7,15 +7,16 @@ take messages. What the rest of the server does with a chat plugs in as an ``Ext
 plugged, and never asks which ones there are.
 
 The verbs, one per way of sending:
-- ``deliver``: to every local reader (but the sender);
+- ``deliver``: to every local reader (but the sender), or to those of one audience (``to``:
+  chat mode's room, a mapping of readers the chat keeps as they come and go);
 - ``publish``: to the other instances only (the bus's ``published`` hook);
 - ``broadcast``: both, what a local client says;
 - ``tell``: to one local client;
 - ``relay``: what another instance published, reaching this one.
 
 Rules it keeps:
-- A message is appended, as the same bytes object, to the queue of every reader but its
-  sender; counters are bumped once per message, never per recipient.
+- A message is appended, as the same bytes object, to the queue of every reader (of ``to``)
+  but its sender; counters are bumped once per message, never per recipient.
 - Output limit: a recipient whose queue would pass ``max_queue_bytes`` is closed
   (``queue_limit``) once the delivery is done; everyone else still gets the message. The
   closes, and the leave notices they announce (which may take others past their limit in turn),
@@ -27,7 +28,7 @@ Rules it keeps:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -69,8 +70,9 @@ class Extension:
     def delivered(self, data: bytes, lines: Sequence[bytes]) -> None:
         """A message reached every local reader (``lines``: the lines it joins, if several)."""
 
-    def published(self, data: bytes) -> None:
-        """A local message, for the other instances."""
+    def published(self, data: bytes, head: bytes = b"") -> None:
+        """A local message, for the other instances; ``head`` goes before it in the payload
+        (chat mode says where it goes: ``#ROOM\\n`` or ``@NAME\\n``)."""
 
     def free(self) -> None:
         """Relayed messages may come again: no recipient holds senders back (paused clients
@@ -206,24 +208,27 @@ class Hub:
         return False
 
     def broadcast(self, data: bytes, sender: Connection | None = None,
-                  lines: Sequence[bytes] = ()) -> None:
-        """A message for every local reader but ``sender``, and for every other instance.
+                  lines: Sequence[bytes] = (), to: Mapping[int, Connection] | None = None,
+                  head: bytes = b"") -> None:
+        """A message for every local reader (of ``to``) but ``sender``, and for every other
+        instance (``head`` before it in the payload).
 
         ``lines``: the chat lines that ``data`` joins, when it joins several (one sender's lines
         of one read go out as one queue entry; history and the counters still see each)."""
-        self.deliver(data, sender, lines)
+        self.deliver(data, sender, lines, to)
         for publish in self._published:
-            publish(data)
+            publish(data, head)
 
-    def publish(self, data: bytes) -> None:
+    def publish(self, data: bytes, head: bytes = b"") -> None:
         """A message for the other instances only."""
         for publish in self._published:
-            publish(data)
+            publish(data, head)
 
     def deliver(self, data: bytes, sender: Connection | None = None,
-                lines: Sequence[bytes] = ()) -> None:
-        """The same bytes object to every local queue but ``sender``'s."""
-        readers = self.readers
+                lines: Sequence[bytes] = (), to: Mapping[int, Connection] | None = None) -> None:
+        """The same bytes object to every local queue (of ``to``: readers by fd) but
+        ``sender``'s."""
+        readers = self.readers if to is None else to
         refused = self._refused
         for conn in readers.values():
             if conn is not sender:

@@ -31,6 +31,7 @@ from typing import Any
 
 from fsmchat.access import Network, parse_network
 from fsmchat.chat.mode import DEFAULT_MAX_LINE, MAX_LINE_RANGE
+from fsmchat.chat.recent import time_zone
 from fsmchat.connection import RECV_SIZE
 from fsmchat.net.loop import FD_SETSIZE
 from fsmchat.ops.events import FORMATS, LEVELS
@@ -109,6 +110,7 @@ class Options:
     max_line: int = DEFAULT_MAX_LINE  # chat mode: longest line, in bytes
     history: int = 0  # messages kept for late joiners; 0: none
     history_bytes: int = DEFAULT_HISTORY_BYTES  # build(): at most a quarter of max_queue_bytes
+    tz: str = "UTC"  # chat mode: the time zone of replayed history's times
     stats_interval: float = DEFAULT_STATS_INTERVAL  # seconds between server.stats; 0: never
     web_port: int | None = None  # None: no web page
     web_host: str | None = None  # None: the same as host
@@ -323,6 +325,16 @@ def _channel(text: str) -> str:
     except UnicodeEncodeError:  # bytes of the command line that are not UTF-8
         raise argparse.ArgumentTypeError(
             f"invalid channel {text!r}: a channel name must be UTF-8") from None
+    return text
+
+
+def _zone(text: str) -> str:
+    try:
+        time_zone(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid time zone {text!r}: expected UTC or an IANA name such as Europe/Paris "
+            "or America/New_York") from None
     return text
 
 
@@ -557,6 +569,10 @@ OPTIONS: tuple[Option, ...] = (
            "--max-queue-bytes. Takes K, M, G (default: %(default)s, or a quarter of "
            "--max-queue-bytes if that is less)",
            metavar="BYTES", group=CHAT, show=_size_text),
+    Option("--tz", "tz", _zone,
+           "chat mode: the time zone of the times (HH:MM) in front of replayed history, an "
+           "IANA name such as Europe/Paris (default: %(default)s)",
+           metavar="ZONE", group=CHAT),
     Option("--stats-interval", "stats_interval", _seconds,
            "log a server.stats event this often: connections by state, messages and bytes, "
            "queues, closes by reason, loop figures; 0: never (default: %(default)s)",
@@ -726,6 +742,8 @@ def _check_web(o: Options, given: Collection[str]) -> None:
 def _check_chat(o: Options, given: Collection[str]) -> None:
     if "max_line" in given and o.mode != "chat":
         raise UsageError("--max-line needs --mode chat")
+    if "tz" in given and o.mode != "chat":
+        raise UsageError("--tz needs --mode chat")
     if "history_bytes" in given and not o.history:
         raise UsageError("--history-bytes needs --history")
     if "history_bytes" in given and o.history_bytes > o.max_queue_bytes // 4:

@@ -34,7 +34,10 @@ from structlog.typing import FilteringBoundLogger
 from fsmchat.acceptor import Acceptor, Listener, ListenError, open_listener
 from fsmchat.access import Access
 from fsmchat.banner import tell_where_to_connect
-from fsmchat.chat.mode import ENTRY_BYTES, Chat, skeleton
+from fsmchat.chat.mode import ENTRY_BYTES, Chat
+from fsmchat.chat.recent import Budget, time_zone
+from fsmchat.chat.rooms import room_key
+from fsmchat.chat.text import is_name, room_problem, skeleton
 from fsmchat.connection import RECV_SIZE, Connection
 from fsmchat.history import History
 from fsmchat.hub import Extension, Hub, Limits
@@ -51,7 +54,7 @@ from fsmchat.ops.stats import Snapshot, StatsReporter
 from fsmchat.options import RESERVED_FDS, WEB_FDS, Options
 from fsmchat.reasons import Reason
 from fsmchat.redis.bus import RedisBus
-from fsmchat.redis.presence import Presence, delayed
+from fsmchat.redis.presence import Presence, Rules, SharedDirectory, delayed
 from fsmchat.web.site import WebSite
 
 EMPTY_QUIET = 0.2
@@ -132,17 +135,22 @@ class Server:
         self.chat: Chat | None = None
         if options.mode == "chat":  # every instance counts from user1: tell theirs apart
             suffix = b"-" + self.bus.origin[:4] if self.bus is not None else b""
+            # History is kept per room, by the chat itself.
+            budget = Budget(options.history, options.history_bytes) if options.history else None
             self.chat = Chat(hub, options.max_line,
-                             min(ENTRY_BYTES, options.max_queue_bytes // 8), suffix)
+                             min(ENTRY_BYTES, options.max_queue_bytes // 8), suffix,
+                             history=budget, zone=time_zone(options.tz))
             hub.take_input(self.chat.received, self.chat.relayed, self.chat.relay_waits)
         self.presence: Presence | None = None
         if self.bus is not None and self.chat is not None:  # names and notices across instances
+            rules = Rules(skeleton, is_name, lambda room: room_problem(room) is None, room_key)
             self.presence = Presence(hub, self.bus, loop, log, ttl=options.presence_ttl,
-                                     skeleton=skeleton)
+                                     rules=rules)
+            self.chat.directory = SharedDirectory(self.chat, self.presence)
             self.bus.subscriber.late = delayed
             self.bus.on_links = lambda up: hub.call("reconnected" if up else "isolated")
         self.history = (History(options.history, options.history_bytes, hub.replay)
-                        if options.history else None)
+                        if options.history and self.chat is None else None)
         parts: list[Extension] = [self.acceptor, *(
             part for part in (self.chat, self.history, self.presence, self.bus)
             if part is not None)]
@@ -242,7 +250,8 @@ class Server:
             loop_turns=self.loop.turns,
             select_seconds=self.loop.select_seconds,
             lines_cut=self.chat.cuts() if self.chat is not None else 0,
-            history=len(self.history) if self.history is not None else 0,
+            history=(len(self.history) if self.history is not None
+                     else self.chat.history_kept() if self.chat is not None else 0),
             seconds=round(time.monotonic() - self.started, 3),
             start_time=self.start_time,
             log_dropped=dict(stream.dropped) if stream is not None else {},

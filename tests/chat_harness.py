@@ -11,20 +11,53 @@ from __future__ import annotations
 import re
 import socket
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from zoneinfo import ZoneInfo
 
 from conftest import WAIT, Client, ServerProcess, assert_nothing_arrives
 
-COMMANDS = "/nick NAME, /who, /me ACTION, /quit"
 WELCOME = re.compile(
-    rb"\*\*\* welcome, you are ([A-Za-z0-9_-]{1,16}) \(commands: "
-    + re.escape(COMMANDS.encode())
-    + rb"\)\n"
+    rb"\*\*\* welcome, you are ([A-Za-z0-9_-]{1,16}) \(/help lists the commands\)\n"
 )
 
 
+RECENT = b"*** recent messages:\n"
+END_OF_RECENT = b"*** end of recent messages\n"
+STARTED = time.time()
+"""When the tests started: a replayed line's time is no earlier (its minute, at least)."""
+UTC = ZoneInfo("UTC")
+
+
+def minutes(since: float, zone: tzinfo = UTC) -> set[bytes]:
+    """Every ``HH:MM`` in ``zone`` from ``since`` until now: the times a replay may show."""
+    first = int(since // 60)
+    return {datetime.fromtimestamp(minute * 60, zone).strftime("%H:%M").encode()
+            for minute in range(first, int(time.time() // 60) + 1)}
+
+
+def check_replay(line: Callable[[], bytes | str], expected: Sequence[bytes | str],
+                 since: float = STARTED, zone: tzinfo = UTC) -> list[bytes]:
+    """The next lines ``line()`` gives are framed history: its first line, then each of
+    ``expected`` after a time (``HH:MM `` in ``zone``, from ``since`` until now), then its last
+    line. Returns the times shown."""
+    first = as_bytes(line())
+    assert first == RECENT, f"got {first!r}, expected {RECENT!r}"
+    shown: list[bytes] = []
+    for want in expected:
+        got = as_bytes(line())
+        stamp, _, rest = got.partition(b" ")
+        assert rest == as_bytes(want), f"got {got!r}, expected a time and {as_bytes(want)!r}"
+        assert stamp in minutes(since, zone), f"{stamp!r} is no time since the tests began"
+        shown.append(stamp)
+    last = as_bytes(line())
+    assert last == END_OF_RECENT, f"got {last!r}, expected {END_OF_RECENT!r}"
+    return shown
+
+
 def welcome(name: str) -> bytes:
-    return f"*** welcome, you are {name} (commands: {COMMANDS})\n".encode()
+    return f"*** welcome, you are {name} (/help lists the commands)\n".encode()
 
 
 def as_bytes(text: str | bytes) -> bytes:
@@ -121,6 +154,11 @@ class Chatter:
     def quiet(self) -> None:
         self.lines.quiet()
 
+    def expect_replay(self, *expected: bytes | str, since: float = STARTED,
+                      zone: tzinfo = UTC) -> list[bytes]:
+        """The framed history (``check_replay``) holding ``expected``; the times shown."""
+        return check_replay(self.line, expected, since, zone)
+
 
 def join(server: ServerProcess, *present: Chatter, rcvbuf: int | None = None) -> Chatter:
     """Connect, read the welcome line (nothing else), and check each of ``present`` is told.
@@ -133,7 +171,7 @@ def join(server: ServerProcess, *present: Chatter, rcvbuf: int | None = None) ->
     assert match is not None, f"not a welcome line: {first!r}"
     name = match.group(1).decode()
     for other in present:
-        other.expect(f"*** {name} joined\n")
+        other.expect(f"*** {name} joined lobby\n")
     return Chatter(client, name, lines)
 
 

@@ -202,9 +202,9 @@ def test_two_pages_and_a_terminal_chat_together(
     url = page_url(server)
     alice = open_page(browser, url)
     bob = open_page(browser, url)
-    alice.wait_row(f"*** {bob.name} joined")
+    alice.wait_row(f"*** {bob.name} joined lobby")
     term = join(server)
-    wait_sees([alice, bob], [], f"*** {term.name} joined")
+    wait_sees([alice, bob], [], f"*** {term.name} joined lobby")
 
     said = f"<{alice.name}> hello from a browser"
     alice.say("hello from a browser")
@@ -232,7 +232,7 @@ def test_two_pages_and_a_terminal_chat_together(
     assert bob.rows().count(acted) == 1
     # Own lines, others' lines, notices and actions look different.
     assert alice.look(said) != bob.look(said)
-    assert alice.look(heard) != alice.look(f"*** {term.name} joined")
+    assert alice.look(heard) != alice.look(f"*** {term.name} joined lobby")
     assert alice.look(heard) != alice.look(acted)
     assert alice.errors == [] and bob.errors == []
 
@@ -259,7 +259,7 @@ def test_markup_in_a_message_is_shown_as_text_and_runs_nothing(
     bob = open_page(browser, url)
     term = join(server)
     for tab in (alice, bob):
-        tab.wait_row(f"*** {term.name} joined")
+        tab.wait_row(f"*** {term.name} joined lobby")
     attack = "<img src=x onerror=alert(1)>"
     alice.say(attack)
     wait_sees([alice, bob], [term], f"<{alice.name}> {attack}")
@@ -314,7 +314,7 @@ def test_the_page_reconnects_after_the_server_restarts(
     second = start_server("--mode", "chat", "--web-port", str(port))
     tab.wait_status("^connected again$", timeout=RECONNECT_WAIT_MS)
     term = join(second)
-    tab.wait_row(f"*** {term.name} joined")
+    tab.wait_row(f"*** {term.name} joined lobby")
     # A new server, a new welcome: the page's name is the last one it was given.
     name = re.findall(WELCOME, "\n".join(tab.rows()), re.MULTILINE)[-1]
     tab.say("back again")
@@ -470,7 +470,7 @@ def make_screenshot(out: Path) -> None:
             term = join(server)
             screen = TerminalScreen(term)
             for tab in (alice, bob):
-                tab.wait_row(f"*** {term.name} joined")
+                tab.wait_row(f"*** {term.name} joined lobby")
 
             def step(who: ChatPage | None, text: str, seen: str, own: str = "") -> None:
                 """``who`` (None: the terminal) types ``text``; everyone else sees ``seen``."""

@@ -23,7 +23,7 @@ from conftest import (
 
 CHAT = ("--mode", "chat")
 UNKNOWN = (
-    "*** unknown command /foo (commands: /nick NAME, /who, /me ACTION, /quit; "
+    "*** unknown command /foo (/help lists the commands; "
     "start a line with // to send one that begins with /)\n"
 )
 INVALID_UTF8 = b"bad \xfe\xc0 utf8 \xc3 \xe6\x97 end"  # no 0xFF: in chat mode, telnet's IAC
@@ -82,12 +82,12 @@ def test_newcomers_are_welcomed_by_number_and_announced_to_the_others(
     b = chat.connect()
     b_lines = Lines(b.sock)
     assert b_lines.line() == welcome("user2")
-    assert a_lines.line() == b"*** user2 joined\n"
+    assert a_lines.line() == b"*** user2 joined lobby\n"
     c = chat.connect()
     c_lines = Lines(c.sock)
     assert c_lines.line() == welcome("user3")
-    assert a_lines.line() == b"*** user3 joined\n"
-    assert b_lines.line() == b"*** user3 joined\n"
+    assert a_lines.line() == b"*** user3 joined lobby\n"
+    assert b_lines.line() == b"*** user3 joined lobby\n"
     # The newcomer is not told of its own arrival: C's first line after the welcome is A's.
     a.sock.sendall(b"hi\n")
     assert c_lines.line() == b"<user1> hi\n"
@@ -138,8 +138,8 @@ def test_empty_and_blank_lines_are_ignored(chat: ServerProcess) -> None:
 def test_a_client_that_disconnects_is_announced_as_left(chat: ServerProcess) -> None:
     a, b, c = join_many(chat, 3)
     reset(a.sock)
-    b.expect("*** user1 left\n")
-    c.expect("*** user1 left\n")
+    b.expect("*** user1 left lobby\n")
+    c.expect("*** user1 left lobby\n")
     closed = chat.wait_closed(a.client)
     assert closed["reason"] != "quit"
     b.say("still here")
@@ -156,7 +156,7 @@ def test_a_partial_line_pending_at_eof_is_delivered_before_the_leave_notice(
     b.expect(
         "<user1> first\n",
         "<user1> last words without newline\n",
-        "*** user1 left\n",
+        "*** user1 left lobby\n",
     )
     assert a.lines.rest_until_eof() == b""
     assert chat.wait_closed(a.client)["reason"] == "peer_closed"
@@ -302,13 +302,13 @@ def test_who_lists_everyone_sorted_ignoring_case_to_the_sender_only(
     a.expect("*** user3 is now amy\n")
     b.expect("*** user3 is now amy\n")
     b.say("/who")
-    b.expect("*** 3 here: amy, Bob, zed\n")
+    b.expect("*** 3 in lobby: amy, Bob, zed\n")
     b.say("after who")
     a.expect("<Bob> after who\n")
     c.expect("<Bob> after who\n")
     d = join(chat, a, b, c)
     d.say("/who")
-    d.expect(f"*** 4 here: amy, Bob, {d.name}, zed\n")
+    d.expect(f"*** 4 in lobby: amy, Bob, {d.name}, zed\n")
     d.say("hello all")  # the next line the others get: no /who answer came before it
     for chatter in (a, b, c):
         chatter.expect(f"<{d.name}> hello all\n")
@@ -338,8 +338,8 @@ def test_quit_says_bye_closes_with_reason_quit_and_tells_the_others(
     a.expect("*** bye\n")
     assert a.lines.rest_until_eof() == b""
     assert chat.wait_closed(a.client)["reason"] == "quit"
-    c.expect("<user2> before\n", "*** user1 left\n")
-    b.expect("*** user1 left\n")
+    c.expect("<user2> before\n", "*** user1 left lobby\n")
+    b.expect("*** user1 left lobby\n")
     b.say("after")
     c.expect("<user2> after\n")
     b.quiet()
@@ -351,6 +351,46 @@ def test_unknown_command_is_explained_to_the_sender_only(chat: ServerProcess) ->
     a.expect(UNKNOWN)
     a.say("visible")
     b.expect("<user1> visible\n")
+    b.quiet()
+
+
+def test_help_lists_every_command_one_line_each(chat: ServerProcess) -> None:
+    a, b = join_many(chat, 2)
+    a.say("/help")
+    first = a.line()
+    assert first.startswith(b"*** /help "), first
+    lines = [first]
+    a.say("/who")  # its answer ends the list
+    while not (line := a.line()).startswith(b"*** 2 in lobby"):
+        lines.append(line)
+    usages = [line.split(b"  ")[0].removeprefix(b"*** ").strip() for line in lines]
+    for usage in (b"/help", b"/nick NAME", b"/who", b"/me ACTION", b"/quit"):
+        assert usage in usages, (usage, lines)
+    assert all(line.startswith(b"*** /") and line.count(b"\n") == 1 for line in lines), lines
+    b.say("after")
+    a.expect("<user2> after\n")
+    b.quiet()
+
+
+def test_commands_are_case_insensitive(chat: ServerProcess) -> None:
+    a, b = join_many(chat, 2)
+    a.say("/NICK alice")
+    a.expect("*** you are now alice\n")
+    b.expect("*** user1 is now alice\n")
+    a.say("/Me waves")
+    b.expect("* alice waves\n")
+    a.say("/WHO")
+    a.expect("*** 2 in lobby: alice, user2\n")
+
+
+def test_me_without_text_is_answered_with_its_usage(chat: ServerProcess) -> None:
+    a, b = join_many(chat, 2)
+    a.say("/me")
+    a.expect("*** usage: /me ACTION\n")
+    a.say("/me   ")
+    a.expect("*** usage: /me ACTION\n")
+    a.say("visible")
+    b.expect("<user1> visible\n")  # and no empty action before it
     b.quiet()
 
 

@@ -131,7 +131,7 @@ def test_stuck_readers_overflowing_at_once_are_each_closed_once_and_announced(
     # rest, who have no room for that either.
     sender.say("x" * 1000)
     observer.line()
-    names = sorted(f"*** {c.name} left\n".encode() for c in stuck)
+    names = sorted(f"*** {c.name} left lobby\n".encode() for c in stuck)
     for chatter in (observer, sender):
         assert sorted(chatter.line() for _ in stuck) == names
     for chatter in stuck:

@@ -65,18 +65,18 @@ class RecordingHub:
         return self
 
     def broadcast(self, data: bytes, exclude: Person | None = None,
-                  lines: Sequence[bytes] = ()) -> None:
+                  lines: Sequence[bytes] = (), to: object = None, head: bytes = b"") -> None:
         assert not lines or b"".join(lines) == data
         self.said.append((f"* but {exclude.fd}" if exclude else "*", data))
         self.lines += len(lines) or 1
 
     def deliver(self, data: bytes, sender: Person | None = None,
-                lines: Sequence[bytes] = ()) -> None:
+                lines: Sequence[bytes] = (), to: object = None) -> None:
         assert sender is None and (not lines or b"".join(lines) == data)
         self.said.append(("here", data))
         self.lines += len(lines) or 1
 
-    def publish(self, data: bytes) -> None:
+    def publish(self, data: bytes, head: bytes = b"") -> None:
         self.said.append(("elsewhere", data))
 
     def tell(self, client: Person, data: bytes) -> None:
@@ -116,7 +116,7 @@ def test_names_are_unique_whatever_the_case_and_refusals_change_nothing() -> Non
     assert said[1][1].startswith(b'*** nick: "no way" is not a name')
     assert said[2][1] == b"*** usage: /nick NAME\n"
     chat.received(b, b"/who\n")
-    assert room.take() == [("11", b"*** 2 here: Alice, user2\n")]
+    assert room.take() == [("11", b"*** 2 in lobby: Alice, user2\n")]
 
 
 def test_a_new_name_skips_names_taken_by_hand() -> None:
@@ -125,8 +125,7 @@ def test_a_new_name_skips_names_taken_by_hand() -> None:
     room.take()
     newcomer = cast(Connection, Person(20))
     chat.greet(newcomer)
-    assert room.take() == [("20", b"*** welcome, you are user3 (commands: /nick NAME, /who, "
-                                  b"/me ACTION, /quit)\n")]
+    assert room.take() == [("20", b"*** welcome, you are user3 (/help lists the commands)\n")]
 
 
 def test_after_quit_the_rest_of_the_read_is_ignored() -> None:
@@ -135,7 +134,7 @@ def test_after_quit_the_rest_of_the_read_is_ignored() -> None:
     assert room.take() == [("* but 10", b"<user1> bye all\n"), ("10", b"*** bye\n")]
     assert room.messages_in == 2  # the lines read up to /quit
     chat.left(a)
-    assert room.take() == [("* but 10", b"*** user1 left\n")]
+    assert room.take() == [("* but 10", b"*** user1 left lobby\n")]
 
 
 def test_a_partial_line_is_said_when_its_sender_leaves() -> None:
@@ -143,7 +142,8 @@ def test_a_partial_line_is_said_when_its_sender_leaves() -> None:
     chat.received(a, b"half a")
     assert room.take() == []
     chat.left(a)
-    assert room.take() == [("* but 10", b"<user1> half a\n"), ("* but 10", b"*** user1 left\n")]
+    assert room.take() == [("* but 10", b"<user1> half a\n"),
+                           ("* but 10", b"*** user1 left lobby\n")]
     chat.left(a)  # twice is nothing
     assert room.take() == []
 
@@ -155,7 +155,8 @@ def test_an_unfinished_line_is_dropped_on_a_forced_close_and_never_a_command() -
     chat.left(a)
     chat.received(b, b"/quit")  # EOF right after: a command is not said, nor done
     chat.left(b)
-    assert room.take() == [("* but 10", b"*** user1 left\n"), ("* but 11", b"*** user2 left\n")]
+    assert room.take() == [("* but 10", b"*** user1 left lobby\n"),
+                           ("* but 11", b"*** user2 left lobby\n")]
 
 
 def test_a_client_closed_by_its_own_announcement_reads_no_further() -> None:
@@ -163,15 +164,16 @@ def test_a_client_closed_by_its_own_announcement_reads_no_further() -> None:
     original = room.broadcast
 
     def announce_then_close(data: bytes, exclude: Person | None = None,
-                            lines: Sequence[bytes] = ()) -> None:
-        original(data, exclude, lines)
+                            lines: Sequence[bytes] = (), to: object = None,
+                            head: bytes = b"") -> None:
+        original(data, exclude, lines, to, head)
         if exclude is not None:
             exclude.here = False  # as when a leave notice took it past its queue limit
 
     room.broadcast = announce_then_close  # type: ignore[method-assign]
     chat.received(a, b"first\n/nick late\n/who\nsecond\n")
     assert room.take() == [("* but 10", b"<user1> first\n")]
-    assert b"late" not in chat.taken
+    assert chat.directory.holder(b"late") is None
 
 
 def test_commands_escapes_and_empty_lines() -> None:
@@ -206,7 +208,8 @@ def test_at_shutdown_everyone_is_told_and_leaves_are_news_elsewhere_only() -> No
     chat.left(a)
     chat.left(b)
     assert room.take() == [("here", b"*** the server is shutting down\n"),
-                           ("elsewhere", b"*** user1 left\n"), ("elsewhere", b"*** user2 left\n")]
+                           ("elsewhere", b"*** user1 left lobby\n"),
+                           ("elsewhere", b"*** user2 left lobby\n")]
 
 
 def test_one_read_goes_out_in_bounded_entries_and_waits_when_held_back() -> None:
@@ -240,7 +243,7 @@ def test_held_lines_go_first_and_are_said_at_shutdown_but_dropped_on_a_forced_cl
                            ("* but 10", b"<user1> four\n")]
     b.reason = "queue_limit"
     chat.left(b)
-    assert room.take() == [("* but 11", b"*** user2 left\n")]
+    assert room.take() == [("* but 11", b"*** user2 left lobby\n")]
     room.holding = True
     chat.received(a, b"five\nsix\n")
     room.take()
@@ -248,7 +251,8 @@ def test_held_lines_go_first_and_are_said_at_shutdown_but_dropped_on_a_forced_cl
     a.reason = "server_shutdown"
     chat.left(a)
     assert room.take() == [("here", b"*** the server is shutting down\n"),
-                           ("elsewhere", b"<user1> six\n"), ("elsewhere", b"*** user1 left\n")]
+                           ("elsewhere", b"<user1> six\n"),
+                           ("elsewhere", b"*** user1 left lobby\n")]
 
 
 def test_names_that_look_alike_are_not_both_given_out() -> None:
@@ -289,7 +293,7 @@ def test_a_relayed_payload_is_cut_like_a_read_and_waits_between_entries_when_hel
     chat.relayed(b"x" * 30 + b"\n" + b"y" * 30 + b"\n")
     chat.relayed(b"z\n")  # newer: after what waits
     assert room.take() == [("here", b"x" * 30 + b"\n")]
-    assert list(chat.relaying) == [b"y" * 30 + b"\n", b"z\n"]
+    assert [line for _, line in chat.relaying] == [b"y" * 30 + b"\n", b"z\n"]
     room.holding = False
     chat.relay_on()
     assert room.take() == [("here", b"y" * 30 + b"\nz\n")]

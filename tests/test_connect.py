@@ -161,7 +161,7 @@ def joined(server: ServerProcess, terminal: Terminal, *present: Chatter) -> str:
     """The terminal's name, once the server welcomed it and ``present`` were told."""
     name = terminal.welcome()
     for other in present:
-        other.expect(f"*** {name} joined\n")
+        other.expect(f"*** {name} joined lobby\n")
     terminal.wait_prompt()
     return name
 
@@ -300,7 +300,7 @@ def test_ctrl_d_and_ctrl_c_leave_cleanly(
     assert term.wait_exit() == status
     assert b"Traceback" not in term.output
     assert CLOSED.encode() not in term.output
-    nc.expect(f"*** {name} left\n")
+    nc.expect(f"*** {name} left lobby\n")
     nc.quiet()
 
 
@@ -320,8 +320,8 @@ def test_piped_it_sends_the_lines_read_and_prints_what_arrives(chat: ServerProce
     welcome = WELCOME.match(lines[0])
     assert welcome is not None
     name = welcome.group(1)
-    nc.expect(f"*** {name} joined\n", f"*** {name} is now piper\n", "<piper> hello\n",
-              "<piper> no newline\n", "*** piper left\n")
+    nc.expect(f"*** {name} joined lobby\n", f"*** {name} is now piper\n", "<piper> hello\n",
+              "<piper> no newline\n", "*** piper left lobby\n")
 
 
 def test_piped_over_tls_it_leaves_once_the_server_is_quiet(

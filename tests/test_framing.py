@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fsmchat.chat.framing import LineFramer
-from fsmchat.chat.mode import MARKS_MAX, PLANES, clean
+from fsmchat.chat.text import MARKS_MAX, PLANES, clean
 from fsmchat.history import History
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f\x80-\x9f]")

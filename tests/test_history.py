@@ -145,7 +145,7 @@ def join_with_history(server: ServerProcess) -> tuple[Chatter, Chatter]:
     """
     a = join(server)
     b = join(server, a)
-    b.expect("*** user1 joined\n")
+    b.expect_replay("*** user1 joined lobby\n")
     return a, b
 
 
@@ -154,12 +154,12 @@ def test_chat_history_follows_the_welcome_and_holds_shared_lines_only(
 ) -> None:
     server = start_server("--mode", "chat", "--history", "5")
     a, b = join_with_history(server)
-    shared = [b"*** user1 joined\n", b"*** user2 joined\n"]
+    shared = [b"*** user1 joined lobby\n", b"*** user2 joined lobby\n"]
     a.say("one")
     b.expect("<user1> one\n")
     shared.append(b"<user1> one\n")
     b.say("/who")  # private: not kept
-    b.expect("*** 2 here: user1, user2\n")
+    b.expect("*** 2 in lobby: user1, user2\n")
     b.say("/nick bad name!")  # private refusal: not kept
     assert b.line().startswith(b"*** nick: ")
     b.say("/foo")  # private: not kept
@@ -175,17 +175,17 @@ def test_chat_history_follows_the_welcome_and_holds_shared_lines_only(
     a.expect("<bob> two\n")
     shared.append(b"<bob> two\n")
     d = join(server, a, b)
-    shared.append(f"*** {d.name} joined\n".encode())
-    d.expect(*kept(shared[:-1], 5, 1 << 20))  # its own arrival is not replayed to it
+    shared.append(f"*** {d.name} joined lobby\n".encode())
+    d.expect_replay(*kept(shared[:-1], 5, 1 << 20))  # its own arrival is not replayed to it
     d.say("/quit")
     d.expect("*** bye\n")
-    a.expect(f"*** {d.name} left\n")
-    b.expect(f"*** {d.name} left\n")
-    shared.append(f"*** {d.name} left\n".encode())
+    a.expect(f"*** {d.name} left lobby\n")
+    b.expect(f"*** {d.name} left lobby\n")
+    shared.append(f"*** {d.name} left lobby\n".encode())
 
     c = join(server, a, b)
     assert kept(shared, 5, 1 << 20) == shared[-5:]
-    c.expect(*shared[-5:])
+    c.expect_replay(*shared[-5:])
     a.say("live")
     c.expect("<user1> live\n")
     b.expect("<user1> live\n")
@@ -195,7 +195,7 @@ def test_chat_history_follows_the_welcome_and_holds_shared_lines_only(
 def test_chat_history_is_bounded_by_bytes_too(start_server: StartServer) -> None:
     server = start_server("--mode", "chat", "--history", "100", "--history-bytes", "64")
     a, b = join_with_history(server)
-    shared = [b"*** user1 joined\n", b"*** user2 joined\n"]
+    shared = [b"*** user1 joined lobby\n", b"*** user2 joined lobby\n"]
     for i in range(6):
         a.say(f"line {i} " + "x" * i)
         line = f"<user1> line {i} {'x' * i}\n".encode()
@@ -204,7 +204,7 @@ def test_chat_history_is_bounded_by_bytes_too(start_server: StartServer) -> None
     c: Chatter = join(server, a, b)
     expected = kept(shared, 100, 64)
     assert 0 < len(expected) < len(shared)
-    c.expect(*expected)
+    c.expect_replay(*expected)
     a.say("live")
     c.expect("<user1> live\n")
 

@@ -3,7 +3,8 @@ lines, partial lines, commands (``/quit`` and ``/nick`` among them) and garbage.
 
 The invariants: no trigger is ever invalid, no queue passes its limit, every connection ends
 ``closed``, and what a client was sent is whole lines, each a message (``<name> ...``), an action
-(``* name ...``) or a notice (``*** ...``), with no control character but the newline that ends it.
+(``* name ...``), a notice (``*** ...``) or a private line (``*ann* ...``, ``-> *ann* ...``), maybe
+after a time (replayed history), with no control character but the newline that ends it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from test_model import CLEAN, LIMIT, Chat, ModelServer, ScriptedSocket
 
 from fsmchat.options import Options
 
-LINE = re.compile(rb"(<[A-Za-z0-9_-]{1,16}> |\*\*\* |\* [A-Za-z0-9_-]{1,16} )"
+LINE = re.compile(rb"([0-9]{2}:[0-9]{2} )?"  # replayed history
+                  rb"(<[A-Za-z0-9_-]{1,16}> |\*\*\* |\* [A-Za-z0-9_-]{1,16} "
+                  rb"|(-> )?\*[A-Za-z0-9_-]{1,16}\* )"  # a private message, and its echo
                   rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 
 PIECES = st.sampled_from([
     b"hello\n", b"/quit\n", b"/nick ann\n", b"/nick Ann\n", b"/who\n", b"/me waves\n",
     b"//x\n", b"/bogus\n", b"\n", b"\r\n", b"\x1b[2J", b"\xff\xfe", b"half", b"x" * 300,
+    b"/join math\n", b"/JOIN Math\n", b"/part\n", b"/rooms\n", b"/msg ann psst\n",
+    b"/msg user1 hi\n", b"/join \x07\n",
 ])
 
 

@@ -12,28 +12,31 @@ chat mode on a real Redis: the outage notices and the delayed marks, as a person
 from __future__ import annotations
 
 import io
+import signal
 import time
 from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
-from conftest import WAIT, StartServer, wait_event_count
+from conftest import WAIT, ServerProcess, StartServer, wait_event_count
 from redis_harness import RedisServer, bug_free
 from test_redis import send_message, start_instance
 from test_redis_chat import Person
 
-from fsmchat.chat.mode import skeleton
+from fsmchat.chat.rooms import room_key
+from fsmchat.chat.text import is_name, room_problem, skeleton
 from fsmchat.hub import Hub, Limits
 from fsmchat.net.loop import EventLoop
 from fsmchat.ops.events import make_logger
 from fsmchat.ops.logstream import LogStream
-from fsmchat.redis.bus import RedisBus, now_ms
+from fsmchat.redis.bus import RedisBus
 from fsmchat.redis.link import RedisAddress
-from fsmchat.redis.presence import RECONNECTED, UNREACHABLE, Presence, delayed
+from fsmchat.redis.presence import RECONNECTED, UNREACHABLE, Presence, Rules, delayed, now_us
 
 pytest_plugins = ["redis_harness"]
 
 TTL = 1.5  # seconds: short, so that a vanished instance is swept within a test
+RULES = Rules(skeleton, is_name, lambda room: room_problem(room) is None, room_key)
 
 
 @pytest.fixture
@@ -57,8 +60,7 @@ class Node:
         self.bus = RedisBus(RedisAddress.parse(redis.url), channel, loop, self.log,
                             outbox_limit=1 << 20, payload_limit=1 << 20,
                             deliver=lambda payload: False)
-        self.presence = Presence(self.hub, self.bus, loop, self.log, ttl=TTL,
-                                 skeleton=skeleton)
+        self.presence = Presence(self.hub, self.bus, loop, self.log, ttl=TTL, rules=RULES)
         self.lost: list[tuple[object, bytes, bytes]] = []
         self.presence.on_lost = lambda who, name, holder: self.lost.append((who, name, holder))
         self.answers: dict[object, list[bytes | None]] = {}
@@ -158,7 +160,7 @@ def test_a_name_taken_on_one_instance_is_refused_on_the_other(cluster: Cluster) 
     cluster.until(lambda: bool(b.answers.get("bob")), "answer to bob")
     assert b.answers["bob"] == [b"alice"]
     assert sorted(b.presence.names_in(b"lobby")) == [b"alice", b"user1-bbbb"]
-    assert b.presence.rooms() == {b"lobby": 2}
+    assert b.presence.rooms() == {b"lobby": (b"lobby", 2)}
     assert {v.split(b" ")[2] for v in names_hash(cluster.redis).values()} == {
         b"alice", b"user1-bbbb"}, "the old name went with the rename"
 
@@ -204,8 +206,8 @@ def test_while_redis_is_away_names_are_local_and_the_earlier_claim_wins_after(
     assert b.presence.elsewhere(b"user1-aaaa") == b"user1-aaaa", "... but their names kept"
     a.ask("ann", b"erin")
     assert a.answers["ann"] == [None], "granted at once: nobody to ask"
-    later = now_ms()
-    while now_ms() == later:  # the next millisecond: B's claim is the later one
+    later = now_us()
+    while now_us() == later:  # the next microsecond: B's claim is the later one
         pass
     b.ask("bob", b"Erin")
     assert b.answers["bob"] == [None]
@@ -225,8 +227,9 @@ def test_a_vanished_instances_names_are_freed_after_the_ttl(cluster: Cluster) ->
     ghost = b"0123456789abcdef"  # an instance that wrote its names and died
     redis = cluster.redis
     redis.command("SET", b"fsmchat:fsmchat:alive:" + ghost, "1", "PX", str(int(TTL * 1000)))
+    redis.command("SADD", "fsmchat:fsmchat:instances", ghost)
     redis.command("HSET", "fsmchat:fsmchat:names", skeleton(b"frank"),
-                  b"%s %d frank lobby" % (ghost, now_ms()))
+                  b"%s %d frank lobby" % (ghost, now_us()))
     redis.command("INCR", "fsmchat:fsmchat:rev")  # a change A has not heard of: A reads anew
     cluster.until(lambda: a.presence.elsewhere(b"frank") == b"frank", "frank seen", TTL)
     started = time.monotonic()
@@ -234,6 +237,20 @@ def test_a_vanished_instances_names_are_freed_after_the_ttl(cluster: Cluster) ->
     assert time.monotonic() - started <= TTL * 4 / 3 + 0.5
     assert skeleton(b"frank") not in names_hash(redis)
     assert a.events("presence.freed")[0]["names"] == 1
+    assert redis.command("SMEMBERS", "fsmchat:fsmchat:instances") == [a.id]
+
+
+def test_a_names_owner_that_never_was_alive_is_swept_by_a_full_read(cluster: Cluster) -> None:
+    """Written by hand (or by an instance of another version): no alive key, in no set."""
+    a = cluster.node()
+    linked(cluster, a)
+    cluster.until(lambda: a.presence.rev >= 0, "A's first full read")
+    redis = cluster.redis
+    for name, owner in ((b"lena", b"00000000000000aa"), (b"mona", b"not an instance")):
+        redis.command("HSET", "fsmchat:fsmchat:names", skeleton(name), owner + b" 1 x lobby")
+    redis.command("INCR", "fsmchat:fsmchat:rev")  # A's view is not current: it reads in full
+    cluster.until(lambda: names_hash(redis) == {}, "the hash swept")
+    assert a.presence.elsewhere(b"lena") is None
 
 
 def test_a_clean_stop_takes_the_instances_names_with_it(cluster: Cluster) -> None:
@@ -253,10 +270,11 @@ def test_a_moved_person_is_seen_in_their_room_and_released_everywhere(
     a, b = cluster.node(), cluster.node()
     linked(cluster, a, b)
     a.presence.claim("ann", b"hana", b"lobby")
-    a.presence.move("ann", b"kitchen")
-    cluster.until(lambda: b.presence.rooms() == {b"kitchen": 1}, "hana in the kitchen on B")
-    assert b.presence.names_in(b"kitchen") == [b"hana"]
-    assert sorted(b.presence.everyone()) == [(b"hana", b"kitchen")]
+    a.presence.move("ann", b"Kitchen")
+    cluster.until(lambda: b.presence.rooms() == {b"kitchen": (b"Kitchen", 1)},
+                  "hana in the kitchen on B")
+    assert b.presence.names_in(b"KITCHEN") == [b"hana"], "rooms are found in any case"
+    assert sorted(b.presence.everyone()) == [(b"hana", b"Kitchen")]
     a.presence.release("ann")
     cluster.until(lambda: not b.presence.rooms(), "hana gone on B")
 
@@ -335,6 +353,179 @@ def test_a_late_message_that_does_not_say_when_is_marked_without_a_time() -> Non
 # --------------------------------------------------------------------------
 
 
+def start_chat(start_server: StartServer, redis: RedisServer, *extra: str) -> ServerProcess:
+    """A chat-mode instance whose three links (publish, subscribe, presence) are ready."""
+    server = start_server("--redis", redis.url, "--mode", "chat", "--presence-ttl", str(TTL),
+                          *extra)
+    for link in ("publish", "subscribe", "presence"):
+        server.wait_event("redis.connected", link=link)
+    return server
+
+
+def gather(*where: ServerProcess) -> list[Person]:
+    """A person on each of ``where``, one at a time: each comes once the last one's join
+    notice reached every instance, and everyone before hears it (nobody hears an older one)."""
+    servers = list(dict.fromkeys(where))
+    people: list[Person] = []
+    for server in where:
+        heard = {other: len(other.events("redis.received")) for other in servers}
+        person = Person(server)
+        for other in servers:
+            if other is not server:
+                wait_event_count(other, "redis.received", heard[other] + 1)
+        for before in people:
+            assert before.line() == b"*** %s joined lobby" % person.name
+        people.append(person)
+    return people
+
+
+def answer(person: Person, line: bytes) -> bytes:
+    """What ``person`` is answered when they type ``line`` (a command that answers in one line)."""
+    person.say(line)
+    return person.line()
+
+
+def until_who(person: Person, expected: bytes, timeout: float = WAIT) -> float:
+    """Ask /who until the answer is ``expected`` (the view comes through Redis); the seconds it
+    took. Each question waits for its answer: no sleeps."""
+    started = time.monotonic()
+    while (said := answer(person, b"/who")) != expected:
+        assert time.monotonic() - started < timeout, f"/who still says {said!r}"
+    return time.monotonic() - started
+
+
+def test_a_name_held_on_one_instance_is_refused_on_the_other_with_a_clear_line(
+        start_server: StartServer, redis_server: RedisServer) -> None:
+    a = start_chat(start_server, redis_server)
+    b = start_chat(start_server, redis_server)
+    alice, bob = gather(a, b)
+    assert answer(alice, b"/nick alice") == b"*** you are now alice"
+    assert bob.line() == b"*** %s is now alice" % alice.name
+    until_who(bob, b"*** 2 in lobby: alice, %s" % bob.name)
+    assert answer(bob, b"/nick alice") == b"*** nick: alice is taken (on another server)"
+    assert answer(bob, b"/nick ALlCE") == (
+        b"*** nick: ALlCE looks too much like alice, who is on another server")
+    assert answer(bob, b"/who") == b"*** 2 in lobby: alice, %s" % bob.name, "bob kept his name"
+    assert answer(alice, b"/who") == b"*** 2 in lobby: alice, %s" % bob.name
+    assert answer(bob, b"/msg alice psst") == b"-> *alice* psst"
+    assert alice.line() == b"*%s* psst" % bob.name, "found on the other instance"
+    assert answer(bob, b"/msg zed hi") == b"*** msg: nobody here is called zed"
+
+
+def test_two_asking_for_one_name_at_once_on_two_instances_get_one_owner(
+        start_server: StartServer, redis_server: RedisServer) -> None:
+    a = start_chat(start_server, redis_server)
+    b = start_chat(start_server, redis_server)
+    ann, bea = gather(a, b)
+    go_apart(ann, bea)
+    until_who(ann, b"*** 1 in north: %s" % ann.name)
+    ann.say(b"/nick carol")
+    bea.say(b"/nick carol")
+    answers = [ann.line(), bea.line()]
+    won = b"*** you are now carol"
+    assert answers.count(won) == 1, answers
+    [refused] = [line for line in answers if line != won]
+    assert refused in (b"*** nick: carol was just taken on another server",
+                       b"*** nick: carol is taken (on another server)"), refused
+    loser = bea if answers[0] == won else ann
+    assert answer(loser, b"/nick carol") == b"*** nick: carol is taken (on another server)"
+    assert len(a.events("chat.nick")) + len(b.events("chat.nick")) == 1
+
+
+def go_apart(ann: Person, bea: Person) -> None:
+    """ann to north, bea to south, where each hears only what is said to them."""
+    assert answer(ann, b"/join north") == b"*** you are now in north"
+    assert bea.line() == b"*** %s left lobby" % ann.name
+    assert answer(bea, b"/join south") == b"*** you are now in south"
+
+
+def lines(person: Person, count: int) -> list[bytes]:
+    got: list[bytes] = []
+    try:
+        for _ in range(count):
+            got.append(person.line())
+    except AssertionError as exc:
+        raise AssertionError(f"{count} lines awaited, got {got}") from exc
+    return got
+
+
+def test_the_names_of_a_killed_instance_are_freed_within_the_ttl(
+        start_server: StartServer, redis_server: RedisServer) -> None:
+    a = start_chat(start_server, redis_server)
+    b = start_chat(start_server, redis_server)
+    alice, bob = gather(a, b)
+    assert answer(alice, b"/nick alice") == b"*** you are now alice"
+    assert bob.line() == b"*** %s is now alice" % alice.name
+    until_who(bob, b"*** 2 in lobby: alice, %s" % bob.name)
+    assert answer(bob, b"/nick alice") == b"*** nick: alice is taken (on another server)"
+    a.send_signal(signal.SIGKILL)  # no clean stop: its names stay until its key expires
+    a.wait_exit()
+    took = until_who(bob, b"*** 1 in lobby: %s" % bob.name, timeout=TTL * 4 / 3 + WAIT)
+    assert took <= TTL * 4 / 3 + 1.0, f"freed after {took:.2f} s; the bound is 4/3 of the TTL"
+    assert answer(bob, b"/nick alice") == b"*** you are now alice"
+    assert b.events("presence.freed")
+
+
+def test_who_and_rooms_count_everyone_on_every_instance(
+        start_server: StartServer, redis_server: RedisServer) -> None:
+    a = start_chat(start_server, redis_server)
+    b = start_chat(start_server, redis_server)
+    people = ann, amy, bob = gather(a, a, b)
+    for person, name in zip(people, (b"ann", b"amy", b"bob"), strict=True):
+        old = person.name
+        assert answer(person, b"/nick " + name) == b"*** you are now " + name
+        for other in people:
+            if other is not person:
+                assert other.line() == b"*** %s is now %s" % (old, name)
+    assert answer(amy, b"/join Math") == b"*** you are now in Math"
+    assert lines(ann, 1) == lines(bob, 1) == [b"*** amy left lobby"]
+    assert answer(bob, b"/join math") == b"*** you are now in math"
+    assert lines(ann, 1) == [b"*** bob left lobby"]
+    assert lines(amy, 1) == [b"*** bob joined math"], "Math is math: one room"
+    until_who(bob, b"*** 2 in math: amy, bob")
+    assert answer(amy, b"/who") == b"*** 2 in Math: amy, bob"
+    assert answer(ann, b"/who") == b"*** 1 in lobby: ann"
+    assert answer(ann, b"/rooms") == b"*** 2 rooms: lobby (1), Math (2)"
+    assert answer(bob, b"/rooms") == b"*** 2 rooms: lobby (1), math (2)"
+    assert answer(bob, b"/part") == b"*** you are now in lobby"
+    assert lines(amy, 1) == [b"*** bob left math"]
+    assert lines(ann, 1) == [b"*** bob joined lobby"]
+    until_who(ann, b"*** 2 in lobby: ann, bob")
+    bob.client.sock.close()
+    assert lines(ann, 1) == [b"*** bob left lobby"]
+    until_who(ann, b"*** 1 in lobby: ann")
+    assert answer(ann, b"/rooms") == b"*** 2 rooms: lobby (1), Math (1)"
+
+
+def test_a_name_given_on_two_instances_during_an_outage_stays_with_the_earlier(
+        start_server: StartServer, redis_factory: Callable[..., RedisServer]) -> None:
+    redis = redis_factory()
+    a = start_chat(start_server, redis)
+    b = start_chat(start_server, redis)
+    ann, bea = gather(a, b)
+    go_apart(ann, bea)
+    until_who(ann, b"*** 1 in north: %s" % ann.name)
+    redis.kill()
+    assert ann.line() == UNREACHABLE.rstrip(b"\n")
+    assert bea.line() == UNREACHABLE.rstrip(b"\n")
+    assert answer(ann, b"/nick dave") == b"*** you are now dave", "nobody to ask: granted"
+    assert answer(bea, b"/nick Dave") == b"*** you are now Dave", "... here too, later"
+    redis.start()
+    assert ann.line() == RECONNECTED.rstrip(b"\n")
+    told = lines(bea, 3)  # the notice, and the rename (as Redis answers: in either order)
+    assert RECONNECTED.rstrip(b"\n") in told, told
+    told.remove(RECONNECTED.rstrip(b"\n"))
+    assert told[0] == b"*** Dave was taken earlier on another server", told
+    new = told[1].removeprefix(b"*** you are now ")
+    assert new != told[1] and new.startswith(b"user") and new.endswith(bea.name[-5:]), told
+    assert answer(bea, b"/nick dave") == b"*** nick: dave is taken (on another server)"
+    assert answer(bea, b"/who") == b"*** 1 in south: %s" % new
+    [lost] = b.events("presence.lost")
+    assert lost["name"] == "Dave" and lost["holder"] == "dave"
+    assert lost["instance"] == a.events("server.started")[0]["instance"]
+    assert not a.events("presence.lost")
+
+
 def test_an_outage_is_told_once_with_the_late_lines_marked_and_the_return_told(
         start_server: StartServer, redis_factory: Callable[..., RedisServer]) -> None:
     redis = redis_factory()
@@ -343,7 +534,7 @@ def test_an_outage_is_told_once_with_the_late_lines_marked_and_the_return_told(
     bob = Person(b)
     a.wait_event("redis.received")  # bob's join reached A before alice came: not hers to see
     alice = Person(a)
-    assert bob.line() == b"*** %s joined" % alice.name
+    assert bob.line() == b"*** %s joined lobby" % alice.name
     retries = len(a.events("redis.retrying"))
     redis.kill()
     assert alice.line() == UNREACHABLE.rstrip(b"\n")
@@ -353,7 +544,7 @@ def test_an_outage_is_told_once_with_the_late_lines_marked_and_the_return_told(
     send_message(a, alice.client, b"anyone there?\n")  # read before carol comes
     carol = Person(a)  # a newcomer during the outage is told too
     assert carol.line() == UNREACHABLE.rstrip(b"\n")
-    assert alice.line() == b"*** %s joined" % carol.name
+    assert alice.line() == b"*** %s joined lobby" % carol.name
     after = time.time()
     redis.start()
     assert alice.line() == RECONNECTED.rstrip(b"\n")
@@ -363,7 +554,7 @@ def test_an_outage_is_told_once_with_the_late_lines_marked_and_the_return_told(
     late = [line for line in seen if line != RECONNECTED.rstrip(b"\n")]
     stamps = {time.strftime("%H:%M", time.gmtime(t)).encode() for t in (before, after)}
     assert late[0][16:] == b"<%s> anyone there?" % alice.name, late
-    assert late[1][16:] == b"*** %s joined" % carol.name, late
+    assert late[1][16:] == b"*** %s joined lobby" % carol.name, late
     assert all(line[:9] == b"(delayed " and line[9:14] in stamps and line[14:16] == b") "
                for line in late), late
     alice.say(b"back")

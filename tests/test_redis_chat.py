@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from chat_harness import check_replay
 from conftest import ServerProcess, StartServer, recv_until, recv_until_suffix
 from redis_harness import RedisServer, bug_free
 from test_redis import start_instance
@@ -47,9 +48,10 @@ def test_lines_from_other_instances_carry_their_senders_name_and_enter_history(
     alice = Person(a)
     b.wait_event("redis.received")  # A's join notice is in B's history before bob comes
     bob = Person(b)
-    assert bob.line() == b"*** %s joined" % alice.name  # B's history: A's join came through Redis
+    # B's history: A's join came through Redis.
+    check_replay(lambda: bob.line() + b"\n", [b"*** %s joined lobby\n" % alice.name])
     assert alice.name != bob.name  # both are the first on their instance: told apart
-    assert alice.line() == b"*** %s joined" % bob.name
+    assert alice.line() == b"*** %s joined lobby" % bob.name
 
     alice.say(b"/nick alice")
     assert alice.line() == b"*** you are now alice"
@@ -60,11 +62,11 @@ def test_lines_from_other_instances_carry_their_senders_name_and_enter_history(
     assert alice.line() == b"* %s waves" % bob.name
 
     carol = Person(b)  # B's history, with what came from A, in order, then live
-    expected = [b"*** %s joined" % alice.name, b"*** %s joined" % bob.name,
+    expected = [b"*** %s joined lobby" % alice.name, b"*** %s joined lobby" % bob.name,
                 b"*** %s is now alice" % alice.name, b"<alice> hello ^[[31mbob",
                 b"* %s waves" % bob.name]
-    assert [carol.line() for _ in expected] == expected
-    assert alice.line() == b"*** %s joined" % carol.name
+    check_replay(lambda: carol.line() + b"\n", [line + b"\n" for line in expected])
+    assert alice.line() == b"*** %s joined lobby" % carol.name
     alice.say(b"welcome carol")
     assert carol.line() == b"<alice> welcome carol"
 
@@ -85,7 +87,7 @@ def test_a_payload_whose_cleaning_would_overflow_a_queue_is_dropped(
     server = start_instance(start_server, redis_server, "--mode", "chat",
                             "--max-queue-bytes", "1M")
     alice, bob = Person(server), Person(server)
-    assert alice.line() == b"*** %s joined" % bob.name
+    assert alice.line() == b"*** %s joined lobby" % bob.name
     payload = b"\xff" * (limit // 2)
     assert redis_server.publish("fsmchat", payload) == 1
     oversize = server.wait_event("redis.oversize")
@@ -122,7 +124,7 @@ def test_a_payload_as_big_as_a_queue_reaches_a_reader_that_keeps_up_in_cut_lines
     assert all(0 < len(line) <= 3 * max_line for line in rest), max(map(len, rest))
     assert len(rest) > 2  # cut: not one line per payload
     alice = Person(server)
-    assert bob.line() == b"*** %s joined" % alice.name
+    assert bob.line() == b"*** %s joined lobby" % alice.name
     alice.say(b"still here")
     assert bob.line() == b"<%s> still here" % alice.name
     assert not server.events("connection.queue_limit")

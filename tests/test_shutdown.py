@@ -205,7 +205,7 @@ def test_a_chat_line_read_during_the_stop_goes_out_like_any_other(
     assert stream.result().eof
     said = [line for line in stream.data.splitlines(keepends=True) if line.startswith(b"<")]
     assert said == [b"<sender> " + line for line in [*lines, b"unfinished, then EOF\n"]]
-    assert stream.data.endswith(b"*** sender left\n*** the server is shutting down\n")
+    assert stream.data.endswith(b"*** sender left lobby\n*** the server is shutting down\n")
     assert server.wait_exit(timeout=15) == 0
 
 

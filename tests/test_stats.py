@@ -136,11 +136,11 @@ def test_rejected_connections_are_counted_by_reason(start_server: StartServer) -
 def test_chat_counters_count_lines_and_every_line_sent(start_server: StartServer) -> None:
     server = start_server(*FAST, "--mode", "chat", "--history", "10")
     a, b = join_many(server, 2)
-    b.expect("*** user1 joined\n")  # history counts as lines sent too
+    b.expect_replay("*** user1 joined lobby\n")  # history counts as lines sent too, frame too
     from_a = [b"hello\n", b"/who\n", b"/nick alice\n"]
     from_b = [b"hi there\r\n", b"/me waves\n", b"/bogus\n"]
     a.send(b"".join(from_a))
-    a.expect("*** 2 here: user1, user2\n", "*** you are now alice\n")
+    a.expect("*** 2 in lobby: user1, user2\n", "*** you are now alice\n")
     b.expect("<user1> hello\n", "*** user1 is now alice\n")
     b.send(b"".join(from_b))
     a.expect("<user2> hi there\n", "* user2 waves\n")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from chat_harness import WELCOME, Chatter, join
+from chat_harness import WELCOME, Chatter, check_replay, join
 from conftest import (
     BACKLOG_LIMIT,
     HOST,
@@ -126,7 +126,7 @@ def ws_join(server: ServerProcess, jar: Jar, *present: Chatter | WsChatter) -> W
     assert match is not None, f"not a welcome line: {first!r}"
     name = match.group(1).decode()
     for other in present:
-        other.expect(f"*** {name} joined\n")
+        other.expect(f"*** {name} joined lobby\n")
     return WsChatter(conn, client, name, lines)
 
 
@@ -185,10 +185,10 @@ def test_chat_lines_go_both_ways_between_nc_and_websocket(
     nc.expect(f"<{other.name}> between browsers\n")
     ws.say("/who")
     names = sorted([nc.name, ws.name, other.name], key=str.lower)
-    ws.expect(f"*** 3 here: {', '.join(names)}\n")
+    ws.expect(f"*** 3 in lobby: {', '.join(names)}\n")
     other.conn.close()
-    nc.expect(f"*** {other.name} left\n")
-    ws.expect(f"*** {other.name} left\n")
+    nc.expect(f"*** {other.name} left lobby\n")
+    ws.expect(f"*** {other.name} left lobby\n")
     closed = server.wait_closed(other.client)
     assert closed["reason"] == "peer_closed", closed  # its close frame: it closed its side
     assert closed["bytes_in"] > len("between browsers"), closed  # wire bytes: frames, request
@@ -205,13 +205,13 @@ def test_chat_history_is_given_to_a_late_websocket_joiner(
     server = start_server(*WEB, *CHAT, "--history", "5")
     a = join(server)
     b = join(server, a)
-    b.expect(f"*** {a.name} joined\n")  # history of its own: a's join notice
+    b.expect_replay(f"*** {a.name} joined lobby\n")  # history of its own: a's join notice
     said = [f"line {i}" for i in range(6)]
     for text in said:
         a.say(text)
         b.expect(f"<{a.name}> {text}\n")
     late = ws_join(server, jar, a, b)
-    late.expect(*(f"<{a.name}> {text}\n" for text in said[-5:]))
+    check_replay(late.lines.line, [f"<{a.name}> {text}\n" for text in said[-5:]])
     a.say("live")
     late.expect(f"<{a.name}> live\n")
     b.expect(f"<{a.name}> live\n")
@@ -414,8 +414,8 @@ def test_a_chat_message_over_max_line_is_closed_with_1009_and_the_chat_goes_on(
     big.say(os.urandom(150).hex())  # 300 characters, not compressible to under 100
     assert close_code(big.conn) == 1009
     assert server.wait_closed(big.client)["reason"] == "message_too_big"
-    nc.expect(f"*** {big.name} left\n")
-    other.expect(f"*** {big.name} left\n")
+    nc.expect(f"*** {big.name} left lobby\n")
+    other.expect(f"*** {big.name} left lobby\n")
     other.say("after that")
     nc.expect(f"<{other.name}> after that\n")
     nc.say("and back")
@@ -473,7 +473,7 @@ def test_a_binary_frame_in_chat_mode_is_closed_with_1003(
     ws.conn.send(b"binary line\n")
     assert close_code(ws.conn) == 1003
     assert server.wait_closed(ws.client)["reason"] == "websocket_error"
-    nc.expect(f"*** {ws.name} left\n")  # and not the line
+    nc.expect(f"*** {ws.name} left lobby\n")  # and not the line
     other = ws_join(server, jar, nc)
     other.say("text is fine")
     nc.expect(f"<{other.name}> text is fine\n")
@@ -649,7 +649,7 @@ def test_wss_with_tls_cert_joins_the_plain_chat(
     match = WELCOME.fullmatch(lines.line().encode())
     assert match is not None
     name = match.group(1).decode()
-    nc.expect(f"*** {name} joined\n")
+    nc.expect(f"*** {name} joined lobby\n")
     conn.send("over wss")
     nc.expect(f"<{name}> over wss\n")
     nc.say("over tcp")

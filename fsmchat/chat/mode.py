@@ -1,11 +1,12 @@
-"""Chat mode: lines with names, a few commands, and text that cannot harm a terminal.
+"""Chat mode: lines with names, commands, and text that cannot harm a terminal.
 
 The mode is a layer on the raw relay, not a second server: each client keeps its connection
 machine and queue; what one ``recv`` returned goes through the client's ``LineFramer`` instead of
 straight to everyone, and each complete line becomes a message (``<name> text``), a command, or
-nothing (an empty line). The chat is an ``Extension`` of the hub, and what it sends goes back
-through the hub: to everyone else (``broadcast``), to one client (``tell``), or the client
-leaves (``quit``). No sockets here.
+nothing (an empty line). Commands are a table of their own (``chat/commands.py``); text is
+made safe by ``chat/text.py``'s ``clean``. The chat is an ``Extension`` of the hub, and what it
+sends goes back through the hub: to everyone else (``broadcast``), to one client (``tell``), or
+the client leaves (``quit``). No sockets here.
 
 Rules it keeps:
 - Only whole lines are forwarded, so lines from different senders never interleave, whatever
@@ -35,15 +36,21 @@ Rules it keeps:
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from datetime import UTC, tzinfo
 from typing import TYPE_CHECKING
 
+from fsmchat.chat import private as _private  # noqa: F401  (registers /msg)
+from fsmchat.chat.commands import COMMANDS, CommandTable
+from fsmchat.chat.directory import Directory
 from fsmchat.chat.framing import LineFramer
+from fsmchat.chat.payload import To, route
+from fsmchat.chat.recent import Budget
+from fsmchat.chat.rooms import Room, Rooms
 from fsmchat.chat.telnet import TelnetParser
+from fsmchat.chat.text import clean, prepare
 from fsmchat.hub import Extension
 from fsmchat.reasons import Reason
 
@@ -58,129 +65,6 @@ ENTRY_BYTES = 64 * 1024
 """Most bytes of one sender's messages joined into one queue entry (the server may ask for
 less: an eighth of its output limit). A single message is never split."""
 
-NAME_MAX = 16
-_NAME = re.compile(rb"[A-Za-z0-9_-]{1,%d}" % NAME_MAX)
-
-HELP = b"commands: /nick NAME, /who, /me ACTION, /quit"
-
-# C0 controls and DEL in caret notation (as ``cat -v`` shows them), but TAB, a blank like any
-# other; C1 controls, which some terminals also obey (U+009B is CSI), as U+FFFD.
-_SAFE = {code: f"^{chr(code + 64)}" for code in range(0x20)}
-_SAFE[0x09] = " "
-_SAFE[0x7F] = "^?"
-_SAFE.update({code: "\ufffd" for code in range(0x80, 0xA0)})
-_UNSAFE_ASCII = re.compile(rb"[\x00-\x1f\x7f]")
-_SPACES = re.compile(" {2,}")
-
-MARKS_MAX = 4
-"""Combining marks kept on one character: enough for the stacks of real scripts, too few for a
-wall of marks that covers the lines above and below."""
-
-PLANES = (0, 1, 14)
-"""The Unicode planes that hold every format character, combining mark and space (a test checks
-it): ``_unicode_rules`` scans only these."""
-
-_FILLERS = "\u115f\u1160\u3164\uffa0\u2800"
-"""Letters and symbols that show as blank (Hangul fillers, the blank Braille pattern)."""
-
-_ZWJ = "\u200d"
-_EMOJI = frozenset({"So", "Sk"})  # a ZWJ between such characters joins an emoji: it stays
-
-
-_UNSAFE_UTF8 = re.compile(rb"[\x00-\x1f\x7f]|\xc2[\x80-\x9f]")  # C0, DEL, C1 (U+0080-U+009F)
-
-
-@cache
-def _unicode_rules() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str],
-                              re.Pattern[str]]:
-    """Patterns for text beyond ASCII, from ``unicodedata``, built once (some 50 ms): format
-    characters and line or paragraph separators; combining marks past ``MARKS_MAX``; blanks;
-    and a quick check, a superset of what the three would change but two spaces (``clean``
-    looks for those): one class, exact in the BMP, whose other planes are one range each, so a
-    character it does not hold costs one bitmap lookup, not a scan of hundreds of ranges."""
-    invisible: list[int] = []
-    marks: list[int] = []
-    blanks: list[int] = [ord(char) for char in _FILLERS]
-    for plane in PLANES:
-        for code in range(plane << 16, (plane + 1) << 16):
-            category = unicodedata.category(chr(code))
-            if category in ("Cf", "Zl", "Zp"):
-                invisible.append(code)
-            elif category in ("Mn", "Me"):
-                marks.append(code)
-            elif category == "Zs":
-                blanks.append(code)
-    mark = _char_class(marks)
-    suspect = [code for code in invisible + marks + blanks if code != 0x20]
-    for plane in PLANES[1:]:
-        codes = [code for code in suspect if code >> 16 == plane]
-        suspect += range(min(codes), max(codes))
-    return (re.compile(_char_class(invisible)),
-            re.compile(f"({mark}{{{MARKS_MAX}}}){mark}+"),
-            re.compile(f"{_char_class(blanks)}{{2,}}|{_char_class(blanks, but=' ')}"),
-            re.compile(_char_class(suspect)))
-
-
-def _char_class(codes: list[int], but: str = "") -> str:
-    """A regular expression character class of ``codes`` (sorted), as ranges."""
-    ranges: list[list[int]] = []
-    for code in sorted(set(codes) - {ord(char) for char in but}):
-        if ranges and ranges[-1][1] == code - 1:
-            ranges[-1][1] = code
-        else:
-            ranges.append([code, code])
-    return "[" + "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}"
-                         for a, b in ranges) + "]"
-
-
-def _shown(match: re.Match[str]) -> str:
-    """An invisible character made visible, as ``less`` shows it: ``<U+202E>``."""
-    char = match.group()
-    if char == _ZWJ:
-        text, start, end = match.string, match.start(), match.end()
-        if (start and end < len(text) and unicodedata.category(text[end]) in _EMOJI
-                and (unicodedata.category(text[start - 1]) in _EMOJI
-                     or text[start - 1] == "\ufe0f")):
-            return char
-    return f"<U+{ord(char):04X}>"
-
-
-def clean(text: bytes) -> bytes:
-    """``text`` made harmless to a terminal (the rules are README's, under Chat mode): control
-    characters in caret notation (C1 ones as U+FFFD), invalid UTF-8 as U+FFFD, format
-    characters and line separators shown as ``<U+XXXX>``, at most ``MARKS_MAX`` combining marks
-    on a character, and each run of blanks one space. Anything else comes back unchanged."""
-    if text.isascii():
-        if _UNSAFE_ASCII.search(text) is None and b"  " not in text:
-            return text  # the usual case: nothing to do, no copy
-    elif _UNSAFE_UTF8.search(text) is None and b"  " not in text:
-        try:
-            fine = _unicode_rules()[3].search(text.decode()) is None  # (invalid: no)
-        except UnicodeDecodeError:
-            fine = False
-        if fine:
-            return text  # most text beyond ASCII: one search finds nothing to do
-    shown = text.decode("utf-8", "replace").translate(_SAFE)
-    if shown.isascii():
-        return _SPACES.sub(" ", shown).encode()
-    invisible, marks, blanks, _ = _unicode_rules()
-    shown = marks.sub(r"\1", invisible.sub(_shown, shown))
-    return blanks.sub(" ", shown).encode()
-
-
-_LOOKALIKE = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
-_LOOKALIKE = _LOOKALIKE.translate(bytes.maketrans(b"01iI", b"olll"))
-
-
-def skeleton(name: bytes) -> bytes:
-    """What ``name`` looks like: two names with one skeleton are not both given out.
-
-    Names are ASCII letters, digits, ``-`` and ``_``. Unicode's confusables (UTS #39, the data of
-    the confusable_homoglyphs package) hold only these pairs within that alphabet: 0 and O, 1, I
-    and l, m and rn. To them come case and i (which l, I and 1 pass for in many fonts), so
-    ``aIice`` and ``al1ce`` are ``alice``."""
-    return name.translate(_LOOKALIKE).replace(b"m", b"rn")
-
 
 def _is_command(line: bytes) -> bool:
     return line[:1] == b"/" and line[:2] != b"//"
@@ -193,31 +77,39 @@ def _message(name: bytes, line: bytes) -> bytes | None:
     return b"<%s> %s\n" % (name, clean(line[1:] if line[:1] == b"/" else line))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Member:
     name: bytes
+    client: Client
+    room: Room
     framer: LineFramer
     telnet: TelnetParser
     held: list[bytes] = field(default_factory=list)  # whole lines waiting for flow control
+    operator: bool = False  # may run the commands marked operator_only
 
 
 class Chat(Extension):
     """Names, commands and framing for every client in the chat."""
 
     def __init__(self, hub: Hub, max_line: int = DEFAULT_MAX_LINE,
-                 entry_bytes: int = ENTRY_BYTES, suffix: bytes = b"") -> None:
+                 entry_bytes: int = ENTRY_BYTES, suffix: bytes = b"", *,
+                 commands: CommandTable = COMMANDS, history: Budget | None = None,
+                 zone: tzinfo = UTC, directory: Directory | None = None) -> None:
         self.hub = hub
+        self.commands = commands  # what a line starting with / may run
         self.flow = hub.flow
         self.max_line = max_line
         self.entry_bytes = entry_bytes  # most bytes of messages joined into one queue entry
-        _unicode_rules()  # built now, not in the middle of the chat
+        prepare()
         self.members: dict[int, Member] = {}  # fd -> member
-        self.taken: dict[bytes, bytes] = {}  # skeleton -> the name in use that has it
+        self.rooms = Rooms(history)
+        self.zone = zone  # of the times in replayed history
+        self.directory = directory or Directory(self.members, self.rooms, shared=bool(suffix))
         self.next_number = 1  # for the next user<N>
         self.suffix = suffix  # after user<N>: with --redis, "-" and 4 digits of the instance id
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
         self.relay_framer = LineFramer(max_line)  # for payloads from the Redis channel
-        self.relaying: deque[bytes] = deque()  # relayed clean lines flow control holds back
+        self.relaying: deque[tuple[Room | Client, bytes]] = deque()  # relayed, held back
         self.closing = False  # the server is shutting down: leaves are news elsewhere only
 
     # -- the hub's hooks --------------------------------------------------------------------
@@ -225,12 +117,19 @@ class Chat(Extension):
     def greet(self, client: Client) -> None:
         """A client entered the chat: name it and welcome it (history comes next, then
         ``joined``)."""
-        name = self._new_name()
-        self.members[client.fd] = Member(name, LineFramer(self.max_line), TelnetParser())
-        self.hub.tell(client, b"*** welcome, you are %s (%s)\n" % (name, HELP))
+        room = self.rooms.enter(self.rooms.lobby.name, client)
+        member = Member(self._new_name(), client, room, LineFramer(self.max_line),
+                        TelnetParser())
+        self.members[client.fd] = member
+        self.directory.claim(member)
+        self.directory.moved(member, None, room)
+        self.hub.tell(client, b"*** welcome, you are %s (/help lists the commands)\n"
+                      % member.name)
+        self._replay(client, room)
 
     def joined(self, client: Client) -> None:
-        self.hub.broadcast(b"*** %s joined\n" % self.members[client.fd].name, client)
+        member = self.members[client.fd]
+        self.say(member.room, b"*** %s joined %s\n" % (member.name, member.room.name), client)
 
     def left(self, client: Client) -> None:
         """A client left the chat (EOF, /quit, an error, a timeout, the shutdown)."""
@@ -242,16 +141,19 @@ class Chat(Extension):
             for line in member.held:
                 message = None if _is_command(line) else _message(member.name, line)
                 if message:
-                    self._broadcast_or_publish(message, client)
+                    self._broadcast_or_publish(member.room, message, client)
         rest = member.framer.flush()
         if rest and client.reason == Reason.PEER_CLOSED:  # typed, then EOF without a newline
             self.hub.counts.messages_in += 1
             message = None if _is_command(rest) else _message(member.name, rest)
             if message:
-                self._broadcast_or_publish(message, client)
+                self._broadcast_or_publish(member.room, message, client)
         self.lines_cut += member.framer.cuts
-        self.taken.pop(skeleton(member.name), None)
-        self._broadcast_or_publish(b"*** %s left\n" % member.name, client)
+        self.directory.release(member.name)
+        room = member.room
+        self._broadcast_or_publish(room, b"*** %s left %s\n" % (member.name, room.name), client)
+        self.rooms.leave(room, client)
+        self.directory.moved(member, room, None)
 
     def stopping(self) -> None:
         """The server is shutting down: say so here; from now on, leaves go to other instances
@@ -270,13 +172,22 @@ class Chat(Extension):
             if not self.relaying:
                 self.hub.relay_done()
 
-    def _broadcast_or_publish(self, data: bytes, client: Client) -> None:
-        """What a leaver said last: to everyone, or while the server closes (everyone here
+    def _broadcast_or_publish(self, room: Room, data: bytes, client: Client) -> None:
+        """What a leaver said last: to its room, or while the server closes (everyone here
         leaves too) to the other instances only."""
         if self.closing:
-            self.hub.publish(data)
+            self.hub.publish(data, room.tag)
         else:
-            self.hub.broadcast(data, client)
+            self.say(room, data, client)
+
+    def say(self, room: Room, data: bytes, sender: Client | None = None,
+            lines: Sequence[bytes] = ()) -> None:
+        """A public line (or the ``lines`` that ``data`` joins) for ``room``: its members but
+        ``sender``, the other instances, its history."""
+        self.hub.broadcast(data, sender, lines, room.readers, room.tag)
+        recent = room.recent
+        if recent is not None:
+            recent.add(data, lines)
 
     def received(self, client: Client, data: bytes) -> None:
         """What one recv returned: every line it completes, in order."""
@@ -337,7 +248,7 @@ class Chat(Extension):
             self._broadcast(said, client)
             size = 0
             if hub.in_chat(client):
-                announced = self._command(client, member, line) or announced
+                announced = self.commands.run(self, client, member, line) or announced
             # /quit; or what was announced closed it (a leave notice took it past its limit):
             # either way the rest is not read.
             if not hub.in_chat(client):
@@ -372,110 +283,151 @@ class Chat(Extension):
         return lines
 
     def _broadcast(self, said: list[bytes], client: Client) -> None:
-        if len(said) == 1:
-            self.hub.broadcast(said[0], client)
-        elif said:
-            self.hub.broadcast(b"".join(said), client, said)
-        said.clear()
+        if said:
+            room = self.members[client.fd].room
+            self.say(room, said[0] if len(said) == 1 else b"".join(said), client,
+                     said if len(said) > 1 else ())
+            said.clear()
 
     def relayed(self, payload: bytes) -> bool:
-        """A payload from another instance: its lines, cleaned, for every local client; whether
-        some of them wait for flow control.
+        """A payload from another instance: its lines, cleaned, for the local members of the
+        room it names (``chat/payload.py``), or for the one it names; whether some of them wait
+        for flow control.
 
         Another chat instance sent clean lines already; something else on the channel may not
-        have: it is framed like a read, and a missing last newline added."""
+        have: it is framed like a read, and a missing last newline added. Lines for a room
+        nobody here is in, or a name nobody here has, are for nobody here."""
+        to, name, body = route(payload)
+        target: Room | Client | None
+        if to is To.DEFAULT:
+            target = self.rooms.lobby
+        elif to is To.ROOM:
+            target = self.rooms.find(name)
+        else:
+            member = self.directory.find(name)
+            target = member.client if member is not None else None
         framer = self.relay_framer
         cuts = framer.cuts
-        lines = framer.feed(payload)
+        lines = framer.feed(body)
         rest = framer.flush()
-        if rest or payload[-1:] == b"\r":  # (an unfinished empty line is no line)
+        if rest or body[-1:] == b"\r":  # (an unfinished empty line is no line)
             lines.append(rest)
         for _ in range(framer.cuts - cuts):
             self.hub.log.warning("chat.line_cut", fd=None, peer="redis", limit=self.max_line)
         relaying = self.relaying
+        if target is None or not lines:
+            return bool(relaying)
         going = not relaying  # else the older ones go first, at the end of a turn
-        relaying.extend(clean(line) + b"\n" for line in lines)
+        relaying.extend((target, clean(line) + b"\n") for line in lines)
         if going:
             self.relay_on()
         return bool(relaying)
 
     def relay_on(self, hold: bool = True) -> None:
-        """Relayed lines go on, an entry of at most ``entry_bytes`` at a time, until none is
-        left or (``hold``) flow control holds between entries."""
+        """Relayed lines go on, an entry of at most ``entry_bytes`` at a time (of one room's
+        lines, or one person's), until none is left or (``hold``) flow control holds between
+        entries."""
         relaying = self.relaying
         hub = self.hub
         flow = self.flow
         limit = self.entry_bytes
         while relaying:
-            said = [relaying.popleft()]
-            size = len(said[0])
-            while relaying and size + len(relaying[0]) <= limit:
-                line = relaying.popleft()
+            target, line = relaying.popleft()
+            said = [line]
+            size = len(line)
+            while relaying and relaying[0][0] is target and size + len(relaying[0][1]) <= limit:
+                line = relaying.popleft()[1]
                 said.append(line)
                 size += len(line)
-            hub.deliver(b"".join(said), None, said)
+            data = b"".join(said) if len(said) > 1 else line
+            if isinstance(target, Room):
+                hub.deliver(data, None, said, target.readers)
+                if target.recent is not None:
+                    target.recent.add(data, said)
+            else:
+                hub.tell(target, data)
             if hold and relaying and flow.holding:
                 return
+
+    def history_kept(self) -> int:
+        """Lines of history kept, in every room."""
+        budget = self.rooms.budget
+        return budget.kept if budget is not None else 0
 
     def cuts(self) -> int:
         return self.lines_cut + self.relay_framer.cuts + sum(
             m.framer.cuts for m in self.members.values())
 
-    # -- commands ---------------------------------------------------------------------------
+    # -- names and rooms ----------------------------------------------------------------------
 
-    def _command(self, client: Client, member: Member, line: bytes) -> bool:
-        """Run a command; whether it announced something (replies to ``client`` alone aside)."""
-        command, _, argument = line.partition(b" ")
-        argument = argument.strip(b" ")  # other blanks are control characters: shown, not cut
-        if command == b"/nick":
-            return self._nick(client, member, argument)
-        if command == b"/who":
-            names = sorted((m.name for m in self.members.values()), key=bytes.lower)
-            self.hub.tell(client, b"*** %d here: %s\n" % (len(names), b", ".join(names)))
-        elif command == b"/me":
-            if argument:
-                self.hub.broadcast(b"* %s %s\n" % (member.name, clean(argument)), client)
-                return True
-        elif command == b"/quit":
-            self.hub.tell(client, b"*** bye\n")
-            self.hub.quit(client)
-        else:
-            self.hub.tell(client, b"*** unknown command %s (%s; start a line with // to send "
-                                   b"one that begins with /)\n" % (clean(command), HELP))
-        return False
-
-    def _nick(self, client: Client, member: Member, name: bytes) -> bool:
+    def rename(self, client: Client, member: Member, name: bytes) -> None:
+        """``member`` is ``name`` from now on (a name ``/nick`` found free), and its room is
+        told."""
         hub = self.hub
-        if not name:
-            hub.tell(client, b"*** usage: /nick NAME\n")
-        elif _NAME.fullmatch(name) is None:
-            hub.tell(client, b'*** nick: "%s" is not a name: use 1 to %d letters, digits, '
-                              b'- or _\n' % (clean(name), NAME_MAX))
-        elif name == member.name:
-            hub.tell(client, b"*** you are %s already\n" % name)
-        elif (look := skeleton(name)) in self.taken and look != skeleton(member.name):
-            other = self.taken[look]
-            if other.lower() == name.lower():
-                hub.tell(client, b"*** nick: %s is taken\n" % name)
+        old = member.name
+        member.name = name
+        self.directory.renamed(member, old)
+        hub.log.info("chat.nick", fd=client.fd, old=old.decode(), new=name.decode())
+        hub.tell(client, b"*** you are now %s\n" % name)
+        self.say(member.room, b"*** %s is now %s\n" % (old, name), client)
+
+    def nick(self, client: Client, member: Member, name: bytes) -> bool:
+        """``/nick NAME`` with a name nobody here has: renamed once the directory grants it
+        (with other instances, once they were asked; meanwhile ``member`` keeps its name).
+        Whether it announced something now."""
+        asked = self.directory.asking(member)
+        if asked is not None:
+            self.hub.tell(client, b"*** nick: still asking the other servers about %s\n" % asked)
+            return False
+        announced = False
+
+        def answered(holder: bytes | None) -> None:
+            nonlocal announced
+            if self.members.get(client.fd) is not member:
+                return  # gone meanwhile
+            if holder is None:
+                self.rename(client, member, name)
+                announced = True
+            elif holder.lower() == name.lower():
+                self.hub.tell(client, b"*** nick: %s was just taken on another server\n" % name)
             else:
-                hub.tell(client, b"*** nick: %s looks too much like %s, who is here\n"
-                          % (name, other))
-        else:
-            old = member.name
-            del self.taken[skeleton(old)]
-            self.taken[look] = name
-            member.name = name
-            hub.log.info("chat.nick", fd=client.fd, old=old.decode(), new=name.decode())
-            hub.tell(client, b"*** you are now %s\n" % name)
-            hub.broadcast(b"*** %s is now %s\n" % (old, name), client)
-            return True
-        return False
+                self.hub.tell(client, b"*** nick: %s looks too much like %s, who was just "
+                                      b"named on another server\n" % (name, holder))
+
+        self.directory.ask(member, name, answered)
+        return announced
+
+    def lost_name(self, member: Member, holder: bytes) -> None:
+        """Another instance had ``member``'s name first (both gave it while Redis was away):
+        ``member`` is told, and given a new one."""
+        client = member.client
+        self.hub.tell(client, b"*** %s was taken earlier on another server\n" % member.name)
+        self.rename(client, member, self._new_name())
+
+    def move(self, client: Client, member: Member, name: bytes) -> bool:
+        """``member`` goes to room ``name`` (a valid room name): its old room is told, it is
+        given the new one's history, then the new one is told. Whether it announced."""
+        old = member.room
+        if self.rooms.find(name) is old:
+            self.hub.tell(client, b"*** you are in %s already\n" % old.name)
+            return False
+        self.say(old, b"*** %s left %s\n" % (member.name, old.name), client)
+        self.rooms.leave(old, client)
+        room = member.room = self.rooms.enter(name, client)
+        self.directory.moved(member, old, room)
+        self.hub.tell(client, b"*** you are now in %s\n" % room.name)
+        self._replay(client, room)
+        self.say(room, b"*** %s joined %s\n" % (member.name, room.name), client)
+        return True
+
+    def _replay(self, client: Client, room: Room) -> None:
+        """``room``'s recent lines, framed and with their times, for a newcomer to it."""
+        if room.recent is not None and room.recent.lines:
+            self.hub.replay(client, room.recent.framed(self.zone))
 
     def _new_name(self) -> bytes:
         while True:
             name = b"user%d%s" % (self.next_number, self.suffix)
             self.next_number += 1
-            look = skeleton(name)
-            if look not in self.taken:
-                self.taken[look] = name
+            if self.directory.holder(name) is None:
                 return name

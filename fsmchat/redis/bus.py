@@ -8,6 +8,9 @@ On the channel a message is an envelope and the client's bytes, untouched::
 
     fsmchat1 <instance id> <sequence number>[ <said>]\\n<message>
 
+(in chat mode the message's first line says where it goes, ``#ROOM`` or ``@NAME``: the hub's
+``head``, written after the envelope so that the message itself is never copied).
+
 The instance id (16 hex digits, new at every start) lets an instance drop its own messages when
 they come back; the sequence number (1, 2, 3, ... per instance) lets a receiver drop repeats and
 count what it missed. ``said`` (Unix time in milliseconds) is there only on a message that
@@ -166,15 +169,16 @@ class PublishLink(RedisLink):
         self.unreported = 0  # dropped since the last redis.dropped warning
         self.report_timer: Timer | None = None
 
-    def publish(self, data: bytes) -> None:
+    def publish(self, data: bytes, head: bytes = b"") -> None:
+        """``data`` on the channel, after the envelope and ``head`` (chat mode's first line)."""
         self.seq += 1
         ready = self.state == LinkState.READY
         if ready:
-            envelope = b"%s%d\n" % (self.envelope, self.seq)
+            envelope = b"%s%d\n%s" % (self.envelope, self.seq, head)
             said = 0
         else:  # it waits for the link: receivers are told when it was said
             said = now_ms()
-            envelope = b"%s%d %d\n" % (self.envelope, self.seq, said)
+            envelope = b"%s%d %d\n%s" % (self.envelope, self.seq, said, head)
         head = b"%s$%d\r\n%s" % (self.prefix, len(envelope) + len(data), envelope)
         size = len(head) + len(data) + 2
         self.unsent.append((self.seq, head, data, size, said))
@@ -186,10 +190,12 @@ class PublishLink(RedisLink):
 
     def _delayed(self, message: Message, said: int) -> Message:
         """``message`` with ``said`` in its envelope: it waits for the link to come back."""
-        seq, _, data, _, marked = message
+        seq, head, data, _, marked = message
         if marked:
             return message
-        envelope = b"%s%d %d\n" % (self.envelope, seq, said)
+        start = head.index(b"\r\n", len(self.prefix)) + 2  # after the bulk string's length
+        first = head[head.index(b"\n", start) + 1:]  # what follows the envelope: chat's head
+        envelope = b"%s%d %d\n%s" % (self.envelope, seq, said, first)
         head = b"%s$%d\r\n%s" % (self.prefix, len(envelope) + len(data), envelope)
         return seq, head, data, len(head) + len(data) + 2, said
 
@@ -558,8 +564,8 @@ class RedisBus(Extension):
 
     # -- the hub's hooks ------------------------------------------------------------------------
 
-    def published(self, data: bytes) -> None:
-        self.publisher.publish(data)
+    def published(self, data: bytes, head: bytes = b"") -> None:
+        self.publisher.publish(data, head)
 
     def free(self) -> None:
         self.subscriber.unpause()

@@ -4,15 +4,18 @@ With ``--redis`` in chat mode every instance keeps its people in Redis, and a vi
 else's, so that a name check is local and instant and ``/who`` and ``/rooms`` count the whole
 chat. In Redis, under ``fsmchat:<channel>:``::
 
-    names         hash: skeleton -> "<instance> <since ms> <name> <room>"  (one per person)
+    names         hash: skeleton -> "<instance> <since us> <name> <room>"  (one per person)
     alive:<id>    one key per instance, set with PX --presence-ttl and refreshed every third
+    instances     a set: the instances that may hold names (whose alive keys a refresh checks)
     rev           a counter: every change to ``names`` takes the next revision
     presence      the pub/sub channel every change is announced on: "<rev>\\n+ <skeleton>
                   <entry>" or "- <skeleton> <instance>", a line per change
 
 A names hash keyed by skeleton (look-alike letters folded, as chat mode compares names) makes a
 claim one atomic look-up, whoever asks; a per-instance hash would need every instance's looked
-at. Liveness is a key per instance, refreshed in O(1) however many people it has. Every change
+at. Liveness is a key per instance, refreshed in O(1) however many people it has, and a
+refresh looks at one key per instance, not per person: the names are read only to free those
+of an instance that vanished, or to heal a view that missed a change. Every change
 is a Lua script (``APPLY``, ``TICK``: atomic, one round trip), run through one more
 ``RedisLink`` (``PresenceLink``), non-blocking in the same select loop, its replies parsed by
 hiredis. The scripts are loaded at each greeting and called by their SHA-1.
@@ -46,7 +49,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,13 +57,17 @@ from typing import TYPE_CHECKING, Any
 import hiredis
 from structlog.typing import FilteringBoundLogger
 
+from fsmchat.chat.directory import Directory
+from fsmchat.chat.mode import Member
 from fsmchat.hub import Extension
 from fsmchat.lifecycle import LinkState, LinkTrigger
 from fsmchat.net.loop import EventLoop, Timer
-from fsmchat.redis.bus import RedisBus, now_ms
+from fsmchat.redis.bus import RedisBus
 from fsmchat.redis.link import RedisAddress, RedisLink
 
 if TYPE_CHECKING:
+    from fsmchat.chat.mode import Chat
+    from fsmchat.chat.rooms import Room
     from fsmchat.connection import Connection
     from fsmchat.hub import Hub
 
@@ -74,13 +81,16 @@ HEARD_MAX = 1 << 14
 """Announcements kept while a full read is on its way; past it the read is taken again."""
 
 # Lua, run by Redis atomically. KEYS: the names hash, the revision counter, this instance's
-# alive key. ARGV: this instance's id, the TTL in ms, the alive keys' prefix, the channel.
+# alive key, the set of instances. ARGV: this instance's id, the TTL in ms, the alive keys'
+# prefix, the channel.
 APPLY = b"""
 local names, me, prefix, mode = KEYS[1], ARGV[1], ARGV[3], ARGV[5]
 if mode == '2' then
   redis.call('DEL', KEYS[3])
+  redis.call('SREM', KEYS[4], me)
 else
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+  redis.call('SADD', KEYS[4], me)
 end
 local alive = {[me] = true}
 local function live(id)
@@ -156,17 +166,36 @@ TICK = b"""
 local names, me, prefix = KEYS[1], ARGV[1], ARGV[3]
 local existed = redis.call('EXISTS', KEYS[3])
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+redis.call('SADD', KEYS[4], me)
+local alive, dead = {[me] = true}, 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  if alive[id] == nil then
+    alive[id] = redis.call('EXISTS', prefix .. id) == 1
+    if not alive[id] then
+      dead = dead + 1
+      redis.call('SREM', KEYS[4], id)
+    end
+  end
+end
+local rev = tonumber(redis.call('GET', KEYS[2]) or '0')
+local known = tostring(rev) == ARGV[5]
+if dead == 0 and known then return {rev, existed, 0} end
 local all = redis.call('HGETALL', names)
-local alive = {[me] = true}
-local gone, news = {}, {}
+local gone, news, live = {}, {}, {}
 for i = 1, #all, 2 do
   local owner = string.match(all[i + 1], '^(%x+) %d+ ')
   local yes = false
   if owner then
     yes = alive[owner]
-    if yes == nil then yes = redis.call('EXISTS', prefix .. owner) == 1; alive[owner] = yes end
+    if yes == nil then
+      yes = redis.call('EXISTS', prefix .. owner) == 1
+      alive[owner] = yes
+    end
   end
-  if not yes then
+  if yes then
+    live[#live + 1] = all[i]
+    live[#live + 1] = all[i + 1]
+  else
     gone[#gone + 1] = all[i]
     news[#news + 1] = '- ' .. all[i] .. ' ' .. (owner or '?')
   end
@@ -174,28 +203,19 @@ end
 for i = 1, #gone, 1000 do
   redis.call('HDEL', names, unpack(gone, i, math.min(i + 999, #gone)))
 end
-local rev
 if #news > 0 then
   rev = redis.call('INCR', KEYS[2])
   redis.call('PUBLISH', ARGV[4], rev .. '\\n' .. table.concat(news, '\\n'))
-else
-  rev = tonumber(redis.call('GET', KEYS[2]) or '0')
 end
-if tostring(rev) == ARGV[5] then return {rev, existed, #gone} end
-local live = {}
-for i = 1, #all, 2 do
-  local owner = string.match(all[i + 1], '^(%x+) %d+ ')
-  if owner and alive[owner] then
-    live[#live + 1] = all[i]
-    live[#live + 1] = all[i + 1]
-  end
-end
+if known then return {rev, existed, #gone} end
 return {rev, existed, #gone, live}
 """
-"""Every third of the TTL: refresh this instance's key, free the names of instances whose key
-expired, and (unless ARGV[5] is the current revision) read every live entry. Returns the
-revision, whether this instance's key was still there, how many names were freed[, the
-entries as skeleton, entry, ...]."""
+"""Every third of the TTL: refresh this instance's key; free the names of the instances whose
+key expired (the set of instances says which keys to look at; the names are read only when one
+vanished, or the caller's view is not current: ARGV[5] is the revision it knows), and of any
+owner not alive found on the way; and, unless the view was current, return every live entry.
+Returns the revision, whether this instance's key was still there, how many names were
+freed[, the entries as skeleton, entry, ...]."""
 
 APPLY_SHA = hashlib.sha1(APPLY).hexdigest().encode()
 TICK_SHA = hashlib.sha1(TICK).hexdigest().encode()
@@ -203,8 +223,6 @@ TICK_SHA = hashlib.sha1(TICK).hexdigest().encode()
 OPS, SYNC, LEAVE = b"0", b"1", b"2"
 
 _OWNER = re.compile(rb"[0-9a-f]{16}")
-_NAME = re.compile(rb"[A-Za-z0-9_-]{1,32}")
-_ROOM = re.compile(rb"[^\x00-\x20\x7f]{1,128}")
 
 Answer = Callable[["bytes | None"], None]
 """What ``rename`` is answered with: None when the name is the person's now, else the name
@@ -236,7 +254,7 @@ class Mine:
     name: bytes
     skel: bytes
     room: bytes
-    since: int  # when the name was taken, in ms: the earlier of two claims keeps it
+    since: int  # when the name was taken, in microseconds: the earlier of two claims keeps it
     rev: int = 0  # the revision that confirmed the name (0: not confirmed in this session)
     asking: Ask | None = None
 
@@ -252,18 +270,33 @@ class Entry:
     rev: int  # the revision it is known from (a full read: that read's)
 
 
-def parse_entry(value: bytes, skeleton: Callable[[bytes], bytes], skel: bytes,
-                rev: int) -> Entry | None:
-    """An entry of the names hash, or None if it is malformed or filed under another skeleton."""
-    parts = value.split(b" ", 3)
-    if len(parts) != 4:
-        return None
-    owner, since, name, room = parts
-    if (_OWNER.fullmatch(owner) is None or not since.isdigit() or len(since) > 15
-            or _NAME.fullmatch(name) is None or _ROOM.fullmatch(room) is None
-            or skeleton(name) != skel):
-        return None
-    return Entry(owner, int(since), name, room, rev)
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What chat mode calls a name and a room, so that nothing else enters the view."""
+
+    skeleton: Callable[[bytes], bytes]  # what a name looks like: one person per skeleton
+    is_name: Callable[[bytes], bool]
+    is_room: Callable[[bytes], bool]
+    room_key: Callable[[bytes], bytes]  # what finds a room (``Math`` is ``math``)
+
+    def entry(self, value: bytes, skel: bytes, rev: int) -> Entry | None:
+        """An entry of the names hash, or None if it is malformed or filed under another
+        skeleton."""
+        parts = value.split(b" ", 3)
+        if len(parts) != 4:
+            return None
+        owner, since, name, room = parts
+        if (_OWNER.fullmatch(owner) is None or not since.isdigit() or len(since) > 17
+                or not self.is_name(name) or not self.is_room(room)
+                or self.skeleton(name) != skel):
+            return None
+        return Entry(owner, int(since), name, room, rev)
+
+
+def now_us() -> int:
+    """Microseconds since the epoch: when a name was taken. Two claims one round trip apart
+    are told apart (a double, as Lua's numbers are, holds them exactly)."""
+    return time.time_ns() // 1000
 
 
 def delayed(payload: bytes, said: int | None) -> bytes:
@@ -291,7 +324,7 @@ class PresenceLink(RedisLink):
         self.calls = 0  # script calls answered, since start
 
     def run(self, sha: bytes, args: list[bytes], then: Callable[[Any], None]) -> None:
-        self.send_command(b"EVALSHA", sha, b"3", *self.presence.keys, *args)
+        self.send_command(b"EVALSHA", sha, b"4", *self.presence.keys, *args)
         self.waiting.append(then)
 
     def greeting(self) -> list[tuple[bytes, ...]]:
@@ -341,20 +374,23 @@ class Presence(Extension):
 
     The chat calls: ``elsewhere`` (is a name held on another instance?), ``claim`` (a name
     granted now: a newcomer's, or a new one for someone who lost theirs), ``rename`` (a name
-    asked for: answered when Redis has decided), ``move`` (to a room), ``release`` (gone),
-    ``names_in`` and ``rooms`` (everyone, every instance). It sets ``on_lost`` and, if it wants
-    to hear of other instances' changes, ``on_change``."""
+    asked for: answered when Redis has decided; ``asking`` says what is being asked), ``move``
+    (to a room), ``release`` (gone), ``names_in`` and ``rooms`` (everyone, every instance). It
+    sets ``on_lost`` and, if it wants to hear of other instances' changes, ``on_change``.
+    ``SharedDirectory`` is that chat side: chat mode's ``Directory``, answered from here."""
 
     def __init__(self, hub: Hub, bus: RedisBus, loop: EventLoop, log: FilteringBoundLogger, *,
-                 ttl: float, skeleton: Callable[[bytes], bytes]) -> None:
+                 ttl: float, rules: Rules) -> None:
         self.hub = hub
         self.bus = bus
         self.loop = loop
         self.log = log
-        self.skeleton = skeleton
+        self.rules = rules
+        self.skeleton = rules.skeleton
         self.me = bus.origin
         prefix = b"fsmchat:%s:" % bus.channel.encode()
-        self.keys = (prefix + b"names", prefix + b"rev", prefix + b"alive:" + self.me)
+        self.keys = (prefix + b"names", prefix + b"rev", prefix + b"alive:" + self.me,
+                     prefix + b"instances")
         self.alive_prefix = prefix + b"alive:"
         self.announcements = prefix + b"presence"
         self.ttl = ttl
@@ -362,7 +398,7 @@ class Presence(Extension):
         self.mine: dict[Hashable, Mine] = {}  # who -> their name here
         self.local: dict[bytes, Hashable] = {}  # skeleton -> who holds it, or asks for it
         self.others: dict[bytes, Entry] = {}  # skeleton -> a person of another instance's
-        self.by_room: dict[bytes, dict[bytes, bytes]] = {}  # room -> skeleton -> their name
+        self.by_room: dict[bytes, dict[bytes, bytes]] = {}  # room key -> skeleton -> name
         self.rev = -1  # the newest revision the view has taken in (-1: none this session)
         self.heard: list[tuple[int, list[bytes]]] | None = None  # while a full read is out
         self.again = False  # a full read is due as soon as the one out is answered
@@ -396,7 +432,7 @@ class Presence(Extension):
             self._forget_local(who, old)
             if old.skel != skel:
                 dropped = old.skel
-        mine = self.mine[who] = Mine(name, skel, room, now_ms())
+        mine = self.mine[who] = Mine(name, skel, room, now_us())
         self.local[skel] = who
         self._send(b"C", mine, dropped)
 
@@ -417,7 +453,7 @@ class Presence(Extension):
             asked = other.asking
             answer(asked.name if asked is not None and asked.skel == skel else other.name)
             return
-        ask = Ask(name, skel, now_ms(), answer)
+        ask = Ask(name, skel, now_us(), answer)
         if not self._linked():
             self.local[skel] = who
             self._grant(who, mine, ask, 0)
@@ -426,6 +462,15 @@ class Presence(Extension):
         self.local[skel] = who
         self._queue(b"A", skel, self._entry(mine, ask), mine.skel if mine.skel != skel else b"",
                     lambda result, rev: self._asked(who, mine, ask, result, rev))
+
+    def asking(self, who: Hashable) -> bytes | None:
+        """The name ``who`` asked for and waits for, if any."""
+        mine = self.mine.get(who)
+        return mine.asking.name if mine is not None and mine.asking is not None else None
+
+    def name_of(self, who: Hashable) -> bytes | None:
+        mine = self.mine.get(who)
+        return mine.name if mine is not None else None
 
     def move(self, who: Hashable, room: bytes) -> None:
         mine = self.mine[who]
@@ -443,18 +488,24 @@ class Presence(Extension):
 
     def names_in(self, room: bytes) -> list[bytes]:
         """Who is in ``room``, on every instance (Redis away: this one's only), unsorted."""
-        names = [mine.name for mine in self.mine.values() if mine.room == room]
+        key = self.rules.room_key
+        wanted = key(room)
+        names = [mine.name for mine in self.mine.values() if key(mine.room) == wanted]
         if not self.bus.apart:
-            names += self.by_room.get(room, {}).values()
+            names += self.by_room.get(wanted, {}).values()
         return names
 
-    def rooms(self) -> Counter[bytes]:
-        """Room -> how many are in it, on every instance (Redis away: this one's only)."""
-        counts = Counter(mine.room for mine in self.mine.values())
+    def rooms(self) -> dict[bytes, tuple[bytes, int]]:
+        """Room key -> (its name, how many are in it), on every instance (Redis away: this
+        one's only). A room's name is the one this instance knows it by, if any."""
+        key = self.rules.room_key
+        counts: dict[bytes, list[Any]] = {}
+        for mine in self.mine.values():
+            counts.setdefault(key(mine.room), [mine.room, 0])[1] += 1
         if not self.bus.apart:
-            for room, people in self.by_room.items():
-                counts[room] += len(people)
-        return counts
+            for entry in self.others.values():
+                counts.setdefault(key(entry.room), [entry.room, 0])[1] += 1
+        return {room: (name, count) for room, (name, count) in counts.items()}
 
     def everyone(self) -> Iterator[tuple[bytes, bytes]]:
         """(name, room) of everyone, on every instance (Redis away: this one's only)."""
@@ -647,7 +698,7 @@ class Presence(Extension):
         """The entry that holds ``skel``, from a refusal; the view takes it in."""
         if type(result) is not bytes:
             raise Malformed
-        entry = parse_entry(result, self.skeleton, skel, rev)
+        entry = self.rules.entry(result, skel, rev)
         if entry is not None and entry.owner != self.me:
             self._set_other(skel, entry)
             self._changed()
@@ -690,6 +741,8 @@ class Presence(Extension):
             self._read_all(rev, reply[3])
             for later, lines in heard:
                 if later > self.rev:
+                    if later != self.rev + 1:  # one was missed after the read: read again
+                        self.again = True
                     self._take_in(later, lines)
         if not existed and self.mine:  # this instance's key had expired: its names may be gone
             self._sync()
@@ -701,12 +754,12 @@ class Presence(Extension):
         """The view anew from a full read at revision ``rev``."""
         self.others.clear()
         self.by_room.clear()
-        skeleton = self.skeleton
+        rules = self.rules
         for i in range(0, len(flat) - 1, 2):
             skel, value = flat[i], flat[i + 1]
             if type(skel) is not bytes or type(value) is not bytes:
                 raise Malformed
-            entry = parse_entry(value, skeleton, skel, rev)
+            entry = rules.entry(value, skel, rev)
             if entry is None or entry.owner == self.me:
                 continue
             if len(self.others) >= VIEW_MAX:
@@ -719,12 +772,12 @@ class Presence(Extension):
     def _take_in(self, rev: int, lines: list[bytes]) -> None:
         """One announcement: its changes, in order."""
         self.rev = rev
-        skeleton = self.skeleton
+        rules = self.rules
         for line in lines:
             kind, _, rest = line.partition(b" ")
             skel, _, value = rest.partition(b" ")
             if kind == b"+":
-                entry = parse_entry(value, skeleton, skel, rev)
+                entry = rules.entry(value, skel, rev)
                 if entry is None:
                     continue
                 if entry.owner == self.me:
@@ -754,7 +807,7 @@ class Presence(Extension):
         if old is not None:
             self._unroom(skel, old.room)
         self.others[skel] = entry
-        self.by_room.setdefault(entry.room, {})[skel] = entry.name
+        self.by_room.setdefault(self.rules.room_key(entry.room), {})[skel] = entry.name
 
     def _drop_other(self, skel: bytes) -> None:
         old = self.others.pop(skel, None)
@@ -762,11 +815,12 @@ class Presence(Extension):
             self._unroom(skel, old.room)
 
     def _unroom(self, skel: bytes, room: bytes) -> None:
-        people = self.by_room.get(room)
+        key = self.rules.room_key(room)
+        people = self.by_room.get(key)
         if people is not None:
             people.pop(skel, None)
             if not people:
-                del self.by_room[room]
+                del self.by_room[key]
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -775,3 +829,73 @@ class Presence(Extension):
 
 def _nothing(result: object, rev: int) -> None:
     """What a drop waits for from Redis: nothing."""
+
+
+class SharedDirectory(Directory):
+    """Chat mode's directory with presence: its answers count every instance, and a name is
+    granted only once the other instances had their say (``Presence.rename``)."""
+
+    def __init__(self, chat: Chat, presence: Presence) -> None:
+        super().__init__(chat.members, chat.rooms, shared=True)
+        self.chat = chat
+        self.presence = presence
+        presence.on_lost = self._lost
+
+    # -- questions --------------------------------------------------------------------------
+
+    def holder(self, name: bytes) -> bytes | None:
+        """Someone here, or someone asking for it here, or someone on another instance."""
+        here = super().holder(name)
+        if here is not None:
+            return here
+        asker = self.presence.local.get(self.presence.skeleton(name))
+        if isinstance(asker, Member) and asker in self.presence.mine:
+            asked = self.presence.asking(asker)
+            if asked is not None and self.presence.skeleton(asked) == self.presence.skeleton(name):
+                return asked
+        return self.presence.elsewhere(name)
+
+    def elsewhere(self, name: bytes) -> bool:
+        return self.presence.elsewhere(name) is not None
+
+    def who(self, room: Room) -> list[bytes]:
+        return sorted(self.presence.names_in(room.name), key=bytes.lower)
+
+    def asking(self, member: Member) -> bytes | None:
+        return self.presence.asking(member)
+
+    def rooms(self) -> list[tuple[bytes, int]]:
+        """Every room someone is in, on any instance (and the lobby), lobby first."""
+        lobby = self.local_rooms.lobby.name
+        counts = self.presence.rooms()
+        key = self.presence.rules.room_key
+        first = counts.pop(key(lobby), (lobby, 0))
+        return [first, *sorted(counts.values(), key=lambda room: room[0].lower())]
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def ask(self, member: Member, name: bytes, answer: Callable[[bytes | None], None]) -> None:
+        self.presence.rename(member, name, answer)
+
+    def claim(self, member: Member) -> None:
+        super().claim(member)
+        self.presence.claim(member, member.name, member.room.name)
+
+    def renamed(self, member: Member, old: bytes) -> None:
+        super().renamed(member, old)
+        if self.presence.name_of(member) != member.name:  # not asked for: a new name given
+            self.presence.claim(member, member.name, member.room.name)
+
+    def release(self, name: bytes) -> None:
+        member = self.find(name)
+        super().release(name)
+        if member is not None:
+            self.presence.release(member)
+
+    def moved(self, member: Member, old: Room | None, new: Room | None) -> None:
+        if old is not None and new is not None:
+            self.presence.move(member, new.name)
+
+    def _lost(self, who: Hashable, name: bytes, holder: bytes) -> None:
+        if isinstance(who, Member) and self.chat.members.get(who.client.fd) is who:
+            self.chat.lost_name(who, holder)
