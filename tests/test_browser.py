@@ -224,7 +224,7 @@ def test_two_pages_and_a_terminal_chat_together(
     wait_sees([alice, bob], [term], "<bobby> renamed")
 
     alice.say("/who")
-    who = alice.wait_match(r"^\*\*\* 3 here: (.*)$").group(1)
+    who = alice.wait_match(r"^\*\*\* 3 in lobby: (.*)$").group(1)
     assert sorted(who.split(", ")) == sorted([alice.name, "bobby", term.name])
 
     # The server echoes nothing back, and the page shows each own line once.
@@ -402,7 +402,7 @@ def test_the_page_logs_no_errors_while_chatting(
     alice.say("/me checks the console")
     bob.wait_row(f"* {alice.name} checks the console")
     bob.say("/who")
-    bob.wait_match(r"^\*\*\* 2 here: ")
+    bob.wait_match(r"^\*\*\* 2 in lobby: ")
     bob.page.get_by_role("button", name="Send").click()  # an empty box: nothing is sent
     alice.page.reload()
     alice.wait_match(WELCOME)
@@ -494,7 +494,7 @@ def make_screenshot(out: Path) -> None:
             step(bob, "/me waves", "* bob waves")
             step(alice, "<b>markup</b> stays text", "<alice> <b>markup</b> stays text")
             screen.type_line("/who")
-            screen.read_match(r"^\*\*\* 3 here: ")
+            screen.read_match(r"^\*\*\* 3 in lobby: ")
             shots = [tab.page.screenshot() for tab in (alice, bob)]
             compose(ctx, out, shots, screen.text())
     finally:

@@ -20,18 +20,21 @@ Rules it keeps:
 - Notices from the server start with ``*** ``, which no client can produce (an action is
   ``* name text`` and names have no ``*``), so nobody can fake a join, a leave or a rename.
 - Everything sent ends with ``\\n``. Public lines (messages, ``/me``, joins, leaves, renames) go
-  through ``broadcast`` (history, the Redis bus, every other client); replies to one client
-  (welcome, ``/who``, refusals, ``bye``) through ``tell`` only.
+  to the sender's room through ``say`` (its members' queues, the Redis bus after the room's
+  head, its history: ``chat/rooms.py``); replies to one client (welcome, ``/who``, refusals,
+  ``bye``) and private lines through ``tell`` only.
 - Text from a client, or from the Redis channel, is sanitised before anyone sees it (``clean``).
 - A payload from the Redis channel is framed like a read (lines past ``max_line`` cut, counted
-  in ``lines_cut``), and its lines go out in entries of at most ``entry_bytes`` too; when flow
+  in ``lines_cut``) after its first line says where it goes (``chat/payload.py``: a room, a
+  person, or the lobby), and its lines go out in entries of at most ``entry_bytes`` too; when flow
   control holds between them, the rest waits in ``relaying`` (the server pauses the subscriber)
   and goes on (``relay_on``) before any newer payload; at the stop (the ``stopping`` hook),
   what still waits goes first.
 - Telnet's commands never reach anyone: each client's reads go through its ``TelnetParser``
   before its framer (answers go back to it alone, an interrupt drops its unfinished line).
-- Names are unique on this instance by their ``skeleton`` (case and look-alike letters aside);
-  a refusal never changes anything.
+- Names are unique by their ``skeleton`` (case and look-alike letters aside), as the
+  ``Directory`` knows them (``chat/directory.py``: this instance's members, or more with
+  presence); a refusal never changes anything.
 """
 
 from __future__ import annotations
@@ -417,12 +420,13 @@ class Chat(Extension):
         self.directory.moved(member, old, room)
         self.hub.tell(client, b"*** you are now in %s\n" % room.name)
         self._replay(client, room)
-        self.say(room, b"*** %s joined %s\n" % (member.name, room.name), client)
+        if self.hub.in_chat(client):  # (not if what it was told took it past its limit)
+            self.say(room, b"*** %s joined %s\n" % (member.name, room.name), client)
         return True
 
     def _replay(self, client: Client, room: Room) -> None:
         """``room``'s recent lines, framed and with their times, for a newcomer to it."""
-        if room.recent is not None and room.recent.lines:
+        if room.recent is not None and room.recent.lines and self.hub.in_chat(client):
             self.hub.replay(client, room.recent.framed(self.zone))
 
     def _new_name(self) -> bytes:

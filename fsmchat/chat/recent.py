@@ -12,13 +12,17 @@ room is given its lines framed (``framed``), each with the time it was said::
 
 Rules it keeps:
 - The lines kept are the very bytes objects queued to the room (no copy); only the replay
-  builds new ones, with the time in front.
+  builds new ones, with the time in front. Times are kept per minute, as runs of lines
+  (``Recent.stamps``), since the replay shows no more.
 - A line larger than ``max_bytes`` on its own is not kept, and evicts nothing.
-- ``Budget.order`` names the room of every line kept, oldest first. A line that leaves its room
-  another way (the room's own ``limit``, or the room is gone) leaves its entry behind: the room
-  counts such entries (``gone``), always its oldest ones, and they are skipped when reached, or
-  compacted away once they outnumber the lines kept. With one room, its oldest entry is at the
-  front: it is taken off at once, and nothing is left behind.
+- ``Budget.order`` holds runs of lines, oldest first, each naming its room: what the budget
+  evicts from when it is over. A line that leaves its room another way (the room's own
+  ``limit``, or the room is gone) is counted in its room's ``ahead`` until its run is reached
+  (``settle``), or compacted away once such lines outnumber the lines kept (``compact``): a
+  room's lines that went are always its oldest. With one room, or when the room's lines are the
+  oldest of all, its run at the front is shortened at once and nothing is left behind.
+- The common case costs what plain history did, per line: an append, and the oldest line let go
+  (``tests/test_recent.py`` checks every case against the rule written the slow way).
 - A replayed line starts with a time (``HH:MM``), which no live line does (those start with
   ``<``, ``*`` or ``-> ``), and the frame's lines with ``*** ``, which no client can send.
 """
@@ -29,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime, tzinfo
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 HEADER = b"*** recent messages:\n"
@@ -49,102 +54,161 @@ def time_zone(name: str) -> tzinfo:
 class Budget:
     """What every room's history holds together: ``limit`` lines per room, ``max_bytes`` in all."""
 
-    __slots__ = ("kept", "limit", "max_bytes", "nbytes", "order")
+    __slots__ = ("ahead", "kept", "limit", "max_bytes", "nbytes", "order")
 
     def __init__(self, limit: int, max_bytes: int) -> None:
         self.limit = limit
         self.max_bytes = max_bytes
         self.nbytes = 0  # of every line kept, in every room
         self.kept = 0  # lines kept, in every room
-        self.order: deque[Recent] = deque()  # the room of each line kept (and of some gone)
+        self.ahead = 0  # lines gone from their rooms whose entries are still in ``order``
+        self.order: deque[list[Any]] = deque()  # [room's Recent, lines]: runs, oldest first
 
     def evict(self) -> None:
-        """The oldest line of all goes."""
+        """The oldest lines of all go, until the rest fits ``max_bytes``."""
         order = self.order
-        while True:
-            recent = order.popleft()
-            if recent.gone:
-                recent.gone -= 1  # its line went already
+        while self.nbytes > self.max_bytes:
+            entry = order[0]
+            recent: Recent = entry[0]
+            if recent.ahead:
+                self._settle(entry)
                 continue
-            recent.forget()
-            return
+            size = len(recent.lines.popleft())
+            recent.nbytes -= size
+            recent.unstamp(1)
+            self.nbytes -= size
+            self.kept -= 1
+            entry[1] -= 1
+            if not entry[1]:
+                order.popleft()
+
+    def settle(self) -> None:
+        """Entries at the front whose lines went another way, taken off."""
+        order = self.order
+        while order and order[0][0].ahead:
+            self._settle(order[0])
+        if self.ahead > self.kept + 64:
+            self.compact()
+
+    def _settle(self, entry: list[Any]) -> None:
+        recent: Recent = entry[0]
+        done = min(recent.ahead, entry[1])
+        recent.ahead -= done
+        self.ahead -= done
+        entry[1] -= done
+        if not entry[1]:
+            self.order.popleft()
 
     def compact(self) -> None:
-        """Entries of lines that went another way, dropped (each room's are its oldest)."""
-        order: deque[Recent] = deque()
-        for recent in self.order:
-            if recent.gone:
-                recent.gone -= 1
-            else:
-                order.append(recent)
+        """Every entry's lines that went another way taken off (each room's are its oldest)."""
+        order: deque[list[Any]] = deque()
+        for entry in self.order:
+            recent: Recent = entry[0]
+            done = min(recent.ahead, entry[1])
+            recent.ahead -= done
+            entry[1] -= done
+            if entry[1]:
+                order.append(entry)
         self.order = order
+        self.ahead = 0
 
 
 class Recent:
-    """One room's recent lines: (time, line) pairs, oldest first."""
+    """One room's recent lines, oldest first, and the minutes they were said in."""
 
-    __slots__ = ("budget", "gone", "lines", "nbytes")
+    __slots__ = ("ahead", "budget", "lines", "nbytes", "stamps")
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
-        self.lines: deque[tuple[float, bytes]] = deque()
+        self.lines: deque[bytes] = deque()
+        self.stamps: deque[list[int]] = deque()  # [minute, lines]: runs of lines, oldest first
         self.nbytes = 0
-        self.gone = 0  # this room's entries in budget.order whose lines went another way
+        self.ahead = 0  # lines gone from here whose entries are still in budget.order
 
     def add(self, data: bytes, lines: Sequence[bytes] = ()) -> None:
-        """What was said to the room: ``data``, or the ``lines`` it joins."""
-        now = time.time()
-        if lines:
-            for line in lines:
-                self._add(now, line)
-        else:
-            self._add(now, data)
-
-    def _add(self, now: float, line: bytes) -> None:
+        """What was said to the room: ``data``, or the ``lines`` it joins (whole: their sizes
+        add up to ``data``'s). The common case (the room at its ``limit``, one room or this
+        one's lines the oldest of all) takes two calls: ``time.time`` and ``_drop``."""
         budget = self.budget
-        size = len(line)
-        if size > budget.max_bytes:
+        size = len(data)
+        if size > budget.max_bytes:  # some line may not fit on its own: one by one
+            for line in lines or (data,):
+                if len(line) <= budget.max_bytes:
+                    self.add(line)
             return
-        if len(self.lines) >= budget.limit:
-            self._drop_own()
-        self.lines.append((now, line))
+        kept = self.lines
+        if lines:
+            kept.extend(lines)
+            count = len(lines)
+        else:
+            kept.append(data)
+            count = 1
         self.nbytes += size
+        minute = int(time.time() // 60)
+        stamps = self.stamps
+        if stamps and stamps[-1][0] == minute:
+            stamps[-1][1] += count
+        else:
+            stamps.append([minute, count])
+        order = budget.order
+        if order and order[-1][0] is self:
+            order[-1][1] += count
+        else:
+            order.append([self, count])
         budget.nbytes += size
-        budget.kept += 1
-        budget.order.append(self)
-        while budget.nbytes > budget.max_bytes:
+        budget.kept += count
+        excess = len(kept) - budget.limit
+        if excess > 0:
+            self._drop(excess)
+        if budget.nbytes > budget.max_bytes:
             budget.evict()
 
-    def _drop_own(self) -> None:
-        """The room's oldest line goes, for the room's own ``limit``."""
-        self.forget()
-        order = self.budget.order
-        while order[0].gone:  # a room's gone entries are its oldest: the front one is one
-            order.popleft().gone -= 1
-        if order[0] is self:  # one room, or this room's turn: nothing is left behind
-            order.popleft()
+    def _drop(self, count: int) -> None:
+        """The room's ``count`` oldest lines go, for its own ``limit``."""
+        kept = self.lines
+        budget = self.budget
+        gone = 0
+        for _ in range(count):
+            gone += len(kept.popleft())
+        self.nbytes -= gone
+        budget.nbytes -= gone
+        budget.kept -= count
+        run = self.stamps[0]
+        if run[1] > count:
+            run[1] -= count
         else:
-            self.gone += 1
-            if len(order) > 2 * self.budget.kept + 64:
-                self.budget.compact()
+            self.unstamp(count)
+        front = budget.order[0]
+        if front[0] is self and not self.ahead and front[1] > count:
+            front[1] -= count  # their entry is the oldest of all: nothing left behind
+        else:
+            self.ahead += count
+            budget.ahead += count
+            budget.settle()
 
-    def forget(self) -> None:
-        """The oldest line goes (its entry in ``budget.order`` is the caller's business)."""
-        size = len(self.lines.popleft()[1])
-        self.nbytes -= size
-        self.budget.nbytes -= size
-        self.budget.kept -= 1
+    def unstamp(self, count: int) -> None:
+        """The ``count`` oldest lines went: their minutes too."""
+        stamps = self.stamps
+        while count:
+            run = stamps[0]
+            if run[1] > count:
+                run[1] -= count
+                return
+            count -= run[1]
+            stamps.popleft()
 
     def clear(self) -> None:
         """The room is gone: its lines go, their entries with them in time."""
+        count = len(self.lines)
         budget = self.budget
         budget.nbytes -= self.nbytes
-        budget.kept -= len(self.lines)
-        self.gone += len(self.lines)
+        budget.kept -= count
+        self.ahead += count
+        budget.ahead += count
         self.lines.clear()
+        self.stamps.clear()
         self.nbytes = 0
-        if len(budget.order) > 2 * budget.kept + 64:
-            budget.compact()
+        budget.settle()
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -153,14 +217,10 @@ class Recent:
         """The lines for a newcomer, framed, each after its time in ``zone``; none if empty."""
         if not self.lines:
             return []
-        shown: dict[int, bytes] = {}  # minute -> "HH:MM "
         out = [HEADER]
-        for when, line in self.lines:
-            minute = int(when // 60)
-            stamp = shown.get(minute)
-            if stamp is None:
-                stamp = shown[minute] = datetime.fromtimestamp(
-                    minute * 60, zone).strftime("%H:%M ").encode()
-            out.append(stamp + line)
+        lines = iter(self.lines)
+        for minute, count in self.stamps:
+            stamp = datetime.fromtimestamp(minute * 60, zone).strftime("%H:%M ").encode()
+            out.extend(stamp + next(lines) for _ in range(count))
         out.append(FOOTER)
         return out
