@@ -19,7 +19,7 @@ from typing import Any
 
 from harness.report import RESULTS, Table
 
-ORDER = ("run", "tls", "websocket", "chat", "logs", "multi", "soak", "micro")
+ORDER = ("run", "tls", "websocket", "chat", "logs", "multi", "presence", "soak", "micro")
 
 
 def load(results: Path) -> list[tuple[Path, dict[str, Any]]]:
