@@ -10,6 +10,12 @@ Rules it keeps:
   address out, past ``max_clients_per_addr`` from its address, past ``max_clients``, when its
   socket fails while it is being taken in (a reset before TLS could begin), or for a descriptor
   the loop refuses (at or above FD_SETSIZE): that client only, never the loop.
+- In chat mode a newcomer turned away hears why (``refusal_line``): one ``*** `` line in a
+  single non-blocking send on the fresh socket, then the close; it never blocks and is never
+  retried (the socket's buffer is empty: it fits). Not on a TLS listener: plain text before a
+  handshake is noise to a TLS client, and a handshake for a client the chat will not take is
+  the work the refusal saves (the web port says it on the WebSocket: ``web.site``). Raw mode
+  says nothing, as the relay always did.
 - Every client socket is non-blocking, without Nagle (no message waits on a timer), with TCP
   keepalive (a peer that vanished without a FIN is found without chat traffic).
 - TLS handshakes under way take at most a quarter of ``max_clients``: a newcomer past that
@@ -21,6 +27,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -167,13 +174,38 @@ class Acceptor(Extension):
             except FdLimit:  # a descriptor select cannot watch
                 reason = Reason.FD_LIMIT
         if reason:
-            self.turn_away(sock, peer, reason)
+            self.turn_away(sock, peer, reason, host, say=tls is None)
             return
         self.seat(conn, host, Trigger.START if tls is None else Trigger.SECURE)
 
-    def turn_away(self, sock: socket.socket, peer: str, reason: str) -> None:
+    def turn_away(self, sock: socket.socket, peer: str, reason: str, host: str = "", *,
+                  say: bool = False) -> None:
+        """Counted, said, closed; in chat mode with ``say`` (a plain socket), told why first."""
         self.refused(peer, reason)
+        line = self.refusal_line(reason, host) if say and self.hub.chat_mode else b""
+        if line:
+            with contextlib.suppress(OSError):  # full or gone: the close is the answer
+                sock.setblocking(False)
+                sock.send(line)
         sock.close()
+
+    def refusal_line(self, reason: str, host: str) -> bytes:
+        """What a newcomer turned away for ``reason`` reads, as one ``*** `` line (b"" for one
+        that is gone already)."""
+        if reason == Reason.SERVER_FULL:
+            count = self.max_clients
+            return b"*** the chat is full (%d %s); try again later\n" % (
+                count, b"person" if count == 1 else b"people")
+        if reason == Reason.PER_ADDR_LIMIT:
+            return (b"*** too many connections from your address (%d at most); close one and "
+                    b"try again\n" % self.max_clients_per_addr)
+        if reason == Reason.DENIED:
+            shown = host[7:] if host.startswith("::ffff:") and "." in host else host
+            where = b" (%s)" % shown.encode("ascii", "replace") if shown else b""
+            return b"*** not allowed from your address%s\n" % where
+        if reason == Reason.FD_LIMIT:
+            return b"*** the server cannot take another connection now; try again later\n"
+        return b""
 
     def refused(self, peer: str, reason: str) -> None:
         """A newcomer turned away: counted and said (the web port answers it in words)."""

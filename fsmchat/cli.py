@@ -1,6 +1,6 @@
 """Command line: ``fsmchat [options]`` serves; ``fsmchat connect HOST PORT`` is a terminal client;
 ``fsmchat diagrams [options]`` draws the lifecycles; ``fsmchat docs [--check]`` rewrites the
-generated tables of the documentation.
+generated tables of the documentation; ``fsmchat passwd NAME`` adds or changes an account.
 
 The options themselves (flags, parsers, defaults, help) are ``options.OPTIONS``; this module
 builds argparse from them, reads ``--config FILE`` when given (the command line wins over the
@@ -11,6 +11,7 @@ the file ends with status 2 and one line on stderr that names the option, never 
 from __future__ import annotations
 
 import argparse
+import getpass
 import shutil
 import sys
 from pathlib import Path
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "one JSON status event per line on stdout.",
         epilog="Other commands: fsmchat connect HOST PORT, a terminal client for chatting "
                "(fsmchat connect --help); fsmchat diagrams, which draws the connection "
-               "lifecycle (fsmchat diagrams --help); fsmchat docs (fsmchat docs --help).",
+               "lifecycle (fsmchat diagrams --help); fsmchat docs (fsmchat docs --help); "
+               "fsmchat passwd NAME, which adds or changes an account for --accounts "
+               "(fsmchat passwd --help).",
     )
     add_arguments(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return diagrams_main(args[1:])
     if args[:1] == ["docs"]:
         return docs_main(args[1:])
+    if args[:1] == ["passwd"]:
+        return passwd_main(args[1:])
     parser = build_parser()
     given = from_command_line(parser.parse_args(args))
     config = given.pop("config", None)
@@ -196,3 +201,64 @@ def docs_main(argv: list[str]) -> int:
         else:
             print(path)
     return 1 if args.check and stale else 0
+
+
+def build_passwd_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fsmchat passwd",
+        description="Add an account to the accounts file (for --accounts) or change its "
+                    "password. On a terminal it asks for the password twice, without showing "
+                    "it; otherwise it reads one line from standard input. The file is "
+                    "rewritten at once (a temporary file, then a rename); a new one is made "
+                    "readable by you alone (mode 0600). The server reads the file when it "
+                    "starts: restart it to use the change.",
+        epilog="Exit status: 0 when the account was written, 1 if it could not be, 2 for bad "
+               "arguments.",
+    )
+    parser.add_argument("name", metavar="NAME",
+                        help="the account's name: 1 to 16 letters, digits, - or _")
+    parser.add_argument("--accounts", default=DEFAULT_ACCOUNTS, metavar="FILE",
+                        help="the accounts file, created if missing (default: %(default)s)")
+    op = parser.add_mutually_exclusive_group()
+    op.add_argument("--op", action="store_const", const=True, dest="op",
+                    help="make it an operator (/kick, /mute, /topic)")
+    op.add_argument("--no-op", action="store_const", const=False, dest="op",
+                    help="make it an operator no more (default: an account keeps what it was; "
+                         "a new one is no operator)")
+    return parser
+
+
+DEFAULT_ACCOUNTS = "fsmchat.accounts"
+
+
+def passwd_main(argv: list[str]) -> int:
+    args = build_passwd_parser().parse_args(argv)
+    from fsmchat.chat import accounts  # noqa: PLC0415 - argon2 only where accounts are used
+
+    try:
+        password = _read_password(args.name)
+        new = accounts.set_account(args.accounts, args.name, password, args.op)
+    except accounts.AccountsError as exc:
+        print(f"fsmchat passwd: {exc}", file=sys.stderr)
+        return 1
+    except (EOFError, KeyboardInterrupt):
+        print("fsmchat passwd: no password given; nothing changed", file=sys.stderr)
+        return 1
+    print(f"fsmchat passwd: {'added' if new else 'changed'} {args.name} in {args.accounts}",
+          file=sys.stderr)
+    return 0
+
+
+def _read_password(name: str) -> str:
+    """Twice without echo on a terminal (they must match); else one line of standard input."""
+    from fsmchat.chat.accounts import AccountsError  # noqa: PLC0415
+
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"password for {name}: ")
+        if getpass.getpass("again: ") != first:
+            raise AccountsError("the two passwords differ; nothing changed")
+        return first
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.removesuffix("\n").removesuffix("\r")

@@ -11,6 +11,12 @@ Actions do the socket work and may fire the next trigger (an empty queue while d
 releases it when the loop turn ends (Redis's CLOSE_ASAP), so no descriptor is reused while the
 loop still holds its number. ``detach`` does its bookkeeping first and calls out (``departed``,
 ``flow.forget``) last, so a bug in what it calls cannot leave a connection that nobody releases.
+
+A client the server sends away in chat mode hears why first (``close_with``: the idle timeout,
+the output limit, a moderator's /kick): one ``*** `` line after what is queued (past the output
+limit, instead of it: what waited is dropped, but for the rest of a message partly sent, so the
+line starts a line of its own), then the close; ``FAREWELL_TIMEOUT`` bounds the wait for a
+client that does not read. Raw mode stays a byte relay: it closes at once and says nothing.
 """
 
 from __future__ import annotations
@@ -36,12 +42,16 @@ if TYPE_CHECKING:
 RECV_SIZE = 64 * 1024
 """Bytes one recv may return: one message, and the most one sender gets per loop turn."""
 
-__all__ = ["MACHINE", "RECV_SIZE", "Connection", "error_reason"]
+FAREWELL_TIMEOUT = 5.0
+"""Seconds a client sent away with a line (``close_with``) has to take it, and what was queued
+before it, before it is closed anyway: one that does not read costs its seat no longer."""
+
+__all__ = ["FAREWELL_TIMEOUT", "MACHINE", "RECV_SIZE", "Connection", "error_reason"]
 
 
 class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
     __slots__ = ("hub", "flow", "limits", "bytes_in", "bytes_out", "opened", "reason",
-                 "congested", "heard", "tokens", "counted", "timer", "credit_timer")
+                 "congested", "heard", "tokens", "counted", "timer", "credit_timer", "farewell")
     """Slots, not a dict: an idle client costs its socket, its queue and these."""
 
     sock: socket.socket  # always set: a connection is attached from the start
@@ -65,6 +75,7 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
         self.counted = self.opened  # when the bucket was last brought up to date
         self.timer: Timer | None = None  # the handshake's timeout, then the idle check
         self.credit_timer: Timer | None = None  # set while `limited`
+        self.farewell = b""  # chat mode: the line that says why the server closes it
         self.machine.add_model(self)
 
     def __repr__(self) -> str:
@@ -89,6 +100,39 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
     def close_safely(self, reason: str) -> None:
         """``close_because`` from a pass over many clients: a bug closes this one only."""
         self.safely(Trigger.FAIL, self.close_because, reason)
+
+    def close_with(self, reason: str, line: bytes, *, drop_queued: bool = False) -> None:
+        """Close for ``reason``, and in chat mode tell the client why first: ``line`` (one
+        ``*** `` line ending in ``\\n``) goes after what is queued (``drop_queued``: instead of
+        it), and the socket closes once it is out, ``FAREWELL_TIMEOUT`` seconds at most.
+
+        Raw mode, or a client not in the chat (a handshake, a drain under way): as
+        ``close_because``, at once and without a line."""
+        if not (self.hub.chat_mode and lifecycle.allowed(self.state, Trigger.DISMISS)):
+            self.close_because(reason)
+            return
+        if drop_queued:
+            self.drop_queued()
+        self.reason = reason
+        self.farewell = line
+        self.fire(Trigger.DISMISS)
+
+    def close_over_limit(self) -> None:
+        """Its queue would pass --max-queue-bytes: it reads too slowly. What waited for it is
+        dropped (it would only make the line wait behind it), and the line goes alone."""
+        self.close_with(Reason.QUEUE_LIMIT, b"*** closed: you read too slowly (over %s waited "
+                        b"for you, now dropped)\n" % _size(self.hub.max_queue_bytes).encode(),
+                        drop_queued=True)
+
+    def drop_queued(self) -> None:
+        """Empty the queue but for the rest of a message partly sent (a memoryview at its
+        head): what is queued next starts on a boundary of its own."""
+        queue = self.queue
+        head = queue[0] if queue and isinstance(queue[0], memoryview) else None
+        queue.clear()
+        if head is not None:
+            queue.append(head)
+            queue.nbytes = len(head)
 
     def enqueue(self, data: bytes) -> None:
         """Queue a message; over the limit, leave it out and have the hub close this client."""
@@ -150,7 +194,8 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
         if silent >= self.limits.idle_timeout:
             self.log.warning("connection.idle", fd=self.fd, peer=self.peer,
                              seconds=round(silent, 3))
-            self.close_because(Reason.IDLE_TIMEOUT)
+            self.close_with(Reason.IDLE_TIMEOUT, b"*** closed: you sent nothing for %s s\n"
+                            % f"{self.limits.idle_timeout:g}".encode())
             return
         self.timer = self.loop.call_later(self.limits.idle_timeout - silent, self._check_idle)
 
@@ -280,10 +325,29 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
     def leave(self) -> None:
         self._cancel_timers()
         self.reason = self.reason or Reason.SERVER_SHUTDOWN
+        self.last_words()
         self.hub.departed(self)
         self.loop.want_read(self.fd, False)
         if not self.queue:
             self.fire(Trigger.DRAINED)
+
+    def last_words(self) -> None:
+        """What goes after everything queued as it leaves: the line saying why, if any."""
+        if self.farewell:
+            self.push(self.farewell)
+
+    def send_off(self) -> None:
+        """Sent away (``close_with``): it is out of the chat, holds no sender back, and has
+        ``FAREWELL_TIMEOUT`` seconds to take its line."""
+        self.flow.forget(self)
+        self.leave()
+        if self.state == State.DRAINING:
+            self.timer = self.loop.call_later(FAREWELL_TIMEOUT, self._farewell_late)
+
+    def _farewell_late(self) -> None:
+        self.timer = None
+        if self.state == State.DRAINING:  # it does not read: closed for the same reason
+            self.close_because(self.reason)
 
     def detach(self) -> None:
         """Out of the loop, the chat and flow control; released at the end of the turn. What
@@ -309,6 +373,14 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
             if timer is not None:
                 timer.cancel()
         self.timer = self.credit_timer = None
+
+
+def _size(count: int) -> str:
+    """A size for people: ``4 MiB``, ``512 KiB``, ``300 bytes``."""
+    for unit, name in ((1 << 20, "MiB"), (1 << 10, "KiB")):
+        if count >= unit:
+            return f"{count / unit:.3g} {name}"
+    return f"{count} bytes"
 
 
 def _subject(cert: dict[str, Any] | None) -> str | None:

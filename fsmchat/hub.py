@@ -23,6 +23,8 @@ Rules it keeps:
   run from one work list at one level, never by recursion: one warning per client.
 - A connection that moved to ``closing`` during a loop turn is released after it (``release``),
   so no descriptor is closed while the loop may still hold its number.
+- In chat mode a client the server sends away hears why (``close_with``: one ``*** `` line,
+  then the close); in raw mode it is closed without a word, as the relay always did.
 """
 
 from __future__ import annotations
@@ -107,6 +109,21 @@ class Extension:
         """With --redis: every link to the other instances is back after ``isolated``."""
 
 
+class Gate:
+    """What a newcomer passes before it is in the chat (the join password). A client it holds
+    is in ``connections`` and may be told things, but takes no message and is greeted by no
+    part; the gate calls ``Hub.admit`` once it may come in."""
+
+    __slots__ = ()
+
+    def holds(self, conn: Connection) -> bool:
+        """A newcomer, before anything greets it: whether the gate holds it back for now."""
+        return False
+
+    def gone(self, conn: Connection) -> None:
+        """A client the gate held left (for whatever reason) before it was admitted."""
+
+
 @dataclass(slots=True)
 class Counts:
     """What the hub and the acceptor counted since the start (only ever grows)."""
@@ -132,10 +149,11 @@ class Limits:
 
 class Hub:
     def __init__(self, loop: EventLoop, log: FilteringBoundLogger, limits: Limits, *,
-                 gone: Callable[[Connection], None]) -> None:
+                 gone: Callable[[Connection], None], chat_mode: bool = False) -> None:
         self.loop = loop
         self.log = log
         self.limits = limits
+        self.chat_mode = chat_mode  # clients read lines: one closed or turned away is told why
         self.max_queue_bytes = limits.max_queue_bytes
         self.counts = Counts()
         self.connections: dict[int, Connection] = {}  # every connection not yet closed, by fd
@@ -150,6 +168,9 @@ class Hub:
         self.relay_waits: Callable[[], bool] = _never
         """Whether some of what other instances relayed waits for flow control."""
         self._gone = gone  # a connection was forgotten (its seat is free)
+        self.gate: Gate | None = None
+        """What newcomers must pass first (chat mode's --password): those it holds are no
+        readers, and no part greets them, until it admits them."""
         self._overflowed: dict[int, Connection] = {}  # past the limit, to close: by fd, in order
         self._refused = 0  # messages left out of a queue for its limit, so far
         self._closing_overflowed = False  # _close_overflowed is working through its list
@@ -271,7 +292,14 @@ class Hub:
     # -- what connections tell the hub -----------------------------------------------------------
 
     def joined(self, conn: Connection) -> None:
-        """A client entered the chat: what the parts greet it with, then live."""
+        """A client entered the chat: what the parts greet it with, then live; unless the gate
+        holds it (chat mode's --password), which admits it later."""
+        if self.gate is not None and self.gate.holds(conn):
+            return
+        self.admit(conn)
+
+    def admit(self, conn: Connection) -> None:
+        """A client is in the chat: a reader from now on, greeted by the parts, then live."""
         self.readers[conn.fd] = conn
         for greet in self._greet:
             greet(conn)
@@ -284,6 +312,8 @@ class Hub:
         if self.readers.pop(conn.fd, None) is not None:
             for left in self._left:
                 left(conn)
+        elif self.gate is not None:
+            self.gate.gone(conn)
         self.flow.paused.pop(conn.fd, None)
 
     def quit(self, conn: Connection) -> None:
@@ -293,6 +323,14 @@ class Hub:
 
     def in_chat(self, conn: Connection) -> bool:
         return conn.state in IN_CHAT
+
+    def close_with(self, conn: Connection, reason: str, line: bytes) -> None:
+        """Send ``conn`` away for ``reason`` (a ``Reason``: a moderator's /kick, say), telling it
+        why: in chat mode ``line`` (one ``*** `` line ending in ``\\n``) goes after what is
+        queued, and the socket closes once it is out (``connection.FAREWELL_TIMEOUT`` seconds at
+        most); others see it leave as for any close. Raw mode: closed at once, without a line.
+        A bug closes that client only."""
+        conn.safely(Trigger.DISMISS, conn.close_with, reason, line)
 
     def overflowed(self, conn: Connection) -> None:
         self._refused += 1
@@ -345,7 +383,7 @@ class Hub:
                     continue  # closed meanwhile, for another reason
                 self.log.warning("connection.queue_limit", fd=conn.fd, peer=conn.peer,
                                  queued=conn.queue.nbytes, limit=self.max_queue_bytes)
-                conn.close_safely(Reason.QUEUE_LIMIT)
+                conn.safely(Trigger.DISMISS, conn.close_over_limit)
         finally:
             self._closing_overflowed = False
 

@@ -58,6 +58,8 @@ class Trigger(Documented):
     REFUSE = ("refuse", "WebSocket: a message over the limit (1009), a text frame that is not "
               "UTF-8 (1007), a malformed frame (1002) or, in chat mode, a binary one (1003)")
     QUIT = "quit", "chat mode: the client asked to leave (/quit)"
+    DISMISS = ("dismiss", "chat mode: the server sends it away and says why (--idle-timeout, "
+               "past --max-queue-bytes, a moderator's /kick)")
     THROTTLE = "throttle", "its message left a recipient's queue over the high-water mark"
     RESUME = "resume", "no recipient holds senders back any more"
     OVERRUN = "overrun", "what it sent took it past its receive rate (--max-recv-rate)"
@@ -127,6 +129,9 @@ TRANSITIONS: tuple[Transition, ...] = (
                "queued"),
     Transition(Trigger.QUIT, SENDING, State.DRAINING, "leave",
                "chat mode: the client typed /quit; deliver what is queued (its goodbye too)"),
+    Transition(Trigger.DISMISS, IN_CHAT, State.DRAINING, "send_off",
+               "stop reading; a line saying why goes after what is queued (past its limit: "
+               "instead of it), then close, 5 s at most (connection.FAREWELL_TIMEOUT)"),
     Transition(Trigger.EMPTY, SENDING, State.EMPTIED, "stop_reading",
                "the server is stopping and the client sent nothing for 0.2 s (or half the drain "
                "timeout passed): read no more, keep receiving what the others had sent"),
@@ -280,8 +285,8 @@ class HttpTrigger(Documented):
     READABLE = "readable", "select reported the socket readable"
     WRITABLE = "writable", "select reported the socket writable (asked only while output is queued)"
     REQUEST = "request", "a whole request arrived, or a bad one did (answered 400)"
-    UPGRADE = ("upgrade", "web port: a valid WebSocket handshake for /ws, from an allowed origin, "
-               "with room in the chat")
+    UPGRADE = ("upgrade", "web port: a valid WebSocket handshake for /ws, from an allowed origin "
+               "(one the chat has no room for is told so on the WebSocket, then closed)")
     SENT = "sent", "the whole response was written and the connection may be reused"
     DONE = ("done", "the whole response was written and the connection must close "
             "(Connection: close, HTTP/1.0, a bad request)")
@@ -304,10 +309,10 @@ HTTP_TRANSITIONS: tuple[Transition, ...] = (
                "recv once and feed h11; a whole request fires request (or upgrade)"),
     Transition(HttpTrigger.REQUEST, (HttpState.RECEIVING,), HttpState.RESPONDING, "respond",
                "queue the site's answer: /metrics, the page and its files, else 404/405/400 "
-               "(and 403/426/503 for a WebSocket handshake it refuses)"),
+               "(and 400/403/426 for a WebSocket handshake it refuses)"),
     Transition(HttpTrigger.UPGRADE, (HttpState.RECEIVING,), HttpState.CLOSED, "hand_over",
                "the socket leaves this table for the connection table (upgrade), with what "
-               "the client sent after its request"),
+               "the client sent after its request; or, turned away, is told why and closed"),
     Transition(HttpTrigger.WRITABLE, (HttpState.RESPONDING,), None, "flush",
                "send as much of the response as the socket takes"),
     Transition(HttpTrigger.SENT, (HttpState.RESPONDING,), HttpState.RECEIVING, "next_request",

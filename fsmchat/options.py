@@ -30,6 +30,7 @@ from datetime import date, datetime, time
 from typing import Any
 
 from fsmchat.access import Network, parse_network
+from fsmchat.chat.accounts import Accounts, AccountsError, JoinPassword, load, load_join_password
 from fsmchat.chat.mode import DEFAULT_MAX_LINE, MAX_LINE_RANGE
 from fsmchat.chat.recent import time_zone
 from fsmchat.connection import RECV_SIZE
@@ -117,6 +118,8 @@ class Options:
     web_origin: tuple[str, ...] = ()  # other sites whose pages may open the WebSocket
     metrics_port: int | None = None  # None: no metrics listener
     metrics_host: str | None = None  # None: the same as host
+    accounts: Accounts | None = None  # chat mode: reserved names, read from --accounts FILE
+    password: JoinPassword | None = None  # chat mode: everyone's join password, from a file
 
 
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Options)}
@@ -340,6 +343,24 @@ def _zone(text: str) -> str:
 
 def _file(text: str) -> str:
     return text
+
+
+def _accounts(text: str) -> Accounts:
+    try:
+        return load(text)
+    except AccountsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _join_password(text: str) -> JoinPassword:
+    try:
+        return load_join_password(text)
+    except AccountsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _no_file(value: object) -> str:
+    return "none" if value is None else str(value)
 
 
 # -- the catalogue ------------------------------------------------------------------------------
@@ -569,6 +590,17 @@ OPTIONS: tuple[Option, ...] = (
            "--max-queue-bytes. Takes K, M, G (default: %(default)s, or a quarter of "
            "--max-queue-bytes if that is less)",
            metavar="BYTES", group=CHAT, show=_size_text),
+    Option("--accounts", "accounts", _accounts,
+           "chat mode: reserve the names of this file's accounts (NAME:HASH[:op] lines, made "
+           "by fsmchat passwd NAME) for those who give the password: /nick NAME PASSWORD or "
+           "/login NAME PASSWORD; accounts marked op may /kick, /mute and /topic. Read once, "
+           "at the start (default: no accounts)",
+           metavar="FILE", group=CHAT, show=_no_file),
+    Option("--password", "password", _join_password,
+           "chat mode: everyone must give the password in this file (its first line) before "
+           "joining: /pass PASSWORD, or the password as the first line. Read once, at the "
+           "start (default: none)",
+           metavar="SECRET_FILE", group=CHAT, show=_no_file),
     Option("--tz", "tz", _zone,
            "chat mode: the time zone of the times (HH:MM) in front of replayed history, an "
            "IANA name such as Europe/Paris (default: %(default)s)",
@@ -740,6 +772,9 @@ def _check_web(o: Options, given: Collection[str]) -> None:
 
 
 def _check_chat(o: Options, given: Collection[str]) -> None:
+    for field in ("accounts", "password"):
+        if field in given and o.mode != "chat":
+            raise UsageError(f"{_BY_FIELD[field].flag} needs --mode chat")
     if "max_line" in given and o.mode != "chat":
         raise UsageError("--max-line needs --mode chat")
     if "tz" in given and o.mode != "chat":

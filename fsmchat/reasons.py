@@ -43,6 +43,7 @@ class Reason(StrEnum):
     WEBSOCKET_ERROR = ("websocket_error", "WebSocket: a malformed frame (1002), a text frame that "
                        "is not UTF-8 (1007) or, in chat mode, a binary frame (1003)")
     NO_PONG = "no_pong", "WebSocket: it did not answer the server's ping within 30 s"
+    KICKED = "kicked", "chat mode: an operator typed /kick NAME; its last line says who"
     INTERNAL_ERROR = "internal_error", "a bug in the server (logged as lifecycle.bug) closed it"
     RESET = "reset", "the client reset the connection (ECONNRESET)"
     BROKEN_PIPE = "broken_pipe", "the client stopped receiving while the server sent (EPIPE)"

@@ -34,7 +34,10 @@ from structlog.typing import FilteringBoundLogger
 from fsmchat.acceptor import Acceptor, Listener, ListenError, open_listener
 from fsmchat.access import Access
 from fsmchat.banner import tell_where_to_connect
+from fsmchat.chat.gate import JoinGate
+from fsmchat.chat.login import Login
 from fsmchat.chat.mode import ENTRY_BYTES, Chat
+from fsmchat.chat.moderation import Moderation, commands_with_accounts
 from fsmchat.chat.recent import Budget, time_zone
 from fsmchat.chat.rooms import room_key
 from fsmchat.chat.text import is_name, room_problem, skeleton
@@ -120,7 +123,7 @@ class Server:
         self.max_clients = options.max_clients or default_max_clients(web_listener is not None)
         self.hub = hub = Hub(loop, log, Limits(options.max_queue_bytes, options.max_recv_rate,
                                                options.idle_timeout, options.handshake_timeout),
-                             gone=self._gone)
+                             gone=self._gone, chat_mode=options.mode == "chat")
         self.acceptor = Acceptor(listeners, hub, Access(options.allow, options.deny),
                                  max_clients=self.max_clients,
                                  max_clients_per_addr=options.max_clients_per_addr)
@@ -154,6 +157,8 @@ class Server:
         parts: list[Extension] = [self.acceptor, *(
             part for part in (self.chat, self.history, self.presence, self.bus)
             if part is not None)]
+        if self.chat is not None:
+            parts[2:2] = self._accounts(self.chat, options)
         hub.plug(*parts)
         self.metrics: MetricsSite | None = None
         if metrics_listener is not None:
@@ -177,6 +182,23 @@ class Server:
         self.stop_deadline = 0.0  # when the stop closes whatever is left
         self.cut = Cut()  # what a stop cut short did not deliver
         loop.before_sleep = self.end_of_turn
+
+    def _accounts(self, chat: Chat, options: Options) -> list[Extension]:
+        """Chat mode's accounts, moderators and join password, when asked for: the parts that
+        come right after the chat (a newcomer's topic follows its welcome, before history)."""
+        parts: list[Extension] = []
+        if options.accounts is not None:
+            login = Login(chat, options.accounts)
+            moderation = Moderation(chat)
+            chat.commands = commands_with_accounts(login, moderation, chat.commands)
+            parts += [login, moderation]
+        if options.password is not None:
+            hub = self.hub
+            gate = JoinGate(hub, options.password, options.max_line, passed=self.acceptor.greet)
+            hub.gate = gate
+            hub.take_input(gate.wrap(chat.received), chat.relayed, chat.relay_waits)
+            parts.append(gate)
+        return parts
 
     def start(self) -> None:
         """Say where it listens, and set the timers and links going."""

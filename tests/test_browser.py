@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import itertools
 import re
 import shutil
 import sys
@@ -154,8 +155,10 @@ def open_page(
     viewport: dict[str, int] | None = None,
     scheme: Literal["light", "dark"] = "light",
     chat: bool = True,
+    joined: bool = True,
 ) -> ChatPage:
-    """Open the page; in chat mode wait for the welcome line and learn the page's name."""
+    """Open the page; in chat mode wait for the welcome line and learn the page's name
+    (without ``joined``: wait for nothing, the server may turn it away)."""
     page = context.new_page()
     tab = ChatPage(page)
     page.on("console", lambda m: _console(tab, m))
@@ -166,6 +169,8 @@ def open_page(
         page.set_viewport_size({"width": viewport["width"], "height": viewport["height"]})
     page.emulate_media(color_scheme=scheme)
     page.goto(url)
+    if not joined:
+        return tab
     if chat:
         tab.name = tab.wait_match(WELCOME).group(1)
     tab.wait_status("^connected$")
@@ -335,6 +340,54 @@ def test_a_message_over_the_line_limit_is_explained(
     closed = server.wait_event("connection.closed", reason="message_too_big")
     assert closed["fd"] is not None
     tab.wait_status("^connected again$", timeout=RECONNECT_WAIT_MS)
+
+
+ONLINE_JS = "() => window.dispatchEvent(new Event('online'))"
+"""Back online: the page tries again now rather than at the end of its wait."""
+
+
+def test_a_full_chat_is_explained_once_and_the_page_tries_again_later(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    # The refusal reaches the page in words (no HTTP 503 a script cannot read); the page
+    # waits at least 5 s before it tries again, and a second refusal for the same reason is
+    # not logged twice. Fails if the words are missing, the page hammers, or repeats itself.
+    server = chat_server(start_server, "--max-clients", "1")
+    term = join(server)
+    tab = open_page(browser, page_url(server), joined=False)
+    refusal = "*** the chat is full (1 person); try again later"
+    tab.wait_row(refusal)
+    waiting = r"^the chat is full \(1 person\); try again later — reconnecting in (\d+) s$"
+    first_wait = int(re.findall(waiting, tab.wait_status(waiting))[0])
+    assert first_wait >= 4, first_wait  # 5 s, less a quarter of jitter
+    tab.page.evaluate(ONLINE_JS)
+    tab.wait_status(r"reconnecting in (8|9|1[0-3]) s$")  # the delay doubled: 10 s, jittered
+    refusals = itertools.count(1)
+    server.wait_for(lambda e: e.get("event") == "connection.rejected" and next(refusals) == 2)
+    assert tab.rows().count(refusal) == 1, tab.rows()
+    assert "connected again" not in tab.rows(), tab.rows()
+    term.sock.close()
+    server.wait_closed(term.client)
+    tab.page.evaluate(ONLINE_JS)
+    tab.wait_match(WELCOME)
+    tab.wait_status("^connected again$")
+    assert tab.errors == []
+
+
+def test_a_page_closed_for_idleness_is_told_and_stays_away(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    # 1008: trying again would change nothing. Fails if the line is not shown, or if the page
+    # reconnects by itself (its first try would come within 1.25 s).
+    server = chat_server(start_server, "--idle-timeout", "1")
+    tab = open_page(browser, page_url(server))
+    tab.wait_row("*** closed: you sent nothing for 1 s")
+    text = tab.wait_status("reload the page to come back$")
+    assert text.startswith("closed: you sent nothing for 1 s"), text
+    tab.page.evaluate(ONLINE_JS)  # not even when the network comes back
+    tab.page.wait_for_timeout(2500)
+    assert len([e for e in server.events("connection.accepted") if e.get("web")]) == 1
+    assert tab.errors == []
 
 
 # --------------------------------------------------------------------------

@@ -78,6 +78,7 @@ def test_states_and_triggers_have_the_documented_values() -> None:
         "HANGUP": "hangup",
         "REFUSE": "refuse",
         "QUIT": "quit",
+        "DISMISS": "dismiss",
         "THROTTLE": "throttle",
         "RESUME": "resume",
         "OVERRUN": "overrun",

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
 from test_model import CLEAN, LIMIT, Chat, ModelServer, ScriptedSocket
 
+from fsmchat.lifecycle import State
 from fsmchat.options import Options
 
 LINE = re.compile(rb"([0-9]{2}:[0-9]{2} )?"  # replayed history
@@ -69,9 +70,9 @@ test_chat_mode_model = ChatMode.TestCase
 
 
 def test_a_sender_closed_by_the_notices_its_message_caused_reads_no_further() -> None:
-    """A's message takes B past its limit; B's leave notice takes A past its own: A is closed in
-    the middle of its read, and its next line (a command answered to A alone) must not revive
-    it in the loop."""
+    """A's message takes B past its limit; B's leave notice takes A past its own: A is sent
+    away in the middle of its read, and its next line (a command answered to A alone) must not
+    revive it in the chat or the loop. Each gets the line that says why, alone, then closes."""
     model = ChatMode()
     try:
         model.connect()
@@ -82,11 +83,22 @@ def test_a_sender_closed_by_the_notices_its_message_caused_reads_no_further() ->
         model.sockets[0].inbound.append(b"hello there\n/who\n")
         model.loop.dispatch((a.fd,), ())
         model.server.end_of_turn()
-        assert not model.server.hub.connections
-        # Were either still watched, select would report it (a closed descriptor: EBADF in a
-        # real select); here the loop would call a handler it no longer has (KeyError), or one
-        # that is closed (InvalidTrigger). Neither may happen.
+        # Both are out of the chat, read no more, and wait to take the line that says why.
+        assert not model.server.hub.readers
+        assert (a.state, b.state) == (State.DRAINING, State.DRAINING)
+        # Were either still read, the loop would call its handler for a read (InvalidTrigger in
+        # draining); A's /who would be answered.
         model.loop.dispatch((a.fd, b.fd), (a.fd, b.fd))
+        model.no_trigger_is_ever_invalid()
+        for sock in model.sockets:
+            sock.window = 1 << 20
+        model.loop.dispatch((), (a.fd, b.fd))
+        model.server.end_of_turn()
+        assert not model.server.hub.connections
+        # What waited was dropped: each gets the line alone, and A nothing of its /who.
+        farewell = b"*** closed: you read too slowly (over 4 KiB waited for you, now dropped)\n"
+        assert [bytes(sock.received) for sock in model.sockets] == [farewell, farewell]
+        model.loop.dispatch((a.fd, b.fd), (a.fd, b.fd))  # closed: never watched again
         model.no_trigger_is_ever_invalid()
     finally:
         model.listener.close()

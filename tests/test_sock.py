@@ -236,7 +236,7 @@ def test_a_scraper_whose_descriptor_select_cannot_watch_is_turned_away(chat: InP
 
 # -- the catalogue of reasons --------------------------------------------------------------------
 
-REASON_CALLS = {"close_because", "close_safely", "_force_close", "abort"}
+REASON_CALLS = {"close_because", "close_safely", "close_with", "_force_close", "abort"}
 """Calls whose first argument is a close reason."""
 
 

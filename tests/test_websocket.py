@@ -624,11 +624,15 @@ def test_max_clients_counts_websocket_clients(start_server: StartServer, jar: Ja
     nc = server.raw_connect()
     assert server.wait_event("connection.rejected", peer=peer_of(nc))["reason"] == "server_full"
     assert closed_by_server(nc) == b""
-    with socket.create_connection((HOST, port), timeout=WAIT) as late:
-        peer = peer_of(late)
-        late.sendall(upgrade_request(f"{HOST}:{port}", new_key()))
-        assert server.wait_event("connection.rejected", peer=peer)["reason"] == "server_full"
-        assert not closed_by_server(late).startswith(b"HTTP/1.1 101")
+    # Turned away in words a page's script can read: the upgrade is accepted, then a close
+    # frame says why (raw mode: no text frame among the relay's binary ones), and no seat.
+    late = jar.raw(port)
+    assert server.wait_event("connection.rejected", peer=late.peer)["reason"] == "server_full"
+    [close] = late.frames_until_close()
+    assert close.close_code == 1013, close
+    assert close.payload[2:] == b"the chat is full (2 people); try again later", close
+    assert late.eof() == b""
+    assert not [e for e in server.events("connection.accepted") if e["peer"] == late.peer]
     first.close()
     server.wait_closed(first_client)
     server.connect()  # a place is free again: accepted

@@ -25,20 +25,20 @@ def test_a_header_is_what_wsproto_would_write() -> None:
         assert frame_header(TEXT, size) + payload == bytes(writer.send_data(payload.decode()))
 
 
-def test_one_header_per_message_for_every_recipient() -> None:
+def test_one_frame_per_message_for_every_recipient() -> None:
     frames = Frames(BINARY)
     first, second = b"one message", b"another one"
-    header = frames.head(first)
-    assert frames.head(first) is header  # a second recipient: the same object, not made again
-    assert frames.head(second) is not header
-    assert frames.head(second) == frame_header(BINARY, len(second))
+    framed = frames.frame(first)
+    assert frames.frame(first) is framed  # a second recipient: the same object, not made again
+    assert frames.frame(second) is not framed
+    assert frames.frame(second) == frame_header(BINARY, len(second)) + second
 
 
 @given(st.lists(st.binary(max_size=70000), max_size=6))
 def test_a_browser_reads_back_every_binary_message(messages: list[bytes]) -> None:
     frames = Frames(BINARY)
     browser = Connection(ConnectionType.CLIENT)
-    browser.receive_data(b"".join(frames.head(m) + m for m in messages))
+    browser.receive_data(b"".join(frames.frame(m) for m in messages))
     got: list[bytes] = []
     partial = b""
     for event in browser.events():
@@ -55,7 +55,7 @@ def test_a_browser_reads_back_every_line_of_text(lines: list[str]) -> None:
     frames = Frames(TEXT)
     browser = Connection(ConnectionType.CLIENT)
     encoded = [line.encode() for line in lines]
-    browser.receive_data(b"".join(frames.head(m) + m for m in encoded))
+    browser.receive_data(b"".join(frames.frame(m) for m in encoded))
     got: list[str] = []
     partial = ""
     for event in browser.events():

@@ -16,20 +16,23 @@ How to add a command (another module of the chat package)::
             call.usage()                      # "*** usage: /topic TEXT", to the caller alone
             return False
         call.answer(b"topic set")             # "*** topic set\\n", to the caller alone
-        call.chat.hub.broadcast(b"*** ...\\n", call.client)  # to everyone else
-        return True                           # it announced something
+        room = call.member.room
+        call.chat.say(room, b"*** ...\\n", call.client)  # the rest of the room, other
+        return True                           # instances, its history: it announced
 
 and import that module once where the chat is built (``fsmchat/chat/mode.py`` imports the
 modules that register commands, so the table is whole before the first client arrives).
 
-A handler is given a ``Call``: ``call.chat`` (the ``Chat``: its ``hub`` to send, its
-``members``), ``call.client`` (the connection that typed it), ``call.member`` (that client's
-``Member``: its ``name``, ``operator`` flag, room), ``call.argument`` (bytes, not yet cleaned:
-pass what you show through ``clean``) and ``call.command`` (its ``Command``). It answers the
-caller with ``call.answer(text)`` (a ``*** `` line) or ``call.usage()``, and returns whether it
-announced something to others (a broadcast): flow control is asked before the sender's next
-line only then. A command marked ``operator_only`` never reaches its handler for a member who is
-not an operator: the dispatcher answers for it.
+A handler is given a ``Call``: ``call.chat`` (the ``Chat``: ``say(room, line, sender)`` for a
+public line of a room, ``hub.tell(client, line)`` for one client, ``hub.quit(client)``,
+``directory.find(name)`` for another member, ``members`` by fd, ``rooms``), ``call.client``
+(the connection that typed it), ``call.member`` (that client's ``Member``: its ``name``,
+``client``, ``room``, ``operator`` flag), ``call.argument`` (bytes, not yet cleaned: pass what
+you show through ``clean``) and ``call.command`` (its ``Command``). It answers the caller with
+``call.answer(text)`` (a ``*** `` line) or ``call.usage()``, and returns whether it announced
+something to others (``say``, or a line told to another member): flow control is asked
+before the sender's next line only then. A command marked ``operator_only`` never reaches
+its handler for a member who is not an operator: the dispatcher answers for it.
 
 Rules it keeps:
 - Names are stored in lower case, without the slash; registering one twice is an error (two

@@ -40,7 +40,7 @@ Rules it keeps:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from typing import TYPE_CHECKING
@@ -53,7 +53,7 @@ from fsmchat.chat.payload import To, route
 from fsmchat.chat.recent import Budget
 from fsmchat.chat.rooms import Room, Rooms
 from fsmchat.chat.telnet import TelnetParser
-from fsmchat.chat.text import clean, prepare
+from fsmchat.chat.text import clean, prepare, skeleton
 from fsmchat.hub import Extension
 from fsmchat.reasons import Reason
 
@@ -89,6 +89,8 @@ class Member:
     telnet: TelnetParser
     held: list[bytes] = field(default_factory=list)  # whole lines waiting for flow control
     operator: bool = False  # may run the commands marked operator_only
+    gag: Callable[[Client], bool] | None = None  # set by /mute: asked before each message it
+    # says, True while it is muted (and the callable answers it): the message goes to nobody
 
 
 class Chat(Extension):
@@ -108,6 +110,10 @@ class Chat(Extension):
         self.rooms = Rooms(history)
         self.zone = zone  # of the times in replayed history
         self.directory = directory or Directory(self.members, self.rooms, shared=bool(suffix))
+        self.reserved: Container[bytes] = ()  # skeletons of account names (--accounts): no
+        # newcomer is given one
+        self.entering: Callable[[Client, Room], None] | None = None  # told as a member comes
+        # into a room, before its history (moderation: the room's topic)
         self.next_number = 1  # for the next user<N>
         self.suffix = suffix  # after user<N>: with --redis, "-" and 4 digits of the instance id
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
@@ -128,6 +134,8 @@ class Chat(Extension):
         self.directory.moved(member, None, room)
         self.hub.tell(client, b"*** welcome, you are %s (/help lists the commands)\n"
                       % member.name)
+        if self.entering is not None:
+            self.entering(client, room)
         self._replay(client, room)
 
     def joined(self, client: Client) -> None:
@@ -143,13 +151,13 @@ class Chat(Extension):
             self.hub.counts.messages_in += len(member.held)
             for line in member.held:
                 message = None if _is_command(line) else _message(member.name, line)
-                if message:
+                if message and not (member.gag and member.gag(client)):
                     self._broadcast_or_publish(member.room, message, client)
         rest = member.framer.flush()
         if rest and client.reason == Reason.PEER_CLOSED:  # typed, then EOF without a newline
             self.hub.counts.messages_in += 1
             message = None if _is_command(rest) else _message(member.name, rest)
-            if message:
+            if message and not (member.gag and member.gag(client)):
                 self._broadcast_or_publish(member.room, message, client)
         self.lines_cut += member.framer.cuts
         self.directory.release(member.name)
@@ -237,7 +245,7 @@ class Chat(Extension):
         for count, line in enumerate(lines, 1):
             if not _is_command(line):
                 message = _message(member.name, line)
-                if message:
+                if message and not (member.gag and member.gag(client)):
                     if said and size + len(message) > self.entry_bytes:
                         self._broadcast(said, client)
                         size = 0
@@ -419,6 +427,8 @@ class Chat(Extension):
         room = member.room = self.rooms.enter(name, client)
         self.directory.moved(member, old, room)
         self.hub.tell(client, b"*** you are now in %s\n" % room.name)
+        if self.entering is not None:
+            self.entering(client, room)
         self._replay(client, room)
         if self.hub.in_chat(client):  # (not if what it was told took it past its limit)
             self.say(room, b"*** %s joined %s\n" % (member.name, room.name), client)
@@ -433,5 +443,5 @@ class Chat(Extension):
         while True:
             name = b"user%d%s" % (self.next_number, self.suffix)
             self.next_number += 1
-            if self.directory.holder(name) is None:
+            if self.directory.holder(name) is None and skeleton(name) not in self.reserved:
                 return name

@@ -117,6 +117,21 @@ CATALOGUE: tuple[EventSpec, ...] = (
     EventSpec("chat.nick", "info", ("fd", "old", "new"), "chat mode: a client changed its name"),
     EventSpec("chat.line_cut", "warning", ("fd", "peer", "limit"),
               "chat mode: a line longer than --max-line was cut into lines of that size"),
+    EventSpec("chat.login", "info", ("fd", "peer", "name", "op"),
+              "chat mode: a client gave an account's password (--accounts) and took its name; "
+              "op: it is an operator"),
+    EventSpec("chat.login_failed", "warning", ("fd", "peer", "name", "wait"),
+              "chat mode: a wrong password for an account; no try for that name or from that "
+              "address is checked for wait seconds (never the password itself)"),
+    EventSpec("chat.pass_failed", "warning", ("fd", "peer", "wait"),
+              "chat mode: a wrong join password (--password); no try from that address is "
+              "checked for wait seconds"),
+    EventSpec("chat.kick", "info", ("fd", "peer", "name", "by", "reason"),
+              "chat mode: the operator by kicked name (reason: what they gave, maybe empty)"),
+    EventSpec("chat.mute", "info", ("fd", "peer", "name", "by", "minutes"),
+              "chat mode: the operator by muted name for minutes (0: lifted the mute)"),
+    EventSpec("chat.topic", "info", ("fd", "by", "room", "topic"),
+              "chat mode: the operator by set the topic of room"),
     EventSpec("http.request", "debug", ("site", "fd", "method", "target", "status"),
               "an HTTP request to the metrics port (site metrics) or the web port (site web) "
               "was answered"),

@@ -10,16 +10,22 @@ Rules it keeps:
   whose ``Origin`` is not this site's own (``Host``, with this port's scheme) nor one of
   ``--web-origin`` is answered 403. One without ``Origin`` comes from no browser page: allowed.
 - A handshake is an HTTP/1.1 GET without a body; anything else asking to upgrade is 400.
-- A handshake the chat has no room for (``--max-clients``, ``--max-clients-per-addr``) is
-  answered in plain words (503) before it costs a seat; ``/ws`` without an upgrade is 426. An
-  address ``--allow``/``--deny`` keep out is closed as it is accepted, as on every port
-  (``http.rejected``): it gets no answer at all.
+- A handshake the chat has no room for (``--max-clients``, ``--max-clients-per-addr``, or
+  a descriptor select cannot watch) is refused in words a page's script can read (an HTTP 503
+  it cannot): the WebSocket is accepted, then the refusal goes out at once, in one
+  non-blocking send as the acceptor's to nc users, and the socket closes without taking a
+  seat: in chat mode the ``*** `` line an nc user reads, as a text frame, then a close frame
+  with 1013 (try again later; 1008 for an address not allowed) and the same words as its
+  reason; in raw mode, whose frames are the relay's bytes, the close frame alone. ``/ws``
+  without an upgrade is 426. An address ``--allow``/``--deny`` keep out is closed as it is
+  accepted, as on every port (``http.rejected``): it gets no answer at all.
 - Every answer carries a strict Content-Security-Policy (nothing but this site's own script,
   style and WebSocket; no inline script, no frames), ``nosniff`` and no referrer; no cookies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Sequence
@@ -28,7 +34,8 @@ from importlib import resources
 import h11
 from structlog.typing import FilteringBoundLogger
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request
+from wsproto.events import AcceptConnection, CloseConnection, Request
+from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import RemoteProtocolError
 
 from fsmchat.acceptor import Acceptor
@@ -36,7 +43,7 @@ from fsmchat.lifecycle import Trigger
 from fsmchat.net.http import Answer, Headers, HttpConnection, Site
 from fsmchat.options import WEB_FDS
 from fsmchat.reasons import Reason
-from fsmchat.web.websocket import BINARY, TEXT, Frames, WebConnection
+from fsmchat.web.websocket import BINARY, TEXT, Frames, WebConnection, frame_header
 
 WEB_PLACES = WEB_FDS
 """HTTP connections of the web port open at once (a browser opens up to six for one page); the
@@ -58,10 +65,8 @@ FILES = {b"/": ("index.html", "text/html; charset=utf-8"),
 
 WS_PATH = b"/ws"
 
-REFUSALS: dict[str, tuple[int, str]] = {Reason.DENIED: (403, "not allowed from your address"),
-            Reason.PER_ADDR_LIMIT: (503, "too many connections from your address"),
-            Reason.SERVER_FULL: (503, "the chat is full; try again later")}
-"""What a refused WebSocket handshake is answered, in words a person reads."""
+REFUSAL_CODES: dict[str, int] = {Reason.DENIED: CloseReason.POLICY_VIOLATION}
+"""The close code of a WebSocket the chat turns away: 1013 (try again later) but for these."""
 
 
 def _static(name: str) -> bytes:
@@ -84,7 +89,8 @@ class WebSite(Site):
         self.limit = limit  # the longest message a browser may send
         self.files = {path: Answer(200, [("Content-Type", kind), *SECURITY], _static(name))
                       for path, (name, kind) in FILES.items()}
-        self._pending: dict[int, tuple[WSConnection, bytes]] = {}  # fd -> accepted handshake
+        self._pending: dict[int, tuple[WSConnection, bytes, str]] = {}  # fd -> accepted
+        # handshake, and why the chat turns it away ("" if it does not)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -100,10 +106,11 @@ class WebSite(Site):
         return found
 
     def upgrade(self, request: h11.Request, conn: HttpConnection) -> bool:
-        """A WebSocket handshake the chat takes: wsproto accepts it here, the socket follows."""
+        """A WebSocket handshake: wsproto accepts it here, the socket follows (into the chat,
+        or told why the chat turns it away: ``take_over``)."""
         if request.target.split(b"?", 1)[0] != WS_PATH or not _upgrading(request):
             return False
-        if not self._origin_ok(request) or self.acceptor.refusal(conn.host):
+        if not self._origin_ok(request):
             return False  # answered by _refuse_upgrade
         if request.http_version != b"1.1" or _has_body(request):
             return False  # not a handshake (RFC 6455 4.1): answered 400, however TCP cut it
@@ -115,7 +122,7 @@ class WebSite(Site):
                 return False
         except (RemoteProtocolError, h11.ProtocolError):  # (h11's: what wsproto builds from it)
             return False  # answered 400 by _refuse_upgrade
-        self._pending[conn.fd] = ws, ws.send(AcceptConnection())
+        self._pending[conn.fd] = ws, ws.send(AcceptConnection()), self.acceptor.refusal(conn.host)
         return True
 
     def _refuse_upgrade(self, request: h11.Request, conn: HttpConnection) -> Answer:
@@ -127,11 +134,6 @@ class WebSite(Site):
             self.log.warning("http.bad_origin", site=self.name, peer=conn.peer, origin=origin)
             return Answer.plain(403, f"a page from {origin} may not join this chat "
                                 "(see --web-origin)", SECURITY, close=True)
-        reason = self.acceptor.refusal(conn.host)
-        if reason:
-            self.acceptor.refused(conn.peer, reason)
-            status, text = REFUSALS.get(reason, (503, reason))
-            return Answer.plain(status, text, SECURITY, close=True)
         return Answer.plain(400, "not a valid WebSocket handshake", SECURITY, close=True)
 
     def _origin_ok(self, request: h11.Request) -> bool:
@@ -142,12 +144,32 @@ class WebSite(Site):
         return origin == f"{self.scheme}://{host}"
 
     def take_over(self, conn: HttpConnection, trailing: bytes) -> None:
-        ws, accept = self._pending.pop(conn.fd)
+        ws, accept, refusal = self._pending.pop(conn.fd)
         sock: socket.socket = conn.sock
+        if refusal:
+            self._turn_away(sock, conn, ws, accept, refusal)
+            return
         web = WebConnection(sock, conn.peer, self.acceptor.hub, ws=ws, accept=accept,
                             trailing=trailing, frames=self.frames, limit=self.limit,
                             bytes_in=conn.bytes_in)
         self.acceptor.seat(web, conn.host, Trigger.UPGRADE)
+
+    def _turn_away(self, sock: socket.socket, conn: HttpConnection, ws: WSConnection,
+                   accept: bytes, reason: str) -> None:
+        """Accepted, told why, closed: one non-blocking send (the socket's buffer is empty and
+        this is some 200 bytes: it fits), never retried; never a seat."""
+        acceptor = self.acceptor
+        acceptor.refused(conn.peer, reason)
+        line = acceptor.refusal_line(reason, conn.host)
+        out = [accept]
+        if self.frames.opcode == TEXT and line:
+            out += [frame_header(TEXT, len(line)), line]
+        words = line[4:].decode().strip() or str(reason)  # (without "*** ")
+        code = REFUSAL_CODES.get(reason, CloseReason.TRY_AGAIN_LATER)
+        out.append(ws.send(CloseConnection(code=code, reason=words)))
+        with contextlib.suppress(OSError):  # full or gone: the close is the answer
+            sock.send(b"".join(out))
+        sock.close()
 
 
 def _header(request: h11.Request, name: bytes) -> bytes:

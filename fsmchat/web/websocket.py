@@ -8,9 +8,9 @@ framing, so only the two ends change:
 - in: what one recv brings is fed to wsproto; the messages it completes are handed to the hub
   as what that one recv returned (joined: raw mode relays bytes, chat mode frames lines, and a
   message always ends a line), pings are answered, a close frame is a hangup;
-- out: every message is one frame. Server frames are not masked, so the frame's header is the
-  same for every recipient: ``Frames`` makes it once per message, and each WebSocket queue holds
-  that header and the very bytes object every other queue holds (no copy per recipient).
+- out: every message is one frame. Server frames are not masked, so the frame is the same for
+  every recipient: ``Frames`` makes it once per message (one copy of the message, whatever the
+  number of browsers), and every WebSocket queue holds that one bytes object.
 
 Rules it keeps:
 - A message over ``limit`` (chat mode: --max-line; raw mode: one recv's worth) is refused with
@@ -26,6 +26,11 @@ Rules it keeps:
   own close frame answered) ends with a close frame, then the socket closes. A close frame or
   a refusal that came in a read which left the client held back (flow control, its rate) takes
   effect when the server reads it again, as a TCP client's EOF would.
+- In chat mode a close the server decides says why first, as to nc users: its ``*** `` line
+  in a text frame, then the close frame with the same words as its reason and a code a page
+  can act on: 1008 (policy: --idle-timeout, a moderator's /kick: reconnecting will not help),
+  1013 (try again later: past --max-queue-bytes), or the refused frame's own (1009, 1003, 1007;
+  a malformed frame, 1002, gets no line).
 """
 
 from __future__ import annotations
@@ -59,24 +64,31 @@ MIN_READ = 16
 waits unfinished."""
 
 _CLOSE_CODES: dict[str, int] = {Reason.SERVER_SHUTDOWN: CloseReason.GOING_AWAY,
-                Reason.MESSAGE_TOO_BIG: CloseReason.MESSAGE_TOO_BIG}
+                Reason.MESSAGE_TOO_BIG: CloseReason.MESSAGE_TOO_BIG,
+                Reason.QUEUE_LIMIT: CloseReason.TRY_AGAIN_LATER,
+                Reason.IDLE_TIMEOUT: CloseReason.POLICY_VIOLATION}
+"""The close code of a close for a reason; one the server decides and says why otherwise gets
+1008 (a /kick), one that says nothing 1000 (/quit)."""
 
 
 class Frames:
-    """The header of each message's frame, made once, for every WebSocket recipient."""
+    """Each message's frame, made once, for every WebSocket recipient."""
 
-    __slots__ = ("opcode", "last", "header")
+    __slots__ = ("opcode", "last", "framed")
 
     def __init__(self, opcode: int) -> None:
         self.opcode = opcode  # TEXT in chat mode (its lines are clean UTF-8), else BINARY
-        self.last: bytes | None = None  # the message the header is for (held: its id stays)
-        self.header = b""
+        self.last: bytes | None = None  # the message the frame is of (held: its id stays)
+        self.framed = b""
 
-    def head(self, data: bytes) -> bytes:
+    def frame(self, data: bytes) -> bytes:
+        """``data`` as one frame: one copy per message, shared by every recipient (one queue
+        entry each, as for a TCP client: a header of its own would double the entries that
+        every send gathers)."""
         if data is not self.last:
             self.last = data
-            self.header = frame_header(self.opcode, len(data))
-        return self.header
+            self.framed = frame_header(self.opcode, len(data)) + data
+        return self.framed
 
 
 def frame_header(opcode: int, size: int) -> bytes:
@@ -121,13 +133,12 @@ class WebConnection(Connection):
     # -- out --------------------------------------------------------------------------------
 
     def enqueue(self, data: bytes) -> None:
-        header = self.frames.head(data)
+        framed = self.frames.frame(data)
         size = self.queue.nbytes + len(data)  # (its header aside: the largest message fits the
         # smallest --max-queue-bytes, as for a TCP client)
         if size > self.flow.high_water and not self.may_grow(size):
             return
-        self.push(header)
-        self.queue.push(data)
+        self.push(framed)
 
     # -- actions ----------------------------------------------------------------------------
 
@@ -185,7 +196,7 @@ class WebConnection(Connection):
         if overflowing and self.state in IN_CHAT:
             self.log.warning("connection.queue_limit", fd=self.fd, peer=self.peer,
                              queued=self.queue.nbytes, limit=self.hub.max_queue_bytes)
-            self.close_because(Reason.QUEUE_LIMIT)
+            self.close_over_limit()
             return
         self._end_if_due()
 
@@ -199,10 +210,24 @@ class WebConnection(Connection):
             self.closing_code, self.reason = self.refusal
             self.log.warning("connection.websocket_error", fd=self.fd, peer=self.peer,
                              code=int(self.refusal[0]), limit=self.limit)
+            if self.lines:
+                self.farewell = self._refusal_line(self.closing_code)
             self.fire(Trigger.REFUSE)
         elif self.goodbye is not None:
             self.reason = Reason.PEER_CLOSED
             self.fire(Trigger.HANGUP)
+
+    def _refusal_line(self, code: int) -> bytes:
+        """What a frame refused with ``code`` is told; a malformed frame (1002) gets no line:
+        its sender does not speak WebSocket."""
+        if code == CloseReason.MESSAGE_TOO_BIG:
+            return (b"*** closed: your message was over %d bytes, the most this chat takes\n"
+                    % self.limit)
+        if code == CloseReason.UNSUPPORTED_DATA:
+            return b"*** closed: this chat takes text frames only\n"
+        if code == CloseReason.INVALID_FRAME_PAYLOAD_DATA:
+            return b"*** closed: your message was not UTF-8\n"
+        return b""
 
     def resume_reading(self) -> None:
         super().resume_reading()
@@ -252,17 +277,21 @@ class WebConnection(Connection):
         # (else the server holds it back, or has not read it yet: its pong may be waiting)
         self.ping_timer = self.loop.call_later(PING_INTERVAL, self._ping)
 
-    def leave(self) -> None:
-        """The close frame goes after what is queued: the server's, or its answer to the
-        peer's."""
+    def last_words(self) -> None:
+        """After what is queued: the line saying why (chat mode), then the close frame, the
+        server's (with those words as its reason) or its answer to the peer's."""
         ws = self.ws
+        line = self.farewell
         if ws.state is ConnectionState.OPEN:
-            code = self.closing_code or _CLOSE_CODES.get(self.reason or Reason.SERVER_SHUTDOWN,
-                                                         CloseReason.NORMAL_CLOSURE)
-            self.push(ws.send(CloseConnection(code=code)))
+            if line:
+                self.push(frame_header(TEXT, len(line)))
+                self.queue.push(line)
+            code = self.closing_code or _CLOSE_CODES.get(
+                self.reason, CloseReason.POLICY_VIOLATION if line else CloseReason.NORMAL_CLOSURE)
+            words = line[4:].decode().strip() if line else None  # (without "*** ")
+            self.push(ws.send(CloseConnection(code=code, reason=words)))
         elif ws.state is ConnectionState.REMOTE_CLOSING and self.goodbye is not None:
             self.push(ws.send(self.goodbye.response()))
-        super().leave()
 
     def _cancel_timers(self) -> None:
         super()._cancel_timers()

@@ -5,6 +5,12 @@
 // The server never echoes our own lines back, so the page shows them itself.
 // Raw mode: binary frames of relayed bytes and no names; they are shown as UTF-8 text.
 //
+// When the server closes or turns us away it says why: a "*** " line (chat mode), and the same
+// words as the close frame's reason, whose code says what to do: 1013 (try again later: the
+// chat is full, too many connections from this address, we read too slowly) is retried, with
+// a delay that starts at 5 s and grows; 1008 (policy: not allowed from this address, idle for
+// too long, kicked) is not, since trying again would change nothing: reload to come back.
+//
 // Rules kept here: text from the network reaches the page only through text nodes, never as
 // HTML; nothing is stored in the browser; nothing is loaded from anywhere but this server.
 "use strict";
@@ -18,6 +24,9 @@
   const WS_URL = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
   const FIRST_DELAY_MS = 1000;
   const MAX_DELAY_MS = 30000;
+  const TRY_AGAIN_LATER_MS = 5000; // the least wait after a 1013 ("try again later")
+  const TRY_AGAIN_LATER = 1013;
+  const POLICY = 1008;
   // Only a connection that lasted is a success: resetting the delay as soon as one opens would
   // hammer a server that accepts and then turns us away (a full chat, a denied address).
   const STABLE_MS = 10000;
@@ -37,6 +46,10 @@
   let down = false; // a connection was lost and not yet made again
   let why = ""; // why it was lost, said until it is made again
   let quitting = false; // we typed /quit: the server closes, and we stay away
+  let welcomed = false; // this connection's welcome line came: the chat took us in
+  let refusal = ""; // the line the server last turned us away with: not shown again each try
+  let againRow = null; // this connection's "connected again" row, undone if it is turned away
+  let said = ""; // the last "*** " line this connection brought
   let me = null; // our name in chat mode (the welcome line, then "you are now")
   let raw = false; // binary frames came: a raw-mode server, where nobody has a name
   let lastSent = ""; // the last line sent, given back to the box if it was too long
@@ -78,7 +91,9 @@
   // A line about the connection itself: seen in the log, but not announced twice (the status
   // line, a live region of its own, already says it).
   function addLocal(text) {
-    add("local", text).setAttribute("aria-hidden", "true");
+    const row = add("local", text);
+    row.setAttribute("aria-hidden", "true");
+    return row;
   }
 
   function showChatLine(line, mine) {
@@ -87,6 +102,13 @@
     if (line.startsWith("*** ")) {
       match = WELCOME.exec(line) || RENAMED.exec(line);
       if (match) me = match[1];
+      said = line;
+      if (WELCOME.test(line)) {
+        welcomed = true;
+        refusal = "";
+      } else if (!welcomed && line === refusal) {
+        return; // turned away again, for the same reason: the status line says it
+      }
       add("notice" + extra, line);
     } else if ((match = ACTION.exec(line))) {
       add("action" + extra, "* ", who(match[1], "", ""), " " + match[2]);
@@ -150,10 +172,13 @@
     socket = ws;
     ws.onopen = () => {
       opened = true;
+      welcomed = false;
+      againRow = null;
+      said = "";
       tail = "";
       decoder = new TextDecoder("utf-8");
       setStatus(everConnected ? "connected again" : "connected", false);
-      if (down) addLocal("connected again");
+      if (down) againRow = addLocal("connected again");
       everConnected = true;
       down = false;
       stableTimer = setTimeout(() => { delay = FIRST_DELAY_MS; }, STABLE_MS);
@@ -169,8 +194,19 @@
         setStatus("you left the chat — reload the page to come back", true);
         return;
       }
-      // A retry that found nobody keeps the reason the connection was lost for.
-      if (opened || !down) {
+      const told = event.code === TRY_AGAIN_LATER || event.code === POLICY;
+      if (told && !welcomed) {
+        // Turned away at the door (the chat full, this address): the server said why, in a
+        // "*** " line (chat mode) and in the close frame's reason. Once is enough in the log.
+        why = event.reason || "the server turned us away";
+        if (againRow !== null) againRow.remove();
+        const line = "*** " + why;
+        if (said !== line && line !== refusal) addLocal(why); // (raw mode: no line came)
+        refusal = line;
+      } else if (told) {
+        why = event.reason || "the server closed the connection"; // its line is in the log
+      } else if (opened || !down) {
+        // A retry that found nobody keeps the reason the connection was lost for.
         why = everConnected ? "disconnected" : "cannot reach the server";
         if (event.code === 1001) why = "the server is shutting down or restarting";
         if (event.code === 1009) {
@@ -180,6 +216,11 @@
         if (everConnected) addLocal(why);
       }
       down = true;
+      if (event.code === POLICY) {
+        setStatus(why + " — reload the page to come back", true);
+        return; // trying again would change nothing
+      }
+      if (event.code === TRY_AGAIN_LATER) delay = Math.max(delay, TRY_AGAIN_LATER_MS);
       // Jitter: pages dropped together by a restart do not all come back in the same instant.
       const wait = delay * (0.75 + Math.random() / 2);
       delay = Math.min(delay * 2, MAX_DELAY_MS);
