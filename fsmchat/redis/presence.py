@@ -848,12 +848,10 @@ class SharedDirectory(Directory):
         here = super().holder(name)
         if here is not None:
             return here
-        asker = self.presence.local.get(self.presence.skeleton(name))
-        if isinstance(asker, Member) and asker in self.presence.mine:
-            asked = self.presence.asking(asker)
-            if asked is not None and self.presence.skeleton(asked) == self.presence.skeleton(name):
-                return asked
-        return self.presence.elsewhere(name)
+        presence = self.presence
+        asker = presence.local.get(presence.skeleton(name))  # (not its holder: found above)
+        asked = presence.asking(asker) if asker is not None else None
+        return asked if asked is not None else presence.elsewhere(name)
 
     def elsewhere(self, name: bytes) -> bool:
         return self.presence.elsewhere(name) is not None
