@@ -28,6 +28,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 from structlog.typing import FilteringBoundLogger
 
@@ -150,7 +151,7 @@ class Server:
             self.presence = Presence(hub, self.bus, loop, log, ttl=options.presence_ttl,
                                      rules=rules)
             self.chat.directory = SharedDirectory(self.chat, self.presence)
-            self.bus.subscriber.late = delayed
+            self.bus.subscriber.late = partial(delayed, zone=self.chat.zone)
             self.bus.on_links = lambda up: hub.call("reconnected" if up else "isolated")
         self.history = (History(options.history, options.history_bytes, hub.replay)
                         if options.history and self.chat is None else None)

@@ -15,6 +15,7 @@ import io
 import signal
 import time
 from collections.abc import Callable, Iterator
+from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
@@ -342,6 +343,11 @@ def test_the_bus_says_once_when_the_links_are_lost_and_once_when_all_are_back(
 def test_a_delayed_message_is_marked_line_by_line_after_its_address(
         payload: bytes, marked: bytes) -> None:
     assert delayed(payload, 61_000) == marked
+
+
+def test_a_delayed_message_is_marked_in_the_chats_time_zone() -> None:
+    assert delayed(b"<bob> hi\n", 61_000, ZoneInfo("Asia/Kolkata")) == (
+        b"(delayed 05:31) <bob> hi\n")
 
 
 def test_a_late_message_that_does_not_say_when_is_marked_without_a_time() -> None:

@@ -52,6 +52,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
 from typing import TYPE_CHECKING, Any
 
 import hiredis
@@ -299,12 +300,13 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-def delayed(payload: bytes, said: int | None) -> bytes:
+def delayed(payload: bytes, said: int | None, zone: tzinfo = UTC) -> bytes:
     """A late message for the local chat: each of its lines marked ``(delayed HH:MM) `` (when
-    it was said, UTC; ``(delayed) `` when the message does not say). A first line naming where
-    the payload goes (``#ROOM`` or ``@NAME``) stays as it is; empty lines stay empty."""
-    mark = (b"(delayed %s) " % time.strftime("%H:%M", time.gmtime(said / 1000)).encode()
-            if said is not None else b"(delayed) ")
+    it was said, in ``zone``: ``--tz``; ``(delayed) `` when the message does not say). A first
+    line naming where the payload goes (``#ROOM`` or ``@NAME``) stays as it is; empty lines stay
+    empty."""
+    mark = (b"(delayed %s) " % datetime.fromtimestamp(said / 1000, zone).strftime(
+        "%H:%M").encode() if said is not None else b"(delayed) ")
     lines = payload.split(b"\n")
     first = 1 if payload[:1] in (b"#", b"@") and len(lines) > 1 else 0
     return b"\n".join([*lines[:first], *(mark + line if line.strip(b"\r") else line
