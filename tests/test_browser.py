@@ -27,10 +27,19 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-from chat_harness import Chatter, join, welcome
+from chat_harness import STARTED, Chatter, join, minutes, welcome
 from conftest import HOST, WAIT, ServerProcess, StartServer
-from playwright.sync_api import BrowserContext, ConsoleMessage, Dialog, Page, sync_playwright
+from playwright.sync_api import (
+    BrowserContext,
+    ConsoleMessage,
+    Dialog,
+    Locator,
+    Page,
+    sync_playwright,
+)
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+from fsmchat.chat.accounts import make_hash
 
 #: Debian's chromium: there is no browser download to be had, so Playwright drives this one.
 CHROMIUM = shutil.which("chromium")
@@ -249,10 +258,17 @@ def test_the_page_is_labelled_for_screen_readers(
     page = open_page(browser, page_url(server)).page
     live = page.get_by_role("log").evaluate("e => e.getAttribute('aria-live') ?? 'polite'")
     assert live == "polite"  # role=log is polite unless told otherwise
-    labels = page.get_by_role("textbox").evaluate("e => [...e.labels].map(l => l.textContent)")
-    assert labels == ["Message"]  # a real <label>, not only a placeholder
+    labels = page.get_by_role("textbox").evaluate_all(
+        "es => es.map(e => [...e.labels].map(l => l.textContent))")
+    # Real <label>s, not only placeholders: the message box, and the room list's.
+    assert labels == [["Join or make a room"], ["Message"]], labels
     assert page.get_by_role("status").count() == 1
     assert page.get_by_role("button", name="Send").count() == 1
+    # The room list: a landmark with a list of buttons, each named by its room and size.
+    rooms = page.get_by_role("navigation", name="Rooms")
+    rooms.get_by_role("list").get_by_role("listitem").get_by_role(
+        "button", name="lobby, 1 person", exact=True).wait_for()
+    assert rooms.get_by_role("button", name="Join").count() == 1
 
 
 def test_markup_in_a_message_is_shown_as_text_and_runs_nothing(
@@ -297,6 +313,275 @@ def test_raw_mode_shows_bytes_as_utf8_text_without_names(
     while not got.endswith(b"\n"):
         got += term.sock.recv(4096)
     assert got == b"from the page\n"
+    assert tab.errors == []
+
+
+# --------------------------------------------------------------------------
+# Rooms, private messages, passwords and history on the page
+# --------------------------------------------------------------------------
+
+CURRENT_ROOM_JS = """() => [...document.querySelectorAll('nav [aria-current=true]')]
+                           .map(b => b.dataset.room)"""
+
+
+def rooms_of(tab: ChatPage) -> Locator:
+    """The page's room list: a navigation landmark named Rooms."""
+    return tab.page.get_by_role("navigation", name="Rooms")
+
+
+def room_button(tab: ChatPage, room: str, size: int) -> Locator:
+    """The room list's button for ``room`` while it says ``size`` people are there."""
+    people = "person" if size == 1 else "people"
+    return rooms_of(tab).get_by_role("button", name=f"{room}, {size} {people}", exact=True)
+
+
+def wait_room(tab: ChatPage, room: str, size: int) -> Locator:
+    button = room_button(tab, room, size)
+    try:
+        button.wait_for(timeout=MS)
+    except PlaywrightTimeout as exc:
+        shown = rooms_of(tab).get_by_role("button").evaluate_all(
+            "bs => bs.map(b => b.getAttribute('aria-label'))")
+        raise AssertionError(f"no button {room} ({size}) in {shown!r}") from exc
+    return button
+
+
+def header(tab: ChatPage) -> str:
+    return tab.page.locator("header").inner_text()
+
+
+def wait_header(tab: ChatPage, *parts: str) -> None:
+    """Wait until the page's header shows each of ``parts``."""
+    script = "ps => ps.every(p => document.querySelector('header').innerText.includes(p))"
+    try:
+        tab.page.wait_for_function(script, arg=list(parts), timeout=MS)
+    except PlaywrightTimeout as exc:
+        raise AssertionError(f"header {header(tab)!r} never showed {parts!r}") from exc
+
+
+def web_fd(server: ServerProcess) -> int:
+    """The descriptor of the one page connected (its WebSocket)."""
+    pages = [e for e in server.events("connection.accepted") if e.get("web")]
+    assert len(pages) == 1, pages
+    return int(pages[0]["fd"])
+
+
+def test_a_page_joins_a_room_from_its_list_and_its_lines_stay_there(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = chat_server(start_server, "--history", "20")
+    mover = join(server)
+    mover.say("/join math")
+    mover.expect("*** you are now in math\n")
+    mover.say("before the page came")
+    stay = join(server)  # stays in the lobby
+    stay.expect_replay(f"*** {mover.name} joined lobby\n", f"*** {mover.name} left lobby\n")
+    tab = open_page(browser, page_url(server))
+    stay.expect(f"*** {tab.name} joined lobby\n")
+
+    # The list came by itself (the page asked /rooms), and the page's own questions are not
+    # shown in the log.
+    wait_room(tab, "lobby", 2)
+    math = wait_room(tab, "math", 1)
+    assert tab.page.evaluate(CURRENT_ROOM_JS) == ["lobby"]
+    wait_header(tab, "lobby")
+    math.click()
+    tab.wait_row("/join math")  # the click typed it, as a person would
+    tab.wait_row("*** you are now in math")
+    stay.expect(f"*** {tab.name} left lobby\n")
+    mover.expect(f"*** {tab.name} joined math\n")
+    # The list follows: math has two now, the lobby one, and math is marked as ours.
+    wait_room(tab, "math", 2)
+    wait_room(tab, "lobby", 1)
+    assert tab.page.evaluate(CURRENT_ROOM_JS) == ["math"]
+    wait_header(tab, "math")
+    assert "lobby" not in tab.page.locator("#place").inner_text()
+
+    # The room's history came framed, each line after its time, and looks like the past.
+    tab.wait_row("*** recent messages:")
+    found = tab.wait_match(rf"^(\d\d:\d\d) <{mover.name}> before the page came$")
+    before = found.group(0)
+    assert found.group(1).encode() in minutes(STARTED), before
+    tab.wait_row("*** end of recent messages")
+    heard = f"<{mover.name}> now that you are here"
+    mover.say("now that you are here")
+    tab.wait_row(heard)
+    assert tab.look(before) != tab.look(heard)
+
+    tab.say("hello math")
+    mover.expect(f"<{tab.name}> hello math\n")
+    # Sent after the page's line reached math: if the lobby had had it, it would come first.
+    mover.say(f"/msg {stay.name} are you there?")
+    stay.expect(f"*{mover.name}* are you there?\n")
+
+    rows = tab.rows()
+    assert not [r for r in rows if re.match(r"^\*\*\* \d+ rooms?: ", r)], rows
+    # The page asks when something changed, never because of an answer: quiet now, it sends
+    # nothing more (a loop would ask again every half second).
+    fd = web_fd(server)
+    sent = len([e for e in server.events("data.received") if e.get("fd") == fd])
+    tab.page.wait_for_timeout(1500)
+    assert len([e for e in server.events("data.received") if e.get("fd") == fd]) == sent
+    assert tab.errors == []
+
+
+def test_a_room_typed_in_the_list_is_made_and_a_typed_rooms_is_answered_in_the_log(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = chat_server(start_server)
+    tab = open_page(browser, page_url(server))
+    wait_room(tab, "lobby", 1)
+    box = tab.page.get_by_label("Join or make a room")
+    box.fill("équipe-2")
+    box.press("Enter")
+    tab.wait_row("*** you are now in équipe-2")
+    wait_room(tab, "équipe-2", 1)
+    wait_room(tab, "lobby", 0)
+    assert box.input_value() == ""
+    tab.say("/rooms")  # typed by the person: the answer is shown
+    tab.wait_row("*** 2 rooms: lobby (0), équipe-2 (1)")
+    tab.say("/part")
+    tab.wait_row("*** you are now in lobby")
+    wait_room(tab, "lobby", 1)
+    assert rooms_of(tab).get_by_role("list").get_by_role("button").count() == 1  # équipe-2: gone
+    wait_header(tab, "lobby")
+    assert tab.errors == []
+
+
+def test_private_messages_between_a_page_and_a_terminal_show_as_private(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = chat_server(start_server)
+    tab = open_page(browser, page_url(server))
+    term = join(server)
+    tab.wait_row(f"*** {term.name} joined lobby")
+    public = f"<{term.name}> in public"
+    term.say("in public")
+    tab.wait_row(public)
+    tab.say("me too")
+    own = f"<{tab.name}> me too"
+    tab.wait_row(own)
+    term.expect(own + "\n")
+
+    received = f"*{term.name}* just between us"
+    term.say(f"/msg {tab.name} just between us")
+    term.expect(f"-> *{tab.name}* just between us\n")
+    tab.wait_row(received)
+    # A name in the log starts the answer: /msg NAME in the box, to be finished.
+    tab.page.get_by_role("log").get_by_role("button", name=term.name).last.click()
+    box = tab.page.get_by_label("Message", exact=True)
+    assert box.input_value() == f"/msg {term.name} "
+    box.press_sequentially("yes, only you")
+    box.press("Enter")
+    term.expect(f"*{tab.name}* yes, only you\n")
+    sent = f"-> *{term.name}* yes, only you"
+    tab.wait_row(sent)  # the server's echo, shown once (the page does not show the command)
+    rows = tab.rows()
+    assert rows.count(sent) == 1 and not [r for r in rows if r.startswith("/msg")], rows
+    # Private lines look like neither public lines nor each other.
+    assert tab.look(received) != tab.look(public)
+    assert tab.look(sent) != tab.look(own)
+    assert tab.look(sent) != tab.look(received)
+    assert tab.errors == []
+
+
+PASSWORDS = {"alice": "wonder land", "olga": "op-secret"}
+JOIN_PASSWORD = "open sesame"
+
+
+@pytest.fixture(scope="module")
+def accounts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """alice, and olga (an operator)."""
+    path = tmp_path_factory.mktemp("accounts") / "accounts"
+    path.write_text("".join(f"{name}:{make_hash(password)}{':op' if name == 'olga' else ''}\n"
+                            for name, password in PASSWORDS.items()))
+    return path
+
+
+def test_a_typed_password_is_masked_in_the_log(
+    start_server: StartServer, browser: BrowserContext, accounts: Path, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(JOIN_PASSWORD + "\n")
+    server = chat_server(start_server, "--accounts", str(accounts), "--password", str(secret))
+    tab = open_page(browser, page_url(server), joined=False)
+    tab.wait_row("*** this chat needs a password: /pass PASSWORD")
+    box = tab.page.get_by_label("Message", exact=True)
+    # While the server asks for it, the box hides what is typed, and the log shows a mask.
+    assert box.get_attribute("type") == "password"
+    tab.say(JOIN_PASSWORD)  # a line of its own is the password, as /pass PASSWORD is
+    tab.wait_row("••••")
+    tab.name = tab.wait_match(WELCOME).group(1)
+    assert box.get_attribute("type") == "text"
+    tab.say("/pass not it")  # (unknown once in: masked all the same)
+    tab.wait_row("/pass ••••")
+    tab.wait_match(r"^\*\*\* unknown command /pass ")
+
+    tab.say(f"/login alice {PASSWORDS['alice']}")
+    tab.wait_row("/login alice ••••")
+    tab.wait_row("*** logged in as alice")
+    tab.wait_row("*** you are now alice")
+    tab.say("/nick olga wrong guess")
+    tab.wait_row("/nick olga ••••")
+    # (within a second of the last check: refused before any is made, as a wrong one is)
+    tab.wait_match(r"^\*\*\* (wrong password for olga|too many tries for olga)")
+    shown = tab.page.locator("body").inner_text()
+    for word in ("not it", JOIN_PASSWORD, PASSWORDS["alice"], "wrong guess"):
+        assert word not in shown, (word, tab.rows())
+    assert tab.errors == []
+
+
+def test_the_topic_of_the_room_shows_in_the_header(
+    start_server: StartServer, browser: BrowserContext, accounts: Path
+) -> None:
+    server = chat_server(start_server, "--accounts", str(accounts))
+    op = join(server)
+    op.say(f"/login olga {PASSWORDS['olga']}")
+    op.expect("*** logged in as olga, an operator\n", "*** you are now olga\n")
+    op.say("/join math")
+    op.expect("*** you are now in math\n")
+    op.say("/topic fractions, then decimals")
+    op.expect("*** you set the topic of math: fractions, then decimals\n")
+    tab = open_page(browser, page_url(server))
+    wait_header(tab, "lobby")
+    assert "fractions" not in header(tab)  # the lobby has none
+    wait_room(tab, "math", 1).click()
+    wait_header(tab, "math", "fractions, then decimals")
+    op.expect(f"*** {tab.name} joined math\n")
+    op.say("/topic decimals, then percentages")
+    wait_header(tab, "math", "decimals, then percentages")
+    assert "fractions" not in header(tab)
+    tab.say("/part")
+    tab.wait_row("*** you are now in lobby")
+    wait_header(tab, "lobby")
+    assert "decimals" not in header(tab)
+    assert tab.errors == []
+
+
+def test_on_a_phone_the_room_list_folds_behind_a_button(
+    start_server: StartServer, browser: BrowserContext
+) -> None:
+    server = chat_server(start_server)
+    term = join(server)
+    term.say("/join math")
+    term.expect("*** you are now in math\n")
+    tab = open_page(browser, page_url(server), viewport=PHONE)
+    toggle = tab.page.get_by_role("button", name="Rooms", exact=True)
+    toggle.wait_for()
+    assert toggle.get_attribute("aria-expanded") == "false"
+    assert not rooms_of(tab).is_visible()  # folded: the log has the screen
+    toggle.click()
+    assert toggle.get_attribute("aria-expanded") == "true"
+    math = wait_room(tab, "math", 1)
+    box = math.bounding_box()
+    assert box is not None and box["x"] + box["width"] <= PHONE["width"], box
+    math.click()
+    tab.wait_row("*** you are now in math")
+    assert not rooms_of(tab).is_visible()  # chosen: folded again
+    assert toggle.get_attribute("aria-expanded") == "false"
+    wait_header(tab, "math")
+    width = tab.page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], width
     assert tab.errors == []
 
 
@@ -497,7 +782,7 @@ def luminance(page: Page) -> float:
 # README's screenshot, from a real run
 # --------------------------------------------------------------------------
 
-SCREEN = {"width": 520, "height": 560}
+SCREEN = {"width": 680, "height": 560}
 PHONE_SCREEN = {"width": 360, "height": 560}
 
 
@@ -510,48 +795,85 @@ def test_the_screenshot_command_writes_a_png(tmp_path: Path) -> None:
 
 
 def make_screenshot(out: Path) -> None:
-    """Two pages (a laptop in the light theme, a phone in the dark) and an nc user chat; the
-    pages and the terminal's screen are put side by side in one PNG."""
+    """Two pages (a laptop in the light theme, a phone in the dark) and an nc user chat, in two
+    rooms and in private; the pages and the terminal's screen are put side by side in one PNG."""
     assert CHROMIUM is not None, "no chromium on PATH"
-    server = ServerProcess(["--port", "0", "--host", HOST, "--mode", "chat", "--web-port", "0"])
-    server.port = int(server.wait_event("server.started")["port"])
-    try:
-        with tempfile.TemporaryDirectory() as profile, chromium(CHROMIUM, Path(profile)) as ctx:
-            url = page_url(server)
-            alice = open_page(ctx, url, viewport=SCREEN)
-            bob = open_page(ctx, url, viewport=PHONE_SCREEN, scheme="dark")
-            term = join(server)
-            screen = TerminalScreen(term)
-            for tab in (alice, bob):
-                tab.wait_row(f"*** {term.name} joined lobby")
+    with tempfile.TemporaryDirectory() as place:
+        accounts = Path(place) / "accounts"  # alice is an operator: she sets the topic
+        accounts.write_text(f"alice:{make_hash(PASSWORDS['alice'])}:op\n")
+        server = ServerProcess(["--port", "0", "--host", HOST, "--mode", "chat",
+                                "--web-port", "0", "--history", "20", "--accounts",
+                                str(accounts)])
+        server.port = int(server.wait_event("server.started")["port"])
+        try:
+            play(server, Path(place) / "profile", out)
+        finally:
+            server.close()
 
-            def step(who: ChatPage | None, text: str, seen: str, own: str = "") -> None:
-                """``who`` (None: the terminal) types ``text``; everyone else sees ``seen``."""
-                if who is None:
-                    screen.type_line(text)
-                else:
-                    who.say(text)
-                    screen.read(seen)
-                    who.wait_row(own or seen)
-                for tab in (alice, bob):
-                    if tab is not who:
-                        tab.wait_row(seen)
 
-            step(alice, "/nick alice", f"*** {alice.name} is now alice", "*** you are now alice")
-            step(bob, "/nick bob", f"*** {bob.name} is now bob", "*** you are now bob")
-            step(None, "/nick carol", f"*** {term.name} is now carol")
-            step(alice, "hi both! the page works on the classroom wifi",
-                 "<alice> hi both! the page works on the classroom wifi")
-            step(bob, "and on my phone, in the dark", "<bob> and on my phone, in the dark")
-            step(None, "I'm on nc in a terminal", "<carol> I'm on nc in a terminal")
-            step(bob, "/me waves", "* bob waves")
-            step(alice, "<b>markup</b> stays text", "<alice> <b>markup</b> stays text")
-            screen.type_line("/who")
-            screen.read_match(r"^\*\*\* 3 in lobby: ")
-            shots = [tab.page.screenshot() for tab in (alice, bob)]
-            compose(ctx, out, shots, screen.text())
-    finally:
-        server.close()
+def play(server: ServerProcess, profile: Path, out: Path) -> None:
+    """Open the pages and the terminal, play the scene, take the pictures."""
+    assert CHROMIUM is not None, "no chromium on PATH"
+    with chromium(CHROMIUM, profile) as ctx:
+        url = page_url(server)
+        alice = open_page(ctx, url, viewport=SCREEN)
+        alice.say(f"/login alice {PASSWORDS['alice']}")  # shown as /login alice ••••
+        alice.wait_row("*** you are now alice")
+        bob = open_page(ctx, url, viewport=PHONE_SCREEN, scheme="dark")
+        bob.say("/nick bob")
+        alice.wait_row(f"*** {bob.name} is now bob")
+        screen = TerminalScreen(join(server))
+        screen.type_line("/nick carol")
+        screen.read("*** you are now carol")
+        for tab in (alice, bob):
+            tab.wait_row(f"*** {screen.chatter.name} is now carol")
+        scene(alice, bob, screen)
+        shots = [tab.page.screenshot() for tab in (alice, bob)]
+        compose(ctx, out, shots, screen.text())
+
+
+def scene(alice: ChatPage, bob: ChatPage, screen: TerminalScreen) -> None:
+    """The chat in the screenshot: the lobby, then carol and alice in maths, then bob and carol
+    in private."""
+    def say(who: ChatPage, text: str, seen: str, *others: ChatPage) -> None:
+        """``who`` types ``text``: it shows ``seen``, and the terminal and ``others`` read it."""
+        who.say(text)
+        who.wait_row(seen)
+        screen.read(seen)
+        for tab in others:
+            tab.wait_row(seen)
+
+    say(alice, "hi both! the page works on the classroom wifi",
+        "<alice> hi both! the page works on the classroom wifi", bob)
+    say(bob, "and on my phone, in the dark", "<bob> and on my phone, in the dark", alice)
+    screen.type_line("I'm on nc in a terminal")
+    screen.type_line("/join maths")
+    screen.read("*** you are now in maths")
+    screen.type_line("who's up for fractions?")
+    for tab in (alice, bob):
+        tab.wait_row("<carol> I'm on nc in a terminal")
+        tab.wait_row("*** carol left lobby")
+    wait_room(alice, "maths", 1).click()  # alice follows carol, from the room list
+    alice.wait_row("*** end of recent messages")
+    screen.read("*** alice joined maths")
+    bob.wait_row("*** alice left lobby")
+    wait_room(alice, "maths", 2)
+    alice.say("/topic fractions, then decimals")
+    alice.wait_row("*** you set the topic of maths: fractions, then decimals")
+    screen.read("*** alice set the topic of maths: fractions, then decimals")
+    say(alice, "me! the list on the left took me here",
+        "<alice> me! the list on the left took me here")
+    screen.type_line("/msg bob coming too?")
+    screen.read("-> *bob* coming too?")
+    bob.wait_row("*carol* coming too?")
+    bob.page.get_by_role("log").get_by_role("button", name="carol").last.click()
+    box = bob.page.get_by_label("Message", exact=True)
+    box.press_sequentially("in a minute!")
+    box.press("Enter")
+    bob.wait_row("-> *carol* in a minute!")
+    screen.read("*bob* in a minute!")
+    screen.type_line("/rooms")
+    screen.read_match(r"^\*\*\* 2 rooms: ")
 
 
 class TerminalScreen:
@@ -601,7 +923,7 @@ def compose(context: BrowserContext, out: Path, shots: list[bytes], terminal: st
                       width: max-content; }
                figure { margin: 0; } figcaption { margin-top: 6px; color: #333; }
                img, pre { display: block; border: 1px solid #999; border-radius: 6px; }
-               pre { margin: 0; width: 440px; height: 560px; padding: 10px; overflow: hidden;
+               pre { margin: 0; width: 400px; height: 560px; padding: 10px; overflow: hidden;
                      background: #101010; color: #d8d8d8; font: 13px/1.45 monospace;
                      white-space: pre-wrap; box-sizing: border-box; }"""
     page = context.new_page()

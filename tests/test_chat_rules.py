@@ -8,7 +8,9 @@ from typing import Any, cast
 
 import structlog
 
+from fsmchat.chat.directory import Directory
 from fsmchat.chat.mode import Chat
+from fsmchat.chat.rooms import Room
 from fsmchat.connection import Connection
 
 
@@ -303,3 +305,30 @@ def test_a_relayed_payload_is_cut_like_a_read_and_waits_between_entries_when_hel
     chat.stopping()  # what waits is said before the notice
     assert room.take() == [("here", b"y" * 30 + b"\n"),
                            ("here", b"*** the server is shutting down\n")]
+
+
+def test_a_directory_of_its_own_answers_for_names_and_rooms() -> None:
+    """The seam for presence: the chat asks the directory it was given how to make, not its
+    own members, whether a name is taken, who is in a room and which rooms there are."""
+
+    class Elsewhere(Directory):
+        def holder(self, name: bytes) -> bytes | None:
+            return b"bob" if name.lower() == b"bob" else super().holder(name)
+
+        def who(self, room: Room) -> list[bytes]:
+            return sorted([*super().who(room), b"bob"])
+
+        def rooms(self) -> list[tuple[bytes, int]]:
+            return [(name, count + 1) for name, count in super().rooms()]
+
+    room = RecordingHub()
+    chat = Chat(cast(Any, room), max_line=32,
+                directory=Elsewhere)
+    a = cast(Connection, Person(10))
+    chat.greet(a)
+    chat.joined(a)
+    room.take()
+    chat.received(a, b"/nick Bob\n/who\n/rooms\n")
+    assert room.take() == [("10", b"*** nick: Bob is taken (on another server)\n"),
+                           ("10", b"*** 2 in lobby: bob, user1\n"),
+                           ("10", b"*** 1 room: lobby (2)\n")]

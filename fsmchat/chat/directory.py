@@ -6,8 +6,10 @@ The chat asks a ``Directory`` every question about names and rooms (``/nick``, `
 chat's own members and rooms. It is the seam for presence across instances: a directory that
 also knows the other instances (through Redis: ``redis/presence.py``'s ``SharedDirectory``)
 overrides the questions (``holder``, ``elsewhere``, ``who``, ``rooms``), may take its time to
-grant a name (``ask``: the other instances are asked first) and listens to the changes; the
-server gives the chat that one instead; nothing else in the chat changes.
+grant a name (``ask``: the other instances are asked first) and listens to the changes, and the
+chat is given a way to make it instead (``Chat(directory=lambda members, rooms:
+SharedDirectory(members, rooms, presence))``, a ``MakeDirectory``: the chat's members and rooms
+exist only once the chat does); nothing else in the chat changes.
 
 Rules it keeps:
 - Names are unique by their ``skeleton`` (case and look-alike letters aside): ``holder`` says
@@ -26,6 +28,10 @@ from fsmchat.chat.text import skeleton
 if TYPE_CHECKING:
     from fsmchat.chat.mode import Member
     from fsmchat.chat.rooms import Room, Rooms
+
+
+MakeDirectory = Callable[["Mapping[int, Member]", "Rooms"], "Directory"]
+"""What makes the chat's directory from its members (fd -> member) and rooms."""
 
 
 class Directory:

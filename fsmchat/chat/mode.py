@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 from fsmchat.chat import private as _private  # noqa: F401  (registers /msg)
 from fsmchat.chat.commands import COMMANDS, CommandTable
-from fsmchat.chat.directory import Directory
+from fsmchat.chat.directory import Directory, MakeDirectory
 from fsmchat.chat.framing import LineFramer
 from fsmchat.chat.payload import To, route
 from fsmchat.chat.recent import Budget
@@ -99,7 +99,7 @@ class Chat(Extension):
     def __init__(self, hub: Hub, max_line: int = DEFAULT_MAX_LINE,
                  entry_bytes: int = ENTRY_BYTES, suffix: bytes = b"", *,
                  commands: CommandTable = COMMANDS, history: Budget | None = None,
-                 zone: tzinfo = UTC, directory: Directory | None = None) -> None:
+                 zone: tzinfo = UTC, directory: MakeDirectory | None = None) -> None:
         self.hub = hub
         self.commands = commands  # what a line starting with / may run
         self.flow = hub.flow
@@ -109,7 +109,8 @@ class Chat(Extension):
         self.members: dict[int, Member] = {}  # fd -> member
         self.rooms = Rooms(history)
         self.zone = zone  # of the times in replayed history
-        self.directory = directory or Directory(self.members, self.rooms, shared=bool(suffix))
+        self.directory = (directory(self.members, self.rooms) if directory is not None
+                          else Directory(self.members, self.rooms, shared=bool(suffix)))
         self.reserved: Container[bytes] = ()  # skeletons of account names (--accounts): no
         # newcomer is given one
         self.entering: Callable[[Client, Room], None] | None = None  # told as a member comes

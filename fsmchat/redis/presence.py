@@ -50,7 +50,7 @@ import hashlib
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from typing import TYPE_CHECKING, Any
@@ -68,7 +68,7 @@ from fsmchat.redis.link import RedisAddress, RedisLink
 
 if TYPE_CHECKING:
     from fsmchat.chat.mode import Chat
-    from fsmchat.chat.rooms import Room
+    from fsmchat.chat.rooms import Room, Rooms
     from fsmchat.connection import Connection
     from fsmchat.hub import Hub
 
@@ -835,13 +835,12 @@ def _nothing(result: object, rev: int) -> None:
 
 class SharedDirectory(Directory):
     """Chat mode's directory with presence: its answers count every instance, and a name is
-    granted only once the other instances had their say (``Presence.rename``)."""
+    granted only once the other instances had their say (``Presence.rename``). Made by the chat
+    (``Chat(directory=...)``, a ``MakeDirectory``), from its members and rooms."""
 
-    def __init__(self, chat: Chat, presence: Presence) -> None:
-        super().__init__(chat.members, chat.rooms, shared=True)
-        self.chat = chat
+    def __init__(self, members: Mapping[int, Member], rooms: Rooms, presence: Presence) -> None:
+        super().__init__(members, rooms, shared=True)
         self.presence = presence
-        presence.on_lost = self._lost
 
     # -- questions --------------------------------------------------------------------------
 
@@ -896,6 +895,13 @@ class SharedDirectory(Directory):
         if old is not None and new is not None:
             self.presence.move(member, new.name)
 
-    def _lost(self, who: Hashable, name: bytes, holder: bytes) -> None:
-        if isinstance(who, Member) and self.chat.members.get(who.client.fd) is who:
-            self.chat.lost_name(who, holder)
+
+def renaming(chat: Chat) -> Lost:
+    """``Presence.on_lost`` in chat mode: a member who lost its name (still here) is told, and
+    given a new one (``Chat.lost_name``)."""
+
+    def lost(who: Hashable, name: bytes, holder: bytes) -> None:
+        if isinstance(who, Member) and chat.members.get(who.client.fd) is who:
+            chat.lost_name(who, holder)
+
+    return lost
