@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 
 HOOKS = ("greet", "joined", "left", "delivered", "published", "free", "end_of_turn", "stopping",
-         "drain", "forced")
+         "drain", "forced", "isolated", "reconnected")
 """The hooks the hub calls through ``call`` or its own lists (``unread`` and ``done`` are asked
 of every part)."""
 
@@ -100,6 +100,13 @@ class Extension:
     def done(self) -> bool:
         """Whether nothing of this part is left to finish before the process may end."""
         return True
+
+    def isolated(self) -> None:
+        """With --redis: the other instances cannot be reached (once per outage, however many
+        retries follow); local chat goes on."""
+
+    def reconnected(self) -> None:
+        """With --redis: every link to the other instances is back after ``isolated``."""
 
 
 class Gate:

@@ -207,9 +207,10 @@ class LinkState(Documented):
     IDLE = "idle", "created, not yet dialled"
     CONNECTING = ("connecting", "a non-blocking connect, to each address of the host in turn: "
                   "waits to be writable, 5 s at most per address")
-    GREETING = ("greeting", "connected; AUTH/SELECT and PING or SUBSCRIBE sent, replies awaited "
-                "(5 s at most)")
-    READY = "ready", "publishes what local clients send, or receives what the channel carries"
+    GREETING = ("greeting", "connected; AUTH/SELECT and PING, SUBSCRIBE or SCRIPT LOAD sent, "
+                "replies awaited (5 s at most)")
+    READY = ("ready", "publishes what local clients send, receives what the channel carries, or "
+             "keeps presence (names, rooms) in Redis")
     PAUSED = "paused", "subscriber not read from until congested local recipients catch up"
     BACKOFF = ("backoff", "lost or refused: waits for the retry timer (0.1 s doubling to 2 s, "
                "with jitter); local chat goes on")

@@ -71,6 +71,9 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
 DEFAULT_REDIS_OUTBOX = 8 * 1024 * 1024
 
+DEFAULT_PRESENCE_TTL = 15.0
+PRESENCE_TTL_RANGE = (1.0, 3600.0)
+
 DEFAULT_HISTORY_BYTES = 1024 * 1024
 
 DEFAULT_STATS_INTERVAL = 60.0
@@ -93,6 +96,7 @@ class Options:
     redis: RedisAddress | None = None  # None: standalone
     channel: str = DEFAULT_CHANNEL
     redis_outbox: int = DEFAULT_REDIS_OUTBOX
+    presence_ttl: float = DEFAULT_PRESENCE_TTL  # chat mode: a vanished instance's names, taken
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
     idle_timeout: float = 0.0  # 0: never
@@ -157,6 +161,15 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"invalid number of seconds {text!r}: expected a number from 0 to {MAX_SECONDS} "
             "(a year)")
+    return value
+
+
+def _presence_ttl(text: str) -> float:
+    value = _seconds(text)
+    if not PRESENCE_TTL_RANGE[0] <= value <= PRESENCE_TTL_RANGE[1]:
+        raise argparse.ArgumentTypeError(
+            f"invalid number of seconds {text!r}: expected {PRESENCE_TTL_RANGE[0]:g} to "
+            f"{PRESENCE_TTL_RANGE[1]:g}")
     return value
 
 
@@ -555,6 +568,11 @@ OPTIONS: tuple[Option, ...] = (
            "most bytes of messages waiting to be published while Redis is down or slow; past "
            "it the oldest is dropped (and counted). Takes K, M, G (default: %(default)s)",
            metavar="BYTES", group=SEVERAL, show=_size_text),
+    Option("--presence-ttl", "presence_ttl", _presence_ttl,
+           "chat mode: seconds the names of an instance that stopped refreshing them (killed, "
+           "cut off from Redis) stay taken; each refreshes its own every third of that "
+           "(default: %(default)s)",
+           metavar="SECONDS", group=SEVERAL, show="{:g}".format),
     Option("--mode", "mode", str,
            "raw: every byte a client sends reaches every other client as it is; chat: lines, "
            "each shown as '<name> text' (default: %(default)s)",
@@ -720,9 +738,11 @@ def build(values: Mapping[str, Any]) -> Options:
 def _check_combinations(o: Options, given: Collection[str]) -> None:
     """Options that make no sense together: one line naming them."""
     if o.redis is None:
-        for field in ("channel", "redis_outbox"):
+        for field in ("channel", "redis_outbox", "presence_ttl"):
             if field in given:
                 raise UsageError(f"{_BY_FIELD[field].flag} needs --redis")
+    if "presence_ttl" in given and o.mode != "chat":
+        raise UsageError("--presence-ttl needs --mode chat")
     if bool(o.tls_cert) != bool(o.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
     if not o.tls_cert:

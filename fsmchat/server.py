@@ -28,6 +28,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 from structlog.typing import FilteringBoundLogger
 
@@ -39,6 +40,8 @@ from fsmchat.chat.login import Login
 from fsmchat.chat.mode import ENTRY_BYTES, Chat
 from fsmchat.chat.moderation import Moderation, commands_with_accounts
 from fsmchat.chat.recent import Budget, time_zone
+from fsmchat.chat.rooms import room_key
+from fsmchat.chat.text import is_name, room_problem, skeleton
 from fsmchat.connection import RECV_SIZE, Connection
 from fsmchat.history import History
 from fsmchat.hub import Extension, Hub, Limits
@@ -55,6 +58,7 @@ from fsmchat.ops.stats import Snapshot, StatsReporter
 from fsmchat.options import RESERVED_FDS, WEB_FDS, Options
 from fsmchat.reasons import Reason
 from fsmchat.redis.bus import RedisBus
+from fsmchat.redis.presence import Presence, Rules, SharedDirectory, delayed, renaming
 from fsmchat.web.site import WebSite
 
 EMPTY_QUIET = 0.2
@@ -133,18 +137,14 @@ class Server:
                                 outbox_limit=options.redis_outbox, payload_limit=payload_limit,
                                 deliver=hub.relay)
         self.chat: Chat | None = None
-        if options.mode == "chat":  # every instance counts from user1: tell theirs apart
-            suffix = b"-" + self.bus.origin[:4] if self.bus is not None else b""
-            # History is kept per room, by the chat itself.
-            budget = Budget(options.history, options.history_bytes) if options.history else None
-            self.chat = Chat(hub, options.max_line,
-                             min(ENTRY_BYTES, options.max_queue_bytes // 8), suffix,
-                             history=budget, zone=time_zone(options.tz))
-            hub.take_input(self.chat.received, self.chat.relayed, self.chat.relay_waits)
+        self.presence: Presence | None = None
+        if options.mode == "chat":
+            self.chat, self.presence = self._chat_mode(options)
         self.history = (History(options.history, options.history_bytes, hub.replay)
                         if options.history and self.chat is None else None)
-        parts: list[Extension] = [self.acceptor, *(part for part in (self.chat, self.history,
-                                                                     self.bus) if part is not None)]
+        parts: list[Extension] = [self.acceptor, *(
+            part for part in (self.chat, self.history, self.presence, self.bus)
+            if part is not None)]
         if self.chat is not None:
             parts[2:2] = self._accounts(self.chat, options)
         hub.plug(*parts)
@@ -170,6 +170,31 @@ class Server:
         self.stop_deadline = 0.0  # when the stop closes whatever is left
         self.cut = Cut()  # what a stop cut short did not deliver
         loop.before_sleep = self.end_of_turn
+
+    def _chat_mode(self, options: Options) -> tuple[Chat, Presence | None]:
+        """Chat mode and, with --redis, its presence across instances (names shared, the outage
+        notices, delayed lines marked)."""
+        hub, bus = self.hub, self.bus
+        presence = None
+        if bus is not None:
+            rules = Rules(skeleton, is_name, lambda room: room_problem(room) is None, room_key)
+            presence = Presence(hub, bus, self.loop, self.log, ttl=options.presence_ttl,
+                                rules=rules)
+        # Every instance counts from user1: tell theirs apart.
+        suffix = b"-" + bus.origin[:4] if bus is not None else b""
+        # History is kept per room, by the chat itself.
+        budget = Budget(options.history, options.history_bytes) if options.history else None
+        zone = time_zone(options.tz)
+        chat = Chat(hub, options.max_line, min(ENTRY_BYTES, options.max_queue_bytes // 8),
+                    suffix, history=budget, zone=zone,
+                    directory=(partial(SharedDirectory, presence=presence)
+                               if presence is not None else None))
+        hub.take_input(chat.received, chat.relayed, chat.relay_waits)
+        if bus is not None and presence is not None:
+            presence.on_lost = renaming(chat)
+            bus.subscriber.late = partial(delayed, zone=zone)
+            bus.on_links = lambda up: hub.call("reconnected" if up else "isolated")
+        return chat, presence
 
     def _accounts(self, chat: Chat, options: Options) -> list[Extension]:
         """Chat mode's accounts, moderators and join password, when asked for: the parts that

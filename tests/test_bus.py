@@ -127,7 +127,7 @@ def test_a_message_crosses_the_envelope_unchanged(data: bytes) -> None:
         link.publish(data)
         [command] = published(link, redis_end)
         assert command[:2] == [b"PUBLISH", b"chat"]
-        assert unpack(command[2]) == (ORIGIN, 1, data)
+        assert unpack(command[2]) == (ORIGIN, 1, None, data)
     finally:
         harness.close()
 
@@ -137,7 +137,7 @@ def test_a_message_crosses_the_envelope_unchanged(data: bytes) -> None:
     ENVELOPE + b"a 1" + b" " * 80 + b"\nx",
 ])
 def test_a_payload_without_a_whole_envelope_is_foreign_and_kept_whole(payload: bytes) -> None:
-    assert unpack(payload) == (None, 0, payload)
+    assert unpack(payload) == (None, 0, None, payload)
 
 
 def test_repeats_and_own_messages_are_dropped_and_gaps_counted(bus: Harness) -> None:
@@ -178,8 +178,10 @@ def test_what_redis_did_not_confirm_is_sent_again_first_and_in_order(bus: Harnes
     redis_end = bus.connect(link)
     assert published(link, redis_end) == [[b"PUBSUB", b"NUMSUB", b"chat"]]
     link.on_reply([b"chat", 1])  # the one subscriber that heard 1 and 2 is back
-    assert [unpack(c[2]) for c in published(link, redis_end)] == [
+    again = [unpack(c[2]) for c in published(link, redis_end)]
+    assert [(origin, seq, data) for origin, seq, _, data in again] == [
         (ORIGIN, 3, b"m2"), (ORIGIN, 4, b"m3"), (ORIGIN, 5, b"m4"), (ORIGIN, 6, b"m5")]
+    assert all(said is not None for _, _, said, _ in again), "each is marked as delayed"
     assert link.published == 2
 
 
@@ -230,7 +232,9 @@ def test_after_an_outage_the_outbox_waits_for_the_audience(bus: Harness) -> None
     assert published(link, redis_end) == [[b"PUBSUB", b"NUMSUB", b"chat"]]
     link.on_reply([b"chat", 3])
     [command] = published(link, redis_end)
-    assert unpack(command[2])[2] == b"during"
+    _, _, said, data = unpack(command[2])
+    assert data == b"during" and said is not None
+    assert abs(said / 1000 - time.time()) < 60, "said: when it was said, in ms"
     assert bus.events("redis.flushing")[0]["subscribers"] == 3
 
 
@@ -240,9 +244,11 @@ def test_after_an_outage_the_outbox_waits_for_the_audience(bus: Harness) -> None
     ENVELOPE + OTHER[:15] + b" 1\n",
     ENVELOPE + OTHER + b" " + b"9" * 20 + b"\n",  # more than the logs' 64-bit integers hold
     ENVELOPE + OTHER + b" +1\n",
+    ENVELOPE + OTHER + b" 1 \n",  # a time without digits
+    ENVELOPE + OTHER + b" 1 " + b"9" * 16 + b"\n",  # a time past the year 30000
 ])
 def test_an_envelope_with_a_field_out_of_shape_is_foreign(envelope: bytes) -> None:
-    assert unpack(envelope + b"x") == (None, 0, envelope + b"x")
+    assert unpack(envelope + b"x") == (None, 0, None, envelope + b"x")
 
 
 def message(origin: bytes, seq: int, data: bytes = b"m") -> list[bytes]:
@@ -417,3 +423,47 @@ def test_each_address_of_the_host_is_tried_in_turn(
     assert not bus.events("redis.disconnected")
     assert [e["attempts"] for e in bus.events("redis.connected")] == [1]
     link.stop()
+
+
+def test_a_message_published_while_the_link_is_down_says_when_it_was_said(bus: Harness) -> None:
+    link = bus.publisher()
+    before = time.time()
+    link.publish(b"said offline")
+    redis_end = bus.connect(link)
+    [command] = published(link, redis_end)
+    origin, seq, said, data = unpack(command[2])
+    assert (origin, seq, data) == (ORIGIN, 1, b"said offline")
+    assert said is not None and before - 1 <= said / 1000 <= time.time() + 1
+    link.publish(b"said online")
+    [command] = published(link, redis_end)
+    assert unpack(command[2]) == (ORIGIN, 2, None, b"said online"), "on time: no mark"
+
+
+def test_late_messages_go_through_late_and_others_do_not(bus: Harness) -> None:
+    delivered: list[bytes] = []
+    link = bus.subscriber(delivered)
+    link.late = lambda data, said: b"late(%s):%s" % (b"%d" % said if said else b"-", data)
+    bus.connect(link)
+    link.on_reply(message(OTHER, 1, b"a"))
+    link.on_reply([b"message", b"chat", b"%s%s 2 1234\nb" % (ENVELOPE, OTHER)])
+    link.on_reply(message(OTHER, 4, b"d"))
+    link.on_reply(message(OTHER, 3, b"c"))  # fills the gap: came late
+    link.on_reply([b"message", b"chat", b"foreign"])
+    assert delivered == [b"a", b"late(1234):b", b"d", b"late(-):c", b"foreign"]
+
+
+def test_another_channel_goes_to_whoever_listens_to_it(bus: Harness) -> None:
+    delivered: list[bytes] = []
+    heard: list[bytes] = []
+    told: list[bool] = []
+    link = bus.subscriber(delivered)
+    link.also[b"side"] = heard.append
+    link.subscribed.append(lambda: told.append(True))
+    assert link.greeting() == [(b"SUBSCRIBE", b"chat"), (b"SUBSCRIBE", b"side")]
+    bus.connect(link)
+    assert told == [True], "told at each new subscription"
+    link.on_reply([b"message", b"side", b"news"])
+    link.on_reply(message(OTHER, 1, b"chat"))
+    assert heard == [b"news"] and delivered == [b"chat"]
+    link.on_reply([b"message", b"elsewhere", b"x"])  # a channel nobody subscribed to
+    assert link.state == LinkState.BACKOFF and link.error.startswith("protocol error")

@@ -329,6 +329,6 @@ def test_a_directory_of_its_own_answers_for_names_and_rooms() -> None:
     chat.joined(a)
     room.take()
     chat.received(a, b"/nick Bob\n/who\n/rooms\n")
-    assert room.take() == [("10", b"*** nick: Bob is taken\n"),
+    assert room.take() == [("10", b"*** nick: Bob is taken (on another server)\n"),
                            ("10", b"*** 2 in lobby: bob, user1\n"),
                            ("10", b"*** 1 room: lobby (2)\n")]

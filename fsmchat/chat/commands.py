@@ -160,13 +160,14 @@ def _nick(call: Call) -> bool:
     elif name == member.name:
         call.answer(b"you are %s already" % name)
     elif (other := chat.directory.holder(name)) is not None and other != member.name:
+        where = b"here" if chat.directory.find(other) is not None else b"on another server"
         if other.lower() == name.lower():
-            call.answer(b"nick: %s is taken" % name)
+            call.answer(b"nick: %s is taken%s" % (
+                name, b"" if where == b"here" else b" (on another server)"))
         else:
-            call.answer(b"nick: %s looks too much like %s, who is here" % (name, other))
+            call.answer(b"nick: %s looks too much like %s, who is %s" % (name, other, where))
     else:
-        chat.rename(call.client, member, name)
-        return True
+        return chat.nick(call.client, member, name)
     return False
 
 

@@ -2,13 +2,14 @@
 
 The chat asks a ``Directory`` every question about names and rooms (``/nick``, ``/who``,
 ``/rooms``, ``/msg``, a newcomer's ``userN``) and tells it every change (``claim``,
-``release``, ``moved``). This one knows this instance alone: its answers are the chat's own
-members and rooms. It is the seam for presence across instances: a directory that also knows
-the other instances (through Redis) overrides the questions (``holder``, ``elsewhere``,
-``who``, ``rooms``) and listens to the changes, and the chat is given a way to make it
-instead (``Chat(directory=lambda members, rooms: Shared(members, rooms, presence))``, a
-``MakeDirectory``: the chat's members and rooms exist only once the chat does); nothing else
-in the chat changes.
+``release``, ``renamed``, ``moved``). This one knows this instance alone: its answers are the
+chat's own members and rooms. It is the seam for presence across instances: a directory that
+also knows the other instances (through Redis: ``redis/presence.py``'s ``SharedDirectory``)
+overrides the questions (``holder``, ``elsewhere``, ``who``, ``rooms``), may take its time to
+grant a name (``ask``: the other instances are asked first) and listens to the changes, and the
+chat is given a way to make it instead (``Chat(directory=lambda members, rooms:
+SharedDirectory(members, rooms, presence))``, a ``MakeDirectory``: the chat's members and rooms
+exist only once the chat does); nothing else in the chat changes.
 
 Rules it keeps:
 - Names are unique by their ``skeleton`` (case and look-alike letters aside): ``holder`` says
@@ -64,6 +65,10 @@ class Directory:
         members = self.members
         return sorted((members[fd].name for fd in room.readers), key=bytes.lower)
 
+    def asking(self, member: Member) -> bytes | None:
+        """The name ``member`` asked for and waits for (``ask``), if any."""
+        return None
+
     def rooms(self) -> list[tuple[bytes, int]]:
         """Every room with members (and the lobby), with how many."""
         rooms = self.local_rooms
@@ -73,8 +78,18 @@ class Directory:
 
     # -- changes ----------------------------------------------------------------------------
 
+    def ask(self, member: Member, name: bytes, answer: Callable[[bytes | None], None]) -> None:
+        """``member`` asks for ``name`` (``holder`` found none like it): ``answer(None)`` once it
+        may have it, ``answer(holder)`` if someone elsewhere had it first. Here: at once."""
+        answer(None)
+
     def claim(self, member: Member) -> None:
         """``member`` has its name now (``holder`` found none like it)."""
+        self.taken[skeleton(member.name)] = member
+
+    def renamed(self, member: Member, old: bytes) -> None:
+        """``member``, who was ``old``, has its new name now."""
+        self.taken.pop(skeleton(old), None)
         self.taken[skeleton(member.name)] = member
 
     def release(self, name: bytes) -> None:

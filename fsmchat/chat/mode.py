@@ -377,12 +377,44 @@ class Chat(Extension):
         told."""
         hub = self.hub
         old = member.name
-        self.directory.release(old)
         member.name = name
-        self.directory.claim(member)
+        self.directory.renamed(member, old)
         hub.log.info("chat.nick", fd=client.fd, old=old.decode(), new=name.decode())
         hub.tell(client, b"*** you are now %s\n" % name)
         self.say(member.room, b"*** %s is now %s\n" % (old, name), client)
+
+    def nick(self, client: Client, member: Member, name: bytes) -> bool:
+        """``/nick NAME`` with a name nobody here has: renamed once the directory grants it
+        (with other instances, once they were asked; meanwhile ``member`` keeps its name).
+        Whether it announced something now."""
+        asked = self.directory.asking(member)
+        if asked is not None:
+            self.hub.tell(client, b"*** nick: still asking the other servers about %s\n" % asked)
+            return False
+        announced = False
+
+        def answered(holder: bytes | None) -> None:
+            nonlocal announced
+            if self.members.get(client.fd) is not member:
+                return  # gone meanwhile
+            if holder is None:
+                self.rename(client, member, name)
+                announced = True
+            elif holder.lower() == name.lower():
+                self.hub.tell(client, b"*** nick: %s was just taken on another server\n" % name)
+            else:
+                self.hub.tell(client, b"*** nick: %s looks too much like %s, who was just "
+                                      b"named on another server\n" % (name, holder))
+
+        self.directory.ask(member, name, answered)
+        return announced
+
+    def lost_name(self, member: Member, holder: bytes) -> None:
+        """Another instance had ``member``'s name first (both gave it while Redis was away):
+        ``member`` is told, and given a new one."""
+        client = member.client
+        self.hub.tell(client, b"*** %s was taken earlier on another server\n" % member.name)
+        self.rename(client, member, self._new_name())
 
     def move(self, client: Client, member: Member, name: bytes) -> bool:
         """``member`` goes to room ``name`` (a valid room name): its old room is told, it is

@@ -176,6 +176,12 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "after a reconnect, the outbox waits for the subscribers the chat had"),
     EventSpec("redis.flushing", "info", ("messages", "subscribers", "waited"),
               "the wait is over (they are back, or 5 s passed): the outbox goes out"),
+    EventSpec("presence.lost", "info", ("name", "holder", "instance"),
+              "chat mode with --redis: a local client's name was claimed earlier on another "
+              "instance (both took it while Redis was away); the client is renamed"),
+    EventSpec("presence.freed", "info", ("names",),
+              "chat mode with --redis: names of instances that stopped refreshing them for "
+              "--presence-ttl seconds (killed, cut off) were freed"),
 )
 
 

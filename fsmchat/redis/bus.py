@@ -2,17 +2,25 @@
 
 Each instance has two links (``redis_link``): one publishes every message a local client sends,
 one is subscribed to the channel and hands every message of another instance to the local chat.
+In chat mode a third, ``presence.PresenceLink``, shares who is connected where; the subscriber
+then listens to its channel too (``listen``), and the bus watches all three (``add_link``).
 On the channel a message is an envelope and the client's bytes, untouched::
 
-    fsmchat1 <instance id> <sequence number>\\n<message>
+    fsmchat1 <instance id> <sequence number>[ <said>]\\n<message>
 
 (in chat mode the message's first line says where it goes, ``#ROOM`` or ``@NAME``: the hub's
 ``head``, written after the envelope so that the message itself is never copied).
 
 The instance id (16 hex digits, new at every start) lets an instance drop its own messages when
 they come back; the sequence number (1, 2, 3, ... per instance) lets a receiver drop repeats and
-count what it missed. A payload without the envelope, from ``redis-cli PUBLISH`` say, is
-delivered as it is.
+count what it missed. ``said`` (Unix time in milliseconds) is there only on a message that
+waited for the publish link to come back (an outage): receivers hand such a message, and one
+that fills a gap late, to ``late`` (chat mode marks it as delayed). A payload without the
+envelope, from ``redis-cli PUBLISH`` say, is delivered as it is.
+
+The bus tells its owner (``on_links``) once when the links are lost (the first loss of an
+outage, however many retries follow) and once when every link is back. A link that gets through
+has the others dial at once, so they come back together.
 
 The channel is untrusted: anyone who may PUBLISH on it can send any bytes, and any envelope.
 - An envelope is one only if it is exactly ``fsmchat1 <16 hex digits> <1 to 19 digits>\n``;
@@ -66,8 +74,9 @@ from fsmchat.redis.link import RedisAddress, RedisLink
 ENVELOPE = b"fsmchat1 "
 """What every payload of ours starts with; the number is the envelope's version."""
 
-_ENVELOPE = re.compile(rb"fsmchat1 ([0-9a-f]{16}) ([0-9]{1,19})\n")
-"""A whole envelope line: the instance id and the sequence number."""
+_ENVELOPE = re.compile(rb"fsmchat1 ([0-9a-f]{16}) ([0-9]{1,19})(?: ([0-9]{1,15}))?\n")
+"""A whole envelope line: the instance id, the sequence number and, on a delayed message, when
+it was said."""
 
 CRLF = b"\r\n"
 
@@ -104,20 +113,32 @@ PING_IDLE = 2.0
 """Seconds the subscriber may hear nothing before it PINGs: Redis must then answer in time
 (``redis_link.ANSWER_TIMEOUT``), so a Redis host that vanished is noticed."""
 
-Message = tuple[int, bytes, bytes, int]
-"""(sequence number, RESP head up to the client's bytes, the client's bytes, bytes on the wire)."""
+Message = tuple[int, bytes, bytes, int, int]
+"""(sequence number, RESP head up to the client's bytes, the client's bytes, bytes on the wire,
+when it was said in ms if it waits for an outage to end, else 0)."""
+
+Late = Callable[[bytes, "int | None"], bytes]
+"""What a late message becomes for the local chat: ``late(message, said_ms)``, ``said_ms`` None
+when the message did not say when it was said."""
 
 
 def new_origin() -> bytes:
     return os.urandom(8).hex().encode()
 
 
-def unpack(payload: bytes) -> tuple[bytes | None, int, bytes]:
-    """(origin, sequence number, message) of a payload; origin None for a foreign payload."""
+def unpack(payload: bytes) -> tuple[bytes | None, int, int | None, bytes]:
+    """(origin, sequence number, when it was said if delayed, message) of a payload; origin None
+    for a foreign payload."""
     envelope = _ENVELOPE.match(payload)
     if envelope is None:
-        return None, 0, payload
-    return envelope[1], int(envelope[2]), payload[envelope.end():]
+        return None, 0, None, payload
+    said = envelope[3]
+    return (envelope[1], int(envelope[2]), int(said) if said is not None else None,
+            payload[envelope.end():])
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class PublishLink(RedisLink):
@@ -151,15 +172,32 @@ class PublishLink(RedisLink):
     def publish(self, data: bytes, head: bytes = b"") -> None:
         """``data`` on the channel, after the envelope and ``head`` (chat mode's first line)."""
         self.seq += 1
-        envelope = b"%s%d\n%s" % (self.envelope, self.seq, head)
+        ready = self.state == LinkState.READY
+        if ready:
+            envelope = b"%s%d\n%s" % (self.envelope, self.seq, head)
+            said = 0
+        else:  # it waits for the link: receivers are told when it was said
+            said = now_ms()
+            envelope = b"%s%d %d\n%s" % (self.envelope, self.seq, said, head)
         head = b"%s$%d\r\n%s" % (self.prefix, len(envelope) + len(data), envelope)
         size = len(head) + len(data) + 2
-        self.unsent.append((self.seq, head, data, size))
+        self.unsent.append((self.seq, head, data, size, said))
         self.unsent_bytes += size
         if self.unsent_bytes + self.inflight_bytes > self.outbox_limit:
             self._drop_oldest()
-        if self.state == LinkState.READY and self.hold_started is None:
+        if ready and self.hold_started is None:
             self._fill()
+
+    def _delayed(self, message: Message, said: int) -> Message:
+        """``message`` with ``said`` in its envelope: it waits for the link to come back."""
+        seq, head, data, _, marked = message
+        if marked:
+            return message
+        start = head.index(b"\r\n", len(self.prefix)) + 2  # after the bulk string's length
+        first = head[head.index(b"\n", start) + 1:]  # what follows the envelope: chat's head
+        envelope = b"%s%d %d\n%s" % (self.envelope, seq, said, first)
+        head = b"%s$%d\r\n%s" % (self.prefix, len(envelope) + len(data), envelope)
+        return seq, head, data, len(head) + len(data) + 2, said
 
     def _fill(self) -> None:
         """Hand waiting messages to the socket, up to the window."""
@@ -209,7 +247,7 @@ class PublishLink(RedisLink):
 
     def on_reply(self, reply: Any) -> None:
         if type(reply) is int and self.inflight:
-            seq, _, data, size = self.inflight.popleft()
+            seq, _, data, size, _ = self.inflight.popleft()
             self.inflight_bytes -= size
             self.published += 1
             self.audience = reply
@@ -256,12 +294,19 @@ class PublishLink(RedisLink):
         return bool(self.inflight or self.questions)
 
     def lost(self) -> None:
+        """What was written and not answered goes again after the outage, with what waits:
+        each now says when it was said (about now, for those that did not yet), as it will
+        reach the other instances late."""
         self._end_hold()
         self.questions = 0
-        self.unsent.extendleft(reversed(self.inflight))
-        self.unsent_bytes += self.inflight_bytes
+        said = now_ms()
+        waiting = [self._delayed(message, said) for message in (*self.inflight, *self.unsent)]
+        self.unsent = deque(waiting)
+        self.unsent_bytes = sum(message[3] for message in waiting)
         self.inflight.clear()
         self.inflight_bytes = 0
+        if self.unsent_bytes > self.outbox_limit:  # (the envelopes grew)
+            self._drop_oldest()
 
     def drain(self) -> None:
         if self.hold_started is not None:  # stopping: nobody can wait for latecomers now
@@ -298,12 +343,15 @@ class SubscribeLink(RedisLink):
 
     def __init__(self, address: RedisAddress, loop: EventLoop, log: FilteringBoundLogger, *,
                  channel: bytes, origin: bytes, deliver: Callable[[bytes], bool],
-                 payload_limit: int) -> None:
+                 payload_limit: int, late: Late | None = None) -> None:
         super().__init__(address, loop, log)
         self.channel = channel
         self.origin = origin
         self.deliver = deliver  # returns True when local recipients are congested
+        self.late = late  # what a delayed message becomes (None: delivered as it is)
         self.payload_limit = payload_limit
+        self.also: dict[bytes, Callable[[bytes], None]] = {}  # more channels: who hears each
+        self.subscribed: list[Callable[[], None]] = []  # told at each new subscription
         self.last_seq: dict[bytes, int] = {}  # origin -> newest sequence number delivered
         self.gaps: dict[bytes, list[list[int]]] = {}  # origin -> [first, last] numbers unseen
         self.pinged = False  # a PING is waiting for its pong
@@ -313,17 +361,26 @@ class SubscribeLink(RedisLink):
         self.oversize = 0
 
     def greeting(self) -> list[tuple[bytes, ...]]:
-        return [(b"SUBSCRIBE", self.channel)]
+        # One SUBSCRIBE per channel: each is one reply, as the greeting counts them.
+        return [(b"SUBSCRIBE", channel) for channel in (self.channel, *self.also)]
 
     def ready(self) -> None:
         self.pinged = False
+        for told in self.subscribed:  # what was said while unsubscribed was missed
+            told()
 
     def on_reply(self, reply: Any) -> None:
         if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
-            if type(reply[2]) is bytes:
+            if type(reply[2]) is not bytes:
+                self.unexpected(reply)
+            elif reply[1] == self.channel:
                 self._message(reply[2])
             else:
-                self.unexpected(reply)
+                heard = self.also.get(reply[1])
+                if heard is None:
+                    self.unexpected(reply)
+                else:
+                    heard(reply[2])
         elif type(reply) is list and reply[:1] == [b"pong"] and self.pinged:
             self.pinged = False
         elif isinstance(reply, hiredis.ReplyError):
@@ -340,7 +397,8 @@ class SubscribeLink(RedisLink):
             self.send_command(b"PING")
 
     def _message(self, payload: bytes) -> None:
-        origin, seq, data = unpack(payload)
+        origin, seq, said, data = unpack(payload)
+        late = said is not None
         if origin is not None:
             if origin == self.origin:
                 return
@@ -357,7 +415,7 @@ class SubscribeLink(RedisLink):
                 self._ahead(origin, last, seq)
                 self.last_seq[origin] = seq
             elif self._late(origin, seq, last):
-                pass
+                late = True
             elif seq > last - REPEATS_MAX:
                 self.duplicates += 1
                 return
@@ -372,6 +430,8 @@ class SubscribeLink(RedisLink):
         self.received += 1
         self.log.debug("redis.received", origin=origin and origin.decode(), seq=seq,
                        bytes=len(data))
+        if late and self.late is not None:
+            data = self.late(data, said)
         if self.deliver(data) and self.state == LinkState.READY:
             self.fire(LinkTrigger.THROTTLE)
 
@@ -443,23 +503,64 @@ class SubscribeLink(RedisLink):
 
 
 class RedisBus(Extension):
-    """The two links of one instance, and the totals ``server.stopped`` reports. An extension
+    """The links of one instance, and the totals ``server.stopped`` reports. An extension
     of the hub: it publishes what local clients say, and its subscriber pauses while flow
     control holds relayed messages back."""
 
     def __init__(self, address: RedisAddress, channel: str, loop: EventLoop,
                  log: FilteringBoundLogger, *, outbox_limit: int, payload_limit: int,
-                 deliver: Callable[[bytes], bool]) -> None:
+                 deliver: Callable[[bytes], bool], late: Late | None = None) -> None:
         self.origin = new_origin()
+        self.address = address
+        self.channel = channel
         name = channel.encode()
         self.publisher = PublishLink(address, loop, log, channel=name, origin=self.origin,
                                      outbox_limit=outbox_limit)
         self.subscriber = SubscribeLink(address, loop, log, channel=name, origin=self.origin,
-                                        deliver=deliver, payload_limit=payload_limit)
+                                        deliver=deliver, payload_limit=payload_limit,
+                                        late=late)
+        self.links: list[RedisLink] = []
+        self.up: set[RedisLink] = set()  # links whose session is ready now
+        self.apart = False  # the links were lost, and on_links(False) said so
+        self.on_links: Callable[[bool], None] | None = None
+        """Told ``False`` at the first loss of an outage, ``True`` once every link is back."""
+        self.add_link(self.subscriber)
+        self.add_link(self.publisher)
+
+    def add_link(self, link: RedisLink) -> None:
+        """Another link of this instance's (before ``start``): started, stopped and watched
+        with the others."""
+        link.watcher = self._session
+        self.links.append(link)
+
+    def listen(self, channel: bytes, heard: Callable[[bytes], None],
+               subscribed: Callable[[], None]) -> None:
+        """The subscriber takes ``channel`` too (before ``start``): each message goes to
+        ``heard``; ``subscribed`` is told at each new subscription (what was said on the
+        channel meanwhile was missed)."""
+        self.subscriber.also[channel] = heard
+        self.subscriber.subscribed.append(subscribed)
+
+    def _session(self, link: RedisLink, up: bool) -> None:
+        if up:
+            self.up.add(link)
+            for other in self.links:  # Redis is back: the others need not wait for their retry
+                if other is not link:
+                    other.safely("hurry", other.hurry)  # (its bug is its own)
+            if self.apart and len(self.up) == len(self.links):
+                self.apart = False
+                if self.on_links is not None:
+                    self.on_links(True)
+        else:
+            self.up.discard(link)
+            if not self.apart:
+                self.apart = True
+                if self.on_links is not None:
+                    self.on_links(False)
 
     def start(self) -> None:
-        self.subscriber.start()
-        self.publisher.start()
+        for link in self.links:
+            link.start()
 
     # -- the hub's hooks ------------------------------------------------------------------------
 
@@ -470,16 +571,15 @@ class RedisBus(Extension):
         self.subscriber.unpause()
 
     def drain(self) -> None:
-        self.subscriber.stop()
-        self.publisher.stop()
+        for link in self.links:
+            link.stop()
 
     def forced(self, reason: str) -> None:
-        self.subscriber.abort(reason)
-        self.publisher.abort(reason)
+        for link in self.links:
+            link.abort(reason)
 
     def done(self) -> bool:
-        return (self.publisher.state == LinkState.CLOSED
-                and self.subscriber.state == LinkState.CLOSED)
+        return all(link.state == LinkState.CLOSED for link in self.links)
 
     def totals(self) -> dict[str, int]:
         return {

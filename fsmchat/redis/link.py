@@ -11,8 +11,10 @@ the link, never the link's retries, the loop or the local chat.
 
 ``RedisLink`` is the socket and the lifecycle (the socket plumbing, and a bug that drops the link,
 which then redials, come from ``sock.LoopSocket``); what the link is *for* lives in a subclass
-(``bus.PublishLink``, ``bus.SubscribeLink``), through a few hooks: ``greeting``, ``ready``,
-``on_reply``, ``awaiting``, ``quiet``, ``lost``, ``idle`` and ``closed``.
+(``bus.PublishLink``, ``bus.SubscribeLink``, ``presence.PresenceLink``), through a few hooks:
+``greeting``, ``ready``, ``on_reply``, ``awaiting``, ``quiet``, ``lost``, ``idle`` and ``closed``.
+Whoever owns the link may set its ``watcher``, told when each session begins and ends (the bus
+tells local users of an outage with it).
 
 Rules it keeps:
 - No call blocks: connect is non-blocking and finishes when select reports the socket writable.
@@ -35,6 +37,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
@@ -186,6 +189,9 @@ class RedisLink(LoopSocket, lifecycle=REDIS_LINK):
         self.heard_at = 0.0  # when the watch last saw Redis say something (or the dial)
         self.owed_since = 0.0  # when the watch last saw Redis owe nothing
         self.watch_timer: Timer | None = None
+        self.watcher: Callable[[RedisLink, bool], None] | None = None
+        """Told ``(link, True)`` when a session is ready, ``(link, False)`` when one is lost or
+        a dial failed (a retry is scheduled then); not when the link closes for good."""
         self.machine.add_model(self)
 
     def __repr__(self) -> str:
@@ -210,6 +216,13 @@ class RedisLink(LoopSocket, lifecycle=REDIS_LINK):
     def send_command(self, *args: bytes) -> None:
         """Queue a command for Redis; only while connected (the socket is in the loop)."""
         self.push(hiredis.pack_command(args))  # type: ignore[arg-type] # stub: a 1-tuple
+
+    def hurry(self) -> None:
+        """Another link to the same Redis got through: dial now rather than at the retry."""
+        if self.state == LinkState.BACKOFF and self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+            self.fire(LinkTrigger.DIAL)
 
     def lose(self, error: str) -> None:
         self.error = error
@@ -365,6 +378,8 @@ class RedisLink(LoopSocket, lifecycle=REDIS_LINK):
                       attempts=self.attempts)
         self.live_since = time.monotonic()
         self.ready()
+        if self.watcher is not None:
+            self.watcher(self, True)
 
     def pause_reading(self) -> None:
         self.loop.want_read(self.fd, False)
@@ -391,6 +406,8 @@ class RedisLink(LoopSocket, lifecycle=REDIS_LINK):
                        error=self.error)
         self.retry_timer = self.loop.call_later(delay, self._redial)
         self.lost()
+        if self.watcher is not None:
+            self.watcher(self, False)
 
     def _redial(self) -> None:
         """The retry timer (a bug here is contained by the loop, like a handler's)."""
