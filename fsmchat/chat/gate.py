@@ -27,7 +27,7 @@ from fsmchat.chat.accounts import JoinPassword
 from fsmchat.chat.framing import LineFramer
 from fsmchat.chat.guard import Throttle, seconds
 from fsmchat.chat.login import peer_address
-from fsmchat.chat.telnet import IAC, TelnetParser
+from fsmchat.chat.telnet import IAC, TelnetParser, lines_of
 from fsmchat.hub import Extension, Gate
 from fsmchat.reasons import Reason
 
@@ -93,13 +93,7 @@ class JoinGate(Gate, Extension):
 
     def _read(self, waiting: _Held, data: bytes) -> None:
         client = waiting.client
-        lines: list[bytes] = []
-        for piece in waiting.telnet.feed(data):
-            if isinstance(piece, bytes):
-                lines += waiting.framer.feed(piece)
-            else:  # an interrupt: the unfinished line is taken back
-                waiting.framer.discard()
-        replies = waiting.telnet.take()
+        lines, replies = lines_of(waiting.telnet, waiting.framer, data)
         if replies:
             self.hub.tell(client, replies)
         for count, line in enumerate(lines, 1):

@@ -52,7 +52,7 @@ from fsmchat.chat.framing import LineFramer
 from fsmchat.chat.payload import To, route
 from fsmchat.chat.recent import Budget
 from fsmchat.chat.rooms import Room, Rooms
-from fsmchat.chat.telnet import TelnetParser
+from fsmchat.chat.telnet import TelnetParser, lines_of
 from fsmchat.chat.text import clean, prepare, skeleton
 from fsmchat.hub import Extension
 from fsmchat.reasons import Reason
@@ -281,13 +281,7 @@ class Chat(Extension):
 
     def _untelnet(self, client: Client, member: Member, data: bytes) -> list[bytes]:
         """The lines of a read that holds telnet commands; their answers go to ``client``."""
-        lines: list[bytes] = []
-        for piece in member.telnet.feed(data):
-            if isinstance(piece, bytes):
-                lines += member.framer.feed(piece)
-            else:  # an interrupt: the unfinished line is taken back
-                member.framer.discard()
-        replies = member.telnet.take()
+        lines, replies = lines_of(member.telnet, member.framer, data)
         if replies:
             self.hub.tell(client, replies)
             if not self.hub.in_chat(client):  # the answers took it past its limit

@@ -28,6 +28,10 @@ Rules it keeps:
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fsmchat.chat.framing import LineFramer
 
 
 class Byte(IntEnum):
@@ -151,3 +155,15 @@ class TelnetParser:
         replies = bytes(self.replies)
         self.replies.clear()
         return replies
+
+
+def lines_of(telnet: TelnetParser, framer: LineFramer, data: bytes) -> tuple[list[bytes], bytes]:
+    """The lines a read that holds telnet commands completes, and the answers those commands
+    wait for (an interrupt takes the unfinished line back)."""
+    lines: list[bytes] = []
+    for piece in telnet.feed(data):
+        if isinstance(piece, bytes):
+            lines += framer.feed(piece)
+        else:
+            framer.discard()
+    return lines, telnet.take()
