@@ -209,10 +209,12 @@ class LineReader:
 class ServerProcess:
     """A running ``python -m fsmchat`` plus threads that collect its output."""
 
-    def __init__(self, args: Sequence[str]) -> None:
+    def __init__(self, args: Sequence[str], prefix: Sequence[str] = ()) -> None:
+        """``prefix`` goes before the command, e.g. ``ip netns exec NS`` (it must exec, not fork:
+        the PID is the server's)."""
         self.args = list(args)
         self.proc = subprocess.Popen(
-            server_command(*args),
+            [*prefix, *server_command(*args)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -59,6 +59,10 @@ def fixed_port() -> int:
     raise AssertionError(f"no free port found in 10000..{low - 1}")
 
 
+def _dial(host: str, port: int) -> socket.socket:
+    return socket.create_connection((host, port), timeout=WAIT)
+
+
 def _encode_command(*args: bytes | str) -> bytes:
     """A command as a RESP array of bulk strings (binary safe)."""
     packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type] # stub: a 1-tuple
@@ -93,8 +97,18 @@ class RedisServer:
     READY = "Ready to accept connections"
 
     def __init__(
-        self, workdir: Path, port: int | None = None, extra_args: Sequence[str] = ()
+        self,
+        workdir: Path,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        *,
+        host: str = HOST,
+        prefix: Sequence[str] = (),
+        dial: Callable[[str, int], socket.socket] | None = None,
     ) -> None:
+        """``host``, ``prefix`` and ``dial`` place it elsewhere (tests/netns_harness.py: in a
+        network namespace): the address it binds, what goes before its command (``ip netns exec
+        NS``), and how a test opens a connection to it (a connected socket, timeout set)."""
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail(
@@ -107,6 +121,9 @@ class RedisServer:
         self.port = port if port is not None else fixed_port()
         #: More redis-server options, e.g. ``("--requirepass", "secret")``.
         self.extra_args = list(extra_args)
+        self.host = host
+        self.prefix = list(prefix)
+        self.dial = dial if dial is not None else _dial
         self.proc: subprocess.Popen[bytes] | None = None
         #: The output of the current (or last) run.
         self._output: LineReader | None = None
@@ -115,12 +132,12 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}"
+        return f"redis://{self.host}:{self.port}"
 
     @property
     def address(self) -> str:
         """How fsmchat names this Redis in its events: ``host:port``."""
-        return f"{HOST}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def password(self) -> str | None:
@@ -143,9 +160,10 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 self.binary,
                 "--port", str(self.port),
-                "--bind", HOST,
+                "--bind", self.host,
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", str(self.workdir),
@@ -210,7 +228,7 @@ class RedisServer:
 
     def command(self, *args: bytes | str, password: str | None = None) -> Reply:
         """Send one command on a fresh connection and return its decoded reply."""
-        with socket.create_connection((HOST, self.port), timeout=WAIT) as sock:
+        with self.dial(self.host, self.port) as sock:
             reader = _RespReader(sock)
             if password is not None:
                 sock.sendall(_encode_command("AUTH", password))
