@@ -12,7 +12,7 @@ So a client reaches the instances and not Redis, and an instance's link to Redis
 (``cut``: its back veth down) while its clients stay connected. Every device is made inside the
 namespaces, nothing in the host's: the addresses cannot clash with the host's networks, nor with
 another session's (whose namespaces are others). Namespaces left by a session that died are
-deleted at the next one's start (their PID is gone).
+deleted at the next one's start (their PID is gone), after the processes left in them.
 
 Processes run under ``ip netns exec NS``, which execs the command: the PID we hold is the
 process's, killed by it at teardown. A socket's namespace is the one it was made in: a helper
@@ -31,6 +31,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -179,7 +180,12 @@ def _delete_stale() -> None:
             continue
         try:
             os.kill(int(found[1]), 0)
-        except ProcessLookupError:
+        except ProcessLookupError:  # its processes outlived it: they go first, by PID
+            pids = subprocess.run(["ip", "netns", "pids", name], check=False,
+                                  capture_output=True, text=True, timeout=WAIT).stdout
+            for pid in pids.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True,
                            timeout=WAIT)
         except PermissionError:  # alive, someone else's
