@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from chat_harness import join
+from chat_harness import Chatter, join
 from conftest import StartServer
 from redis_harness import RedisServer, bug_free
 from test_redis import start_instance
@@ -33,6 +33,16 @@ def accounts(tmp_path: Path) -> Path:
     return path
 
 
+def settle(sender: Chatter, reader: Chatter) -> None:
+    """``reader`` has had the bus's notices of ``sender``'s instance so far (a line of the
+    sender's is behind them; the sender's own join notice may come before it)."""
+    sender.say("hi")
+    line = reader.line()
+    if line == f"*** {sender.name} joined lobby\n".encode():
+        line = reader.line()
+    assert line == f"<{sender.name}> hi\n".encode(), line
+
+
 def test_a_name_left_for_a_login_that_lost_across_instances_is_freed_everywhere(
         start_server: StartServer, redis_server: RedisServer, accounts: Path) -> None:
     """bob, logged in as alice on instance B while alice already is on A, loses the name and is
@@ -41,8 +51,9 @@ def test_a_name_left_for_a_login_that_lost_across_instances_is_freed_everywhere(
     extra = ("--mode", "chat", "--accounts", str(accounts))
     one = start_instance(start_server, redis_server, *extra)
     two = start_instance(start_server, redis_server, *extra)
-    alice = join(one)
-    bob = join(two, alice)
+    bob = join(two)
+    alice = join(one, bob)
+    settle(bob, alice)
     old = bob.name
     alice.say(f"/login alice {PASSWORD}")
     alice.expect("*** logged in as alice\n", "*** you are now alice\n")
