@@ -69,3 +69,27 @@ def test_a_name_left_for_a_login_that_lost_across_instances_is_freed_everywhere(
     alice.expect(f"*** msg: nobody here is called {old}\n")
     alice.say("/who")
     alice.expect(f"*** 2 in lobby: {', '.join(sorted(['alice', new]))}\n")
+
+
+def test_a_login_that_lost_the_name_across_instances_gives_no_operators_rights(
+        start_server: StartServer, redis_server: RedisServer, tmp_path: Path) -> None:
+    """On one instance a second login as an account takes it from the first connection, which
+    is an operator no more; across instances the later login loses the name and must lose the
+    account with it, or it kicks and sets topics under a generated name nobody can trace."""
+    accounts = tmp_path / "ops"
+    accounts.write_text(f"olga:{make_hash(PASSWORD)}:op\n")
+    extra = ("--mode", "chat", "--accounts", str(accounts))
+    one = start_instance(start_server, redis_server, *extra)
+    two = start_instance(start_server, redis_server, *extra)
+    bob = join(two)
+    olga = join(one, bob)
+    settle(bob, olga)
+    olga.say(f"/login olga {PASSWORD}")
+    olga.expect("*** logged in as olga, an operator\n", "*** you are now olga\n")
+    bob.expect(f"*** {olga.name} is now olga\n")
+    bob.say(f"/login olga {PASSWORD}")
+    bob.expect("*** logged in as olga, an operator\n", "*** you are now olga\n",
+               "*** olga was taken earlier on another server\n")
+    assert bob.line().startswith(b"*** you are now "), "not renamed"
+    bob.say("/topic set by whom?")
+    bob.expect("*** topic: only operators set the topic\n")
