@@ -36,7 +36,7 @@ CHECK_SPACING = 1.0
 3 ms of the loop, so a read full of logins cannot stall the chat (wrong ones wait longer)."""
 
 if TYPE_CHECKING:
-    from fsmchat.chat.mode import Chat
+    from fsmchat.chat.mode import Chat, Member
     from fsmchat.connection import Connection as Client
 
 
@@ -59,9 +59,18 @@ class Login(Extension):
         self.logged_in: dict[int, Account] = {}  # fd -> the account it gave the password of
         self.checked: dict[int, float] = {}  # fd -> when a password of its was last checked
         chat.reserved = accounts.by_look
+        chat.losing = self._lost
 
     def account_of(self, client: Client) -> Account | None:
         return self.logged_in.get(client.fd)
+
+    def _lost(self, member: Member) -> None:
+        """``member`` lost its account's name to another instance (it logged in there
+        first): as a connection that loses its account's name here, it is logged in no more."""
+        account = self.logged_in.get(member.client.fd)
+        if account is not None and skeleton(account.name.encode()) == skeleton(member.name):
+            del self.logged_in[member.client.fd]
+            member.operator = False
 
     def left(self, client: Client) -> None:
         self.logged_in.pop(client.fd, None)

@@ -115,6 +115,8 @@ class Chat(Extension):
         # newcomer is given one
         self.entering: Callable[[Client, Room], None] | None = None  # told as a member comes
         # into a room, before its history (moderation: the room's topic)
+        self.losing: Callable[[Member], None] | None = None  # told as a member loses its
+        # name to another instance, before it is renamed (accounts: the login goes with it)
         self.next_number = 1  # for the next user<N>
         self.suffix = suffix  # after user<N>: with --redis, "-" and 4 digits of the instance id
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
@@ -408,6 +410,8 @@ class Chat(Extension):
         ``member`` is told, and given a new one."""
         client = member.client
         self.hub.tell(client, b"*** %s was taken earlier on another server\n" % member.name)
+        if self.losing is not None:
+            self.losing(member)
         self.rename(client, member, self._new_name())
 
     def move(self, client: Client, member: Member, name: bytes) -> bool:

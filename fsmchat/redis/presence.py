@@ -127,12 +127,13 @@ for i = 6, #ARGV, 4 do
         redis.call('HSET', names, skel, entry)
         news[#news + 1] = '+ ' .. skel .. ' ' .. entry
       end
-      if old ~= '' and old ~= skel then
-        keep[old] = nil
-        if string.match(redis.call('HGET', names, old) or '', '^(%x+) ') == me then
-          redis.call('HDEL', names, old)
-          news[#news + 1] = '- ' .. old .. ' ' .. me
-        end
+    end
+    -- a refused ask keeps the old name; a refused claim left it already (on_lost renames)
+    if old ~= '' and old ~= skel and (result == 0 or op == 'C') then
+      keep[old] = nil
+      if string.match(redis.call('HGET', names, old) or '', '^(%x+) ') == me then
+        redis.call('HDEL', names, old)
+        news[#news + 1] = '- ' .. old .. ' ' .. me
       end
     end
   end
