@@ -8,7 +8,7 @@ reading and cut off before the next write, never fatal.
 
 The file (``FORMAT`` is its version)::
 
-    fsmchat-history 1 3f2a9c0d1e4b5a69\\n       magic, version, epoch (16 hex digits)
+    fsmchat-history 1 3f2a9c0d1e4b5a69 41\\n    magic, version, epoch (16 hex digits), last seq
     r 0000002a 8d3b7f10\\n                      a record: body length and CRC32, 8 hex each
     <body: length bytes>\\n                     the body, then a newline
     r ...
@@ -18,7 +18,9 @@ The file (``FORMAT`` is its version)::
 Every number is ASCII; stream, id and data are any bytes (newlines included): the lengths say
 where each ends, and the CRC32 (of the body) tells a whole record from a torn or damaged one.
 The epoch is drawn when the file is made and kept by every rewrite: the origin of message ids
-(``<epoch>-<seq>``) standalone, so that ids stay unique across restarts.
+(``<epoch>-<seq>``) standalone. So that a restart goes on with new ids, never one already
+given, ``last_seq`` is the highest seq of the epoch's ids the file has seen: in its records, or
+in the header, where a rewrite keeps it even when no record of it is left.
 
 Rules it keeps:
 - A file that is not ours (another magic, another version, a directory, not a regular file,
@@ -58,8 +60,9 @@ COMPACT_FLOOR = 64 * 1024
 """A file smaller than this is never rewritten, however little of it is live: rewriting a small
 file often would cost more than the bytes it saves."""
 
-_HEADER = re.compile(rb"fsmchat-history ([0-9]{1,9}) ([0-9a-f]{16})\n")
+_HEADER = re.compile(rb"fsmchat-history (0|[1-9][0-9]{0,8}) ([0-9a-f]{16}) (0|[1-9][0-9]{0,18})\n")
 _HEADER_MAX = 64  # the longest first line read for a header
+_SEQ_DIGITS = 19
 _FRAME = re.compile(rb"r ([0-9a-f]{8}) ([0-9a-f]{8})\n")
 _FRAME_SIZE = 20  # len(b"r 0000002a 8d3b7f10\n")
 _META = re.compile(rb"(0|[1-9][0-9]{0,18}) (0|[1-9][0-9]{0,9}) (0|[1-9][0-9]{0,9})\n")
@@ -168,14 +171,19 @@ def _describe(start: bytes) -> str:
 class HistoryFile:
     """An open history file: its records, what waits to be written, its size and epoch."""
 
-    __slots__ = ("_buffer", "_fd", "_pending", "_since", "_tail_at", "epoch", "header_size",
-                 "limit_bytes", "path", "size", "skipped_bytes", "skipped_records")
+    __slots__ = ("_buffer", "_fd", "_id_prefix", "_loaded", "_pending", "_since", "_tail_at",
+                 "epoch",
+                 "header_size", "last_seq", "limit_bytes", "path", "size", "skipped_bytes",
+                 "skipped_records")
 
-    def __init__(self, path: str, fd: int, epoch: bytes, size: int, limit_bytes: int) -> None:
+    def __init__(self, path: str, fd: int, *, epoch: bytes, header_size: int, size: int,
+                 limit_bytes: int, last_seq: int) -> None:
         self.path = path  # the path given, for messages
         self._fd = fd
         self.epoch = epoch  # 16 hex digits, as bytes: the origin of message ids
-        self.header_size = len(_header(epoch))
+        self._id_prefix = epoch + b"-"
+        self.last_seq = last_seq  # the highest seq of an id <epoch>-<seq> seen; 0: none
+        self.header_size = header_size
         self.size = size  # bytes in the file, once what is buffered is written
         self.limit_bytes = limit_bytes
         self.skipped_bytes = 0
@@ -183,7 +191,8 @@ class HistoryFile:
         self._buffer: list[bytes] = []
         self._pending = 0
         self._tail_at: int | None = None  # where to cut a torn tail before the next write
-        self._since = self.header_size  # the size after the last rewrite (the header: none yet)
+        self._since = header_size  # the size after the last rewrite (the header: none yet)
+        self._loaded: list[Record] | None = None  # what open read, until the file changes
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -194,7 +203,7 @@ class HistoryFile:
         try:
             fd = os.open(real, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
-            return cls._create(path, real, limit_bytes)
+            return cls._create(path, real, limit_bytes, replace=False)
         except IsADirectoryError:
             raise HistoryFileError(f"{path} is a directory: give --history-file the path of a "
                                    "file in it (made if missing)") from None
@@ -215,9 +224,15 @@ class HistoryFile:
                                    "of a file (made if missing)")
         os.set_blocking(fd, True)
         _lock(fd, path)
+        try:
+            current = os.stat(real).st_ino
+        except OSError:
+            current = -1
+        if current != os.fstat(fd).st_ino:  # rewritten by another server while we locked
+            raise HistoryFileError(_IN_USE.format(path))
         content = _read_all(fd, path)
         if not content:  # made but never written (a crash at once): as good as missing
-            fresh = cls._create(path, real, limit_bytes)
+            fresh = cls._create(path, real, limit_bytes, replace=True)
             os.close(fd)
             return fresh
         header = _HEADER.match(content, 0, _HEADER_MAX)
@@ -225,7 +240,11 @@ class HistoryFile:
             raise HistoryFileError(f"{path} is {_describe(content[:_HEADER_MAX])}: give "
                                    "--history-file another path, or move this file away")
         scan = _scan(content, header.end())
-        history = cls(path, fd, header[2], len(content), limit_bytes)
+        history = cls(path, fd, epoch=header[2], header_size=header.end(), size=len(content),
+                      limit_bytes=limit_bytes, last_seq=int(header[3]))
+        for record in scan.records:
+            history._saw(record.msg_id)
+        history._loaded = scan.records
         history.skipped_bytes = scan.skipped_bytes
         history.skipped_records = scan.skipped_records
         if scan.good_end < len(content):
@@ -233,10 +252,13 @@ class HistoryFile:
         return history
 
     @classmethod
-    def _create(cls, path: str, real: str, limit_bytes: int) -> HistoryFile:
+    def _create(cls, path: str, real: str, limit_bytes: int, *,
+                replace: bool) -> HistoryFile:
         epoch = secrets.token_hex(8).encode()
-        fd = _write_new(path, real, _header(epoch))
-        return cls(path, fd, epoch, len(_header(epoch)), limit_bytes)
+        header = _header(epoch, 0)
+        fd = _write_new(path, real, header, replace=replace)
+        return cls(path, fd, epoch=epoch, header_size=len(header), size=len(header),
+                   limit_bytes=limit_bytes, last_seq=0)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -244,6 +266,9 @@ class HistoryFile:
         """Every whole record in the file, oldest first (what is buffered not included).
 
         Updates ``skipped_bytes`` and ``skipped_records`` with what this reading skipped."""
+        if self._loaded is not None:  # the file is as open read it (no other writer: the lock)
+            records, self._loaded = self._loaded, None
+            return records
         content = _read_all(self._fd, self.path)
         scan = _scan(content, self.header_size)
         self.skipped_bytes = scan.skipped_bytes
@@ -257,6 +282,14 @@ class HistoryFile:
         data = encode(record)
         self._buffer.append(data)
         self._pending += len(data)
+        self._saw(record.msg_id)
+
+    def _saw(self, msg_id: bytes) -> None:
+        """Keeps ``last_seq`` up with an id of this file's epoch."""
+        if msg_id.startswith(self._id_prefix):
+            seq = msg_id[len(self._id_prefix):]
+            if seq.isdigit() and len(seq) <= _SEQ_DIGITS and int(seq) > self.last_seq:
+                self.last_seq = int(seq)
 
     @property
     def pending(self) -> int:
@@ -270,6 +303,7 @@ class HistoryFile:
             return
         data = b"".join(self._buffer)
         self._buffer.clear()
+        self._loaded = None
         self._pending = 0
         start = self.size if self._tail_at is None else self._tail_at
         try:
@@ -329,14 +363,17 @@ class HistoryFile:
             total += len(data)
             kept += 1
         chosen = encoded[len(encoded) - kept:]
-        content = b"".join((_header(self.epoch), *(data for _, data in chosen)))
+        header = _header(self.epoch, self.last_seq)
+        content = b"".join((header, *(data for _, data in chosen)))
         fd = _write_new(self.path, os.path.realpath(self.path), content)
         os.close(self._fd)  # its lock goes with it; the new file's is already held
         self._fd = fd
         self._buffer.clear()
         self._pending = 0
         self._tail_at = None
+        self._loaded = None
         self.size = self._since = len(content)
+        self.header_size = len(header)
         return [record for record, _ in chosen]
 
     def close(self) -> None:
@@ -352,16 +389,18 @@ class HistoryFile:
         self.close()
 
 
-def _header(epoch: bytes) -> bytes:
-    return b"%b %d %b\n" % (MAGIC, FORMAT, epoch)
+_IN_USE = "{} is in use by another fsmchat: give each server a --history-file of its own"
+
+
+def _header(epoch: bytes, last_seq: int) -> bytes:
+    return b"%b %d %b %d\n" % (MAGIC, FORMAT, epoch, last_seq)
 
 
 def _lock(fd: int, path: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise HistoryFileError(f"{path} is in use by another fsmchat: give each server a "
-                               "--history-file of its own") from None
+        raise HistoryFileError(_IN_USE.format(path)) from None
     except OSError as exc:
         raise HistoryFileError(f"cannot lock the history file {path}: "
                                f"{exc.strerror or exc}") from None
@@ -380,8 +419,11 @@ def _read_all(fd: int, path: str) -> bytes:
     return b"".join(chunks)
 
 
-def _write_new(path: str, real: str, content: bytes) -> int:
-    """Put ``content`` at ``real`` atomically, mode 0600; the new file's descriptor, locked."""
+def _write_new(path: str, real: str, content: bytes, *, replace: bool = True) -> int:
+    """Put ``content`` at ``real`` atomically, mode 0600; the new file's descriptor, locked.
+
+    Without ``replace``, only where there is no file yet: two servers that make the same
+    missing file at once do not both think it theirs."""
     directory, name = os.path.split(real)
     temp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -398,15 +440,26 @@ def _write_new(path: str, real: str, content: bytes) -> int:
         while written < len(content):
             written += os.write(fd, memoryview(content)[written:])
         os.fsync(fd)
-        os.replace(temp, real)
-    except OSError as exc:
-        os.close(fd)
-        with contextlib.suppress(OSError):
+        if replace:
+            os.replace(temp, real)
+        else:
+            os.link(temp, real)
             os.unlink(temp)
+    except FileExistsError:
+        _discard(fd, temp)
+        raise HistoryFileError(_IN_USE.format(path)) from None
+    except OSError as exc:
+        _discard(fd, temp)
         raise HistoryFileError(f"cannot write the history file {path}: "
                                f"{exc.strerror or exc}") from None
     _sync_directory(directory)
     return fd
+
+
+def _discard(fd: int, temp: str) -> None:
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(temp)
 
 
 def _sync_directory(directory: str) -> None:

@@ -107,7 +107,7 @@ def test_a_new_file_has_the_header_a_fresh_epoch_and_mode_0600(tmp_path: Path) -
     with HistoryFile.open(str(tmp_path / "b"), limit_bytes=LIMIT) as b:
         assert b.epoch != epoch
     assert len(epoch) == 16 and int(epoch, 16) >= 0 and epoch == epoch.lower()
-    assert (tmp_path / "a").read_bytes() == b"fsmchat-history 1 " + epoch + b"\n"
+    assert (tmp_path / "a").read_bytes() == b"fsmchat-history 1 " + epoch + b" 0\n"
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o600
     with HistoryFile.open(str(tmp_path / "a"), limit_bytes=LIMIT) as again:
         assert again.epoch == epoch
@@ -133,7 +133,7 @@ def test_an_empty_file_is_taken_as_a_new_one(tmp_path: Path) -> None:
     path.write_bytes(b"")
     with HistoryFile.open(str(path), limit_bytes=LIMIT) as history:
         assert history.records() == []
-        assert path.read_bytes() == b"fsmchat-history 1 " + history.epoch + b"\n"
+        assert path.read_bytes() == b"fsmchat-history 1 " + history.epoch + b" 0\n"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
@@ -146,6 +146,25 @@ def test_a_symlink_is_followed_and_stays_a_link(tmp_path: Path) -> None:
         history.compact(AWKWARD[1:2])
     assert link.is_symlink()
     assert reopened(real) == AWKWARD[1:2]
+
+
+def test_last_seq_follows_the_epochs_ids_and_outlives_a_rewrite(tmp_path: Path) -> None:
+    path = tmp_path / "history"
+    with HistoryFile.open(str(path), limit_bytes=LIMIT) as history:
+        epoch = history.epoch
+        assert history.last_seq == 0
+        for msg_id in (b"%b-3" % epoch, b"%b-41" % epoch, b"%b-7" % epoch,
+                       b"0000000000000000-99", b"%b-" % epoch, b"%b-x1" % epoch,
+                       b"%b-%d" % (epoch, 10**20), b"%b41" % epoch):
+            history.append(Record(b"lobby", msg_id, 1, b"m"))
+        assert history.last_seq == 41
+        history.flush()
+    with HistoryFile.open(str(path), limit_bytes=LIMIT) as history:
+        assert history.last_seq == 41
+        history.compact([])  # nothing of it left but the header
+    assert path.read_bytes() == b"fsmchat-history 1 " + epoch + b" 41\n"
+    with HistoryFile.open(str(path), limit_bytes=LIMIT) as history:
+        assert history.last_seq == 41 and history.records() == []
 
 
 # -- torn and damaged records -----------------------------------------------------------------
@@ -165,9 +184,10 @@ def test_a_last_record_torn_anywhere_is_skipped_and_cut_at_the_next_write(
     for cut in range(last, len(content)):
         path.write_bytes(content[:cut])
         with HistoryFile.open(str(path), limit_bytes=LIMIT) as history:
-            assert history.records() == AWKWARD[1:3], cut
-            assert history.skipped_bytes == cut - last
-            assert history.skipped_records == (1 if cut > last else 0)
+            for _ in range(2):  # what open read, then the file read again
+                assert history.records() == AWKWARD[1:3], cut
+                assert history.skipped_bytes == cut - last
+                assert history.skipped_records == (1 if cut > last else 0)
             history.append(AWKWARD[4])
             history.flush()
             assert history.size == path.stat().st_size == last + len(encode(AWKWARD[4]))
@@ -211,10 +231,11 @@ def test_a_damaged_record_in_the_middle_is_skipped_alone(tmp_path: Path) -> None
 def test_a_file_of_only_a_header_and_garbage_keeps_its_epoch(tmp_path: Path) -> None:
     path = tmp_path / "history"
     epoch = b"0123456789abcdef"
-    path.write_bytes(b"fsmchat-history 1 " + epoch + b"\n\x00\x00\x00\x00")
+    path.write_bytes(b"fsmchat-history 1 " + epoch + b" 7\n\x00\x00\x00\x00")
     with HistoryFile.open(str(path), limit_bytes=LIMIT) as history:
         assert history.epoch == epoch
         assert history.records() == [] and history.skipped_bytes == 4
+        assert history.last_seq == 7
 
 
 # -- files that are not ours ------------------------------------------------------------------
@@ -226,11 +247,12 @@ def test_a_file_of_only_a_header_and_garbage_keeps_its_epoch(tmp_path: Path) -> 
         (b"hello world\nthis is my notes file\n", "'hello world'"),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "89 50 4e 47"),
         (b"\x00" * 100, "00 00 00"),
-        (b"fsmchat-history 2 0123456789abcdef\n", "format 2"),
-        (b"fsmchat-history 1 XYZ\n", "damaged"),
+        (b"fsmchat-history 2 0123456789abcdef 0\n", "format 2"),
+        (b"fsmchat-history 1 XYZ 0\n", "damaged"),
+        (b"fsmchat-history 01 0123456789abcdef 0\n", "damaged"),
         (b"fsmchat-hist", "'fsmchat-hist'"),
     ],
-    ids=["text", "png", "zeros", "another-version", "bad-header", "short"],
+    ids=["text", "png", "zeros", "another-version", "bad-header", "bad-version", "short"],
 )
 def test_a_file_that_is_not_ours_is_refused_in_one_line_and_left_alone(
     tmp_path: Path, content: bytes, says: str
@@ -322,7 +344,7 @@ def test_compaction_keeps_the_epoch_and_exactly_the_records_given(tmp_path: Path
         history.append(AWKWARD[0])  # buffered, not live: dropped
         kept = history.compact(AWKWARD[2:4])
         assert kept == AWKWARD[2:4]
-        expected = b"fsmchat-history 1 " + epoch + b"\n" + b"".join(map(encode, AWKWARD[2:4]))
+        expected = b"fsmchat-history 1 " + epoch + b" 0\n" + b"".join(map(encode, AWKWARD[2:4]))
         assert path.read_bytes() == expected and history.size == len(expected)
         assert path.stat().st_ino != before  # a new file put in place, not the old one rewritten
         history.append(AWKWARD[1])
