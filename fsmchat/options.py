@@ -111,6 +111,7 @@ class Options:
     max_line: int = DEFAULT_MAX_LINE  # chat mode: longest line, in bytes
     history: int = 0  # messages kept for late joiners; 0: none
     history_bytes: int = DEFAULT_HISTORY_BYTES  # build(): at most a quarter of max_queue_bytes
+    history_file: str | None = None  # standalone: the history kept across restarts; None: not
     tz: str = "UTC"  # chat mode: the time zone of replayed history's times
     stats_interval: float = DEFAULT_STATS_INTERVAL  # seconds between server.stats; 0: never
     web_port: int | None = None  # None: no web page
@@ -342,6 +343,12 @@ def _zone(text: str) -> str:
 
 
 def _file(text: str) -> str:
+    return text
+
+
+def _history_file(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("invalid file '': give the path of a file")
     return text
 
 
@@ -590,6 +597,11 @@ OPTIONS: tuple[Option, ...] = (
            "--max-queue-bytes. Takes K, M, G (default: %(default)s, or a quarter of "
            "--max-queue-bytes if that is less)",
            metavar="BYTES", group=CHAT, show=_size_text),
+    Option("--history-file", "history_file", _history_file,
+           "standalone: keep the history in this file too, so that a restart still has it "
+           "(made if missing, mode 0600; rewritten compactly now and then; a record torn by a "
+           "crash is skipped). Not with --redis, whose streams keep it (default: none)",
+           metavar="FILE", group=CHAT, show=_no_file),
     Option("--accounts", "accounts", _accounts,
            "chat mode: reserve the names of this file's accounts (NAME:HASH[:op] lines, made "
            "by fsmchat passwd NAME) for those who give the password: /nick NAME PASSWORD or "
@@ -781,6 +793,11 @@ def _check_chat(o: Options, given: Collection[str]) -> None:
         raise UsageError("--tz needs --mode chat")
     if "history_bytes" in given and not o.history:
         raise UsageError("--history-bytes needs --history")
+    if o.history_file is not None and o.redis is not None:
+        raise UsageError("--history-file cannot go with --redis: with Redis, the streams keep "
+                         "the history (drop --history-file)")
+    if o.history_file is not None and not o.history:
+        raise UsageError("--history-file needs --history")
     if "history_bytes" in given and o.history_bytes > o.max_queue_bytes // 4:
         raise UsageError(f"--history-bytes ({o.history_bytes}) must be at most a quarter of "
                          f"--max-queue-bytes ({o.max_queue_bytes}), so that a newcomer does not "
