@@ -11,10 +11,12 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from fsmchat.history_file import Record
 from fsmchat.hub import Extension
 
 if TYPE_CHECKING:
@@ -26,9 +28,11 @@ Replay = Callable[["Connection", Sequence[bytes]], None]
 class History(Extension):
     """An extension of the hub: it keeps what was delivered and greets a newcomer with it."""
 
-    __slots__ = ("limit", "max_bytes", "messages", "nbytes", "replay")
+    __slots__ = ("keeper", "limit", "max_bytes", "messages", "nbytes", "replay")
 
     def __init__(self, limit: int, max_bytes: int, replay: Replay | None = None) -> None:
+        self.keeper: Callable[[bytes, bytes, bytes], None] | None = None  # told each message
+        # kept (--history-file): (b"", b"", the message)
         self.replay = replay  # what hands the past to a newcomer (the hub's replay)
         self.limit = limit
         self.max_bytes = max_bytes
@@ -56,11 +60,18 @@ class History(Extension):
             self.replay(conn, tuple(self.messages))
 
     def delivered(self, data: bytes, lines: Sequence[bytes]) -> None:
+        if self.keeper is not None and len(data) <= self.max_bytes:
+            self.keeper(b"", b"", data)
         if lines:
             for line in lines:
                 self.add(line)
         else:
             self.add(data)
+
+    def records(self) -> Iterator[Record]:
+        """What it holds, as records, oldest first (raw mode keeps no times: now)."""
+        now = int(time.time() * 1000)
+        return (Record(b"", b"", now, data) for data in self.messages)
 
     def __len__(self) -> int:
         return len(self.messages)

@@ -46,6 +46,8 @@ from fsmchat.chat.rooms import room_key
 from fsmchat.chat.text import is_name, room_problem, skeleton
 from fsmchat.connection import RECV_SIZE, Connection
 from fsmchat.history import History
+from fsmchat.history_file import COMPACT_FLOOR, HistoryFile, HistoryFileError
+from fsmchat.history_keeper import HistoryKeeper
 from fsmchat.hub import Extension, Hub, Limits
 from fsmchat.lifecycle import LIVE, SENDING, State, Trigger
 from fsmchat.net.loop import FD_SETSIZE, EventLoop, Reader, Timer
@@ -150,8 +152,9 @@ class Server:
                         if options.history and self.chat is None else None)
         if self.history is not None:
             hub.seeded = self.history.seed
+        self.keeper = self._keep_history(options) if options.history_file else None
         parts: list[Extension] = [self.acceptor, *(
-            part for part in (self.chat, self.history, self.presence, self.bus)
+            part for part in (self.chat, self.history, self.presence, self.bus, self.keeper)
             if part is not None)]
         if self.chat is not None:
             parts[2:2] = self._accounts(self.chat, options)
@@ -178,6 +181,38 @@ class Server:
         self.stop_deadline = 0.0  # when the stop closes whatever is left
         self.cut = Cut()  # what a stop cut short did not deliver
         loop.before_sleep = self.end_of_turn
+
+    def _keep_history(self, options: Options) -> HistoryKeeper:
+        """--history-file: the history loaded from it, and kept in it from now on (raises
+        HistoryFileError when the file cannot be used)."""
+        assert options.history_file is not None
+        file = HistoryFile.open(options.history_file,
+                                limit_bytes=max(4 * options.history_bytes, COMPACT_FLOOR))
+        hub = self.hub
+        hub.origin, hub.seq = file.epoch, file.last_seq  # ids go on where they stopped
+        records = file.records()
+        if file.skipped_bytes:
+            self.log.warning("history.skipped", path=options.history_file,
+                             bytes=file.skipped_bytes, records=file.skipped_records)
+        if self.chat is not None:
+            rooms = self.chat.rooms
+            rooms.load(records)
+            budget = rooms.budget
+            assert budget is not None
+            keeper = HistoryKeeper(file, self.log, live=rooms.records,
+                                   live_bytes=lambda: budget.nbytes)
+            budget.keeper = keeper.kept
+        else:
+            history = self.history
+            assert history is not None
+            for record in records:
+                history.add(record.data)
+            keeper = HistoryKeeper(file, self.log, live=history.records,
+                                   live_bytes=lambda: history.nbytes)
+            history.keeper = keeper.kept
+        self.log.info("history.loaded", path=options.history_file, records=len(records),
+                      bytes=file.size)
+        return keeper
 
     def _stream_of(self, head: bytes) -> bytes | None:
         """The Redis stream of a payload's head: its room's (chat mode), or the chat's one
@@ -421,8 +456,19 @@ def run(options: Options) -> int:
         stream.close()
         say(str(exc))
         return 2 if isinstance(exc, TLSSetupError) or exc.usage else 1
-    server = Server(options, listeners, log, stream=stream, metrics_listener=metrics_listener,
-                    web_listener=web_listener)
+    try:
+        server = Server(options, listeners, log, stream=stream,
+                        metrics_listener=metrics_listener, web_listener=web_listener)
+    except HistoryFileError as exc:
+        for sock in [sock for sock, _ in listeners] + (
+                [metrics_listener] if metrics_listener else []) + (
+                [web_listener[0]] if web_listener else []):
+            sock.close()
+        log.error("server.failed", host=options.host, port=options.port, error=str(exc))
+        stream.flush()
+        stream.close()
+        say(str(exc))
+        return 1
     signals = _watch_signals(server)
     stream.attach(server.loop)
     server.start()

@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+Keeper = Callable[[bytes, bytes, bytes], None]
+"""What is told each message a room keeps: (the room's key, the message's id, its bytes)."""
 
 HEADER = b"*** recent messages:\n"
 FOOTER = b"*** end of recent messages\n"
@@ -56,11 +59,12 @@ def time_zone(name: str) -> tzinfo:
 class Budget:
     """What every room's history holds together: ``limit`` lines per room, ``max_bytes`` in all."""
 
-    __slots__ = ("ahead", "kept", "limit", "max_bytes", "nbytes", "order")
+    __slots__ = ("ahead", "keeper", "kept", "limit", "max_bytes", "nbytes", "order")
 
     def __init__(self, limit: int, max_bytes: int) -> None:
         self.limit = limit
         self.max_bytes = max_bytes
+        self.keeper: Keeper | None = None  # told each message kept (--history-file)
         self.nbytes = 0  # of every line kept, in every room
         self.kept = 0  # lines kept, in every room
         self.ahead = 0  # lines gone from their rooms whose entries are still in ``order``
@@ -119,10 +123,11 @@ class Recent:
     """One room's recent lines, oldest first, the minutes they were said in and the ids of the
     messages they were."""
 
-    __slots__ = ("ahead", "budget", "ids", "lines", "nbytes", "stamps")
+    __slots__ = ("ahead", "budget", "ids", "key", "lines", "nbytes", "stamps")
 
-    def __init__(self, budget: Budget) -> None:
+    def __init__(self, budget: Budget, key: bytes = b"") -> None:
         self.budget = budget
+        self.key = key  # the room's key
         self.lines: deque[bytes] = deque()
         self.stamps: deque[list[int]] = deque()  # [minute, lines]: runs of lines, oldest first
         self.ids: deque[list[Any]] = deque()  # [message id, lines]: one run per message
@@ -138,6 +143,8 @@ class Recent:
         ``_drop``."""
         budget = self.budget
         size = len(data)
+        if budget.keeper is not None and minute is None:
+            budget.keeper(self.key, msg_id, data)
         if size > budget.max_bytes:  # some line may not fit on its own: one by one
             for line in lines or (data,):
                 if len(line) <= budget.max_bytes:
@@ -270,6 +277,17 @@ class Recent:
                                      for i in range(first, first + count)]))
             first += count
         return out
+
+
+    def messages(self) -> Iterator[tuple[bytes, int, bytes]]:
+        """(id, minute, bytes) of each message kept, oldest first."""
+        lines = iter(self.lines)
+        minutes = iter(minute for minute, count in self.stamps for _ in range(count))
+        for msg_id, count in self.ids:
+            minute = next(minutes)
+            for _ in range(count - 1):
+                next(minutes)
+            yield msg_id, minute, b"".join(next(lines) for _ in range(count))
 
 
 def _shorten(runs: deque[list[Any]], count: int) -> None:

@@ -20,7 +20,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ from fsmchat.chat.commands import COMMANDS, Call
 from fsmchat.chat.payload import room_head
 from fsmchat.chat.recent import Budget, Recent
 from fsmchat.chat.text import room_problem
+from fsmchat.history_file import Record
 
 if TYPE_CHECKING:
     from fsmchat.connection import Connection as Client
@@ -80,8 +81,25 @@ class Rooms:
                 for gone in [key for key, kept in histories.items()
                              if not kept.lines and key not in self.by_key]:
                     del histories[gone]
-            recent = histories[key] = Recent(self.budget)
+            recent = histories[key] = Recent(self.budget, key)
         return recent
+
+    def records(self) -> Iterator[Record]:
+        """Every room's history as records, oldest first (each room's in its order)."""
+        out = [Record(key, msg_id, minute * 60_000, data)
+               for key, recent in self.histories.items()
+               for msg_id, minute, data in recent.messages()]
+        out.sort(key=lambda record: record.said_ms)
+        return iter(out)
+
+    def load(self, records: Iterable[Record]) -> None:
+        """Histories as a file kept them (before the budget's keeper is set)."""
+        for record in records:
+            recent = self.history(record.stream)
+            if recent is not None and record.data:
+                lines = record.data.splitlines(keepends=True)
+                recent.add(record.data, lines if len(lines) > 1 else (), record.msg_id,
+                           record.said_ms // 60_000)
 
     def enter(self, name: bytes, client: Client) -> Room:
         """``client`` is in room ``name`` now (made if nobody was there)."""

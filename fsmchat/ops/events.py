@@ -184,6 +184,18 @@ CATALOGUE: tuple[EventSpec, ...] = (
     EventSpec("redis.skipped", "warning", ("stream", "id", "reason"),
               "an entry of a stream that no instance wrote (no field m) was skipped, counted in "
               "redis_skipped"),
+    EventSpec("history.loaded", "info", ("path", "records", "bytes"),
+              "--history-file: the history kept across restarts was read at the start"),
+    EventSpec("history.skipped", "warning", ("path", "bytes", "records"),
+              "--history-file: a torn or damaged part of the file (a crash mid-write) was "
+              "skipped; the rest was read"),
+    EventSpec("history.rewritten", "info", ("path", "records", "bytes", "before"),
+              "--history-file: the file grew past twice what the history holds and was "
+              "rewritten with only that (before: its size until then)"),
+    EventSpec("history.unwritten", "warning", ("path", "error"),
+              "--history-file: a write failed (disk full, ...): the chat goes on, the history "
+              "in memory keeps the messages and the next rewrite puts them back (once until a "
+              "write succeeds)"),
     EventSpec("redis.holding", "info", ("messages", "subscribers", "expected"),
               "after a reconnect, the outbox waits for the subscribers the chat had"),
     EventSpec("redis.flushing", "info", ("messages", "subscribers", "waited"),
