@@ -107,6 +107,7 @@ class Options:
     tls_client_ca: str | None = None
     tls_port: int | None = None  # None: with --tls-cert, the --port listener speaks TLS
     plain: bool = True  # with tls_port: also serve plain TCP on port
+    redis_streams: bool = True  # with redis: keep each room's messages in a stream too
     mode: str = "raw"  # "raw": the byte relay; "chat": lines, names and commands
     max_line: int = DEFAULT_MAX_LINE  # chat mode: longest line, in bytes
     history: int = 0  # messages kept for late joiners; 0: none
@@ -571,6 +572,10 @@ OPTIONS: tuple[Option, ...] = (
            "the pub/sub channel, the same for every instance of one chat "
            "(default: %(default)s)",
            metavar="NAME", group=SEVERAL),
+    Option("--no-redis-streams", "redis_streams", None,
+           "pub/sub alone: no Redis stream per room, so no shared history, and what an "
+           "instance misses while cut off from Redis is lost (redis.missed)",
+           group=SEVERAL),
     Option("--redis-outbox", "redis_outbox", _bytes,
            "most bytes of messages waiting to be published while Redis is down or slow; past "
            "it the oldest is dropped (and counted). Takes K, M, G (default: %(default)s)",
@@ -750,7 +755,7 @@ def build(values: Mapping[str, Any]) -> Options:
 def _check_combinations(o: Options, given: Collection[str]) -> None:
     """Options that make no sense together: one line naming them."""
     if o.redis is None:
-        for field in ("channel", "redis_outbox", "presence_ttl"):
+        for field in ("channel", "redis_outbox", "presence_ttl", "redis_streams"):
             if field in given:
                 raise UsageError(f"{_BY_FIELD[field].flag} needs --redis")
     if "presence_ttl" in given and o.mode != "chat":

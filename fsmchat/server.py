@@ -140,7 +140,9 @@ class Server:
             self.bus = bus = RedisBus(options.redis, options.channel, loop, log,
                                       outbox_limit=options.redis_outbox,
                                       payload_limit=payload_limit, deliver=hub.relay,
-                                      origin=hub.origin, stream_of=self._stream_of,
+                                      origin=hub.origin,
+                                      stream_of=self._stream_of if options.redis_streams
+                                      else None,
                                       history=options.history)
             bus.subscriber.seed = hub.seed
             bus.subscriber.on_gap = lambda stream: hub.call("gap", bus.stream_name(stream))
