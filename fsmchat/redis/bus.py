@@ -1,7 +1,8 @@
 """The Redis bus: several instances of the server share one chat over one pub/sub channel.
 
-Each instance has two links (``redis_link``): one publishes every message a local client sends,
-one is subscribed to the channel and hands every message of another instance to the local chat.
+Each instance has two links (``redis_link``) of this module's: one publishes every message a
+local client sends, one is subscribed to the channel and hands every message of another instance
+to the local chat; with streams a third, ``streams.HistoryLink``, reads what was missed.
 In chat mode a third, ``presence.PresenceLink``, shares who is connected where; the subscriber
 then listens to its channel too (``listen``), and the bus watches all three (``add_link``).
 On the channel a message is an envelope and the client's bytes, untouched::
@@ -49,8 +50,11 @@ Delivery (README, "Several instances" says the same to users):
   the last message before the outage reached, so instances that reconnect a little later than
   this one still get it.
 - Pub/sub itself keeps nothing: an instance whose subscriber is down misses what others publish
-  in that time, and finds out by the gap in their sequence numbers. At most once, then, across
-  an outage of its subscriber or beyond the outbox's bound; exactly once otherwise.
+  in that time, and finds out by the gap in their sequence numbers. So room messages are also
+  kept in streams (``redis/streams.py``), read back after the subscriber returns: exactly once,
+  in order, unless a stream trimmed them away first (``redis.gap``). Without streams
+  (``--no-redis-streams``), and for private messages: at most once across an outage of its
+  subscriber or beyond the outbox's bound; exactly once otherwise.
 """
 
 from __future__ import annotations
