@@ -181,7 +181,7 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "entries of a stream said while this instance could not hear them were trimmed "
               "away (MAXLEN) before it read them: lost; its room is told (chat mode), counted "
               "in redis_gaps"),
-    EventSpec("redis.skipped", "warning", ("stream", "id", "reason"),
+    EventSpec("redis.skipped", "warning", ("stream", "id"),
               "an entry of a stream that no instance wrote (no field m) was skipped, counted in "
               "redis_skipped"),
     EventSpec("history.loaded", "info", ("path", "records", "bytes"),

@@ -533,8 +533,7 @@ class SubscribeLink(RedisLink):
             if entry.payload is None:
                 self.skipped += 1
                 self.log.warning("redis.skipped", stream=entry.stream.decode(errors="replace"),
-                                 id=entry_text(entry.key).decode(),
-                                 reason="an entry without the field m")
+                                 id=entry_text(entry.key).decode())
                 continue
             if entry.deliver:
                 self._message(entry.payload, entry.key[0])
