@@ -50,7 +50,7 @@ from fsmchat.chat.commands import COMMANDS, CommandTable
 from fsmchat.chat.directory import Directory, MakeDirectory
 from fsmchat.chat.framing import LineFramer
 from fsmchat.chat.payload import To, route
-from fsmchat.chat.recent import Budget
+from fsmchat.chat.recent import Budget, Recent
 from fsmchat.chat.rooms import Room, Rooms
 from fsmchat.chat.telnet import TelnetParser, lines_of
 from fsmchat.chat.text import clean, prepare, skeleton
@@ -124,6 +124,8 @@ class Chat(Extension):
         self.relaying: deque[tuple[Room | Client, bytes, bytes]] = deque()  # relayed, held
         # back: (where it goes, the line, the id of its message)
         self.closing = False  # the server is shutting down: leaves are news elsewhere only
+        self.seeds: dict[Recent, list[tuple[bytes, int, list[bytes]]]] = {}  # the past a sync
+        # brought, per room's history, oldest first: put in at the end of the turn
 
     # -- the hub's hooks --------------------------------------------------------------------
 
@@ -178,7 +180,10 @@ class Chat(Extension):
         self.closing = True
 
     def end_of_turn(self) -> None:
-        """End of a loop turn: lines that waited for flow control go on, senders' first."""
+        """End of a loop turn: lines that waited for flow control go on, senders' first; the
+        past a sync brought goes into history."""
+        if self.seeds:
+            self._seed()
         flow = self.flow
         if flow.waiting:
             flow.go_on(self.resumed)
@@ -348,8 +353,9 @@ class Chat(Extension):
         return lines
 
     def seeded(self, payload: bytes, msg_id: bytes, said_ms: int) -> None:
-        """A message of the shared history's past (a room's stream, the history file): into
-        its room's history, as it was said then; nobody is told."""
+        """A message of the shared history's past (a room's stream): for its room's history,
+        as it was said then, before what the room heard since this process started (at the
+        end of the turn: ``_seed``); nobody is told."""
         to, name, body = route(payload)
         if to is To.PERSON:
             return
@@ -358,8 +364,20 @@ class Chat(Extension):
             return
         lines = [clean(line) + b"\n" for line in self._relayed_lines(body)]
         if lines:
-            recent.add(b"".join(lines), lines if len(lines) > 1 else (), msg_id,
-                       said_ms // 60000)
+            self.seeds.setdefault(recent, []).append((msg_id, said_ms // 60000, lines))
+
+    def _seed(self) -> None:
+        """The past a sync brought goes before each room's newer lines."""
+        seeds, self.seeds = self.seeds, {}
+        for recent, past in seeds.items():
+            newer = list(recent.messages()) if recent.lines else []
+            if newer:
+                recent.clear()
+            for msg_id, minute, lines in past:
+                recent.add(b"".join(lines), lines if len(lines) > 1 else (), msg_id, minute)
+            for msg_id, minute, data in newer:
+                lines = data.splitlines(keepends=True)
+                recent.add(data, lines if len(lines) > 1 else (), msg_id, minute)
 
     def gap(self, where: bytes) -> None:
         """Messages of the room ``where`` (its key) were missed for good: its members here are

@@ -177,7 +177,7 @@ CATALOGUE: tuple[EventSpec, ...] = (
               "the shared history was read after the subscriber (re)subscribed: missed entries "
               "delivered late, past ones (said before this process heard the chat) kept for "
               "newcomers' history, gaps found, live messages held back meanwhile"),
-    EventSpec("redis.gap", "warning", ("stream", "last", "trimmed"),
+    EventSpec("redis.gap", "warning", ("stream", "entries"),
               "entries of a stream said while this instance could not hear them were trimmed "
               "away (MAXLEN) before it read them: lost; its room is told (chat mode), counted "
               "in redis_gaps"),

@@ -154,12 +154,12 @@ def new_origin() -> bytes:
     return os.urandom(8).hex().encode()
 
 
-def unpack(payload: bytes) -> tuple[bytes | None, int, int | None, bytes]:
-    """(origin, sequence number, when it was said if delayed, message) of a payload; origin None
-    for a foreign payload."""
-    envelope = _ENVELOPE.match(payload)
+def unpack(payload: bytes, start: int = 0) -> tuple[bytes | None, int, int | None, bytes]:
+    """(origin, sequence number, when it was said if delayed, message) of a payload (from
+    ``start``); origin None for a foreign payload."""
+    envelope = _ENVELOPE.match(payload, start)
     if envelope is None:
-        return None, 0, None, payload
+        return None, 0, None, payload[start:] if start else payload
     said = envelope[3]
     return (envelope[1], int(envelope[2]), int(said) if said is not None else None,
             payload[envelope.end():])
@@ -414,7 +414,8 @@ class SubscribeLink(RedisLink):
         self.gaps: dict[bytes, list[list[int]]] = {}  # origin -> [first, last] numbers unseen
         self.pinged = False  # a PING is waiting for its pong
         self.streams = False  # live messages may be streams' entries (the bus syncs them)
-        self.last_ids: dict[bytes, EntryId] = {}  # stream -> the newest entry of it seen
+        self.last_ids: dict[bytes, tuple[EntryId, int]] = {}  # stream -> the newest entry of
+        # it seen, and that entry's number
         self.high: EntryId | None = None  # the newest entry seen of any stream (None: none yet)
         self.holding = False  # a sync runs: live messages wait in ``held``
         self.held: list[bytes] = []
@@ -484,16 +485,16 @@ class SubscribeLink(RedisLink):
         if entry is None:
             self._message(payload)
             return
-        stream, key, start = entry
+        stream, key, number, start = entry
         last = self.last_ids.get(stream)
-        if last is not None and key <= last:
+        if last is not None and key <= last[0]:
             self.duplicates += 1
             return
-        self._seen(stream, key)
-        self._message(payload[start:])
+        self._seen(stream, key, number)
+        self._message(payload, None, start)
 
-    def _seen(self, stream: bytes, key: EntryId) -> None:
-        self.last_ids[stream] = key
+    def _seen(self, stream: bytes, key: EntryId, number: int) -> None:
+        self.last_ids[stream] = key, number
         if self.high is None or key > self.high:
             self.high = key
 
@@ -522,14 +523,14 @@ class SubscribeLink(RedisLink):
             self.release()
 
     def _take(self, done: Synced) -> None:
-        overtaken: set[bytes] = set()  # streams whose missed entries live ones went past
+        overtaken: dict[bytes, int] = {}  # stream -> its missed entries live ones went past
         for entry in done.entries:
             last = self.last_ids.get(entry.stream)
-            if last is not None and entry.key <= last:
+            if last is not None and entry.key <= last[0]:
                 if entry.deliver and self.overflowed:  # (held messages went on before it)
-                    overtaken.add(entry.stream)
+                    overtaken[entry.stream] = overtaken.get(entry.stream, 0) + 1
                 continue
-            self._seen(entry.stream, entry.key)
+            self._seen(entry.stream, entry.key, entry.number)
             if entry.payload is None:
                 self.skipped += 1
                 self.log.warning("redis.skipped", stream=entry.stream.decode(errors="replace"),
@@ -539,21 +540,20 @@ class SubscribeLink(RedisLink):
                 self._message(entry.payload, entry.key[0])
             elif self.seed is not None:
                 origin, seq, _, data = unpack(entry.payload)
-                self.seed(data, b"%s-%d" % (origin, seq) if origin is not None else b"",
-                          entry.key[0])
-        gaps = done.gaps + [(stream, self.last_ids[stream], self.last_ids[stream])
-                            for stream in overtaken]
-        for stream, last, trimmed in gaps:
-            self.lost_entries += 1
-            self.log.warning("redis.gap", stream=stream.decode(errors="replace"),
-                             last=entry_text(last).decode(), trimmed=entry_text(trimmed).decode())
+                if origin != self.origin:  # (its own are in its history already)
+                    self.seed(data, b"%s-%d" % (origin, seq) if origin is not None else b"",
+                              entry.key[0])
+        gaps = done.gaps + [(stream, lost, 0) for stream, lost in overtaken.items()]
+        for stream, lost, _ in gaps:
+            self.lost_entries += lost
+            self.log.warning("redis.gap", stream=stream.decode(errors="replace"), entries=lost)
             if self.on_gap is not None:
                 self.on_gap(stream)
 
-    def _message(self, payload: bytes, stored_ms: int | None = None) -> None:
-        """A payload of the bus's; ``stored_ms``: a stream's entry a sync brought (late), when
-        Redis took it."""
-        origin, seq, said, data = unpack(payload)
+    def _message(self, payload: bytes, stored_ms: int | None = None, start: int = 0) -> None:
+        """A payload of the bus's (from ``start``); ``stored_ms``: a stream's entry a sync
+        brought (late), when Redis took it."""
+        origin, seq, said, data = unpack(payload, start)
         late = said is not None or stored_ms is not None
         said = said or stored_ms
         if origin is not None:

@@ -5,7 +5,7 @@ said meanwhile, and one that starts has no past to give newcomers. So every room
 also an entry of its room's stream (raw mode: one stream for the chat), and the live message on
 the channel says which entry it is::
 
-    fsmchat1s <stream> <entry id>\\n<payload>
+    fsmchat1s <stream> <entry id> <number>\\n<payload>
 
 where ``<payload>`` is the bus's (``redis/bus.py``: envelope, chat's head, the message) and the
 entry's one field ``m`` holds the same payload. One script (``PUBLISH_SCRIPT``, run by the
@@ -16,15 +16,18 @@ messages (``@NAME``) go on plain PUBLISH: they belong to no room.
 
 A fourth link (``HistoryLink``) runs ``SYNC_SCRIPT`` when the subscriber (re)subscribes: for
 every stream of the chat, the entries after the last one this instance saw (``after``), or
-the newest N when it saw none of that stream (``tail``), and the stream's
-``max-deleted-entry-id``. While it runs, the subscriber holds live messages back; then what was
+the newest N when it saw none of that stream (``tail``), and how many entries the stream was
+ever given. While it runs, the subscriber holds live messages back; then what was
 missed is delivered (late), what was never heard of goes to history only (``seed``: the past
 of a chat this process joined), the held messages follow, and every entry reaches the chat once
 (an entry id at or below the stream's last is a repeat). When a stream trimmed away entries
 after the last one seen, they are lost: ``redis.gap``.
 
 Keys (all under ``fsmchat:<channel>:``): ``history:<room key>`` (raw mode: ``history``) and
-``streams``, the set of them. Anything else in a stream is untrusted like the channel: an entry
+``streams``, a hash of them to how many entries each was ever given (each entry's number ``n``
+is that count as it was added: a sync that finds the first entry after the last seen numbered
+more than one past it knows how many were trimmed away, ``MAXLEN ~`` trimming leaving no other
+trace). Anything else in a stream is untrusted like the channel: an entry
 without ``m`` is skipped (``redis.skipped``); one whose ``m`` has no envelope is a foreign
 message, cleaned and delivered like a foreign publish.
 """
@@ -55,12 +58,15 @@ EntryId = tuple[int, int]
 """An entry id, ``<ms>-<n>``, as numbers: what orders a stream."""
 
 PUBLISH_SCRIPT = b"""
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[3])
-redis.call('SADD', KEYS[2], KEYS[1])
-return redis.call('PUBLISH', ARGV[1], 'fsmchat1s ' .. KEYS[1] .. ' ' .. id .. '\\n' .. ARGV[3])
+local n = redis.call('HINCRBY', KEYS[2], KEYS[1], 1)
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[3], 'n', n)
+return redis.call('PUBLISH', ARGV[1],
+                  'fsmchat1s ' .. KEYS[1] .. ' ' .. id .. ' ' .. n .. '\\n' .. ARGV[3])
 """
-"""KEYS: the stream, the set of streams; ARGV: the channel, N, the payload. Answers PUBLISH's
-count of subscribers, as PUBLISH would."""
+"""KEYS: the stream, the hash of streams (stream -> entries ever added); ARGV: the channel, N,
+the payload. Each entry is numbered (``n``: 1, 2, 3, ... per stream), so that a reader can tell
+entries trimmed away from entries never made. Answers PUBLISH's count of subscribers, as
+PUBLISH would."""
 
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT).hexdigest().encode()
 
@@ -68,13 +74,10 @@ SYNC_SCRIPT = b"""
 local known = {}
 for i = 3, #ARGV, 2 do known[ARGV[i]] = ARGV[i + 1] end
 local out = {}
-for _, s in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local info = redis.pcall('XINFO', 'STREAM', s)
-  if type(info) == 'table' and not info.err then
-    local deleted = '0-0'
-    for i = 1, #info, 2 do
-      if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
-    end
+local streams = redis.call('HGETALL', KEYS[1])
+for i = 1, #streams, 2 do
+  local s = streams[i]
+  if redis.call('TYPE', s).ok == 'stream' then
     local last = known[s] or ARGV[2]
     local after = {}
     if last ~= '' then after = redis.call('XRANGE', s, '(' .. last, '+') end
@@ -82,15 +85,15 @@ for _, s in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     if not known[s] and tonumber(ARGV[1]) > 0 then
       tail = redis.call('XREVRANGE', s, '+', '-', 'COUNT', ARGV[1])
     end
-    out[#out + 1] = {s, deleted, after, tail}
+    out[#out + 1] = {s, streams[i + 1], after, tail}
   end
 end
 return out
 """
-"""KEYS: the set of streams; ARGV: N, the newest entry id seen of any stream ('' for none),
-then pairs of a stream and the last entry id seen of it. Answers, per stream: its name, its
-``max-deleted-entry-id``, the entries after the last seen (of it, or of any stream when it is
-unknown), and, when it is unknown, its newest N entries, newest first."""
+"""KEYS: the hash of streams; ARGV: N, the newest entry id seen of any stream ('' for none),
+then pairs of a stream and the last entry id seen of it. Answers, per stream: its name, how
+many entries it was ever given, the entries after the last seen (of it, or of any stream when
+it is unknown), and, when it is unknown, its newest N entries, newest first."""
 
 
 def entry_key(entry_id: bytes) -> EntryId:
@@ -109,6 +112,7 @@ class Entry:
 
     stream: bytes
     key: EntryId
+    number: int  # its ``n`` (0: it has none)
     payload: bytes | None  # its ``m`` (None: it has none, and is skipped)
     deliver: bool  # missed while the subscriber was away (else: history only)
 
@@ -118,45 +122,52 @@ class Synced:
     """What a sync's answer comes to, in the order the chat gets it."""
 
     entries: list[Entry] = field(default_factory=list)  # by entry id, oldest first
-    gaps: list[tuple[bytes, EntryId, EntryId]] = field(default_factory=list)  # (stream, the
-    # last entry seen, the newest trimmed away) of every stream that lost what was missed
+    gaps: list[tuple[bytes, int, int]] = field(default_factory=list)  # (stream, entries
+    # lost, the number of the first entry kept) of every stream that lost what was missed
 
 
 class Malformed(Exception):
     """A sync answer that is not what the script answers."""
 
 
-def read_sync(reply: Any, known: dict[bytes, EntryId], high: EntryId | None) -> Synced:
-    """The sync ``reply`` for an instance that saw, of each stream, ``known``, and of any
-    stream ``high`` at newest (None: it saw nothing yet: everything is its history's past)."""
+def read_sync(reply: Any, known: dict[bytes, tuple[EntryId, int]],
+              high: EntryId | None) -> Synced:
+    """The sync ``reply`` for an instance that saw, of each stream, ``known`` (its last entry
+    and that entry's number), and of any stream ``high`` at newest (None: it saw nothing yet:
+    everything is its history's past). Ids of two streams compare by Redis's clock: an entry of
+    a stream never seen, made in the very millisecond of ``high``, counts as past."""
     if type(reply) is not list:
         raise Malformed
     out = Synced()
     for item in reply:
         if type(item) is not list or len(item) != 4:
             raise Malformed
-        stream, deleted, after, tail = item
-        if type(stream) is not bytes or type(deleted) is not bytes:
+        stream, added, after, tail = item
+        if type(stream) is not bytes or type(added) is not bytes or not added.isdigit():
             raise Malformed
         last = known.get(stream)
-        bound = last if last is not None else high
-        try:
-            trimmed = entry_key(deleted)
-        except ValueError:
-            raise Malformed from None
-        if bound is not None and trimmed > bound:
-            out.gaps.append((stream, bound, trimmed))
-        for entry_id, fields in _entries(after):
-            if bound is not None and entry_id > bound:
-                out.entries.append(Entry(stream, entry_id, _payload(fields), True))
-        for entry_id, fields in reversed(_entries(tail)):
-            if bound is None or entry_id <= bound:
-                out.entries.append(Entry(stream, entry_id, _payload(fields), False))
+        bound = last[0] if last is not None else high
+        missed = [entry for entry in _entries(stream, after, True)
+                  if bound is not None and entry.key > bound]
+        past = [entry for entry in reversed(_entries(stream, tail, False))
+                if bound is None or entry.key <= bound]
+        out.entries += missed
+        out.entries += past
+        if bound is not None:
+            # What came after the last seen: numbered from its number + 1 (from 1 for a stream
+            # never seen, made since); the first kept says how many went before it.
+            if last is not None:
+                expected = last[1] + 1 if last[1] else 0  # (0: an entry not ours, unnumbered)
+            else:
+                expected = 0 if past else 1  # (past: it holds what was before, so all after)
+            first = missed[0].number if missed else int(added) + 1
+            if expected and first > expected:
+                out.gaps.append((stream, first - expected, first))
     out.entries.sort(key=lambda entry: entry.key)
     return out
 
 
-def _entries(reply: Any) -> list[tuple[EntryId, list[Any]]]:
+def _entries(stream: bytes, reply: Any, deliver: bool) -> list[Entry]:
     if reply is None:  # (what an empty answer may come as)
         return []
     if type(reply) is not list:
@@ -167,31 +178,34 @@ def _entries(reply: Any) -> list[tuple[EntryId, list[Any]]]:
             raise Malformed
         fields = entry[1] if type(entry[1]) is list else []
         try:
-            out.append((entry_key(entry[0]), fields))
+            key = entry_key(entry[0])
         except ValueError:
             raise Malformed from None
+        number = _field(fields, b"n")
+        out.append(Entry(stream, key, int(number) if number and number.isdigit() else 0,
+                         _field(fields, b"m"), deliver))
     return out
 
 
-def _payload(fields: list[Any]) -> bytes | None:
+def _field(fields: list[Any], name: bytes) -> bytes | None:
     for i in range(0, len(fields) - 1, 2):
-        if fields[i] == b"m" and type(fields[i + 1]) is bytes:
+        if fields[i] == name and type(fields[i + 1]) is bytes:
             value: bytes = fields[i + 1]
             return value
     return None
 
 
-def parse_live(payload: bytes) -> tuple[bytes, EntryId, int] | None:
-    """(stream, entry id, where the bus's payload starts) of a live message that is an entry;
-    None for one that is not (or whose first line is not a well-made one)."""
+def parse_live(payload: bytes) -> tuple[bytes, EntryId, int, int] | None:
+    """(stream, entry id, its number, where the bus's payload starts) of a live message that is
+    an entry; None for one that is not (or whose first line is not a well-made one)."""
     end = payload.find(b"\n", 0, 512)
     if end < 0:
         return None
     parts = payload[len(PREFIX):end].split(b" ")
-    if len(parts) != 2:
+    if len(parts) != 3 or not parts[2].isdigit():
         return None
     try:
-        return parts[0], entry_key(parts[1]), end + 1
+        return parts[0], entry_key(parts[1]), int(parts[2]), end + 1
     except ValueError:
         return None
 
@@ -211,10 +225,10 @@ class HistoryLink(RedisLink):
         self.waiting: deque[Callable[[Any], None]] = deque()
         self.syncs = 0  # answered, since start
 
-    def sync(self, count: int, high: EntryId | None, known: dict[bytes, EntryId],
+    def sync(self, count: int, high: EntryId | None, known: dict[bytes, tuple[EntryId, int]],
              then: Callable[[Any], None]) -> None:
         args = [b"%d" % count, entry_text(high) if high is not None else b""]
-        for stream, key in known.items():
+        for stream, (key, _) in known.items():
             args += [stream, entry_text(key)]
         self.send_command(b"EVAL", SYNC_SCRIPT, b"1", self.streams_key, *args)
         self.waiting.append(then)
