@@ -39,7 +39,7 @@ from fsmchat.chat.gate import JoinGate
 from fsmchat.chat.login import Login
 from fsmchat.chat.mode import ENTRY_BYTES, Chat
 from fsmchat.chat.moderation import Moderation, commands_with_accounts
-from fsmchat.chat.payload import To
+from fsmchat.chat.payload import To, room_head
 from fsmchat.chat.payload import route as payload_route
 from fsmchat.chat.recent import Budget, time_zone
 from fsmchat.chat.rooms import room_key
@@ -146,6 +146,8 @@ class Server:
                                       history=options.history)
             bus.subscriber.seed = hub.seed
             bus.subscriber.on_gap = lambda stream: hub.call("gap", bus.stream_name(stream))
+            if options.mode == "chat":
+                bus.subscriber.foreign_head = lambda stream: room_head(bus.stream_name(stream))
         self.chat: Chat | None = None
         self.presence: Presence | None = None
         if options.mode == "chat":

@@ -423,6 +423,8 @@ class SubscribeLink(RedisLink):
         self.overflowed = False  # ``held`` passed HELD_MAX during this sync
         self.seed: Callable[[bytes, bytes, int], None] | None = None  # the history's past
         self.on_gap: Callable[[bytes], None] | None = None  # told the stream of each gap
+        self.foreign_head: Callable[[bytes], bytes] | None = None  # what goes before an entry
+        # no instance wrote, for its stream (chat mode: the room's head)
         self.received = 0
         self.missed = 0
         self.duplicates = 0
@@ -536,10 +538,14 @@ class SubscribeLink(RedisLink):
                 self.log.warning("redis.skipped", stream=entry.stream.decode(errors="replace"),
                                  id=entry_text(entry.key).decode())
                 continue
+            payload = entry.payload
+            if self.foreign_head is not None and _ENVELOPE.match(payload) is None:
+                payload = self.foreign_head(entry.stream) + payload  # (an XADD by hand: for
+                # the stream's room, whatever it says)
             if entry.deliver:
-                self._message(entry.payload, entry.key[0])
+                self._message(payload, entry.key[0])
             elif self.seed is not None:
-                origin, seq, _, data = unpack(entry.payload)
+                origin, seq, _, data = unpack(payload)
                 if origin != self.origin:  # (its own are in its history already)
                     self.seed(data, b"%s-%d" % (origin, seq) if origin is not None else b"",
                               entry.key[0])

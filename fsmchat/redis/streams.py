@@ -155,16 +155,22 @@ def read_sync(reply: Any, known: dict[bytes, tuple[EntryId, int]],
         out.entries += past
         if bound is not None:
             # What came after the last seen: numbered from its number + 1 (from 1 for a stream
-            # never seen, made since); the first kept says how many went before it.
-            if last is not None:
-                expected = last[1] + 1 if last[1] else 0  # (0: an entry not ours, unnumbered)
-            else:
-                expected = 0 if past else 1  # (past: it holds what was before, so all after)
+            # never seen, made since); the first kept says how many went before it. Unknown:
+            # the last seen was an entry not ours (unnumbered), or a stream never seen still
+            # holds entries from before ``high`` (so nothing after it went).
+            expected = _expected(last, bool(past))
             first = missed[0].number if missed else int(added) + 1
             if expected and first > expected:
                 out.gaps.append((stream, first - expected, first))
     out.entries.sort(key=lambda entry: entry.key)
     return out
+
+
+def _expected(last: tuple[EntryId, int] | None, older_kept: bool) -> int:
+    """The number the first entry after the last seen should have; 0: unknown."""
+    if last is not None:
+        return last[1] + 1 if last[1] else 0
+    return 0 if older_kept else 1
 
 
 def _entries(stream: bytes, reply: Any, deliver: bool) -> list[Entry]:
