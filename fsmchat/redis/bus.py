@@ -165,12 +165,6 @@ def unpack(payload: bytes, start: int = 0) -> tuple[bytes | None, int, int | Non
             payload[envelope.end():])
 
 
-def _number(payload: bytes | None) -> int:
-    """The sequence number in a payload's envelope; 0 for none."""
-    envelope = _ENVELOPE.match(payload) if payload is not None else None
-    return int(envelope[2]) if envelope is not None else 0
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -532,9 +526,6 @@ class SubscribeLink(RedisLink):
 
     def _take(self, done: Synced) -> None:
         overtaken: dict[bytes, int] = {}  # stream -> its missed entries live ones went past
-        # By Redis's clock, then (entries of two streams in one millisecond) by each sender's
-        # numbering, so that no sender's messages seem to skip one.
-        done.entries.sort(key=lambda entry: (entry.key[0], _number(entry.payload)))
         for entry in done.entries:
             last = self.last_ids.get(entry.stream)
             if last is not None and entry.key <= last[0]:
