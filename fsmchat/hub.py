@@ -54,6 +54,9 @@ if TYPE_CHECKING:
     from fsmchat.connection import Connection
 
 
+Relayed = Callable[[bytes, bytes, "int | None"], bool]
+"""Takes what another instance said: (payload, its id, late: None or when it was said)."""
+
 HOOKS = ("greet", "joined", "left", "delivered", "published", "free", "end_of_turn", "stopping",
          "drain", "forced", "isolated", "reconnected", "gap")
 """The hooks the hub calls through ``call`` or its own lists (``unread`` and ``done`` are asked
@@ -176,9 +179,9 @@ class Hub:
         self.received: Callable[[Connection, bytes], None] = self._relay_bytes
         """What a connection's recv is handed to: straight to everyone (raw mode), or chat
         mode's framing."""
-        self.relayed: Callable[[bytes, bytes], bool] = self._relay_payload
-        """What another instance's payload (and its id) is handed to; says whether some of it
-        waits."""
+        self.relayed: Relayed = self._relay_payload
+        """What another instance's payload (its id, when it was said if it comes late) is
+        handed to; says whether some of it waits."""
         self.seeded: Callable[[bytes, bytes, int], None] = _ignore
         """What the shared history's past messages are handed to: (payload, id, when it was
         said in Unix ms)."""
@@ -218,8 +221,7 @@ class Hub:
         self._published = self._hooks["published"]
 
     def take_input(self, received: Callable[[Connection, bytes], None],
-                   relayed: Callable[[bytes, bytes], bool],
-                   relay_waits: Callable[[], bool]) -> None:
+                   relayed: Relayed, relay_waits: Callable[[], bool]) -> None:
         """Chat mode takes what clients send and what other instances relay (the server's
         constructor calls this once)."""
         self.received = received
@@ -246,7 +248,7 @@ class Hub:
         self.broadcast(data, sender)
         self.flow.pause_if_held(sender)
 
-    def _relay_payload(self, payload: bytes, msg_id: bytes) -> bool:
+    def _relay_payload(self, payload: bytes, msg_id: bytes, late: int | None) -> bool:
         self.deliver(payload)
         return False
 
@@ -310,11 +312,12 @@ class Hub:
         if self._overflowed:
             self._close_overflowed()
 
-    def relay(self, payload: bytes, msg_id: bytes = b"") -> bool:
-        """A message from another instance (``msg_id``: its id, b"" for one without), for every
-        local reader. Whether a recipient now holds senders back, or some of it waits for flow
-        control: the subscriber then pauses, and resumes once it is out (``free``)."""
-        waits = self.relayed(payload, msg_id)
+    def relay(self, payload: bytes, msg_id: bytes = b"", late: int | None = None) -> bool:
+        """A message from another instance (``msg_id``: its id, b"" for one without; ``late``:
+        None, or when it was said in Unix ms, 0 if it does not say), for every local reader.
+        Whether a recipient now holds senders back, or some of it waits for flow control: the
+        subscriber then pauses, and resumes once it is out (``free``)."""
+        waits = self.relayed(payload, msg_id, late)
         return bool(self.flow.holding) or waits
 
     def seed(self, payload: bytes, msg_id: bytes, said_ms: int) -> None:

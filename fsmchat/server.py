@@ -62,7 +62,7 @@ from fsmchat.ops.stats import Snapshot, StatsReporter
 from fsmchat.options import RESERVED_FDS, WEB_FDS, Options
 from fsmchat.reasons import Reason
 from fsmchat.redis.bus import RedisBus
-from fsmchat.redis.presence import Presence, Rules, SharedDirectory, delayed, renaming
+from fsmchat.redis.presence import Presence, Rules, SharedDirectory, renaming
 from fsmchat.web.site import WebSite
 
 EMPTY_QUIET = 0.2
@@ -251,7 +251,6 @@ class Server:
         hub.seeded = chat.seeded
         if bus is not None and presence is not None:
             presence.on_lost = renaming(chat)
-            bus.subscriber.late = partial(delayed, zone=zone)
             bus.on_links = lambda up: hub.call("reconnected" if up else "isolated")
         return chat, presence
 

@@ -56,9 +56,11 @@ class Harness:
         self.links.append(link)
         return link
 
-    def subscriber(self, delivered: list[bytes]) -> SubscribeLink:
-        def deliver(data: bytes, msg_id: bytes) -> bool:
-            delivered.append(data)
+    def subscriber(self, delivered: list[bytes], marked: bool = False) -> SubscribeLink:
+        """``marked``: a late message is recorded as ``late(<said ms>|-):message``."""
+        def deliver(data: bytes, msg_id: bytes, late: int | None) -> bool:
+            delivered.append(data if late is None or not marked else b"late(%s):%s" % (
+                b"%d" % late if late else b"-", data))
             return False
 
         link = SubscribeLink(RedisAddress("127.0.0.1"), self.loop, self.log, channel=b"chat",
@@ -439,10 +441,9 @@ def test_a_message_published_while_the_link_is_down_says_when_it_was_said(bus: H
     assert unpack(command[2]) == (ORIGIN, 2, None, b"said online"), "on time: no mark"
 
 
-def test_late_messages_go_through_late_and_others_do_not(bus: Harness) -> None:
+def test_late_messages_are_delivered_as_late_and_others_not(bus: Harness) -> None:
     delivered: list[bytes] = []
-    link = bus.subscriber(delivered)
-    link.late = lambda data, said: b"late(%s):%s" % (b"%d" % said if said else b"-", data)
+    link = bus.subscriber(delivered, marked=True)
     bus.connect(link)
     link.on_reply(message(OTHER, 1, b"a"))
     link.on_reply([b"message", b"chat", b"%s%s 2 1234\nb" % (ENVELOPE, OTHER)])

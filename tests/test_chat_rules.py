@@ -301,7 +301,7 @@ def test_a_relayed_payload_is_cut_like_a_read_and_waits_between_entries_when_hel
     chat.relayed(b"x" * 30 + b"\n" + b"y" * 30 + b"\n")
     chat.relayed(b"z\n")  # newer: after what waits
     assert room.take() == [("here", b"x" * 30 + b"\n")]
-    assert [line for _, line, _ in chat.relaying] == [b"y" * 30 + b"\n", b"z\n"]
+    assert [line for _, line, _, _ in chat.relaying] == [b"y" * 30 + b"\n", b"z\n"]
     room.holding = False
     chat.relay_on()
     assert room.take() == [("here", b"y" * 30 + b"\nz\n")]

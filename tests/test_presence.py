@@ -24,6 +24,7 @@ from redis_harness import RedisServer, bug_free
 from test_redis import send_message, start_instance
 from test_redis_chat import Person
 
+from fsmchat.chat.recent import delayed
 from fsmchat.chat.rooms import room_key
 from fsmchat.chat.text import is_name, room_problem, skeleton
 from fsmchat.hub import Hub, Limits
@@ -32,7 +33,7 @@ from fsmchat.ops.events import make_logger
 from fsmchat.ops.logstream import LogStream
 from fsmchat.redis.bus import RedisBus
 from fsmchat.redis.link import RedisAddress
-from fsmchat.redis.presence import RECONNECTED, UNREACHABLE, Presence, Rules, delayed, now_us
+from fsmchat.redis.presence import RECONNECTED, UNREACHABLE, Presence, Rules, now_us
 
 pytest_plugins = ["redis_harness"]
 
@@ -60,7 +61,7 @@ class Node:
         self.hub = Hub(loop, self.log, Limits(1 << 20), gone=lambda conn: None)
         self.bus = RedisBus(RedisAddress.parse(redis.url), channel, loop, self.log,
                             outbox_limit=1 << 20, payload_limit=1 << 20,
-                            deliver=lambda payload, msg_id: False)
+                            deliver=lambda payload, msg_id, late: False)
         self.presence = Presence(self.hub, self.bus, loop, self.log, ttl=TTL, rules=RULES)
         self.lost: list[tuple[object, bytes, bytes]] = []
         self.presence.on_lost = lambda who, name, holder: self.lost.append((who, name, holder))

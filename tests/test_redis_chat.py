@@ -45,6 +45,7 @@ def test_lines_from_other_instances_carry_their_senders_name_and_enter_history(
         start_server: StartServer, redis_server: RedisServer) -> None:
     a = start_instance(start_server, redis_server, "--mode", "chat")
     b = start_instance(start_server, redis_server, "--mode", "chat", "--history", "10")
+    b.wait_event("redis.synced")  # B read the shared history: what comes now comes live
     alice = Person(a)
     b.wait_event("redis.received")  # A's join notice is in B's history before bob comes
     bob = Person(b)

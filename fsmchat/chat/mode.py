@@ -50,7 +50,7 @@ from fsmchat.chat.commands import COMMANDS, CommandTable
 from fsmchat.chat.directory import Directory, MakeDirectory
 from fsmchat.chat.framing import LineFramer
 from fsmchat.chat.payload import To, route
-from fsmchat.chat.recent import Budget, Recent
+from fsmchat.chat.recent import Budget, Recent, delayed
 from fsmchat.chat.rooms import Room, Rooms
 from fsmchat.chat.telnet import TelnetParser, lines_of
 from fsmchat.chat.text import clean, prepare, skeleton
@@ -121,8 +121,8 @@ class Chat(Extension):
         self.suffix = suffix  # after user<N>: with --redis, "-" and 4 digits of the instance id
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
         self.relay_framer = LineFramer(max_line)  # for payloads from the Redis channel
-        self.relaying: deque[tuple[Room | Client, bytes, bytes]] = deque()  # relayed, held
-        # back: (where it goes, the line, the id of its message)
+        self.relaying: deque[tuple[Room | Client, bytes, bytes, int | None]] = deque()  # relayed,
+        # held back: (where it goes, the line, the id of its message, late: when it was said)
         self.closing = False  # the server is shutting down: leaves are news elsewhere only
         self.seeds: dict[Recent, list[tuple[bytes, int, list[bytes]]]] = {}  # the past a sync
         # brought, per room's history, oldest first: put in at the end of the turn
@@ -306,10 +306,12 @@ class Chat(Extension):
                      said if len(said) > 1 else ())
             said.clear()
 
-    def relayed(self, payload: bytes, msg_id: bytes = b"") -> bool:
-        """A payload from another instance (``msg_id``: its id): its lines, cleaned, for the
-        local members of the room it names (``chat/payload.py``) and its history, or for the
-        one it names; whether some of them wait for flow control.
+    def relayed(self, payload: bytes, msg_id: bytes = b"", late: int | None = None) -> bool:
+        """A payload from another instance (``msg_id``: its id; ``late``: when it was said, if
+        it comes late): its lines, cleaned, for the local members of the room it names
+        (``chat/payload.py``) and its history, or for the one it names; whether some of them
+        wait for flow control. A late one is marked ``(delayed HH:MM)`` for its readers; its
+        history keeps it as it was said, as every instance's does.
 
         Another chat instance sent clean lines already; something else on the channel may not
         have: it is framed like a read, and a missing last newline added. Lines for a room
@@ -331,11 +333,12 @@ class Chat(Extension):
             if to is To.ROOM:
                 recent = self.rooms.history(name)
                 if recent is not None:
+                    minute = late // 60_000 if late else None
                     for line in lines:
-                        recent.add(clean(line) + b"\n", (), msg_id)
+                        recent.add(clean(line) + b"\n", (), msg_id, minute)
             return bool(relaying)
         going = not relaying  # else the older ones go first, at the end of a turn
-        relaying.extend((target, clean(line) + b"\n", msg_id) for line in lines)
+        relaying.extend((target, clean(line) + b"\n", msg_id, late) for line in lines)
         if going:
             self.relay_on()
         return bool(relaying)
@@ -397,7 +400,7 @@ class Chat(Extension):
         flow = self.flow
         limit = self.entry_bytes
         while relaying:
-            target, line, msg_id = relaying.popleft()
+            target, line, msg_id, late = relaying.popleft()
             said = [line]
             size = len(line)
             while (relaying and relaying[0][0] is target and relaying[0][2] == msg_id
@@ -406,14 +409,16 @@ class Chat(Extension):
                 said.append(line)
                 size += len(line)
             data = b"".join(said) if len(said) > 1 else line
+            shown = data if late is None else delayed(data, late or None, self.zone)
             if isinstance(target, Room):
                 hub.delivering = msg_id
-                hub.deliver(data, None, said if len(said) > 1 else (), target.readers)
+                hub.deliver(shown, None, said if len(said) > 1 else (), target.readers)
                 hub.delivering = b""
                 if target.recent is not None:
-                    target.recent.add(data, said if len(said) > 1 else (), msg_id)
+                    target.recent.add(data, said if len(said) > 1 else (), msg_id,
+                                      late // 60_000 if late else None)
             else:
-                hub.tell(target, data)
+                hub.tell(target, shown)
             if hold and relaying and flow.holding:
                 return
 

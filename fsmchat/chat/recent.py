@@ -56,6 +56,19 @@ def time_zone(name: str) -> tzinfo:
         raise ValueError(f"unknown time zone {name!r}") from None
 
 
+def delayed(payload: bytes, said: int | None, zone: tzinfo = UTC) -> bytes:
+    """A late message for the local chat: each of its lines marked ``(delayed HH:MM) `` (when
+    it was said, in ``zone``: ``--tz``; ``(delayed) `` when the message does not say). A first
+    line naming where the payload goes (``#ROOM`` or ``@NAME``) stays as it is; empty lines stay
+    empty."""
+    mark = (b"(delayed %s) " % datetime.fromtimestamp(said / 1000, zone).strftime(
+        "%H:%M").encode() if said is not None else b"(delayed) ")
+    lines = payload.split(b"\n")
+    first = 1 if payload[:1] in (b"#", b"@") and len(lines) > 1 else 0
+    return b"\n".join([*lines[:first], *(mark + line if line.strip(b"\r") else line
+                                          for line in lines[first:])])
+
+
 class Budget:
     """What every room's history holds together: ``limit`` lines per room, ``max_bytes`` in all."""
 

@@ -15,8 +15,9 @@ On the channel a message is an envelope and the client's bytes, untouched::
 The instance id (16 hex digits, new at every start) lets an instance drop its own messages when
 they come back; the sequence number (1, 2, 3, ... per instance) lets a receiver drop repeats and
 count what it missed. ``said`` (Unix time in milliseconds) is there only on a message that
-waited for the publish link to come back (an outage): receivers hand such a message, and one
-that fills a gap late, to ``late`` (chat mode marks it as delayed). A payload without the
+waited for the publish link to come back (an outage): receivers deliver such a message, and one
+that fills a gap late or that a sync of the streams brought, as late (chat mode marks it as
+delayed, its history keeps it as it was said). A payload without the
 envelope, from ``redis-cli PUBLISH`` say, is delivered as it is.
 
 The bus tells its owner (``on_links``) once when the links are lost (the first loss of an
@@ -145,9 +146,10 @@ on, and what the sync then brings that is older counts as a gap."""
 StreamOf = Callable[[bytes], "bytes | None"]
 """The stream a payload's head belongs to (chat mode's ``#ROOM``), None for none (``@NAME``)."""
 
-Late = Callable[[bytes, "int | None"], bytes]
-"""What a late message becomes for the local chat: ``late(message, said_ms)``, ``said_ms`` None
-when the message did not say when it was said."""
+Deliver = Callable[[bytes, bytes, "int | None"], bool]
+"""What a message of another instance's is handed to: ``deliver(message, its id, late)``, late
+None for one on time, else when it was said in Unix ms (0: it does not say); True when local
+recipients are congested (the subscriber pauses)."""
 
 
 def new_origin() -> bytes:
@@ -399,14 +401,11 @@ class SubscribeLink(RedisLink):
     role = "subscribe"
 
     def __init__(self, address: RedisAddress, loop: EventLoop, log: FilteringBoundLogger, *,
-                 channel: bytes, origin: bytes, deliver: Callable[[bytes, bytes], bool],
-                 payload_limit: int, late: Late | None = None) -> None:
+                 channel: bytes, origin: bytes, deliver: Deliver, payload_limit: int) -> None:
         super().__init__(address, loop, log)
         self.channel = channel
         self.origin = origin
-        self.deliver = deliver  # (message, its id); returns True when local recipients are
-        # congested
-        self.late = late  # what a delayed message becomes (None: delivered as it is)
+        self.deliver = deliver
         self.payload_limit = payload_limit
         self.also: dict[bytes, Callable[[bytes], None]] = {}  # more channels: who hears each
         self.subscribed: list[Callable[[], None]] = []  # told at each new subscription
@@ -593,10 +592,9 @@ class SubscribeLink(RedisLink):
         self.received += 1
         self.log.debug("redis.received", origin=origin and origin.decode(), seq=seq,
                        bytes=len(data))
-        if late and self.late is not None:
-            data = self.late(data, said)
         msg_id = b"%s-%d" % (origin, seq) if origin is not None else b""
-        if self.deliver(data, msg_id) and self.state == LinkState.READY:
+        if (self.deliver(data, msg_id, (said or 0) if late else None)
+                and self.state == LinkState.READY):
             self.fire(LinkTrigger.THROTTLE)
 
     def _renumbered(self, origin: bytes, last: int, seq: int) -> None:
@@ -675,8 +673,7 @@ class RedisBus(Extension):
 
     def __init__(self, address: RedisAddress, channel: str, loop: EventLoop,
                  log: FilteringBoundLogger, *, outbox_limit: int, payload_limit: int,
-                 deliver: Callable[[bytes, bytes], bool], late: Late | None = None,
-                 origin: bytes | None = None, stream_of: StreamOf | None = None,
+                 deliver: Deliver, origin: bytes | None = None, stream_of: StreamOf | None = None,
                  history: int = 0) -> None:
         """``stream_of``: the stream of each head (None: pub/sub alone, no streams);
         ``history``: the entries of a stream a newcomer is given (--history)."""
@@ -692,8 +689,7 @@ class RedisBus(Extension):
                                      streams_key=self.streams_key,
                                      stream_length=max(history, STREAM_MIN))
         self.subscriber = SubscribeLink(address, loop, log, channel=name, origin=self.origin,
-                                        deliver=deliver, payload_limit=payload_limit,
-                                        late=late)
+                                        deliver=deliver, payload_limit=payload_limit)
         self.history_link: HistoryLink | None = None
         self.sync_wanted = False  # the subscriber (re)subscribed: a sync is to be sent
         self.sync_round = 0  # syncs asked for: an answer to an older one is of no use

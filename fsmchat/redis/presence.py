@@ -52,7 +52,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
 from typing import TYPE_CHECKING, Any
 
 import hiredis
@@ -299,19 +298,6 @@ def now_us() -> int:
     """Microseconds since the epoch: when a name was taken. Two claims one round trip apart
     are told apart (a double, as Lua's numbers are, holds them exactly)."""
     return time.time_ns() // 1000
-
-
-def delayed(payload: bytes, said: int | None, zone: tzinfo = UTC) -> bytes:
-    """A late message for the local chat: each of its lines marked ``(delayed HH:MM) `` (when
-    it was said, in ``zone``: ``--tz``; ``(delayed) `` when the message does not say). A first
-    line naming where the payload goes (``#ROOM`` or ``@NAME``) stays as it is; empty lines stay
-    empty."""
-    mark = (b"(delayed %s) " % datetime.fromtimestamp(said / 1000, zone).strftime(
-        "%H:%M").encode() if said is not None else b"(delayed) ")
-    lines = payload.split(b"\n")
-    first = 1 if payload[:1] in (b"#", b"@") and len(lines) > 1 else 0
-    return b"\n".join([*lines[:first], *(mark + line if line.strip(b"\r") else line
-                                          for line in lines[first:])])
 
 
 class PresenceLink(RedisLink):
