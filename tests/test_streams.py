@@ -333,25 +333,30 @@ def test_a_rooms_history_outlives_the_room_on_every_instance(
         start_server: StartServer, redis_server: RedisServer, witness: Witness) -> None:
     a = instance(start_server, redis_server.url, *CHAT)
     b = instance(start_server, redis_server.url, *CHAT)
+    bob = join(b)
+    a.wait_event("redis.received")  # bob's join reached A before alice came
     alice = join(a)
+    assert replay(alice) == [joined(bob.name)]
+    bob.expect(joined(alice.name))
     alice.say("/join den")
     alice.expect("*** you are now in den\n")  # a new room: no history, no frame
+    bob.expect(left(alice.name))
     talk(a, alice, ["in the den", "bye den"])
-    witness.said(b"bye den")
     alice.say("/part")  # the den is empty, so gone as a room; its past stays
     alice.expect("*** you are now in lobby\n")
-    assert replay(alice) == [joined(alice.name), left(alice.name)]
+    assert replay(alice) == [joined(bob.name), joined(alice.name), left(alice.name)]
+    bob.expect(joined(alice.name))  # after the den's lines: B has heard them all
     den = [joined(alice.name, "den"), said(alice, "in the den"), said(alice, "bye den")]
 
-    bob = join(b)
-    alice.expect(joined(bob.name))
-    assert replay(bob) == [joined(alice.name), left(alice.name)]
-    bob.say("/join den")
+    bob.say("/join den")  # on another instance than the one it was said on
     bob.expect("*** you are now in den\n")
     past = replay(bob)
     assert past[:3] == den and past[3:] in ([], [left(alice.name, "den")]), past
     alice.expect(left(bob.name))
-    carol = join(a, alice)  # on A, too, once bob is in (his join is the den's latest line)
+    witness.heard(lambda p: p.endswith(joined(bob.name, "den")), "bob's join of the den")
+    c = instance(start_server, redis_server.url, *CHAT)  # after it all: the den's stream
+    carol = join(c)
+    alice.expect(joined(carol.name))
     replay(carol)
     carol.say("/join den")
     carol.expect("*** you are now in den\n")
