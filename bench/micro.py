@@ -118,7 +118,7 @@ def bus_rows(n: int) -> list[tuple[str, float]]:
     rows = [("bus: wrap one message for PUBLISH (64 B)",
              per_call(lambda: publisher.publish(message), n))]
     subscriber = SubscribeLink(address, loop, log, channel=b"fsmchat", origin=b"0" * 16,
-                               deliver=lambda data: False, payload_limit=1 << 40)
+                               deliver=lambda data, msg_id: False, payload_limit=1 << 40)
     replies = iter([[b"message", b"fsmchat", b"fsmchat1 1111222233334444 %d\n%s" % (seq, message)]
                     for seq in range(1, 5 * n + 1)])  # per_call runs n calls 5 times
 

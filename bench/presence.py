@@ -178,7 +178,7 @@ class Node:
         log = make_logger(LogStream.memory(io.BytesIO()), "warning", "json")
         self.bus = RedisBus(RedisAddress(HOST, redis_port), channel, loop, log,
                             outbox_limit=1 << 20, payload_limit=1 << 20,
-                            deliver=lambda payload: False)
+                            deliver=lambda payload, msg_id: False)
         self.presence = Presence(Hub(loop, log, Limits(1 << 20), gone=lambda conn: None),
                                  self.bus, loop, log, ttl=15, rules=RULES)
 

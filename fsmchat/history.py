@@ -47,6 +47,10 @@ class History(Extension):
         while self.nbytes > self.max_bytes:
             self.nbytes -= len(messages.popleft())
 
+    def seed(self, data: bytes, msg_id: bytes, said_ms: int) -> None:
+        """A message of the shared history's past (the chat's Redis stream)."""
+        self.add(data)
+
     def greet(self, conn: Connection) -> None:
         if self.replay is not None and self.messages:
             self.replay(conn, tuple(self.messages))

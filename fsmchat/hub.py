@@ -12,7 +12,14 @@ The verbs, one per way of sending:
 - ``publish``: to the other instances only (the bus's ``published`` hook);
 - ``broadcast``: both, what a local client says;
 - ``tell``: to one local client;
-- ``relay``: what another instance published, reaching this one.
+- ``relay``: what another instance published, reaching this one;
+- ``seed``: what the shared history (Redis streams, the history file) held before this
+  process heard of it: for the history of newcomers only, never delivered.
+
+Every message a local client says (``broadcast``, ``publish``) is numbered: ``seq`` counts
+them, and ``msg_id`` makes the number an id no other instance or restart gives,
+``<origin>-<seq>`` (``origin``: 16 hex digits, new at every start). With ``--redis`` the number
+travels in the bus's envelope, so that every instance knows a message by the same id.
 
 Rules it keeps:
 - A message is appended, as the same bytes object, to the queue of every reader (of ``to``)
@@ -29,6 +36,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +55,7 @@ if TYPE_CHECKING:
 
 
 HOOKS = ("greet", "joined", "left", "delivered", "published", "free", "end_of_turn", "stopping",
-         "drain", "forced", "isolated", "reconnected")
+         "drain", "forced", "isolated", "reconnected", "gap")
 """The hooks the hub calls through ``call`` or its own lists (``unread`` and ``done`` are asked
 of every part)."""
 
@@ -72,9 +80,10 @@ class Extension:
     def delivered(self, data: bytes, lines: Sequence[bytes]) -> None:
         """A message reached every local reader (``lines``: the lines it joins, if several)."""
 
-    def published(self, data: bytes, head: bytes = b"") -> None:
-        """A local message, for the other instances; ``head`` goes before it in the payload
-        (chat mode says where it goes: ``#ROOM\\n`` or ``@NAME\\n``)."""
+    def published(self, data: bytes, head: bytes, seq: int) -> None:
+        """A local message (number ``seq``: ``Hub.seq``), for the other instances; ``head``
+        goes before it in the payload (chat mode says where it goes: ``#ROOM\\n`` or
+        ``@NAME\\n``)."""
 
     def free(self) -> None:
         """Relayed messages may come again: no recipient holds senders back (paused clients
@@ -107,6 +116,10 @@ class Extension:
 
     def reconnected(self) -> None:
         """With --redis: every link to the other instances is back after ``isolated``."""
+
+    def gap(self, where: bytes) -> None:
+        """With --redis: messages of ``where`` (a room's key; raw mode: b"") were said while
+        this instance could not hear them, and the shared history no longer holds them."""
 
 
 class Gate:
@@ -163,8 +176,16 @@ class Hub:
         self.received: Callable[[Connection, bytes], None] = self._relay_bytes
         """What a connection's recv is handed to: straight to everyone (raw mode), or chat
         mode's framing."""
-        self.relayed: Callable[[bytes], bool] = self._relay_payload
-        """What another instance's payload is handed to; says whether some of it waits."""
+        self.relayed: Callable[[bytes, bytes], bool] = self._relay_payload
+        """What another instance's payload (and its id) is handed to; says whether some of it
+        waits."""
+        self.seeded: Callable[[bytes, bytes, int], None] = _ignore
+        """What the shared history's past messages are handed to: (payload, id, when it was
+        said in Unix ms)."""
+        self.origin = os.urandom(8).hex().encode()  # this process's part of every message id
+        self.seq = 0  # messages said here so far: the last one's number
+        self.delivering = b""  # chat mode: the id of the room message being delivered, for
+        # the pages that show ids (b"": none, or not a room message)
         self.relay_waits: Callable[[], bool] = _never
         """Whether some of what other instances relayed waits for flow control."""
         self._gone = gone  # a connection was forgotten (its seat is free)
@@ -197,7 +218,8 @@ class Hub:
         self._published = self._hooks["published"]
 
     def take_input(self, received: Callable[[Connection, bytes], None],
-                   relayed: Callable[[bytes], bool], relay_waits: Callable[[], bool]) -> None:
+                   relayed: Callable[[bytes, bytes], bool],
+                   relay_waits: Callable[[], bool]) -> None:
         """Chat mode takes what clients send and what other instances relay (the server's
         constructor calls this once)."""
         self.received = received
@@ -224,9 +246,13 @@ class Hub:
         self.broadcast(data, sender)
         self.flow.pause_if_held(sender)
 
-    def _relay_payload(self, payload: bytes) -> bool:
+    def _relay_payload(self, payload: bytes, msg_id: bytes) -> bool:
         self.deliver(payload)
         return False
+
+    def msg_id(self, seq: int) -> bytes:
+        """The id of the message numbered ``seq`` here."""
+        return b"%s-%d" % (self.origin, seq)
 
     def broadcast(self, data: bytes, sender: Connection | None = None,
                   lines: Sequence[bytes] = (), to: Mapping[int, Connection] | None = None,
@@ -236,14 +262,16 @@ class Hub:
 
         ``lines``: the chat lines that ``data`` joins, when it joins several (one sender's lines
         of one read go out as one queue entry; history and the counters still see each)."""
+        self.seq += 1
         self.deliver(data, sender, lines, to)
         for publish in self._published:
-            publish(data, head)
+            publish(data, head, self.seq)
 
     def publish(self, data: bytes, head: bytes = b"") -> None:
         """A message for the other instances only."""
+        self.seq += 1
         for publish in self._published:
-            publish(data, head)
+            publish(data, head, self.seq)
 
     def deliver(self, data: bytes, sender: Connection | None = None,
                 lines: Sequence[bytes] = (), to: Mapping[int, Connection] | None = None) -> None:
@@ -282,12 +310,16 @@ class Hub:
         if self._overflowed:
             self._close_overflowed()
 
-    def relay(self, payload: bytes) -> bool:
-        """A message from another instance, for every local reader. Whether a recipient now
-        holds senders back, or some of it waits for flow control: the subscriber then pauses,
-        and resumes once it is out (``free``)."""
-        waits = self.relayed(payload)
+    def relay(self, payload: bytes, msg_id: bytes = b"") -> bool:
+        """A message from another instance (``msg_id``: its id, b"" for one without), for every
+        local reader. Whether a recipient now holds senders back, or some of it waits for flow
+        control: the subscriber then pauses, and resumes once it is out (``free``)."""
+        waits = self.relayed(payload, msg_id)
         return bool(self.flow.holding) or waits
+
+    def seed(self, payload: bytes, msg_id: bytes, said_ms: int) -> None:
+        """A message of the shared history's past, for newcomers' history only."""
+        self.seeded(payload, msg_id, said_ms)
 
     # -- what connections tell the hub -----------------------------------------------------------
 
@@ -390,3 +422,7 @@ class Hub:
 
 def _never() -> bool:
     return False
+
+
+def _ignore(payload: bytes, msg_id: bytes, said_ms: int) -> None:
+    """No history to seed."""

@@ -39,6 +39,8 @@ from fsmchat.chat.gate import JoinGate
 from fsmchat.chat.login import Login
 from fsmchat.chat.mode import ENTRY_BYTES, Chat
 from fsmchat.chat.moderation import Moderation, commands_with_accounts
+from fsmchat.chat.payload import To
+from fsmchat.chat.payload import route as payload_route
 from fsmchat.chat.recent import Budget, time_zone
 from fsmchat.chat.rooms import room_key
 from fsmchat.chat.text import is_name, room_problem, skeleton
@@ -133,15 +135,21 @@ class Server:
             # A payload no client's queue can hold would close them all; chat mode's cleaning
             # may make three bytes (U+FFFD) of one.
             payload_limit = options.max_queue_bytes // (3 if options.mode == "chat" else 1)
-            self.bus = RedisBus(options.redis, options.channel, loop, log,
-                                outbox_limit=options.redis_outbox, payload_limit=payload_limit,
-                                deliver=hub.relay)
+            self.bus = bus = RedisBus(options.redis, options.channel, loop, log,
+                                      outbox_limit=options.redis_outbox,
+                                      payload_limit=payload_limit, deliver=hub.relay,
+                                      origin=hub.origin, stream_of=self._stream_of,
+                                      history=options.history)
+            bus.subscriber.seed = hub.seed
+            bus.subscriber.on_gap = lambda stream: hub.call("gap", bus.stream_name(stream))
         self.chat: Chat | None = None
         self.presence: Presence | None = None
         if options.mode == "chat":
             self.chat, self.presence = self._chat_mode(options)
         self.history = (History(options.history, options.history_bytes, hub.replay)
                         if options.history and self.chat is None else None)
+        if self.history is not None:
+            hub.seeded = self.history.seed
         parts: list[Extension] = [self.acceptor, *(
             part for part in (self.chat, self.history, self.presence, self.bus)
             if part is not None)]
@@ -171,6 +179,17 @@ class Server:
         self.cut = Cut()  # what a stop cut short did not deliver
         loop.before_sleep = self.end_of_turn
 
+    def _stream_of(self, head: bytes) -> bytes | None:
+        """The Redis stream of a payload's head: its room's (chat mode), or the chat's one
+        (raw mode); private messages have none."""
+        assert self.bus is not None
+        if self.options.mode != "chat":
+            return self.bus.stream(b"")
+        route, name, _ = payload_route(head)
+        if route is To.ROOM:
+            return self.bus.stream(room_key(name))
+        return None
+
     def _chat_mode(self, options: Options) -> tuple[Chat, Presence | None]:
         """Chat mode and, with --redis, its presence across instances (names shared, the outage
         notices, delayed lines marked)."""
@@ -190,6 +209,7 @@ class Server:
                     directory=(partial(SharedDirectory, presence=presence)
                                if presence is not None else None))
         hub.take_input(chat.received, chat.relayed, chat.relay_waits)
+        hub.seeded = chat.seeded
         if bus is not None and presence is not None:
             presence.on_lost = renaming(chat)
             bus.subscriber.late = partial(delayed, zone=zone)

@@ -57,7 +57,7 @@ class Harness:
         return link
 
     def subscriber(self, delivered: list[bytes]) -> SubscribeLink:
-        def deliver(data: bytes) -> bool:
+        def deliver(data: bytes, msg_id: bytes) -> bool:
             delivered.append(data)
             return False
 
@@ -191,7 +191,7 @@ def test_the_outbox_keeps_the_newest_within_its_bound(bus: Harness) -> None:
     size = 1000
     for i in range(200):
         link.publish(b"%04d" % i + b"x" * (size - 4))
-    kept = [message[2][:4] for message in link.unsent]
+    kept = [message[3][:4] for message in link.unsent]
     assert kept == [b"%04d" % i for i in range(200 - len(kept), 200)]
     assert link.unsent_bytes <= limit < link.unsent_bytes + size + 100
     assert link.dropped == 200 - len(kept)

@@ -57,6 +57,11 @@ class RecordingHub:
     waiting: list[int] = field(default_factory=list)  # wait calls, by fd
     lines: int = 0  # lines broadcast or delivered (a run of them may be one call)
     log: Any = field(default_factory=lambda: structlog.get_logger().bind())
+    seq: int = 0  # messages broadcast
+    delivering: bytes = b""
+
+    def msg_id(self, seq: int) -> bytes:
+        return b"0123456789abcdef-%d" % seq
 
     @property
     def flow(self) -> Flow:
@@ -69,6 +74,7 @@ class RecordingHub:
     def broadcast(self, data: bytes, exclude: Person | None = None,
                   lines: Sequence[bytes] = (), to: object = None, head: bytes = b"") -> None:
         assert not lines or b"".join(lines) == data
+        self.seq += 1
         self.said.append((f"* but {exclude.fd}" if exclude else "*", data))
         self.lines += len(lines) or 1
 
@@ -295,7 +301,7 @@ def test_a_relayed_payload_is_cut_like_a_read_and_waits_between_entries_when_hel
     chat.relayed(b"x" * 30 + b"\n" + b"y" * 30 + b"\n")
     chat.relayed(b"z\n")  # newer: after what waits
     assert room.take() == [("here", b"x" * 30 + b"\n")]
-    assert [line for _, line in chat.relaying] == [b"y" * 30 + b"\n", b"z\n"]
+    assert [line for _, line, _ in chat.relaying] == [b"y" * 30 + b"\n", b"z\n"]
     room.holding = False
     chat.relay_on()
     assert room.take() == [("here", b"y" * 30 + b"\nz\n")]

@@ -60,7 +60,7 @@ class Node:
         self.hub = Hub(loop, self.log, Limits(1 << 20), gone=lambda conn: None)
         self.bus = RedisBus(RedisAddress.parse(redis.url), channel, loop, self.log,
                             outbox_limit=1 << 20, payload_limit=1 << 20,
-                            deliver=lambda payload: False)
+                            deliver=lambda payload, msg_id: False)
         self.presence = Presence(self.hub, self.bus, loop, self.log, ttl=TTL, rules=RULES)
         self.lost: list[tuple[object, bytes, bytes]] = []
         self.presence.on_lost = lambda who, name, holder: self.lost.append((who, name, holder))
@@ -566,4 +566,4 @@ def test_an_outage_is_told_once_with_the_late_lines_marked_and_the_return_told(
                for line in late), late
     alice.say(b"back")
     assert bob.line() == b"<%s> back" % alice.name, "on time again: no mark"
-    assert len(a.events("redis.disconnected")) == 3, "one per link"
+    assert len(a.events("redis.disconnected")) == 4, "one per link"

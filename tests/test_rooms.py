@@ -243,17 +243,22 @@ def test_a_newcomer_to_a_room_gets_that_rooms_recent_lines_only(
     b.expect(f"*** {c.name} joined math\n")
 
 
-def test_a_room_gone_takes_its_history_with_it(start_server: StartServer) -> None:
+def test_a_room_gone_leaves_its_history_to_whoever_makes_it_again(
+        start_server: StartServer) -> None:
     server = start_server(*CHAT, "--history", "10")
     (a,) = join_many(server, 1)
     a.say("/join tmp")
     a.expect("*** you are now in tmp\n")
-    a.say("said in tmp")  # kept in tmp's history, gone with it
+    a.say("said in tmp")  # kept in tmp's history, which outlives the room
     a.say("/part")
     a.expect("*** you are now in lobby\n")
     a.expect_replay(f"*** {a.name} joined lobby\n", f"*** {a.name} left lobby\n")
-    a.say("/join tmp")  # made anew: nothing of the old one
+    a.say("/rooms")
+    a.expect("*** 1 room: lobby (1)\n")  # tmp is gone
+    a.say("/join tmp")  # made anew, with the old one's past
     a.expect("*** you are now in tmp\n")
+    a.expect_replay(f"*** {a.name} joined tmp\n", f"<{a.name}> said in tmp\n",
+                    f"*** {a.name} left tmp\n")
     a.say("/rooms")
     a.expect("*** 2 rooms: lobby (0), tmp (1)\n")
 

@@ -121,7 +121,8 @@ class Chat(Extension):
         self.suffix = suffix  # after user<N>: with --redis, "-" and 4 digits of the instance id
         self.lines_cut = 0  # lines longer than max_line, of members gone (live ones: their framer)
         self.relay_framer = LineFramer(max_line)  # for payloads from the Redis channel
-        self.relaying: deque[tuple[Room | Client, bytes]] = deque()  # relayed, held back
+        self.relaying: deque[tuple[Room | Client, bytes, bytes]] = deque()  # relayed, held
+        # back: (where it goes, the line, the id of its message)
         self.closing = False  # the server is shutting down: leaves are news elsewhere only
 
     # -- the hub's hooks --------------------------------------------------------------------
@@ -198,10 +199,13 @@ class Chat(Extension):
             lines: Sequence[bytes] = ()) -> None:
         """A public line (or the ``lines`` that ``data`` joins) for ``room``: its members but
         ``sender``, the other instances, its history."""
-        self.hub.broadcast(data, sender, lines, room.readers, room.tag)
+        hub = self.hub
+        msg_id = hub.delivering = hub.msg_id(hub.seq + 1)  # (the number broadcast gives it)
+        hub.broadcast(data, sender, lines, room.readers, room.tag)
+        hub.delivering = b""
         recent = room.recent
         if recent is not None:
-            recent.add(data, lines)
+            recent.add(data, lines, msg_id)
 
     def received(self, client: Client, data: bytes) -> None:
         """What one recv returned: every line it completes, in order."""
@@ -297,14 +301,14 @@ class Chat(Extension):
                      said if len(said) > 1 else ())
             said.clear()
 
-    def relayed(self, payload: bytes) -> bool:
-        """A payload from another instance: its lines, cleaned, for the local members of the
-        room it names (``chat/payload.py``), or for the one it names; whether some of them wait
-        for flow control.
+    def relayed(self, payload: bytes, msg_id: bytes = b"") -> bool:
+        """A payload from another instance (``msg_id``: its id): its lines, cleaned, for the
+        local members of the room it names (``chat/payload.py``) and its history, or for the
+        one it names; whether some of them wait for flow control.
 
         Another chat instance sent clean lines already; something else on the channel may not
         have: it is framed like a read, and a missing last newline added. Lines for a room
-        nobody here is in, or a name nobody here has, are for nobody here."""
+        nobody here is in go to its history only; for a name nobody here has, nowhere."""
         to, name, body = route(payload)
         target: Room | Client | None
         if to is To.DEFAULT:
@@ -314,6 +318,25 @@ class Chat(Extension):
         else:
             member = self.directory.find(name)
             target = member.client if member is not None else None
+        lines = self._relayed_lines(body)
+        relaying = self.relaying
+        if not lines:
+            return bool(relaying)
+        if target is None:
+            if to is To.ROOM:
+                recent = self.rooms.history(name)
+                if recent is not None:
+                    for line in lines:
+                        recent.add(clean(line) + b"\n", (), msg_id)
+            return bool(relaying)
+        going = not relaying  # else the older ones go first, at the end of a turn
+        relaying.extend((target, clean(line) + b"\n", msg_id) for line in lines)
+        if going:
+            self.relay_on()
+        return bool(relaying)
+
+    def _relayed_lines(self, body: bytes) -> list[bytes]:
+        """A relayed payload's lines, framed like a read (a missing last newline added)."""
         framer = self.relay_framer
         cuts = framer.cuts
         lines = framer.feed(body)
@@ -322,14 +345,30 @@ class Chat(Extension):
             lines.append(rest)
         for _ in range(framer.cuts - cuts):
             self.hub.log.warning("chat.line_cut", fd=None, peer="redis", limit=self.max_line)
-        relaying = self.relaying
-        if target is None or not lines:
-            return bool(relaying)
-        going = not relaying  # else the older ones go first, at the end of a turn
-        relaying.extend((target, clean(line) + b"\n") for line in lines)
-        if going:
-            self.relay_on()
-        return bool(relaying)
+        return lines
+
+    def seeded(self, payload: bytes, msg_id: bytes, said_ms: int) -> None:
+        """A message of the shared history's past (a room's stream, the history file): into
+        its room's history, as it was said then; nobody is told."""
+        to, name, body = route(payload)
+        if to is To.PERSON:
+            return
+        recent = self.rooms.history(name if to is To.ROOM else self.rooms.lobby.name)
+        if recent is None:
+            return
+        lines = [clean(line) + b"\n" for line in self._relayed_lines(body)]
+        if lines:
+            recent.add(b"".join(lines), lines if len(lines) > 1 else (), msg_id,
+                       said_ms // 60000)
+
+    def gap(self, where: bytes) -> None:
+        """Messages of the room ``where`` (its key) were missed for good: its members here are
+        told."""
+        room = self.rooms.by_key.get(where)
+        if room is not None and room.readers:
+            self.hub.deliver(b"*** some messages said in %s while this server was cut off from "
+                             b"the others were missed: the shared history no longer holds "
+                             b"them\n" % room.name, None, (), room.readers)
 
     def relay_on(self, hold: bool = True) -> None:
         """Relayed lines go on, an entry of at most ``entry_bytes`` at a time (of one room's
@@ -340,18 +379,21 @@ class Chat(Extension):
         flow = self.flow
         limit = self.entry_bytes
         while relaying:
-            target, line = relaying.popleft()
+            target, line, msg_id = relaying.popleft()
             said = [line]
             size = len(line)
-            while relaying and relaying[0][0] is target and size + len(relaying[0][1]) <= limit:
+            while (relaying and relaying[0][0] is target and relaying[0][2] == msg_id
+                   and size + len(relaying[0][1]) <= limit):
                 line = relaying.popleft()[1]
                 said.append(line)
                 size += len(line)
             data = b"".join(said) if len(said) > 1 else line
             if isinstance(target, Room):
-                hub.deliver(data, None, said, target.readers)
+                hub.delivering = msg_id
+                hub.deliver(data, None, said if len(said) > 1 else (), target.readers)
+                hub.delivering = b""
                 if target.recent is not None:
-                    target.recent.add(data, said)
+                    target.recent.add(data, said if len(said) > 1 else (), msg_id)
             else:
                 hub.tell(target, data)
             if hold and relaying and flow.holding:

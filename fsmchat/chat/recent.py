@@ -13,7 +13,9 @@ room is given its lines framed (``framed``), each with the time it was said::
 Rules it keeps:
 - The lines kept are the very bytes objects queued to the room (no copy); only the replay
   builds new ones, with the time in front. Times are kept per minute, as runs of lines
-  (``Recent.stamps``), since the replay shows no more.
+  (``Recent.stamps``), since the replay shows no more; message ids (``Hub.msg_id``) as runs
+  of the lines each message joins (``Recent.ids``), so that a page that comes back can be
+  given what it missed (``after``).
 - A line larger than ``max_bytes`` on its own is not kept, and evicts nothing.
 - ``Budget.order`` holds runs of lines, oldest first, each naming its room: what the budget
   evicts from when it is over. A line that leaves its room another way (the room's own
@@ -114,27 +116,32 @@ class Budget:
 
 
 class Recent:
-    """One room's recent lines, oldest first, and the minutes they were said in."""
+    """One room's recent lines, oldest first, the minutes they were said in and the ids of the
+    messages they were."""
 
-    __slots__ = ("ahead", "budget", "lines", "nbytes", "stamps")
+    __slots__ = ("ahead", "budget", "ids", "lines", "nbytes", "stamps")
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
         self.lines: deque[bytes] = deque()
         self.stamps: deque[list[int]] = deque()  # [minute, lines]: runs of lines, oldest first
+        self.ids: deque[list[Any]] = deque()  # [message id, lines]: one run per message
         self.nbytes = 0
         self.ahead = 0  # lines gone from here whose entries are still in budget.order
 
-    def add(self, data: bytes, lines: Sequence[bytes] = ()) -> None:
+    def add(self, data: bytes, lines: Sequence[bytes] = (), msg_id: bytes = b"",
+            minute: int | None = None) -> None:
         """What was said to the room: ``data``, or the ``lines`` it joins (whole: their sizes
-        add up to ``data``'s). The common case (the room at its ``limit``, one room or this
-        one's lines the oldest of all) takes two calls: ``time.time`` and ``_drop``."""
+        add up to ``data``'s), the message ``msg_id`` (b"": one without), said in ``minute``
+        (minutes since the epoch; None: now). The common case (the room at its ``limit``, one
+        room or this one's lines the oldest of all) takes two calls: ``time.time`` and
+        ``_drop``."""
         budget = self.budget
         size = len(data)
         if size > budget.max_bytes:  # some line may not fit on its own: one by one
             for line in lines or (data,):
                 if len(line) <= budget.max_bytes:
-                    self.add(line)
+                    self.add(line, (), msg_id, minute)
             return
         kept = self.lines
         if lines:
@@ -144,12 +151,7 @@ class Recent:
             kept.append(data)
             count = 1
         self.nbytes += size
-        minute = int(time.time() // 60)
-        stamps = self.stamps
-        if stamps and stamps[-1][0] == minute:
-            stamps[-1][1] += count
-        else:
-            stamps.append([minute, count])
+        self._mark(count, msg_id, minute)
         order = budget.order
         if order and order[-1][0] is self:
             order[-1][1] += count
@@ -163,6 +165,21 @@ class Recent:
         if budget.nbytes > budget.max_bytes:
             budget.evict()
 
+    def _mark(self, count: int, msg_id: bytes, minute: int | None) -> None:
+        """The ``count`` newest lines are of message ``msg_id``, said in ``minute``."""
+        if minute is None:
+            minute = int(time.time() // 60)
+        ids = self.ids
+        if ids and msg_id and ids[-1][0] == msg_id:  # (a message too large, line by line)
+            ids[-1][1] += count
+        else:
+            ids.append([msg_id, count])
+        stamps = self.stamps
+        if stamps and stamps[-1][0] == minute:
+            stamps[-1][1] += count
+        else:
+            stamps.append([minute, count])
+
     def _drop(self, count: int) -> None:
         """The room's ``count`` oldest lines go, for its own ``limit``."""
         kept = self.lines
@@ -173,11 +190,7 @@ class Recent:
         self.nbytes -= gone
         budget.nbytes -= gone
         budget.kept -= count
-        run = self.stamps[0]
-        if run[1] > count:
-            run[1] -= count
-        else:
-            self.unstamp(count)
+        self.unstamp(count)
         front = budget.order[0]
         if front[0] is self and not self.ahead and front[1] > count:
             front[1] -= count  # their entry is the oldest of all: nothing left behind
@@ -187,15 +200,9 @@ class Recent:
             budget.settle()
 
     def unstamp(self, count: int) -> None:
-        """The ``count`` oldest lines went: their minutes too."""
-        stamps = self.stamps
-        while count:
-            run = stamps[0]
-            if run[1] > count:
-                run[1] -= count
-                return
-            count -= run[1]
-            stamps.popleft()
+        """The ``count`` oldest lines went: their minutes and ids too."""
+        _shorten(self.stamps, count)
+        _shorten(self.ids, count)
 
     def clear(self) -> None:
         """The room is gone: its lines go, their entries with them in time."""
@@ -207,6 +214,7 @@ class Recent:
         budget.ahead += count
         self.lines.clear()
         self.stamps.clear()
+        self.ids.clear()
         self.nbytes = 0
         budget.settle()
 
@@ -217,10 +225,59 @@ class Recent:
         """The lines for a newcomer, framed, each after its time in ``zone``; none if empty."""
         if not self.lines:
             return []
-        out = [HEADER]
+        return [HEADER, *self.stamped(zone), FOOTER]
+
+    def stamped(self, zone: tzinfo, skip: int = 0) -> list[bytes]:
+        """The lines but the ``skip`` oldest, each after its time in ``zone``."""
+        out: list[bytes] = []
         lines = iter(self.lines)
         for minute, count in self.stamps:
+            if skip >= count:
+                skip -= count
+                for _ in range(count):
+                    next(lines)
+                continue
             stamp = datetime.fromtimestamp(minute * 60, zone).strftime("%H:%M ").encode()
-            out.extend(stamp + next(lines) for _ in range(count))
-        out.append(FOOTER)
+            for _ in range(skip):
+                next(lines)
+            out.extend(stamp + next(lines) for _ in range(count - skip))
+            skip = 0
         return out
+
+    def missed(self, seen: Sequence[bytes],
+               zone: tzinfo) -> list[tuple[bytes, list[bytes]]] | None:
+        """What a client that showed the messages ``seen`` (ids, the newest last) missed: the
+        messages after the newest of them found here, but those it showed (two instances may
+        have seen messages said at the same moment in two orders), each as (its id, its lines
+        after their time in ``zone``). None when none of ``seen`` is here any more: the gap is
+        older than the history."""
+        wanted = set(seen)
+        found = None
+        for index, (msg_id, _) in enumerate(self.ids):
+            if msg_id in wanted:
+                found = index
+        if found is None:
+            return None
+        stamps = [stamp for minute, count in self.stamps
+                  for stamp in [datetime.fromtimestamp(minute * 60, zone).strftime(
+                      "%H:%M ").encode()] * count]
+        lines = list(self.lines)
+        out = []
+        first = 0
+        for index, (msg_id, count) in enumerate(self.ids):
+            if index > found and msg_id not in wanted:
+                out.append((msg_id, [stamps[i] + lines[i]
+                                     for i in range(first, first + count)]))
+            first += count
+        return out
+
+
+def _shorten(runs: deque[list[Any]], count: int) -> None:
+    """Runs ``[value, lines]``, oldest first, without their ``count`` oldest lines."""
+    while count:
+        run = runs[0]
+        if run[1] > count:
+            run[1] -= count
+            return
+        count -= run[1]
+        runs.popleft()

@@ -4,7 +4,9 @@ A room is its local readers (fd -> connection: what ``Hub.deliver`` takes as ``t
 history (``Recent``, with ``--history``) and its head on the bus (``#name\\n``, built once).
 Rooms are found by their name in any case (``Math`` is ``math``); a room shows the name its
 first member gave it. A room other than the lobby is made by the first ``/join`` and gone with
-its last member, history and all.
+its last member; its history stays (within the history's budget, ``chat/recent.py``), and so do
+the histories of rooms only other instances have members in: whoever joins it later, here or
+elsewhere, after a restart or not, is given the same past.
 
 Rules it keeps:
 - The one-room case costs what the chat cost before rooms: a line goes to the sender's room's
@@ -43,7 +45,7 @@ def room_key(name: bytes) -> bytes:
 class Room:
     name: bytes  # as its first member typed it
     readers: dict[int, Client] = field(default_factory=dict)  # its local members, by fd
-    recent: Recent | None = None  # its history (None: no --history, or the room is gone)
+    recent: Recent | None = None  # its history (None: no --history)
     tag: bytes = b""  # its head on the bus: b"#name\n"
 
     def __post_init__(self) -> None:
@@ -53,34 +55,52 @@ class Room:
 class Rooms:
     """Every room with a local member, and the lobby."""
 
-    __slots__ = ("budget", "by_key", "lobby")
+    __slots__ = ("budget", "by_key", "histories", "lobby")
 
     def __init__(self, budget: Budget | None) -> None:
         self.budget = budget  # what all rooms' histories share; None: no history
-        self.lobby = Room(LOBBY, recent=Recent(budget) if budget else None)
-        self.by_key: dict[bytes, Room] = {room_key(LOBBY): self.lobby}
+        self.histories: dict[bytes, Recent] = {}  # room key -> its history, room or no room
+        self.by_key: dict[bytes, Room] = {}
+        self.lobby = Room(LOBBY, recent=self.history(LOBBY))
+        self.by_key[room_key(LOBBY)] = self.lobby
 
     def find(self, name: bytes) -> Room | None:
         return self.by_key.get(room_key(name))
+
+    def history(self, name: bytes) -> Recent | None:
+        """Room ``name``'s history, whether the room has members here or not (made if none
+        was kept); None without --history."""
+        if self.budget is None:
+            return None
+        key = room_key(name)
+        recent = self.histories.get(key)
+        if recent is None:
+            histories = self.histories
+            if len(histories) > 2 * len(self.by_key) + 64:  # the histories emptied by the budget
+                for gone in [key for key, kept in histories.items()
+                             if not kept.lines and key not in self.by_key]:
+                    del histories[gone]
+            recent = histories[key] = Recent(self.budget)
+        return recent
 
     def enter(self, name: bytes, client: Client) -> Room:
         """``client`` is in room ``name`` now (made if nobody was there)."""
         key = room_key(name)
         room = self.by_key.get(key)
         if room is None:
-            room = self.by_key[key] = Room(
-                name, recent=Recent(self.budget) if self.budget else None)
+            room = self.by_key[key] = Room(name, recent=self.history(name))
         room.readers[client.fd] = client
         return room
 
     def leave(self, room: Room, client: Client) -> None:
-        """``client`` left ``room``; a room left empty is gone (but the lobby)."""
+        """``client`` left ``room``; a room left empty is gone (but the lobby), and its
+        history with it only if it has none."""
         del room.readers[client.fd]
         if not room.readers and room is not self.lobby:
-            del self.by_key[room_key(room.name)]
-            if room.recent is not None:
-                room.recent.clear()
-                room.recent = None
+            key = room_key(room.name)
+            del self.by_key[key]
+            if room.recent is not None and not room.recent.lines:
+                del self.histories[key]
 
     def __iter__(self) -> Iterator[Room]:
         return iter(self.by_key.values())

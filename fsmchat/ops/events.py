@@ -52,7 +52,7 @@ CATALOGUE: tuple[EventSpec, ...] = (
                "bytes_out", "queued_bytes", "queued_max", "closed", "rejected", "loop_turns",
                "select_share", "lines_cut", "history", "seconds", "log_dropped",
                "redis_published", "redis_received", "redis_dropped", "redis_missed",
-               "redis_duplicates", "redis_oversize"),
+               "redis_duplicates", "redis_oversize", "redis_gaps", "redis_skipped"),
               "every --stats-interval seconds and on SIGUSR1: what the server did since start, "
               "and its queues and connections now"),
     EventSpec("server.failed", "error", ("host", "port", "error"),
@@ -65,7 +65,8 @@ CATALOGUE: tuple[EventSpec, ...] = (
     EventSpec("server.stopped", "info",
               ("connections", "bytes_in", "bytes_out", "seconds", "undrained",
                "undelivered_bytes", "unread_bytes", "redis_published", "redis_received",
-               "redis_dropped", "redis_missed", "redis_duplicates", "redis_oversize"),
+               "redis_dropped", "redis_missed", "redis_duplicates", "redis_oversize",
+               "redis_gaps", "redis_skipped"),
               "everything is closed, and this is the last line; totals since start (the redis_ "
               "ones with --redis); undrained: connections the stop closed before everything "
               "reached them, undelivered_bytes what was still queued to them, unread_bytes "
@@ -172,6 +173,17 @@ CATALOGUE: tuple[EventSpec, ...] = (
     EventSpec("redis.oversize", "warning", ("origin", "bytes", "limit"),
               "a message from the channel was larger than a client's queue can hold: dropped, "
               "counted in redis_oversize"),
+    EventSpec("redis.synced", "info", ("streams", "missed", "past", "gaps", "held"),
+              "the shared history was read after the subscriber (re)subscribed: missed entries "
+              "delivered late, past ones (said before this process heard the chat) kept for "
+              "newcomers' history, gaps found, live messages held back meanwhile"),
+    EventSpec("redis.gap", "warning", ("stream", "last", "trimmed"),
+              "entries of a stream said while this instance could not hear them were trimmed "
+              "away (MAXLEN) before it read them: lost; its room is told (chat mode), counted "
+              "in redis_gaps"),
+    EventSpec("redis.skipped", "warning", ("stream", "id", "reason"),
+              "an entry of a stream that no instance wrote (no field m) was skipped, counted in "
+              "redis_skipped"),
     EventSpec("redis.holding", "info", ("messages", "subscribers", "expected"),
               "after a reconnect, the outbox waits for the subscribers the chat had"),
     EventSpec("redis.flushing", "info", ("messages", "subscribers", "waited"),

@@ -77,6 +77,11 @@ CATALOGUE: tuple[MetricSpec, ...] = (
                "Repeats from other instances dropped (with --redis)"),
     MetricSpec("fsmchat_redis_oversize", "counter", "redis_oversize",
                "Messages from the channel dropped as larger than a client's queue (with --redis)"),
+    MetricSpec("fsmchat_redis_gaps", "counter", "redis_gaps",
+               "Streams whose entries missed by this instance were trimmed away before it could "
+               "read them (with --redis)"),
+    MetricSpec("fsmchat_redis_skipped", "counter", "redis_skipped",
+               "Stream entries skipped as not fsmchat's (no field m; with --redis)"),
 )
 
 

@@ -50,6 +50,8 @@ class Snapshot:
     redis_missed: int | None = None
     redis_duplicates: int | None = None
     redis_oversize: int | None = None
+    redis_gaps: int | None = None
+    redis_skipped: int | None = None
 
     def fields(self) -> dict[str, object]:
         """The figures as an event's fields: those that apply (no redis_ ones standalone)."""

@@ -70,6 +70,18 @@ from fsmchat.lifecycle import LinkState, LinkTrigger
 from fsmchat.net.loop import EventLoop, Timer
 from fsmchat.reasons import Reason
 from fsmchat.redis.link import RedisAddress, RedisLink
+from fsmchat.redis.streams import (
+    PREFIX,
+    PUBLISH_SCRIPT,
+    PUBLISH_SHA,
+    STREAM_MIN,
+    EntryId,
+    HistoryLink,
+    Synced,
+    entry_text,
+    parse_live,
+    read_sync,
+)
 
 ENVELOPE = b"fsmchat1 "
 """What every payload of ours starts with; the number is the envelope's version."""
@@ -113,9 +125,21 @@ PING_IDLE = 2.0
 """Seconds the subscriber may hear nothing before it PINGs: Redis must then answer in time
 (``redis_link.ANSWER_TIMEOUT``), so a Redis host that vanished is noticed."""
 
-Message = tuple[int, bytes, bytes, int, int]
-"""(sequence number, RESP head up to the client's bytes, the client's bytes, bytes on the wire,
-when it was said in ms if it waits for an outage to end, else 0)."""
+Message = tuple[int, bytes, bytes, bytes, int, int]
+"""(sequence number, the command up to its payload, the payload up to the client's bytes (the
+envelope, chat's head), the client's bytes, bytes on the wire, when it was said in ms if it
+waits for an outage to end, else 0)."""
+
+SYNC_MAX = 10.0
+"""Seconds the subscriber holds live messages back for a sync's answer, at most: past it they
+go on, and what the answer then brings that is older counts as a gap."""
+
+HELD_MAX = 16 * 1024 * 1024
+"""Bytes of live messages the subscriber holds back while a sync runs, at most: past it they go
+on, and what the sync then brings that is older counts as a gap."""
+
+StreamOf = Callable[[bytes], "bytes | None"]
+"""The stream a payload's head belongs to (chat mode's ``#ROOM``), None for none (``@NAME``)."""
 
 Late = Callable[[bytes, "int | None"], bytes]
 """What a late message becomes for the local chat: ``late(message, said_ms)``, ``said_ms`` None
@@ -147,10 +171,16 @@ class PublishLink(RedisLink):
     role = "publish"
 
     def __init__(self, address: RedisAddress, loop: EventLoop, log: FilteringBoundLogger, *,
-                 channel: bytes, origin: bytes, outbox_limit: int) -> None:
+                 channel: bytes, origin: bytes, outbox_limit: int,
+                 stream_of: StreamOf | None = None, streams_key: bytes = b"",
+                 stream_length: int = STREAM_MIN) -> None:
         super().__init__(address, loop, log)
         self.channel = channel
         self.prefix = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(channel), channel)
+        self.stream_of = stream_of  # None: no streams (pub/sub alone)
+        self.streams_key = streams_key
+        self.stream_length = b"%d" % stream_length
+        self.prefixes: dict[bytes, bytes] = {}  # head -> the command up to its payload
         self.envelope = ENVELOPE + origin + b" "
         self.outbox_limit = outbox_limit
         self.window = min(WINDOW_MAX, outbox_limit // 2)
@@ -169,52 +199,70 @@ class PublishLink(RedisLink):
         self.unreported = 0  # dropped since the last redis.dropped warning
         self.report_timer: Timer | None = None
 
-    def publish(self, data: bytes, head: bytes = b"") -> None:
-        """``data`` on the channel, after the envelope and ``head`` (chat mode's first line)."""
-        self.seq += 1
+    def publish(self, data: bytes, head: bytes = b"", seq: int = 0) -> None:
+        """``data`` (number ``seq``; 0: the next) on the channel, after the envelope and
+        ``head`` (chat mode's first line); with streams, in its stream too."""
+        self.seq = seq = seq or self.seq + 1
         ready = self.state == LinkState.READY
         if ready:
-            envelope = b"%s%d\n%s" % (self.envelope, self.seq, head)
+            envelope = b"%s%d\n%s" % (self.envelope, seq, head)
             said = 0
         else:  # it waits for the link: receivers are told when it was said
             said = now_ms()
-            envelope = b"%s%d %d\n%s" % (self.envelope, self.seq, said, head)
-        head = b"%s$%d\r\n%s" % (self.prefix, len(envelope) + len(data), envelope)
-        size = len(head) + len(data) + 2
-        self.unsent.append((self.seq, head, data, size, said))
+            envelope = b"%s%d %d\n%s" % (self.envelope, seq, said, head)
+        prefix = self.prefixes.get(head) if self.stream_of is not None else self.prefix
+        if prefix is None:
+            prefix = self._prefix(head)
+        size = len(prefix) + 16 + len(envelope) + len(data) + 2
+        self.unsent.append((seq, prefix, envelope, data, size, said))
         self.unsent_bytes += size
         if self.unsent_bytes + self.inflight_bytes > self.outbox_limit:
             self._drop_oldest()
         if ready and self.hold_started is None:
             self._fill()
 
+    def _prefix(self, head: bytes) -> bytes:
+        """The command that publishes a payload of ``head``'s, up to the payload: the stream
+        script for a room's, PUBLISH for the rest. Made once per head."""
+        assert self.stream_of is not None
+        stream = self.stream_of(head)
+        if stream is None:
+            prefix = self.prefix
+        else:
+            prefix = hiredis.pack_command((  # type: ignore[arg-type] # stub: a 1-tuple
+                b"EVALSHA", PUBLISH_SHA, b"2", stream, self.streams_key, self.channel,
+                self.stream_length, b""))
+            prefix = prefix[:-len(b"$0\r\n\r\n")]  # (the empty payload cut off)
+        if len(self.prefixes) < 4096:
+            self.prefixes[head] = prefix
+        return prefix
+
     def _delayed(self, message: Message, said: int) -> Message:
         """``message`` with ``said`` in its envelope: it waits for the link to come back."""
-        seq, head, data, _, marked = message
+        seq, prefix, envelope, data, _, marked = message
         if marked:
             return message
-        start = head.index(b"\r\n", len(self.prefix)) + 2  # after the bulk string's length
-        first = head[head.index(b"\n", start) + 1:]  # what follows the envelope: chat's head
+        first = envelope[envelope.index(b"\n") + 1:]  # what follows the envelope: chat's head
         envelope = b"%s%d %d\n%s" % (self.envelope, seq, said, first)
-        head = b"%s$%d\r\n%s" % (self.prefix, len(envelope) + len(data), envelope)
-        return seq, head, data, len(head) + len(data) + 2, said
+        return seq, prefix, envelope, data, len(prefix) + 16 + len(envelope) + len(data) + 2, said
 
     def _fill(self) -> None:
         """Hand waiting messages to the socket, up to the window."""
         unsent, inflight, window = self.unsent, self.inflight, self.window
         while unsent and self.inflight_bytes < window:
             message = unsent.popleft()
-            self.unsent_bytes -= message[3]
+            self.unsent_bytes -= message[4]
             inflight.append(message)
-            self.inflight_bytes += message[3]
-            self.push(message[1])
-            self.push(message[2])
+            self.inflight_bytes += message[4]
+            envelope, data = message[2], message[3]
+            self.push(b"%s$%d\r\n%s" % (message[1], len(envelope) + len(data), envelope))
+            self.push(data)
             self.push(CRLF)
 
     def _drop_oldest(self) -> None:
         dropped = 0
         while self.unsent and self.unsent_bytes + self.inflight_bytes > self.outbox_limit:
-            self.unsent_bytes -= self.unsent.popleft()[3]
+            self.unsent_bytes -= self.unsent.popleft()[4]
             dropped += 1
         self.dropped += dropped
         self.unreported += dropped
@@ -232,6 +280,11 @@ class PublishLink(RedisLink):
 
     # -- hooks -----------------------------------------------------------------------------------
 
+    def greeting(self) -> list[tuple[bytes, ...]]:
+        if self.stream_of is None:
+            return super().greeting()
+        return [(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT)]
+
     def ready(self) -> None:
         if self.unsent and self.audience:
             self.hold_started = time.monotonic()
@@ -247,7 +300,7 @@ class PublishLink(RedisLink):
 
     def on_reply(self, reply: Any) -> None:
         if type(reply) is int and self.inflight:
-            seq, _, data, size, _ = self.inflight.popleft()
+            seq, _, _, data, size, _ = self.inflight.popleft()
             self.inflight_bytes -= size
             self.published += 1
             self.audience = reply
@@ -302,7 +355,7 @@ class PublishLink(RedisLink):
         said = now_ms()
         waiting = [self._delayed(message, said) for message in (*self.inflight, *self.unsent)]
         self.unsent = deque(waiting)
-        self.unsent_bytes = sum(message[3] for message in waiting)
+        self.unsent_bytes = sum(message[4] for message in waiting)
         self.inflight.clear()
         self.inflight_bytes = 0
         if self.unsent_bytes > self.outbox_limit:  # (the envelopes grew)
@@ -342,12 +395,13 @@ class SubscribeLink(RedisLink):
     role = "subscribe"
 
     def __init__(self, address: RedisAddress, loop: EventLoop, log: FilteringBoundLogger, *,
-                 channel: bytes, origin: bytes, deliver: Callable[[bytes], bool],
+                 channel: bytes, origin: bytes, deliver: Callable[[bytes, bytes], bool],
                  payload_limit: int, late: Late | None = None) -> None:
         super().__init__(address, loop, log)
         self.channel = channel
         self.origin = origin
-        self.deliver = deliver  # returns True when local recipients are congested
+        self.deliver = deliver  # (message, its id); returns True when local recipients are
+        # congested
         self.late = late  # what a delayed message becomes (None: delivered as it is)
         self.payload_limit = payload_limit
         self.also: dict[bytes, Callable[[bytes], None]] = {}  # more channels: who hears each
@@ -355,10 +409,21 @@ class SubscribeLink(RedisLink):
         self.last_seq: dict[bytes, int] = {}  # origin -> newest sequence number delivered
         self.gaps: dict[bytes, list[list[int]]] = {}  # origin -> [first, last] numbers unseen
         self.pinged = False  # a PING is waiting for its pong
+        self.streams = False  # live messages may be streams' entries (the bus syncs them)
+        self.last_ids: dict[bytes, EntryId] = {}  # stream -> the newest entry of it seen
+        self.high: EntryId | None = None  # the newest entry seen of any stream (None: none yet)
+        self.holding = False  # a sync runs: live messages wait in ``held``
+        self.held: list[bytes] = []
+        self.held_bytes = 0
+        self.overflowed = False  # ``held`` passed HELD_MAX during this sync
+        self.seed: Callable[[bytes, bytes, int], None] | None = None  # the history's past
+        self.on_gap: Callable[[bytes], None] | None = None  # told the stream of each gap
         self.received = 0
         self.missed = 0
         self.duplicates = 0
         self.oversize = 0
+        self.lost_entries = 0  # streams' gaps: entries trimmed away before this instance read them
+        self.skipped = 0
 
     def greeting(self) -> list[tuple[bytes, ...]]:
         # One SUBSCRIBE per channel: each is one reply, as the greeting counts them.
@@ -366,6 +431,9 @@ class SubscribeLink(RedisLink):
 
     def ready(self) -> None:
         self.pinged = False
+        if self.streams:  # live messages wait until the sync says what was missed
+            self.holding = True
+            self.overflowed = False
         for told in self.subscribed:  # what was said while unsubscribed was missed
             told()
 
@@ -374,7 +442,7 @@ class SubscribeLink(RedisLink):
             if type(reply[2]) is not bytes:
                 self.unexpected(reply)
             elif reply[1] == self.channel:
-                self._message(reply[2])
+                self._live(reply[2])
             else:
                 heard = self.also.get(reply[1])
                 if heard is None:
@@ -396,9 +464,95 @@ class SubscribeLink(RedisLink):
             self.pinged = True
             self.send_command(b"PING")
 
-    def _message(self, payload: bytes) -> None:
+    def _live(self, payload: bytes) -> None:
+        """A message on the channel: a stream's entry is taken once, in its stream's order."""
+        if payload[:10] != PREFIX:
+            self._message(payload)
+            return
+        if self.holding:
+            self.held.append(payload)
+            self.held_bytes += len(payload)
+            if self.held_bytes > HELD_MAX:
+                self.overflowed = True
+                self.release()
+            return
+        entry = parse_live(payload)
+        if entry is None:
+            self._message(payload)
+            return
+        stream, key, start = entry
+        last = self.last_ids.get(stream)
+        if last is not None and key <= last:
+            self.duplicates += 1
+            return
+        self._seen(stream, key)
+        self._message(payload[start:])
+
+    def _seen(self, stream: bytes, key: EntryId) -> None:
+        self.last_ids[stream] = key
+        if self.high is None or key > self.high:
+            self.high = key
+
+    def release(self) -> None:
+        """Live messages held back go on."""
+        self.holding = False
+        held, self.held, self.held_bytes = self.held, [], 0
+        for payload in held:
+            if self.sock is None:
+                return  # (a delivery ended the session)
+            self._live(payload)
+
+    def synced(self, reply: Any) -> None:
+        """The sync's answer: what was missed, in order (late), the past never heard of (to
+        history only), the gaps told; then what was held back. ``Malformed`` if it is none."""
+        first = self.high is None and not self.last_ids
+        done = read_sync(reply, self.last_ids, self.high)
+        self.log.info("redis.synced", streams=len(reply),
+                      missed=sum(entry.deliver for entry in done.entries),
+                      past=sum(not entry.deliver for entry in done.entries),
+                      gaps=len(done.gaps), held=len(self.held))
+        self._take(done)
+        if first and self.high is None:
+            self.high = (0, 0)  # every entry from now on is one this process may miss
+        if self.holding:
+            self.release()
+
+    def _take(self, done: Synced) -> None:
+        overtaken: set[bytes] = set()  # streams whose missed entries live ones went past
+        for entry in done.entries:
+            last = self.last_ids.get(entry.stream)
+            if last is not None and entry.key <= last:
+                if entry.deliver and self.overflowed:  # (held messages went on before it)
+                    overtaken.add(entry.stream)
+                continue
+            self._seen(entry.stream, entry.key)
+            if entry.payload is None:
+                self.skipped += 1
+                self.log.warning("redis.skipped", stream=entry.stream.decode(errors="replace"),
+                                 id=entry_text(entry.key).decode(),
+                                 reason="an entry without the field m")
+                continue
+            if entry.deliver:
+                self._message(entry.payload, entry.key[0])
+            elif self.seed is not None:
+                origin, seq, _, data = unpack(entry.payload)
+                self.seed(data, b"%s-%d" % (origin, seq) if origin is not None else b"",
+                          entry.key[0])
+        gaps = done.gaps + [(stream, self.last_ids[stream], self.last_ids[stream])
+                            for stream in overtaken]
+        for stream, last, trimmed in gaps:
+            self.lost_entries += 1
+            self.log.warning("redis.gap", stream=stream.decode(errors="replace"),
+                             last=entry_text(last).decode(), trimmed=entry_text(trimmed).decode())
+            if self.on_gap is not None:
+                self.on_gap(stream)
+
+    def _message(self, payload: bytes, stored_ms: int | None = None) -> None:
+        """A payload of the bus's; ``stored_ms``: a stream's entry a sync brought (late), when
+        Redis took it."""
         origin, seq, said, data = unpack(payload)
-        late = said is not None
+        late = said is not None or stored_ms is not None
+        said = said or stored_ms
         if origin is not None:
             if origin == self.origin:
                 return
@@ -432,7 +586,8 @@ class SubscribeLink(RedisLink):
                        bytes=len(data))
         if late and self.late is not None:
             data = self.late(data, said)
-        if self.deliver(data) and self.state == LinkState.READY:
+        msg_id = b"%s-%d" % (origin, seq) if origin is not None else b""
+        if self.deliver(data, msg_id) and self.state == LinkState.READY:
             self.fire(LinkTrigger.THROTTLE)
 
     def _renumbered(self, origin: bytes, last: int, seq: int) -> None:
@@ -493,6 +648,8 @@ class SubscribeLink(RedisLink):
 
     def lost(self) -> None:
         self.pinged = False
+        self.holding = False  # what was held is fetched again by the next sync
+        self.held, self.held_bytes = [], 0
 
     def unpause(self) -> None:
         if self.state == LinkState.PAUSED:
@@ -509,16 +666,28 @@ class RedisBus(Extension):
 
     def __init__(self, address: RedisAddress, channel: str, loop: EventLoop,
                  log: FilteringBoundLogger, *, outbox_limit: int, payload_limit: int,
-                 deliver: Callable[[bytes], bool], late: Late | None = None) -> None:
-        self.origin = new_origin()
+                 deliver: Callable[[bytes, bytes], bool], late: Late | None = None,
+                 origin: bytes | None = None, stream_of: StreamOf | None = None,
+                 history: int = 0) -> None:
+        """``stream_of``: the stream of each head (None: pub/sub alone, no streams);
+        ``history``: the entries of a stream a newcomer is given (--history)."""
+        self.origin = origin or new_origin()
         self.address = address
         self.channel = channel
         name = channel.encode()
+        self.keys_prefix = b"fsmchat:%s:" % name
+        self.streams_key = self.keys_prefix + b"streams"
+        self.history = history
         self.publisher = PublishLink(address, loop, log, channel=name, origin=self.origin,
-                                     outbox_limit=outbox_limit)
+                                     outbox_limit=outbox_limit, stream_of=stream_of,
+                                     streams_key=self.streams_key,
+                                     stream_length=max(history, STREAM_MIN))
         self.subscriber = SubscribeLink(address, loop, log, channel=name, origin=self.origin,
                                         deliver=deliver, payload_limit=payload_limit,
                                         late=late)
+        self.history_link: HistoryLink | None = None
+        self.sync_wanted = False  # the subscriber (re)subscribed: a sync is to be sent
+        self.sync_round = 0  # syncs asked for: an answer to an older one is of no use
         self.links: list[RedisLink] = []
         self.up: set[RedisLink] = set()  # links whose session is ready now
         self.apart = False  # the links were lost, and on_links(False) said so
@@ -526,7 +695,65 @@ class RedisBus(Extension):
         """Told ``False`` at the first loss of an outage, ``True`` once every link is back."""
         self.add_link(self.subscriber)
         self.add_link(self.publisher)
+        if stream_of is not None:
+            self.subscriber.streams = True
+            self.subscriber.subscribed.append(self._want_sync)
+            self.history_link = HistoryLink(address, loop, log, streams_key=self.streams_key,
+                                            on_ready=self._sync, on_lost=self._history_lost)
+            self.add_link(self.history_link)
+        self.loop = loop
+        self.sync_open = False  # a sync was sent and is not answered yet
+        self.sync_timer: Timer | None = None
 
+    def stream(self, name: bytes) -> bytes:
+        """The key of the stream ``name`` (a room's key; raw mode: b"")."""
+        return self.keys_prefix + (b"history:" + name if name else b"history")
+
+    def stream_name(self, stream: bytes) -> bytes:
+        """What ``stream`` is of: a room's key, or b"" (raw mode's one stream)."""
+        return stream.removeprefix(self.keys_prefix + b"history").removeprefix(b":")
+
+    def _want_sync(self) -> None:
+        self.sync_wanted = True
+        if self.sync_timer is not None:
+            self.sync_timer.cancel()
+        self.sync_timer = self.loop.call_later(SYNC_MAX, self._sync_late)
+        self._sync()
+
+    def _sync_late(self) -> None:
+        """No answer in time: what the subscriber held goes on."""
+        self.sync_timer = None
+        subscriber = self.subscriber
+        if subscriber.holding:
+            subscriber.overflowed = True
+            subscriber.release()
+
+    def _history_lost(self) -> None:
+        if self.sync_open:  # asked again once the link is back
+            self.sync_open = False
+            self.sync_wanted = True
+
+    def _sync(self) -> None:
+        """Ask what was missed, once both the subscriber and the history link are up."""
+        link = self.history_link
+        if (link is None or not self.sync_wanted or link.state != LinkState.READY
+                or self.subscriber.state not in (LinkState.READY, LinkState.PAUSED)):
+            return
+        self.sync_wanted = False
+        self.sync_open = True
+        self.sync_round += 1
+        round_ = self.sync_round
+        subscriber = self.subscriber
+
+        def answered(reply: Any) -> None:
+            if round_ == self.sync_round:
+                self.sync_open = False
+                if self.sync_timer is not None:
+                    self.sync_timer.cancel()
+                    self.sync_timer = None
+                subscriber.synced(reply)
+
+        link.sync(self.history, subscriber.high, dict(subscriber.last_ids), answered)
     def add_link(self, link: RedisLink) -> None:
         """Another link of this instance's (before ``start``): started, stopped and watched
         with the others."""
@@ -564,8 +791,8 @@ class RedisBus(Extension):
 
     # -- the hub's hooks ------------------------------------------------------------------------
 
-    def published(self, data: bytes, head: bytes = b"") -> None:
-        self.publisher.publish(data, head)
+    def published(self, data: bytes, head: bytes, seq: int) -> None:
+        self.publisher.publish(data, head, seq)
 
     def free(self) -> None:
         self.subscriber.unpause()
@@ -583,6 +810,8 @@ class RedisBus(Extension):
 
     def totals(self) -> dict[str, int]:
         return {
+            "redis_gaps": self.subscriber.lost_entries,
+            "redis_skipped": self.subscriber.skipped,
             "redis_published": self.publisher.published,
             "redis_received": self.subscriber.received,
             "redis_dropped": self.publisher.dropped,
