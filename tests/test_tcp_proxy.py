@@ -25,7 +25,8 @@ from conftest import (
 )
 from redis_harness import RedisServer, bug_free
 from tcp_proxy import ProxyFactory, TcpProxy
-from test_redis import LINKS, on_link, wait_links
+from test_redis import on_link
+from test_streams import RAW_LINKS
 
 pytest_plugins = ["redis_harness", "tcp_proxy"]
 
@@ -169,15 +170,17 @@ def test_an_instance_on_the_proxy_loses_its_links_at_the_cut_and_gets_them_back_
         tcp_proxy: ProxyFactory, start_server: StartServer, redis_server: RedisServer) -> None:
     proxy = tcp_proxy(redis_server.host, redis_server.port)
     server = start_server("--redis", proxy.url)
-    wait_links(server)
-    assert proxy.connections == len(LINKS)
+    for link in RAW_LINKS:
+        wait_event_count(server, "redis.connected", 1, WAIT, on_link(link))
+    assert proxy.connections == len(RAW_LINKS)
     proxy.cut()
-    # The RSTs end both links at once, not after a timeout of the link's.
-    lost = wait_links(server, "redis.disconnected", timeout=2.0)
-    assert all("no answer" not in str(e["error"]) for e in lost), lost
+    # The RSTs end every link at once, not after a timeout of the link's.
+    for link in RAW_LINKS:
+        (lost,) = wait_event_count(server, "redis.disconnected", 1, 2.0, on_link(link))
+        assert "no answer" not in str(lost["error"]), lost
     proxy.wait(lambda: proxy.refused >= 1, "a redial refused while cut")
     proxy.restore()
-    for link in LINKS:
+    for link in RAW_LINKS:
         wait_event_count(server, "redis.connected", 2, WAIT, on_link(link))
     client = server.connect()
     assert redis_server.publish("fsmchat", b"to the client") == 1  # resubscribed, through it
