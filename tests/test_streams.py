@@ -8,8 +8,9 @@ the instance notices without waiting for a timeout of its own.
 
 What the design promises (docs/design.md, issue 17): every room message is appended to the
 stream ``fsmchat:<channel>:history:<room key>`` (raw mode: ``fsmchat:<channel>:history``),
-listed in ``fsmchat:<channel>:streams``, and announced on the channel as
-``fsmchat1s <stream> <entry id>`` before its payload; an instance's history link syncs every
+listed in ``fsmchat:<channel>:streams`` (a hash: stream -> entries ever added, each entry
+numbered ``n`` by it), and announced on the channel as ``fsmchat1s <stream> <entry id>
+<number>`` before its payload; an instance's history link syncs every
 stream at start and after each reconnect of its subscriber: the recovered entries reach the
 local chat marked ``(delayed HH:MM) ``, before what the subscriber held back meanwhile, each
 once. A stream trimmed past the last entry an instance saw is a gap: a ``redis.gap`` warning,
@@ -270,9 +271,10 @@ def test_an_instance_started_after_another_stopped_gives_a_newcomer_its_messages
     talk(a, alice, lines)
     witness.said(b"three")
     stopped(a)
-    assert redis_server.command("SMEMBERS", STREAMS) == [LOBBY_STREAM.encode()]
-    kept = entries(redis_server, LOBBY_STREAM)  # one field, m: the payload as published
-    assert kept and all(set(fields) == {b"m"} for _, fields in kept), kept
+    assert redis_server.command("HKEYS", STREAMS) == [LOBBY_STREAM.encode()]
+    kept = entries(redis_server, LOBBY_STREAM)  # m: the payload as published; n: its number
+    assert kept and all(set(fields) == {b"m", b"n"} for _, fields in kept), kept
+    assert [int(f[b"n"]) for _, f in kept] == list(range(1, len(kept) + 1))
     assert [f[b"m"] for _, f in kept if f[b"m"].endswith(said(alice, "three"))], kept
 
     b = instance(start_server, redis_server.url, *CHAT)

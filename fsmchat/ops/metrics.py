@@ -78,8 +78,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("fsmchat_redis_oversize", "counter", "redis_oversize",
                "Messages from the channel dropped as larger than a client's queue (with --redis)"),
     MetricSpec("fsmchat_redis_gaps", "counter", "redis_gaps",
-               "Stream entries this instance missed and that were trimmed away before it could "
-               "read them (with --redis)"),
+               "Gaps in streams: entries this instance missed, trimmed away before it could read "
+               "them (redis.gap says how many; with --redis)"),
     MetricSpec("fsmchat_redis_skipped", "counter", "redis_skipped",
                "Stream entries skipped as not fsmchat's (no field m; with --redis)"),
 )

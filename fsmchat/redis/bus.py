@@ -428,7 +428,7 @@ class SubscribeLink(RedisLink):
         self.missed = 0
         self.duplicates = 0
         self.oversize = 0
-        self.lost_entries = 0  # streams' gaps: entries trimmed away before this instance read them
+        self.stream_gaps = 0  # gaps in streams: missed entries trimmed away before it read them
         self.skipped = 0
 
     def greeting(self) -> list[tuple[bytes, ...]]:
@@ -550,7 +550,7 @@ class SubscribeLink(RedisLink):
                               entry.key[0])
         gaps = done.gaps + [(stream, lost, 0) for stream, lost in overtaken.items()]
         for stream, lost, _ in gaps:
-            self.lost_entries += lost
+            self.stream_gaps += 1
             self.log.warning("redis.gap", stream=stream.decode(errors="replace"), entries=lost)
             if self.on_gap is not None:
                 self.on_gap(stream)
@@ -815,7 +815,7 @@ class RedisBus(Extension):
 
     def totals(self) -> dict[str, int]:
         return {
-            "redis_gaps": self.subscriber.lost_entries,
+            "redis_gaps": self.subscriber.stream_gaps,
             "redis_skipped": self.subscriber.skipped,
             "redis_published": self.publisher.published,
             "redis_received": self.subscriber.received,
