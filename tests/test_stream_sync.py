@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from redis_harness import RedisServer
 
+from fsmchat.redis.link import Malformed
 from fsmchat.redis.streams import (
     PUBLISH_SCRIPT,
     SYNC_SCRIPT,
-    Malformed,
     entry_key,
     parse_live,
     read_sync,

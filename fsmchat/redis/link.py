@@ -11,7 +11,8 @@ the link, never the link's retries, the loop or the local chat.
 
 ``RedisLink`` is the socket and the lifecycle (the socket plumbing, and a bug that drops the link,
 which then redials, come from ``sock.LoopSocket``); what the link is *for* lives in a subclass
-(``bus.PublishLink``, ``bus.SubscribeLink``, ``presence.PresenceLink``), through a few hooks:
+(``bus.PublishLink``, ``bus.SubscribeLink``, and the asking links, ``AskingLink``, whose replies go
+back to whoever asked: ``presence.PresenceLink``, ``streams.HistoryLink``), through a few hooks:
 ``greeting``, ``ready``, ``on_reply``, ``awaiting``, ``quiet``, ``lost``, ``idle`` and ``closed``.
 Whoever owns the link may set its ``watcher``, told when each session begins and ends (the bus
 tells local users of an outage with it).
@@ -37,6 +38,7 @@ import os
 import random
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -464,3 +466,51 @@ class RedisLink(LoopSocket, lifecycle=REDIS_LINK):
     def counters(self) -> dict[str, int]:
         """What the link relayed: its events and ``server.stopped`` carry these."""
         return {}
+
+
+class Malformed(Exception):
+    """A reply that is not what its command answers: Redis's protocol error, not a bug of ours."""
+
+
+class AskingLink(RedisLink):
+    """A link whose commands each have one reply, handed back in order to whoever asked
+    (``ask``); a reply that is an error, or that whoever asked finds ``Malformed``, ends the
+    session."""
+
+    def __init__(self, address: RedisAddress, loop: EventLoop, log: FilteringBoundLogger) -> None:
+        super().__init__(address, loop, log)
+        self.waiting: deque[Callable[[Any], None]] = deque()  # one per command sent
+        self.answered = 0  # replies taken, since start
+
+    def ask(self, then: Callable[[Any], None], *command: bytes) -> None:
+        self.send_command(*command)
+        self.waiting.append(then)
+
+    def on_reply(self, reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            self.lose(f"{self.role} script refused: {reply}")
+            return
+        if not self.waiting:
+            self.unexpected(reply)
+            return
+        then = self.waiting.popleft()
+        try:
+            then(reply)
+        except Malformed:
+            self.unexpected(reply)
+            return
+        self.answered += 1
+        if self.state == LinkState.DRAINING and self.idle():
+            self.fire(LinkTrigger.DRAINED)
+
+    def awaiting(self) -> bool:
+        return bool(self.waiting)
+
+    def lost(self) -> None:
+        self.waiting.clear()
+
+    def idle(self) -> bool:
+        return not self.waiting
+
+    def closed(self) -> None:
+        self.waiting.clear()

@@ -49,21 +49,19 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import hiredis
 from structlog.typing import FilteringBoundLogger
 
 from fsmchat.chat.directory import Directory
 from fsmchat.chat.mode import Member
 from fsmchat.hub import Extension
-from fsmchat.lifecycle import LinkState, LinkTrigger
+from fsmchat.lifecycle import LinkState
 from fsmchat.net.loop import EventLoop, Timer
 from fsmchat.redis.bus import RedisBus
-from fsmchat.redis.link import RedisAddress, RedisLink
+from fsmchat.redis.link import AskingLink, Malformed, RedisAddress
 
 if TYPE_CHECKING:
     from fsmchat.chat.mode import Chat
@@ -234,10 +232,6 @@ Lost = Callable[[Hashable, bytes, bytes], None]
 another instance; the chat gives them another name (``claim``)."""
 
 
-class Malformed(Exception):
-    """A reply that is not what the script returns (something else answered)."""
-
-
 @dataclass(slots=True, eq=False)
 class Ask:
     """A name asked for and not yet granted."""
@@ -300,7 +294,7 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-class PresenceLink(RedisLink):
+class PresenceLink(AskingLink):
     """Runs the presence scripts; replies are handed back in order to whoever asked."""
 
     role = "presence"
@@ -309,12 +303,9 @@ class PresenceLink(RedisLink):
                  presence: Presence) -> None:
         super().__init__(address, loop, log)
         self.presence = presence
-        self.waiting: deque[Callable[[Any], None]] = deque()  # one per script call sent
-        self.calls = 0  # script calls answered, since start
 
     def run(self, sha: bytes, args: list[bytes], then: Callable[[Any], None]) -> None:
-        self.send_command(b"EVALSHA", sha, b"4", *self.presence.keys, *args)
-        self.waiting.append(then)
+        self.ask(then, b"EVALSHA", sha, b"4", *self.presence.keys, *args)
 
     def greeting(self) -> list[tuple[bytes, ...]]:
         return [(b"SCRIPT", b"LOAD", APPLY), (b"SCRIPT", b"LOAD", TICK)]
@@ -322,39 +313,16 @@ class PresenceLink(RedisLink):
     def ready(self) -> None:
         self.presence.linked()
 
-    def on_reply(self, reply: Any) -> None:
-        if isinstance(reply, hiredis.ReplyError):
-            self.lose(f"presence script refused: {reply}")
-            return
-        if not self.waiting:
-            self.unexpected(reply)
-            return
-        then = self.waiting.popleft()
-        try:
-            then(reply)
-        except Malformed:
-            self.unexpected(reply)
-            return
-        self.calls += 1
-        if self.state == LinkState.DRAINING and self.idle():
-            self.fire(LinkTrigger.DRAINED)
-
-    def awaiting(self) -> bool:
-        return bool(self.waiting)
-
     def lost(self) -> None:
-        self.waiting.clear()
+        super().lost()
         self.presence.unlinked()
 
     def drain(self) -> None:
         self.presence.leave()
         super().drain()
 
-    def idle(self) -> bool:
-        return not self.waiting
-
     def closed(self) -> None:
-        self.waiting.clear()
+        super().closed()
         self.presence.closed()
 
 

@@ -35,17 +35,14 @@ message, cleaned and delivered like a foreign publish.
 from __future__ import annotations
 
 import hashlib
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import hiredis
 from structlog.typing import FilteringBoundLogger
 
-from fsmchat.lifecycle import LinkState, LinkTrigger
 from fsmchat.net.loop import EventLoop
-from fsmchat.redis.link import RedisAddress, RedisLink
+from fsmchat.redis.link import AskingLink, Malformed, RedisAddress
 
 STREAM_MIN = 1000
 """Entries a stream keeps at least (``MAXLEN ~``), whatever --history says: what an instance
@@ -124,10 +121,6 @@ class Synced:
     entries: list[Entry] = field(default_factory=list)  # by entry id, oldest first
     gaps: list[tuple[bytes, int, int]] = field(default_factory=list)  # (stream, entries
     # lost, the number of the first entry kept) of every stream that lost what was missed
-
-
-class Malformed(Exception):
-    """A sync answer that is not what the script answers."""
 
 
 def read_sync(reply: Any, known: dict[bytes, tuple[EntryId, int]],
@@ -216,7 +209,7 @@ def parse_live(payload: bytes) -> tuple[bytes, EntryId, int, int] | None:
         return None
 
 
-class HistoryLink(RedisLink):
+class HistoryLink(AskingLink):
     """Runs the sync script; each answer goes to whoever asked, in order."""
 
     role = "history"
@@ -228,46 +221,20 @@ class HistoryLink(RedisLink):
         self.streams_key = streams_key
         self.on_ready = on_ready
         self.on_lost = on_lost  # told when a session ends: an unanswered sync is asked again
-        self.waiting: deque[Callable[[Any], None]] = deque()
-        self.syncs = 0  # answered, since start
 
     def sync(self, count: int, high: EntryId | None, known: dict[bytes, tuple[EntryId, int]],
              then: Callable[[Any], None]) -> None:
         args = [b"%d" % count, entry_text(high) if high is not None else b""]
         for stream, (key, _) in known.items():
             args += [stream, entry_text(key)]
-        self.send_command(b"EVAL", SYNC_SCRIPT, b"1", self.streams_key, *args)
-        self.waiting.append(then)
+        self.ask(then, b"EVAL", SYNC_SCRIPT, b"1", self.streams_key, *args)
 
     def ready(self) -> None:
         self.on_ready()
 
-    def on_reply(self, reply: Any) -> None:
-        if isinstance(reply, hiredis.ReplyError):
-            self.lose(f"history script refused: {reply}")
-            return
-        if not self.waiting:
-            self.unexpected(reply)
-            return
-        then = self.waiting.popleft()
-        try:
-            then(reply)
-        except Malformed:
-            self.unexpected(reply)
-            return
-        self.syncs += 1
-        if self.state == LinkState.DRAINING and self.idle():
-            self.fire(LinkTrigger.DRAINED)
-
-    def awaiting(self) -> bool:
-        return bool(self.waiting)
-
     def lost(self) -> None:
-        self.waiting.clear()
+        super().lost()
         self.on_lost()
 
     def idle(self) -> bool:
         return True  # a stopping server has no use for a sync's answer
-
-    def closed(self) -> None:
-        self.waiting.clear()
