@@ -27,10 +27,12 @@ Rules it keeps:
   one another process holds) is refused with ``HistoryFileError``: one line for people, saying
   what the file is and what to do. A missing file is made (its directory must exist), and so is
   an empty one, mode 0600: it holds chat content. Two servers never share one file (``flock``).
-- Reading stops at the first record whose frame does not parse (a torn tail); a record framed
-  right whose CRC or body is wrong is skipped alone. Either way ``skipped_bytes`` and
-  ``skipped_records`` say how much, for a warning; the next write first cuts the file back to the
-  end of its last whole record, so what follows is readable.
+- A record whose frame does not parse, or whose CRC or body is wrong, is skipped, and reading
+  goes on at the next frame (the next ``\\nr ``) whose CRC checks: what comes after a damaged
+  record is kept; what follows the last whole record (a torn tail) is skipped. Either way
+  ``skipped_bytes`` and ``skipped_records`` (runs of damage) say how much, for a warning; the
+  next write first cuts the file back to the end of its last whole record, so what follows is
+  readable.
 - A rewrite is atomic: a temporary file in the same directory, fsynced, then ``os.replace``
   (and the directory fsynced). If it fails, the old file is intact and still in use.
 - ``limit_bytes`` is a hard cap on the records a rewrite keeps: the newest that fit.
@@ -125,28 +127,35 @@ def _scan(content: bytes, start: int) -> _Scan:
     records: list[Record] = []
     offset = good_end = start
     skipped_bytes = skipped_records = 0
+    damaged = False  # in a run of damage (counted once) since the last whole record
     size = len(content)
     while offset < size:
         frame = _FRAME.fullmatch(content, offset, offset + _FRAME_SIZE)
-        if frame is None:
-            break
-        length, crc = int(frame[1], 16), int(frame[2], 16)
-        body_start = offset + _FRAME_SIZE
-        end = body_start + length + 1
-        if end > size or content[end - 1] != 0x0A:
-            break
-        body = content[body_start:end - 1]
-        record = _decode(body) if zlib.crc32(body) == crc else None
-        if record is None:
-            skipped_bytes += end - offset
-            skipped_records += 1
-        else:
+        end = -1
+        if frame is not None:
+            length, crc = int(frame[1], 16), int(frame[2], 16)
+            body_start = offset + _FRAME_SIZE
+            end = body_start + length + 1
+            if end > size or content[end - 1] != 0x0A:
+                end = -1
+        record = None
+        if end >= 0:
+            body = content[body_start:end - 1]
+            record = _decode(body) if zlib.crc32(body) == crc else None
+        if record is not None:
             records.append(record)
-            good_end = end
-        offset = end
-    if offset < size:  # the torn tail: everything from the first frame that does not parse
-        skipped_bytes += size - offset
-        skipped_records += 1
+            good_end = offset = end
+            damaged = False
+            continue
+        skipped_records += not damaged
+        damaged = True
+        # Damaged here: reading goes on at the next frame, if any (a CRC tells a real one).
+        following = content.find(b"\nr ", offset) + 1 if end < 0 else end
+        if following <= 0:
+            skipped_bytes += size - offset
+            break
+        skipped_bytes += following - offset
+        offset = following
     return _Scan(records, good_end, skipped_bytes, skipped_records)
 
 

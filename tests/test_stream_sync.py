@@ -1,19 +1,22 @@
-"""What a sync's answer comes to (``streams.read_sync``), and the sync script against a real
-Redis: missed entries delivered, the past kept for history, trimmed gaps found, bad answers
-refused."""
+"""What a sync comes to (``streams.Sync``), its commands run against a real Redis: missed
+entries delivered, the past kept for history, trimmed gaps found, pages, bad answers refused."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from redis_harness import RedisServer
 
 from fsmchat.redis.link import Malformed
 from fsmchat.redis.streams import (
+    PAGE,
     PUBLISH_SCRIPT,
-    SYNC_SCRIPT,
+    EntryId,
+    Sync,
+    Synced,
     entry_key,
     parse_live,
-    read_sync,
 )
 
 pytest_plugins = ["redis_harness"]
@@ -26,8 +29,17 @@ def publish(redis: RedisServer, payload: bytes, length: int = 1000, stream: byte
     redis.command("EVAL", PUBLISH_SCRIPT, "2", stream, SET, "t", str(length), payload)
 
 
-def sync(redis: RedisServer, count: int, high: bytes = b"", *known: bytes) -> object:
-    return redis.command("EVAL", SYNC_SCRIPT, "1", SET, str(count), high, *known)
+def sync(redis: RedisServer, count: int, known: dict[bytes, tuple[EntryId, int]],
+         high: EntryId | None) -> Synced:
+    """A sync whose commands Redis answers at once, in order."""
+    out: list[Synced] = []
+
+    def ask(then: Any, *command: bytes) -> None:
+        then(redis.command(*command))
+
+    Sync(ask, SET, count=count, known=known, high=high, done=out.append).start()
+    assert len(out) == 1, "done once"
+    return out[0]
 
 
 def ids(redis: RedisServer, stream: bytes = ROOM) -> list[bytes]:
@@ -51,7 +63,7 @@ def test_a_first_sync_is_the_past_and_a_later_one_what_was_missed(
         redis_server: RedisServer) -> None:
     for i in range(5):
         publish(redis_server, b"m%d" % i)
-    first = read_sync(sync(redis_server, 3), {}, None)
+    first = sync(redis_server, 3, {}, None)
     assert [(entry.payload, entry.deliver) for entry in first.entries] == [
         (b"m2", False), (b"m3", False), (b"m4", False)], "the newest 3, oldest first"
     assert not first.gaps
@@ -60,8 +72,7 @@ def test_a_first_sync_is_the_past_and_a_later_one_what_was_missed(
     assert first.entries[-1].number == len(seen), "numbered 1, 2, 3, ... as they were added"
     for i in range(5, 8):
         publish(redis_server, b"m%d" % i)
-    later = read_sync(sync(redis_server, 3, b"", ROOM, seen[-1]), {ROOM: (last, len(seen))},
-                      last)
+    later = sync(redis_server, 3, {ROOM: (last, len(seen))}, last)
     assert [(entry.payload, entry.deliver) for entry in later.entries] == [
         (b"m5", True), (b"m6", True), (b"m7", True)]
     assert not later.gaps
@@ -74,7 +85,7 @@ def test_a_stream_that_trimmed_what_was_missed_is_a_gap(redis_server: RedisServe
     for i in range(said):  # MAXLEN ~ 1 trims whole nodes: the seen one and some after it go
         publish(redis_server, b"after %d" % i, length=1)
     known = {ROOM: (entry_key(seen), 1)}
-    done = read_sync(sync(redis_server, 10, b"", ROOM, seen), known, entry_key(seen))
+    done = sync(redis_server, 10, known, entry_key(seen))
     kept = ids(redis_server)
     assert [entry.key for entry in done.entries] == [entry_key(i) for i in kept]
     assert done.entries[-1].payload == b"after %d" % (said - 1)
@@ -85,8 +96,7 @@ def test_nothing_trimmed_is_no_gap(redis_server: RedisServer) -> None:
     publish(redis_server, b"seen")
     seen = ids(redis_server)[-1]
     publish(redis_server, b"after")
-    done = read_sync(sync(redis_server, 10, b"", ROOM, seen), {ROOM: (entry_key(seen), 1)},
-                     entry_key(seen))
+    done = sync(redis_server, 10, {ROOM: (entry_key(seen), 1)}, entry_key(seen))
     assert [entry.payload for entry in done.entries] == [b"after"] and not done.gaps
 
 
@@ -101,7 +111,7 @@ def test_a_stream_never_heard_of_gives_what_came_after_the_newest_seen(
     while int(later_ms(redis_server)) <= entry_key(high)[0]:
         pass
     publish(redis_server, b"new", stream=other)
-    done = read_sync(sync(redis_server, 10, high), {}, entry_key(high))
+    done = sync(redis_server, 10, {}, entry_key(high))
     got = {(entry.stream, entry.payload, entry.deliver) for entry in done.entries}
     assert (other, b"new", True) in got and (other, b"old", False) in got
     assert (ROOM, b"in the lobby", False) in got
@@ -110,19 +120,66 @@ def test_a_stream_never_heard_of_gives_what_came_after_the_newest_seen(
 def test_an_entry_without_m_is_read_as_none_and_a_foreign_key_is_ignored(
         redis_server: RedisServer) -> None:
     redis_server.command("XADD", ROOM, "*", "other", "field")
-    redis_server.command("HSET", SET, "fsmchat:t:not-a-stream", "1", ROOM, "1")
+    redis_server.command("HSET", SET, "fsmchat:t:not-a-stream", "1", ROOM, "x")
     redis_server.command("SET", "fsmchat:t:not-a-stream", "x")
-    done = read_sync(sync(redis_server, 10), {}, None)
+    done = sync(redis_server, 10, {}, None)
     assert [entry.payload for entry in done.entries] == [None]
 
 
+def test_what_was_missed_comes_in_pages_and_in_order(redis_server: RedisServer) -> None:
+    publish(redis_server, b"seen")
+    seen = ids(redis_server)[-1]
+    said = [b"m%d" % i for i in range(2 * PAGE + 3)]
+    for payload in said:
+        publish(redis_server, payload, length=10 * PAGE)
+    asked: list[bytes] = []
+    out: list[Synced] = []
+
+    def ask(then: Any, *command: bytes) -> None:
+        asked.append(command[0])
+        then(redis_server.command(*command))
+
+    Sync(ask, SET, count=0, known={ROOM: (entry_key(seen), 1)}, high=entry_key(seen),
+         done=out.append).start()
+    assert [entry.payload for entry in out[0].entries] == said
+    assert asked.count(b"XRANGE") == 2, asked  # a page in the first answer, two more
+    assert not out[0].gaps
+
+
+def test_the_newest_before_tells_a_gap_of_a_stream_never_heard_of(
+        redis_server: RedisServer) -> None:
+    publish(redis_server, b"before", length=1)
+    high = entry_key(ids(redis_server)[-1])
+    while later_ms(redis_server) <= high[0]:
+        pass
+    publish(redis_server, b"after", length=1)
+    done = sync(redis_server, 0, {}, high)
+    assert [entry.payload for entry in done.entries] == [b"after"] and not done.gaps, (
+        "numbered right after the one before: nothing went")
+
+
 @pytest.mark.parametrize("reply", [
-    b"nonsense", [b"x"], [[b"s", b"0-0", [], b"bad"]], [[b"s", b"x-y", [], []]],
-    [[b"s", b"0-0", [[b"1-1"]], []]], [[1, b"0-0", [], []]],
+    b"nonsense", [b"x"], [[b"1", b"2"], [b"s"]], [[b"x", b"2"], []], [[b"1"], []],
 ])
-def test_a_malformed_answer_is_refused(reply: object) -> None:
+def test_a_malformed_list_is_refused(reply: object) -> None:
+    def ask(then: Any, *command: bytes) -> None:
+        then(reply)
+
     with pytest.raises(Malformed):
-        read_sync(reply, {}, (0, 0))
+        Sync(ask, SET, count=1, known={}, high=None, done=lambda done: None).start()
+
+
+@pytest.mark.parametrize("reply", [
+    b"nonsense", [[], []], [[], [[b"1-1"]], []], [[], [[1, []]], []], [[], [[b"x-y", []]], []],
+])
+def test_a_malformed_stream_answer_is_refused(reply: object) -> None:
+    answers = iter([[[b"1", b"0"], [ROOM, b"1"]], reply])
+
+    def ask(then: Any, *command: bytes) -> None:
+        then(next(answers))
+
+    with pytest.raises(Malformed):
+        Sync(ask, SET, count=1, known={}, high=None, done=lambda done: None).start()
 
 
 def test_a_live_message_names_its_stream_and_entry() -> None:

@@ -65,6 +65,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import hiredis
@@ -74,7 +75,7 @@ from fsmchat.hub import Extension
 from fsmchat.lifecycle import LinkState, LinkTrigger
 from fsmchat.net.loop import EventLoop, Timer
 from fsmchat.reasons import Reason
-from fsmchat.redis.link import RedisAddress, RedisLink
+from fsmchat.redis.link import STABLE, RedisAddress, RedisLink
 from fsmchat.redis.streams import (
     PREFIX,
     PUBLISH_SCRIPT,
@@ -85,7 +86,6 @@ from fsmchat.redis.streams import (
     Synced,
     entry_text,
     parse_live,
-    read_sync,
 )
 
 ENVELOPE = b"fsmchat1 "
@@ -137,11 +137,20 @@ waits for an outage to end, else 0)."""
 
 SYNC_MAX = 10.0
 """Seconds the subscriber holds live messages back for a sync's answer, at most: past it they
-go on, and what the answer then brings that is older counts as a gap."""
+go on, and what the answer then brings comes after them, late (never twice)."""
 
 HELD_MAX = 16 * 1024 * 1024
 """Bytes of live messages the subscriber holds back while a sync runs, at most: past it they go
-on, and what the sync then brings that is older counts as a gap."""
+on, and what the sync then brings comes after them, late (never twice)."""
+
+CLOCK_SLACK = 60_000
+"""Milliseconds an entry id may be ahead of Redis's clock (as the last sync read it) and still
+count as the newest entry seen: one further ahead was forged (a ``PUBLISH`` by hand), and taking
+it would make the next sync skip real entries."""
+
+LIVE_MAX = 1 << 17
+"""Entries the channel delivers while a late sync is awaited that are remembered (so that the
+answer does not deliver them again), at most; past it the rest may come twice."""
 
 StreamOf = Callable[[bytes], "bytes | None"]
 """The stream a payload's head belongs to (chat mode's ``#ROOM``), None for none (``@NAME``)."""
@@ -169,6 +178,16 @@ def unpack(payload: bytes, start: int = 0) -> tuple[bytes | None, int, int | Non
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class Round:
+    """One subscription's sync: what it asks after (as it was when the subscription began),
+    and the entries the channel delivered before its answer (None once answered)."""
+
+    known: dict[bytes, tuple[EntryId, int]]
+    high: EntryId | None
+    live: set[tuple[bytes, EntryId]] | None = field(default_factory=set)
 
 
 class PublishLink(RedisLink):
@@ -416,10 +435,13 @@ class SubscribeLink(RedisLink):
         self.last_ids: dict[bytes, tuple[EntryId, int]] = {}  # stream -> the newest entry of
         # it seen, and that entry's number
         self.high: EntryId | None = None  # the newest entry seen of any stream (None: none yet)
-        self.holding = False  # a sync runs: live messages wait in ``held``
+        self.round = Round({}, None)  # what the sync of this subscription asks after
+        self.fresh: set[tuple[bytes, EntryId]] = set()  # entries the last sync delivered: one
+        # that comes live too is a repeat
+        self.holding = False  # a sync runs: what the channel brings waits in ``held``
         self.held: list[bytes] = []
         self.held_bytes = 0
-        self.overflowed = False  # ``held`` passed HELD_MAX during this sync
+        self.clock_offset = 0  # Redis's clock less this one's, in ms, as the last sync told
         self.seed: Callable[[bytes, bytes, int], None] | None = None  # the history's past
         self.on_gap: Callable[[bytes], None] | None = None  # told the stream of each gap
         self.foreign_head: Callable[[bytes], bytes] | None = None  # what goes before an entry
@@ -439,7 +461,7 @@ class SubscribeLink(RedisLink):
         self.pinged = False
         if self.streams:  # live messages wait until the sync says what was missed
             self.holding = True
-            self.overflowed = False
+            self.round = Round(dict(self.last_ids), self.high)
         for told in self.subscribed:  # what was said while unsubscribed was missed
             told()
 
@@ -471,36 +493,41 @@ class SubscribeLink(RedisLink):
             self.send_command(b"PING")
 
     def _live(self, payload: bytes) -> None:
-        """A message on the channel: a stream's entry is taken once, in its stream's order."""
-        if payload[:10] != PREFIX:
-            self._message(payload)
-            return
+        """A message on the channel. While a sync runs, every one waits (so that none overtakes
+        what the sync brings); a stream's entry that the sync delivered already is a repeat."""
         if self.holding:
             self.held.append(payload)
             self.held_bytes += len(payload)
             if self.held_bytes > HELD_MAX:
-                self.overflowed = True
                 self.release()
+            return
+        if payload[:10] != PREFIX:
+            self._message(payload)
             return
         entry = parse_live(payload)
         if entry is None:
             self._message(payload)
             return
         stream, key, number, start = entry
-        last = self.last_ids.get(stream)
-        if last is not None and key <= last[0]:
+        if self.fresh and (stream, key) in self.fresh:
             self.duplicates += 1
             return
-        self._seen(stream, key, number)
+        if key[0] <= now_ms() + self.clock_offset + CLOCK_SLACK:  # (else forged: no mark)
+            self._seen(stream, key, number)
+        live = self.round.live
+        if live is not None and len(live) < LIVE_MAX:
+            live.add((stream, key))
         self._message(payload, None, start)
 
     def _seen(self, stream: bytes, key: EntryId, number: int) -> None:
-        self.last_ids[stream] = key, number
+        last = self.last_ids.get(stream)
+        if last is None or key > last[0]:
+            self.last_ids[stream] = key, number
         if self.high is None or key > self.high:
             self.high = key
 
     def release(self) -> None:
-        """Live messages held back go on."""
+        """What the channel brought meanwhile goes on (the sync's answer came, or is late)."""
         self.holding = False
         held, self.held, self.held_bytes = self.held, [], 0
         for payload in held:
@@ -508,29 +535,33 @@ class SubscribeLink(RedisLink):
                 return  # (a delivery ended the session)
             self._live(payload)
 
-    def synced(self, reply: Any) -> None:
-        """The sync's answer: what was missed, in order (late), the past never heard of (to
-        history only), the gaps told; then what was held back. ``Malformed`` if it is none."""
-        first = self.high is None and not self.last_ids
-        done = read_sync(reply, self.last_ids, self.high)
-        self.log.info("redis.synced", streams=len(reply),
+    def synced(self, done: Synced, streams: int) -> None:
+        """What the sync read (of ``streams`` streams): what was missed, in order (late), the
+        past never heard of (to history only), the gaps told; then what was held back. What the
+        channel delivered meanwhile (the answer came after ``SYNC_MAX``) is not delivered
+        again: the rest comes after it, late."""
+        round_ = self.round
+        first = round_.high is None and not round_.known
+        self.clock_offset = done.redis_ms - now_ms()
+        self.log.info("redis.synced", streams=streams,
                       missed=sum(entry.deliver for entry in done.entries),
                       past=sum(not entry.deliver for entry in done.entries),
                       gaps=len(done.gaps), held=len(self.held))
-        self._take(done)
-        if first and self.high is None:
-            self.high = (0, 0)  # every entry from now on is one this process may miss
+        self._take(done, round_.live or set())
+        round_.live = None
+        if first:  # from now on this process hears every entry, or knows it missed it
+            since = (done.redis_ms - 1, 1 << 62)
+            if self.high is None or since > self.high:
+                self.high = since
         if self.holding:
             self.release()
 
-    def _take(self, done: Synced) -> None:
-        overtaken: dict[bytes, int] = {}  # stream -> its missed entries live ones went past
+    def _take(self, done: Synced, delivered: set[tuple[bytes, EntryId]]) -> None:
+        fresh = self.fresh = set()
         for entry in done.entries:
-            last = self.last_ids.get(entry.stream)
-            if last is not None and entry.key <= last[0]:
-                if entry.deliver and self.overflowed:  # (held messages went on before it)
-                    overtaken[entry.stream] = overtaken.get(entry.stream, 0) + 1
-                continue
+            where = (entry.stream, entry.key)
+            if where in delivered:
+                continue  # the channel brought it already
             self._seen(entry.stream, entry.key, entry.number)
             if entry.payload is None:
                 self.skipped += 1
@@ -542,14 +573,14 @@ class SubscribeLink(RedisLink):
                 payload = self.foreign_head(entry.stream) + payload  # (an XADD by hand: for
                 # the stream's room, whatever it says)
             if entry.deliver:
+                fresh.add(where)
                 self._message(payload, entry.key[0])
             elif self.seed is not None:
                 origin, seq, _, data = unpack(payload)
                 if origin != self.origin:  # (its own are in its history already)
                     self.seed(data, b"%s-%d" % (origin, seq) if origin is not None else b"",
                               entry.key[0])
-        gaps = done.gaps + [(stream, lost, 0) for stream, lost in overtaken.items()]
-        for stream, lost, _ in gaps:
+        for stream, lost, _ in done.gaps:
             self.stream_gaps += 1
             self.log.warning("redis.gap", stream=stream.decode(errors="replace"), entries=lost)
             if self.on_gap is not None:
@@ -657,6 +688,7 @@ class SubscribeLink(RedisLink):
         self.pinged = False
         self.holding = False  # what was held is fetched again by the next sync
         self.held, self.held_bytes = [], 0
+        self.round.live = None
 
     def unpause(self) -> None:
         if self.state == LinkState.PAUSED:
@@ -695,7 +727,10 @@ class RedisBus(Extension):
         self.sync_round = 0  # syncs asked for: an answer to an older one is of no use
         self.links: list[RedisLink] = []
         self.up: set[RedisLink] = set()  # links whose session is ready now
-        self.apart = False  # the links were lost, and on_links(False) said so
+        self.apart = False  # some link is lost
+        self.told = False  # on_links(False) said so, and on_links(True) has not yet
+        self.together_since: float | None = None  # when every link was last back
+        self.apart_since = 0.0  # when the loss not told yet began
         self.on_links: Callable[[bool], None] | None = None
         """Told ``False`` at the first loss of an outage, ``True`` once every link is back."""
         self.add_link(self.subscriber)
@@ -730,7 +765,6 @@ class RedisBus(Extension):
         self.sync_timer = None
         subscriber = self.subscriber
         if subscriber.holding:
-            subscriber.overflowed = True
             subscriber.release()
 
     def _history_lost(self) -> None:
@@ -750,15 +784,15 @@ class RedisBus(Extension):
         round_ = self.sync_round
         subscriber = self.subscriber
 
-        def answered(reply: Any) -> None:
+        def answered(done: Synced) -> None:
             if round_ == self.sync_round:
                 self.sync_open = False
                 if self.sync_timer is not None:
                     self.sync_timer.cancel()
                     self.sync_timer = None
-                subscriber.synced(reply)
+                subscriber.synced(done, done.streams)
 
-        link.sync(self.history, subscriber.high, dict(subscriber.last_ids), answered)
+        link.sync(self.history, subscriber.round.high, subscriber.round.known, answered)
     def add_link(self, link: RedisLink) -> None:
         """Another link of this instance's (before ``start``): started, stopped and watched
         with the others."""
@@ -781,14 +815,31 @@ class RedisBus(Extension):
                     other.safely("hurry", other.hurry)  # (its bug is its own)
             if self.apart and len(self.up) == len(self.links):
                 self.apart = False
-                if self.on_links is not None:
+                self.together_since = time.monotonic()
+                if self.told and self.on_links is not None:
+                    self.told = False
                     self.on_links(True)
         else:
             self.up.discard(link)
             if not self.apart:
                 self.apart = True
-                if self.on_links is not None:
-                    self.on_links(False)
+                # A link Redis takes and then refuses again (a reply it cannot take) comes and
+                # goes every retry: one outage for the users, as for the log (link.STABLE).
+                now = time.monotonic()
+                if self.together_since is None or now - self.together_since >= STABLE:
+                    self._tell_apart()
+                else:  # told if this loss lasts STABLE seconds without a break
+                    self.apart_since = now
+                    self.loop.call_later(STABLE, lambda: self._tell_if_apart(now))
+
+    def _tell_apart(self) -> None:
+        self.told = True
+        if self.on_links is not None:
+            self.on_links(False)
+
+    def _tell_if_apart(self, since: float) -> None:
+        if self.apart and not self.told and self.apart_since == since:
+            self._tell_apart()
 
     def start(self) -> None:
         for link in self.links:
