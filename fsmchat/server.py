@@ -249,6 +249,8 @@ class Server:
                                if presence is not None else None))
         hub.take_input(chat.received, chat.relayed, chat.relay_waits)
         hub.seeded = chat.seeded
+        if bus is not None:
+            bus.rebuild = chat.rebuild
         if bus is not None and presence is not None:
             presence.on_lost = renaming(chat)
             bus.on_links = lambda up: hub.call("reconnected" if up else "isolated")

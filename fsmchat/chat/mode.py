@@ -369,6 +369,28 @@ class Chat(Extension):
         if lines:
             self.seeds.setdefault(recent, []).append((msg_id, said_ms // 60000, lines))
 
+    def rebuild(self, key: bytes, past: list[tuple[bytes, int, bytes]]) -> None:
+        """Room ``key``'s history as its stream holds it, after a sync brought lines it had
+        missed (which came after its own lines of the outage, where they were said): the
+        stream's order, as every instance has it, then what the history holds that the
+        stream does not yet (lines still on their way to Redis)."""
+        recent = self.rooms.history(key)
+        if recent is None:
+            return
+        entries = []
+        for msg_id, said_ms, data in past:
+            to, _, body = route(data)
+            if to is not To.PERSON:
+                lines = [clean(line) + b"\n" for line in self._relayed_lines(body)]
+                if lines:
+                    entries.append((msg_id, said_ms // 60_000, lines))
+        kept = {msg_id for msg_id, _, _ in entries}
+        newer = [(msg_id, minute, data.splitlines(keepends=True))
+                 for msg_id, minute, data in recent.messages() if msg_id and msg_id not in kept]
+        recent.clear()
+        for msg_id, minute, lines in entries + newer:
+            recent.add(b"".join(lines), lines if len(lines) > 1 else (), msg_id, minute)
+
     def _seed(self) -> None:
         """The past a sync brought goes before each room's newer lines."""
         seeds, self.seeds = self.seeds, {}

@@ -86,6 +86,7 @@ from fsmchat.redis.streams import (
     Synced,
     entry_text,
     parse_live,
+    stream_entries,
 )
 
 ENVELOPE = b"fsmchat1 "
@@ -151,6 +152,9 @@ it would make the next sync skip real entries."""
 LIVE_MAX = 1 << 17
 """Entries the channel delivers while a late sync is awaited that are remembered (so that the
 answer does not deliver them again), at most; past it the rest may come twice."""
+
+Rebuild = Callable[[bytes, list[tuple[bytes, int, bytes]]], None]
+"""``rebuild(room key, [(message id, when Redis took it in ms, message), ...])``, oldest first."""
 
 StreamOf = Callable[[bytes], "bytes | None"]
 """The stream a payload's head belongs to (chat mode's ``#ROOM``), None for none (``@NAME``)."""
@@ -442,6 +446,7 @@ class SubscribeLink(RedisLink):
         self.held: list[bytes] = []
         self.held_bytes = 0
         self.clock_offset = 0  # Redis's clock less this one's, in ms, as the last sync told
+        self.recovered: set[bytes] = set()  # streams the last sync delivered missed entries of
         self.seed: Callable[[bytes, bytes, int], None] | None = None  # the history's past
         self.on_gap: Callable[[bytes], None] | None = None  # told the stream of each gap
         self.foreign_head: Callable[[bytes], bytes] | None = None  # what goes before an entry
@@ -558,6 +563,7 @@ class SubscribeLink(RedisLink):
 
     def _take(self, done: Synced, delivered: set[tuple[bytes, EntryId]]) -> None:
         fresh = self.fresh = set()
+        self.recovered = set()
         for entry in done.entries:
             where = (entry.stream, entry.key)
             if where in delivered:
@@ -574,6 +580,7 @@ class SubscribeLink(RedisLink):
                 # the stream's room, whatever it says)
             if entry.deliver:
                 fresh.add(where)
+                self.recovered.add(entry.stream)
                 self._message(payload, entry.key[0])
             elif self.seed is not None:
                 origin, seq, _, data = unpack(payload)
@@ -743,6 +750,9 @@ class RedisBus(Extension):
             self.add_link(self.history_link)
         self.loop = loop
         self.sync_open = False  # a sync was sent and is not answered yet
+        self.rebuild: Rebuild | None = None
+        """Given a room's newest entries in the stream's order after a sync brought some of
+        its missed ones: its history becomes that (chat mode)."""
         self.sync_timer: Timer | None = None
 
     def stream(self, name: bytes) -> bytes:
@@ -759,6 +769,28 @@ class RedisBus(Extension):
             self.sync_timer.cancel()
         self.sync_timer = self.loop.call_later(SYNC_MAX, self._sync_late)
         self._sync()
+
+    def _reread(self, stream: bytes) -> None:
+        """A stream whose missed entries came late: its newest, in the stream's order, for its
+        history (which had its own lines of the outage where they were said)."""
+        assert self.history_link is not None and self.rebuild is not None
+        rebuild = self.rebuild
+
+        def read(reply: Any) -> None:
+            past = []
+            for entry in reversed(stream_entries(stream, reply, False)):
+                if entry.payload is None:
+                    continue
+                payload = entry.payload
+                if _ENVELOPE.match(payload) is None and self.subscriber.foreign_head is not None:
+                    payload = self.subscriber.foreign_head(stream) + payload
+                origin, seq, _, data = unpack(payload)
+                past.append((b"%s-%d" % (origin, seq) if origin is not None else b"",
+                             entry.key[0], data))
+            rebuild(self.stream_name(stream), past)
+
+        self.history_link.ask(read, b"XREVRANGE", stream, b"+", b"-", b"COUNT",
+                              b"%d" % self.history)
 
     def _sync_late(self) -> None:
         """No answer in time: what the subscriber held goes on."""
@@ -791,6 +823,9 @@ class RedisBus(Extension):
                     self.sync_timer.cancel()
                     self.sync_timer = None
                 subscriber.synced(done, done.streams)
+                if self.rebuild is not None and self.history:
+                    for stream in subscriber.recovered:
+                        self._reread(stream)
 
         link.sync(self.history, subscriber.round.high, subscriber.round.known, answered)
     def add_link(self, link: RedisLink) -> None:

@@ -197,13 +197,13 @@ class Sync:
         if type(reply) is not list or len(reply) != 3:
             raise Malformed
         before, after, tail = reply
-        previous = _entries(read.stream, before, False)
+        previous = stream_entries(read.stream, before, False)
         read.previous = previous[0] if previous else None
-        read.tail = list(reversed(_entries(read.stream, tail, False)))
+        read.tail = list(reversed(stream_entries(read.stream, tail, False)))
         self._page(read, after)
 
     def _page(self, read: StreamRead, reply: Any) -> None:
-        page = _entries(read.stream, reply, True)
+        page = stream_entries(read.stream, reply, True)
         read.missed += page
         if len(page) >= PAGE:  # more after it
             self.ask(partial(self._page, read), b"XRANGE", read.stream,
@@ -263,7 +263,8 @@ def _clock_ms(clock: Any) -> int:
     return int(clock[0]) * 1000 + int(clock[1]) // 1000
 
 
-def _entries(stream: bytes, reply: Any, deliver: bool) -> list[Entry]:
+def stream_entries(stream: bytes, reply: Any, deliver: bool) -> list[Entry]:
+    """The entries of an XRANGE-like reply; ``Malformed`` if it is none."""
     if reply is None:  # (what an empty answer may come as)
         return []
     if type(reply) is not list:
