@@ -15,12 +15,12 @@ from collections.abc import Iterator
 
 import pytest
 from chat_harness import END_OF_RECENT, RECENT, STARTED, WELCOME, Chatter, join, minutes
-from conftest import ServerProcess, StartServer
+from conftest import WAIT, ServerProcess, StartServer
 from redis_harness import RedisServer, bug_free
 from test_redis import start_instance
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
-from ws_harness import IdLines, WsLines, web_port, ws_connect
+from ws_harness import IDS, IdLines, WsLines, web_port, ws_connect
 
 pytest_plugins = ["redis_harness"]
 
@@ -137,14 +137,19 @@ def test_an_id_client_reads_each_room_message_after_its_id_and_a_plain_client_no
     carol.quiet()
 
 
-def test_raw_mode_takes_no_subprotocol_and_no_query(start_server: StartServer,
-                                                    jar: contextlib.ExitStack) -> None:
+def test_raw_mode_takes_the_subprotocol_and_changes_nothing(
+        start_server: StartServer, jar: contextlib.ExitStack) -> None:
+    """The page asks for ids whatever the mode (a browser fails a handshake whose answer names
+    none of the subprotocols it offered): raw mode takes it, and sends bytes as ever."""
     server = start_server("--web-port", "0")
     conn = open_page(jar, server)
-    assert conn.subprotocol is None
+    assert conn.subprotocol == IDS
     other = open_page(jar, server, path="/ws?room=lobby&after=nonsense", ids=False)
+    assert other.subprotocol is None
     other.send(b"raw bytes")
-    assert conn.recv(5) == b"raw bytes"
+    assert conn.recv(WAIT) == b"raw bytes"  # (no mark, and the query meant nothing)
+    conn.send(b"back")
+    assert other.recv(WAIT) == b"back"
 
 
 def test_a_page_that_comes_back_is_given_exactly_what_it_missed(

@@ -71,7 +71,8 @@ WS_PATH = b"/ws"
 
 SUBPROTOCOL = "fsmchat.ids"
 """The WebSocket subprotocol of a chat-mode client that reads the ids of room messages
-(``chat/resume.py``); raw mode accepts none."""
+(``chat/resume.py``). Raw mode accepts it too, for the same page, and it changes nothing there:
+no ids, and the query is not read."""
 
 MAX_AFTER = 32
 """Most ids a client coming back may name (``after``): the page sends its last 16."""
@@ -138,7 +139,8 @@ class WebSite(Site):
                 return False
         except (RemoteProtocolError, h11.ProtocolError):  # (h11's: what wsproto builds from it)
             return False  # answered 400 by _refuse_upgrade
-        ids = self.chat and SUBPROTOCOL in asked.subprotocols
+        ids = SUBPROTOCOL in asked.subprotocols  # (raw mode takes it too, and sends no ids:
+        # browsers fail a handshake whose answer names none of the subprotocols offered)
         try:
             resume = resume_asked(request.target, ids) if self.chat else None
         except ValueError:
