@@ -338,3 +338,41 @@ def test_a_page_that_comes_back_to_another_instance_is_given_what_it_missed(
     carol.say("four")
     back.said(f"<{carol.name}> four\n")
     back.quiet()
+
+
+def test_a_plain_client_may_come_back_too_and_reads_no_ids(
+        start_server: StartServer, jar: contextlib.ExitStack) -> None:
+    server = start_server(*CHAT, "--history", "50")
+    carol = join(server)
+    watcher = IdLines(open_page(jar, server))
+    welcomed(watcher)
+    history(watcher)
+    carol.line()
+    carol.say("seen")
+    shown = watcher.said(f"<{carol.name}> seen\n")
+    carol.say("not seen")
+    watcher.said(f"<{carol.name}> not seen\n")
+    plain = WsLines(open_page(jar, server, path=resume_path("lobby", shown), ids=False))
+    assert WELCOME.fullmatch(plain.line().encode())
+    plain.expect(MISSED)
+    assert plain.line()[6:] == f"<{carol.name}> not seen\n"
+    plain.expect(END_OF_MISSED)
+    carol.say("live")
+    plain.expect(f"<{carol.name}> live\n")
+
+
+def test_without_history_a_page_that_comes_back_is_told_so(
+        start_server: StartServer, jar: contextlib.ExitStack) -> None:
+    server = start_server(*CHAT)
+    carol = join(server)
+    alice = IdLines(open_page(jar, server))
+    welcomed(alice)
+    carol.line()
+    carol.say("hi")
+    shown = alice.said(f"<{carol.name}> hi\n")
+    back = IdLines(open_page(jar, server, path=resume_path("lobby", shown)))
+    welcomed(back)
+    back.expect("*** this server keeps no history: what was said while you were away is not "
+                "shown\n")
+    carol.say("live")
+    back.said(f"<{carol.name}> live\n")

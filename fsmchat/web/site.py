@@ -19,6 +19,13 @@ Rules it keeps:
   reason; in raw mode, whose frames are the relay's bytes, the close frame alone. ``/ws``
   without an upgrade is 426. An address ``--allow``/``--deny`` keep out is closed as it is
   accepted, as on every port (``http.rejected``): it gets no answer at all.
+- Chat mode: a handshake that offers the subprotocol ``fsmchat.ids`` is accepted with it (its
+  frames carry ids), and one whose query has ``room`` or ``after`` comes back
+  (``chat/resume.py``). The query is checked as a whole before anything is accepted: a value
+  given twice, a bad room name, an id not of ``Hub.msg_id``'s making or more than ``MAX_AFTER``
+  of them is answered 400 with what is wrong (a page of this server never sends one; other
+  parameters are ignored). A good id the history does not hold is no error: the page is told
+  the gap is too old.
 - Every answer carries a strict Content-Security-Policy (nothing but this site's own script,
   style and WebSocket; no inline script, no frames), ``nosniff`` and no referrer; no cookies.
 """
