@@ -622,8 +622,9 @@ def test_the_page_reconnects_after_the_server_restarts(
 
 class Cable:
     """A TCP relay between the browser and the server's web port, whose connections a test can
-    cut (as a network that drops: no close frame, the page learns it from its socket) and
-    hold (connections made meanwhile wait, unanswered, until ``mend``)."""
+    cut (as a network that drops: no close frame, the page learns it from its socket), hold
+    (connections made meanwhile wait, unanswered, until ``mend``), and make deaf (what the
+    server sends is lost on the way, as before a cut the page is not told of yet)."""
 
     def __init__(self, port: int) -> None:
         self.upstream = port
@@ -631,6 +632,7 @@ class Cable:
         self.port: int = self.listener.getsockname()[1]
         self.mended = threading.Event()
         self.mended.set()
+        self.deaf = threading.Event()
         self.lock = threading.Lock()
         self.socks: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -646,8 +648,8 @@ class Cable:
             far.settimeout(None)
             with self.lock:
                 self.socks += [near, far]
-            for source, sink in ((near, far), (far, near)):
-                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+            for source, sink, lost in ((near, far, None), (far, near, self.deaf)):
+                threading.Thread(target=_pump, args=(source, sink, lost), daemon=True).start()
 
     def cut(self) -> None:
         """Every connection relayed so far is gone at once; new ones wait for ``mend``."""
@@ -659,6 +661,7 @@ class Cable:
             self.socks.clear()
 
     def mend(self) -> None:
+        self.deaf.clear()
         self.mended.set()
 
     def close(self) -> None:
@@ -667,10 +670,11 @@ class Cable:
         self.listener.close()
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def _pump(source: socket.socket, sink: socket.socket, lost: threading.Event | None) -> None:
     with contextlib.suppress(OSError):
         while data := source.recv(65536):
-            sink.sendall(data)
+            if lost is None or not lost.is_set():
+                sink.sendall(data)
     for sock in (source, sink):
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
@@ -699,6 +703,9 @@ def test_a_page_whose_connection_dropped_shows_what_it_missed_once(
         tab.wait_row(f"<{term.name}> {text}")
     tab.say("mine")
     term.expect(f"<{tab.name}> mine\n")
+    cable.deaf.set()  # the id of the next line of the page's is lost, with the connection
+    tab.say("unheard")
+    term.expect(f"<{tab.name}> unheard\n")
 
     cable.cut()
     term.expect(f"*** {tab.name} left lobby\n")
@@ -733,7 +740,8 @@ def test_a_page_whose_connection_dropped_shows_what_it_missed_once(
     for text in ("one", "two"):
         assert [row for row in rows if row.endswith(f"<{term.name}> {text}")] == [
             f"<{term.name}> {text}"], rows
-    assert [row for row in rows if row.endswith("mine")] == [f"<{tab.name}> mine"], rows
+    for text in ("mine", "unheard"):
+        assert [row for row in rows if row.endswith(text)] == [f"<{tab.name}> {text}"], rows
     assert not [row for row in rows if f"{tab.name} left" in row], rows
     assert rows.count("*** recent messages:") == 1, rows  # (the first connection's only)
     assert rows[-1] == f"<{term.name}> five", rows

@@ -309,9 +309,9 @@
       if (mine) roomsAsked -= 1;
       if (takeRooms(match[1])) return mine;
     } else if ((match = MOVED.exec(line))) {
-      if (!sameRoom(match[1] || match[2], seenRoom)) { // a new room: its ids start here
+      if (match[1] && !sameRoom(match[1], seenRoom)) { // a new room: its ids start here
         seen = [];
-        seenRoom = match[1] || match[2];
+        seenRoom = match[1];
       }
       enter(match[1] || match[2]);
       askRooms();
