@@ -37,6 +37,7 @@ from fsmchat.net.sock import LoopSocket
 from fsmchat.reasons import Reason, error_reason
 
 if TYPE_CHECKING:
+    from fsmchat.chat.resume import Resume
     from fsmchat.hub import Hub
 
 RECV_SIZE = 64 * 1024
@@ -51,7 +52,8 @@ __all__ = ["FAREWELL_TIMEOUT", "MACHINE", "RECV_SIZE", "Connection", "error_reas
 
 class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
     __slots__ = ("hub", "flow", "limits", "bytes_in", "bytes_out", "opened", "reason",
-                 "congested", "heard", "tokens", "counted", "timer", "credit_timer", "farewell")
+                 "congested", "heard", "tokens", "counted", "timer", "credit_timer", "farewell",
+                 "asked")
     """Slots, not a dict: an idle client costs its socket, its queue and these."""
 
     sock: socket.socket  # always set: a connection is attached from the start
@@ -76,6 +78,8 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
         self.timer: Timer | None = None  # the handshake's timeout, then the idle check
         self.credit_timer: Timer | None = None  # set while `limited`
         self.farewell = b""  # chat mode: the line that says why the server closes it
+        self.asked: Resume | None = None  # chat mode: what a WebSocket client asked for in
+        # its handshake (ids, and when it comes back its room and what it showed last)
         self.machine.add_model(self)
 
     def __repr__(self) -> str:

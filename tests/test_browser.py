@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import itertools
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,8 +41,12 @@ from playwright.sync_api import (
     sync_playwright,
 )
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from redis_harness import RedisServer
+from test_redis import start_instance
 
 from fsmchat.chat.accounts import make_hash
+
+pytest_plugins = ["redis_harness"]
 
 #: Debian's chromium: there is no browser download to be had, so Playwright drives this one.
 CHROMIUM = shutil.which("chromium")
@@ -611,6 +618,179 @@ def test_the_page_reconnects_after_the_server_restarts(
     wait_sees([tab], [term], f"<{name}> back again")
     term.say("welcome back")
     tab.wait_row(f"<{term.name}> welcome back")
+
+
+class Cable:
+    """A TCP relay between the browser and the server's web port, whose connections a test can
+    cut (as a network that drops: no close frame, the page learns it from its socket), hold
+    (connections made meanwhile wait, unanswered, until ``mend``), and make deaf (what the
+    server sends is lost on the way, as before a cut the page is not told of yet)."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.listener = socket.create_server((HOST, 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.mended = threading.Event()
+        self.mended.set()
+        self.deaf = threading.Event()
+        self.lock = threading.Lock()
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.mended.wait()
+            far = socket.create_connection((HOST, self.upstream), timeout=WAIT)
+            far.settimeout(None)
+            with self.lock:
+                self.socks += [near, far]
+            for source, sink, lost in ((near, far, None), (far, near, self.deaf)):
+                threading.Thread(target=_pump, args=(source, sink, lost), daemon=True).start()
+
+    def cut(self) -> None:
+        """Every connection relayed so far is gone at once; new ones wait for ``mend``."""
+        self.mended.clear()
+        with self.lock:
+            for sock in self.socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self.socks.clear()
+
+    def mend(self) -> None:
+        self.deaf.clear()
+        self.mended.set()
+
+    def close(self) -> None:
+        self.cut()
+        self.mended.set()
+        self.listener.close()
+
+
+def _pump(source: socket.socket, sink: socket.socket, lost: threading.Event | None) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            if lost is None or not lost.is_set():
+                sink.sendall(data)
+    for sock in (source, sink):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    source.close()
+
+
+@pytest.fixture
+def cable_to() -> Iterator[list[Cable]]:
+    cables: list[Cable] = []
+    yield cables
+    for cable in cables:
+        cable.close()
+
+
+def test_a_page_whose_connection_dropped_shows_what_it_missed_once(
+    start_server: StartServer, browser: BrowserContext, cable_to: list[Cable]
+) -> None:
+    server = chat_server(start_server, "--history", "50")
+    cable = Cable(web_port(server))
+    cable_to.append(cable)
+    term = join(server)
+    tab = open_page(browser, f"http://{HOST}:{cable.port}/")
+    term.expect(f"*** {tab.name} joined lobby\n")
+    for text in ("one", "two"):
+        term.say(text)
+        tab.wait_row(f"<{term.name}> {text}")
+    tab.say("mine")
+    term.expect(f"<{tab.name}> mine\n")
+    cable.deaf.set()  # the id of the next line of the page's is lost, with the connection
+    tab.say("unheard")
+    term.expect(f"<{tab.name}> unheard\n")
+
+    cable.cut()
+    term.expect(f"*** {tab.name} left lobby\n")
+    tab.wait_status(r"reconnecting in \d+ s")
+    term.say("three")
+    term.say("/who")  # (once its reply came, "three" was said)
+    assert term.line().startswith(b"*** 1 in lobby: ")
+    other = join(server, term)
+    while other.line() != b"*** end of recent messages\n":
+        pass
+    other.say("four")
+    term.expect(f"<{other.name}> four\n")
+
+    cable.mend()
+    tab.wait_status("^connected again$", timeout=RECONNECT_WAIT_MS)
+    back = re.findall(WELCOME, "\n".join(tab.rows()), re.MULTILINE)[-1]
+    term.expect(f"*** {back} joined lobby\n")
+    other.expect(f"*** {back} joined lobby\n")
+    tab.wait_row("*** end of missed messages")
+    term.say("five")
+    tab.wait_row(f"<{term.name}> five")
+
+    rows = tab.rows()
+    start = rows.index("*** missed while you were away:")
+    missed = rows[start + 1:rows.index("*** end of missed messages")]
+    expected = [f"<{term.name}> three", f"*** {other.name} joined lobby",
+                f"<{other.name}> four"]
+    assert [row[6:] for row in missed] == expected, rows  # (after their time, "HH:MM ")
+    assert all(row[:5].encode() in minutes(STARTED) for row in missed), missed
+    # Each line once: what it showed before is not shown again, nor its own leave, nor the
+    # history (it was given what it missed instead).
+    for text in ("one", "two"):
+        assert [row for row in rows if row.endswith(f"<{term.name}> {text}")] == [
+            f"<{term.name}> {text}"], rows
+    for text in ("mine", "unheard"):
+        assert [row for row in rows if row.endswith(text)] == [f"<{tab.name}> {text}"], rows
+    assert not [row for row in rows if f"{tab.name} left" in row], rows
+    assert rows.count("*** recent messages:") == 1, rows  # (the first connection's only)
+    assert rows[-1] == f"<{term.name}> five", rows
+    assert tab.errors == []
+
+
+def test_a_page_whose_server_restarted_is_given_what_was_said_elsewhere_meanwhile(
+    start_server: StartServer, browser: BrowserContext, redis_server: RedisServer
+) -> None:
+    """With --redis: the page's instance restarts while another goes on; the instance that comes
+    back reads the rooms' shared history, and the page, back on it, in its room, shows what was
+    said on the other one meanwhile, once."""
+    chat = ("--mode", "chat", "--history", "50")
+    first = start_instance(start_server, redis_server, *chat, "--web-port", "0")
+    other = start_instance(start_server, redis_server, *chat)
+    port = web_port(first)
+    term = join(other)
+    term.say("/join math")
+    term.expect("*** you are now in math\n")
+    tab = open_page(browser, f"http://{HOST}:{port}/")
+    tab.say("/join math")
+    tab.wait_row("*** you are now in math")
+    term.expect(f"*** {tab.name} joined math\n")
+    term.say("before")
+    tab.wait_row(f"<{term.name}> before")
+
+    first.stop()
+    term.expect(f"*** {tab.name} left math\n")  # (published as the server closed)
+    tab.wait_status(r"reconnecting in \d+ s")
+    term.say("while you were away")
+    again = start_instance(start_server, redis_server, *chat, "--web-port", str(port))
+    again.wait_event("redis.synced")
+    tab.wait_status("^connected again$", timeout=RECONNECT_WAIT_MS)
+    back = re.findall(WELCOME, "\n".join(tab.rows()), re.MULTILINE)[-1]
+    term.expect(f"*** {back} joined math\n")
+    tab.wait_row("*** end of missed messages")
+    wait_header(tab, "math")
+    term.say("live again")
+    tab.wait_row(f"<{term.name}> live again")
+
+    rows = tab.rows()
+    start = rows.index("*** missed while you were away:")
+    missed = rows[start + 1:rows.index("*** end of missed messages")]
+    assert [row[6:] for row in missed] == [f"<{term.name}> while you were away"], rows
+    assert [row for row in rows if row.endswith(f"<{term.name}> before")] == [
+        f"<{term.name}> before"], rows
+    assert rows[start - 1] == "*** you are now in math", rows  # seated there at once
+    assert rows[-1] == f"<{term.name}> live again", rows
+    assert tab.errors == []
 
 
 def test_a_message_over_the_line_limit_is_explained(

@@ -20,6 +20,7 @@ class Person:
     peer: str = "127.0.0.1:1"
     here: bool = True
     reason: str = "peer_closed"  # why it leaves, when it does
+    asked: None = None  # what a WebSocket client asked for (chat/resume.py): nothing
 
 
 class Flow:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import socket
 import ssl
 import struct
@@ -25,8 +26,12 @@ from dataclasses import dataclass, field
 
 from conftest import HOST, WAIT, Client, ServerProcess, peer_of
 from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+IDS = Subprotocol("fsmchat.ids")  # chat mode: every room message's frame after its id
+ID_MARK = "\x1e"
+MESSAGE_ID = re.compile(r"[0-9a-f]{16}-[1-9][0-9]*")
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
@@ -59,15 +64,18 @@ def ws_connect(
     path: str = "/ws",
     context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    ids: bool = False,
 ) -> ClientConnection:
     """A library client of ``ws://HOST:port/ws`` (``wss://`` with ``context``), no proxy, no
-    automatic pings (the tests send their own)."""
+    automatic pings (the tests send their own); ``ids``: it offers the subprotocol
+    ``fsmchat.ids``."""
     scheme = "wss" if context is not None else "ws"
     return connect(
         f"{scheme}://{HOST}:{port}{path}",
         origin=origin,  # type: ignore[arg-type]  # websockets' Origin is a NewType of str
         ssl=context,
         server_hostname=server_hostname,
+        subprotocols=[IDS] if ids else None,
         proxy=None,
         open_timeout=WAIT,
         close_timeout=WAIT,
@@ -98,6 +106,73 @@ class WsLines:
         for want in expected:
             got = self.line()
             assert got == want, f"got {got!r}, expected {want!r}"
+
+    def quiet(self, wait: float = 0.25) -> None:
+        """Nothing more is pending or arrives (call it after a positive proof elsewhere)."""
+        assert not self.pending, f"unexpected lines: {self.pending}"
+        try:
+            message = self.conn.recv(wait)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected frame: {message!r}")
+
+
+class IdLines:
+    """A chat-mode connection of a client that reads ids (``fsmchat.ids``), line by line: each
+    line with the id its frame came after (None: a frame without one), and the ids of our own
+    lines (frames that are an id alone) in ``own``, in order."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        assert conn.subprotocol == IDS, f"the server chose {conn.subprotocol!r}"
+        self.conn = conn
+        self.pending: list[tuple[str | None, str]] = []
+        self.own: list[str] = []
+
+    def _frame(self, timeout: float) -> None:
+        message = self.conn.recv(timeout)
+        assert isinstance(message, str), f"chat mode sent a binary frame: {message[:80]!r}"
+        msg_id = None
+        if message.startswith(ID_MARK):
+            msg_id, newline, message = message[1:].partition("\n")
+            assert newline and MESSAGE_ID.fullmatch(msg_id), f"a bad id in {message!r}"
+            if not message:
+                self.own.append(msg_id)
+                return
+        assert ID_MARK not in message, f"a mark inside a frame: {message!r}"
+        assert message.endswith("\n"), f"a text frame that does not end a line: {message!r}"
+        self.pending += [(msg_id, line) for line in message.splitlines(keepends=True)]
+
+    def line(self, timeout: float = WAIT) -> tuple[str | None, str]:
+        """The next line (with its ``\\n``) and the id of its message."""
+        while not self.pending:
+            self._frame(timeout)
+        return self.pending.pop(0)
+
+    def own_id(self, timeout: float = WAIT) -> str:
+        """The id of our own line that comes next (lines before it are kept for ``line``)."""
+        count = len(self.own)
+        while len(self.own) == count:
+            self._frame(timeout)
+        return self.own[-1]
+
+    def text(self, timeout: float = WAIT) -> str:
+        """The next line, whatever its id."""
+        return self.line(timeout)[1]
+
+    def expect(self, *expected: str) -> None:
+        """The next lines are these, each without an id (replies, notices to us alone)."""
+        for want in expected:
+            got = self.line()
+            assert got == (None, want), f"got {got!r}, expected {want!r} without an id"
+
+    def said(self, *expected: str) -> list[str]:
+        """The next lines are these room messages, each after an id; the ids."""
+        ids = []
+        for want in expected:
+            msg_id, got = self.line()
+            assert got == want and msg_id is not None, f"got {(msg_id, got)!r}, expected {want!r}"
+            ids.append(msg_id)
+        return ids
 
     def quiet(self, wait: float = 0.25) -> None:
         """Nothing more is pending or arrives (call it after a positive proof elsewhere)."""

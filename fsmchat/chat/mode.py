@@ -51,6 +51,7 @@ from fsmchat.chat.directory import Directory, MakeDirectory
 from fsmchat.chat.framing import LineFramer
 from fsmchat.chat.payload import To, route
 from fsmchat.chat.recent import Budget, Recent, delayed
+from fsmchat.chat.resume import replay as replay_as_asked
 from fsmchat.chat.rooms import Room, Rooms
 from fsmchat.chat.telnet import TelnetParser, lines_of
 from fsmchat.chat.text import clean, prepare, skeleton
@@ -132,7 +133,10 @@ class Chat(Extension):
     def greet(self, client: Client) -> None:
         """A client entered the chat: name it and welcome it (history comes next, then
         ``joined``)."""
-        room = self.rooms.enter(self.rooms.lobby.name, client)
+        asked = client.asked  # (a page coming back: its room, what it showed last)
+        lobby = self.rooms.lobby
+        room = self.rooms.enter(asked.room if asked is not None and asked.room
+                                else lobby.name, client)
         member = Member(self._new_name(), client, room, LineFramer(self.max_line),
                         TelnetParser())
         self.members[client.fd] = member
@@ -140,9 +144,11 @@ class Chat(Extension):
         self.directory.moved(member, None, room)
         self.hub.tell(client, b"*** welcome, you are %s (/help lists the commands)\n"
                       % member.name)
+        if room is not lobby:
+            self.hub.tell(client, b"*** you are now in %s\n" % room.name)
         if self.entering is not None:
             self.entering(client, room)
-        self._replay(client, room)
+        self._replay(client, room, asked.after if asked is not None else ())
 
     def joined(self, client: Client) -> None:
         member = self.members[client.fd]
@@ -207,6 +213,8 @@ class Chat(Extension):
         hub = self.hub
         msg_id = hub.delivering = hub.msg_id(hub.seq + 1)  # (the number broadcast gives it)
         hub.broadcast(data, sender, lines, room.readers, room.tag)
+        if sender is not None and sender.asked is not None and sender.asked.ids:
+            hub.tell(sender, b"")  # its own line's id alone: a page that reads ids showed it
         hub.delivering = b""
         recent = room.recent
         if recent is not None:
@@ -520,9 +528,13 @@ class Chat(Extension):
             self.say(room, b"*** %s joined %s\n" % (member.name, room.name), client)
         return True
 
-    def _replay(self, client: Client, room: Room) -> None:
-        """``room``'s recent lines, framed and with their times, for a newcomer to it."""
-        if room.recent is not None and room.recent.lines and self.hub.in_chat(client):
+    def _replay(self, client: Client, room: Room, after: Sequence[bytes] = ()) -> None:
+        """``room``'s recent lines, framed and with their times, for a newcomer to it; for a
+        WebSocket client that asked (``chat/resume.py``), each after its id, or only what it
+        missed after the messages ``after``."""
+        if client.asked is not None:
+            replay_as_asked(self.hub, client, room.recent, self.zone, after)
+        elif room.recent is not None and room.recent.lines and self.hub.in_chat(client):
             self.hub.replay(client, room.recent.framed(self.zone))
 
     def _new_name(self) -> bytes:

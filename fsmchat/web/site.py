@@ -19,6 +19,13 @@ Rules it keeps:
   reason; in raw mode, whose frames are the relay's bytes, the close frame alone. ``/ws``
   without an upgrade is 426. An address ``--allow``/``--deny`` keep out is closed as it is
   accepted, as on every port (``http.rejected``): it gets no answer at all.
+- Chat mode: a handshake that offers the subprotocol ``fsmchat.ids`` is accepted with it (its
+  frames carry ids), and one whose query has ``room`` or ``after`` comes back
+  (``chat/resume.py``). The query is checked as a whole before anything is accepted: a value
+  given twice, a bad room name, an id not of ``Hub.msg_id``'s making or more than ``MAX_AFTER``
+  of them is answered 400 with what is wrong (a page of this server never sends one; other
+  parameters are ignored). A good id the history does not hold is no error: the page is told
+  the gap is too old.
 - Every answer carries a strict Content-Security-Policy (nothing but this site's own script,
   style and WebSocket; no inline script, no frames), ``nosniff`` and no referrer; no cookies.
 """
@@ -26,10 +33,12 @@ Rules it keeps:
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import ssl
 from collections.abc import Sequence
 from importlib import resources
+from urllib.parse import unquote_to_bytes
 
 import h11
 from structlog.typing import FilteringBoundLogger
@@ -39,6 +48,8 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import RemoteProtocolError
 
 from fsmchat.acceptor import Acceptor
+from fsmchat.chat.resume import Resume
+from fsmchat.chat.text import room_problem
 from fsmchat.lifecycle import Trigger
 from fsmchat.net.http import Answer, Headers, HttpConnection, Site
 from fsmchat.options import WEB_FDS
@@ -65,6 +76,17 @@ FILES = {b"/": ("index.html", "text/html; charset=utf-8"),
 
 WS_PATH = b"/ws"
 
+SUBPROTOCOL = "fsmchat.ids"
+"""The WebSocket subprotocol of a chat-mode client that reads the ids of room messages
+(``chat/resume.py``). Raw mode accepts it too, for the same page, and it changes nothing there:
+no ids, and the query is not read."""
+
+MAX_AFTER = 32
+"""Most ids a client coming back may name (``after``): the page sends its last 16."""
+
+MESSAGE_ID = re.compile(rb"[0-9a-f]{16}-[1-9][0-9]{0,19}")
+"""A message id as ``Hub.msg_id`` makes them: the origin's 16 hex digits, a dash, its number."""
+
 REFUSAL_CODES: dict[str, int] = {Reason.DENIED: CloseReason.POLICY_VIOLATION}
 """The close code of a WebSocket the chat turns away: 1013 (try again later) but for these."""
 
@@ -85,12 +107,13 @@ class WebSite(Site):
         self.scheme = "https" if tls is not None else "http"
         self.any_origin = "*" in origins
         self.origins = {origin.rstrip("/").lower() for origin in origins}
-        self.frames = Frames(TEXT if mode == "chat" else BINARY)
+        self.chat = mode == "chat"
+        self.frames = Frames(TEXT if self.chat else BINARY)
         self.limit = limit  # the longest message a browser may send
         self.files = {path: Answer(200, [("Content-Type", kind), *SECURITY], _static(name))
                       for path, (name, kind) in FILES.items()}
-        self._pending: dict[int, tuple[WSConnection, bytes, str]] = {}  # fd -> accepted
-        # handshake, and why the chat turns it away ("" if it does not)
+        self._pending: dict[int, tuple[WSConnection, bytes, str, Resume | None]] = {}  # fd ->
+        # accepted handshake, why the chat turns it away ("" if it does not), what it asked
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -118,11 +141,19 @@ class WebSite(Site):
         try:
             ws.initiate_upgrade_connection([(key, value) for key, value in request.headers],
                                             request.target)
-            if not any(isinstance(event, Request) for event in ws.events()):
+            asked = next((event for event in ws.events() if isinstance(event, Request)), None)
+            if asked is None:
                 return False
         except (RemoteProtocolError, h11.ProtocolError):  # (h11's: what wsproto builds from it)
             return False  # answered 400 by _refuse_upgrade
-        self._pending[conn.fd] = ws, ws.send(AcceptConnection()), self.acceptor.refusal(conn.host)
+        ids = SUBPROTOCOL in asked.subprotocols  # (raw mode takes it too, and sends no ids:
+        # browsers fail a handshake whose answer names none of the subprotocols offered)
+        try:
+            resume = resume_asked(request.target, ids) if self.chat else None
+        except ValueError:
+            return False  # answered 400, with what is wrong, by _refuse_upgrade
+        accept = ws.send(AcceptConnection(subprotocol=SUBPROTOCOL if ids else None))
+        self._pending[conn.fd] = ws, accept, self.acceptor.refusal(conn.host), resume
         return True
 
     def _refuse_upgrade(self, request: h11.Request, conn: HttpConnection) -> Answer:
@@ -134,6 +165,11 @@ class WebSite(Site):
             self.log.warning("http.bad_origin", site=self.name, peer=conn.peer, origin=origin)
             return Answer.plain(403, f"a page from {origin} may not join this chat "
                                 "(see --web-origin)", SECURITY, close=True)
+        if self.chat:
+            try:
+                resume_asked(request.target, False)
+            except ValueError as exc:
+                return Answer.plain(400, f"cannot come back so: {exc}", SECURITY, close=True)
         return Answer.plain(400, "not a valid WebSocket handshake", SECURITY, close=True)
 
     def _origin_ok(self, request: h11.Request) -> bool:
@@ -144,14 +180,14 @@ class WebSite(Site):
         return origin == f"{self.scheme}://{host}"
 
     def take_over(self, conn: HttpConnection, trailing: bytes) -> None:
-        ws, accept, refusal = self._pending.pop(conn.fd)
+        ws, accept, refusal, resume = self._pending.pop(conn.fd)
         sock: socket.socket = conn.sock
         if refusal:
             self._turn_away(sock, conn, ws, accept, refusal)
             return
         web = WebConnection(sock, conn.peer, self.acceptor.hub, ws=ws, accept=accept,
                             trailing=trailing, frames=self.frames, limit=self.limit,
-                            bytes_in=conn.bytes_in)
+                            bytes_in=conn.bytes_in, resume=resume)
         self.acceptor.seat(web, conn.host, Trigger.UPGRADE)
 
     def _turn_away(self, sock: socket.socket, conn: HttpConnection, ws: WSConnection,
@@ -170,6 +206,39 @@ class WebSite(Site):
         with contextlib.suppress(OSError):  # full or gone: the close is the answer
             sock.send(b"".join(out))
         sock.close()
+
+
+def resume_asked(target: bytes, ids: bool) -> Resume | None:
+    """What a chat-mode handshake asks for: ids (the subprotocol), and in its query (``room``,
+    ``after``: ids separated by commas, newest last) where it comes back and what it showed
+    last; None for nothing. ValueError, saying what is wrong, for a query no page of this
+    server sends (a value given twice, a bad room name, an id not made by ``Hub.msg_id``, more
+    than ``MAX_AFTER`` of them); other parameters are ignored."""
+    query = target.partition(b"?")[2]
+    asked: dict[bytes, bytes] = {}
+    for part in query.split(b"&") if query else ():
+        key, _, value = part.partition(b"=")
+        if key not in (b"room", b"after"):
+            continue
+        if key in asked:
+            raise ValueError(f"{key.decode()} is given twice")
+        asked[key] = unquote_to_bytes(value)
+    room = asked.get(b"room", b"")
+    if b"room" in asked:
+        problem = room_problem(room)
+        if problem is not None:
+            raise ValueError(f"room: {problem.decode(errors='replace')}")
+    after: tuple[bytes, ...] = ()
+    if b"after" in asked:
+        after = tuple(asked[b"after"].split(b","))
+        if len(after) > MAX_AFTER:
+            raise ValueError(f"after: at most {MAX_AFTER} ids, not {len(after)}")
+        bad = next((msg_id for msg_id in after if not MESSAGE_ID.fullmatch(msg_id)), None)
+        if bad is not None:
+            raise ValueError(f"after: {bad.decode(errors='replace')!r} is not a message id")
+    if not (ids or room or after):
+        return None
+    return Resume(ids, room, after)
 
 
 def _header(request: h11.Request, name: bytes) -> bytes:

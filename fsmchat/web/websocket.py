@@ -10,7 +10,10 @@ framing, so only the two ends change:
   message always ends a line), pings are answered, a close frame is a hangup;
 - out: every message is one frame. Server frames are not masked, so the frame is the same for
   every recipient: ``Frames`` makes it once per message (one copy of the message, whatever the
-  number of browsers), and every WebSocket queue holds that one bytes object.
+  number of browsers), and every WebSocket queue holds that one bytes object. A client that
+  asked for ids (chat mode's ``fsmchat.ids``: ``chat/resume.py``) gets a room message's frame
+  after its id (``\\x1e<id>\\n``; ``Hub.delivering`` as it is queued): a second frame per
+  message, shared by every such client too; replies and notices to one client carry none.
 
 Rules it keeps:
 - A message over ``limit`` (chat mode: --max-line; raw mode: one recv's worth) is refused with
@@ -51,6 +54,7 @@ from fsmchat.net.loop import Timer
 from fsmchat.reasons import Reason
 
 if TYPE_CHECKING:
+    from fsmchat.chat.resume import Resume
     from fsmchat.hub import Hub
 
 PING_INTERVAL = 30.0
@@ -58,6 +62,11 @@ PING_INTERVAL = 30.0
 connections after a minute, and to find a vanished browser within two intervals."""
 
 TEXT, BINARY = 0x1, 0x2
+
+ID_MARK = b"\x1e"
+"""What starts the id in front of a frame for a client that reads ids (``fsmchat.ids``):
+ASCII's record separator, which no chat line holds (``clean`` shows control characters in
+caret notation), then the id and a newline."""
 
 MIN_READ = 16
 """Bytes a read takes at least, a frame's longest header and more, however much of a message
@@ -72,14 +81,18 @@ _CLOSE_CODES: dict[str, int] = {Reason.SERVER_SHUTDOWN: CloseReason.GOING_AWAY,
 
 
 class Frames:
-    """Each message's frame, made once, for every WebSocket recipient."""
+    """Each message's frame, made once, for every WebSocket recipient; and once more, after
+    the message's id, for every recipient that reads ids."""
 
-    __slots__ = ("opcode", "last", "framed")
+    __slots__ = ("opcode", "last", "framed", "last_with_id", "msg_id", "framed_with_id")
 
     def __init__(self, opcode: int) -> None:
         self.opcode = opcode  # TEXT in chat mode (its lines are clean UTF-8), else BINARY
         self.last: bytes | None = None  # the message the frame is of (held: its id stays)
         self.framed = b""
+        self.last_with_id: bytes | None = None  # the same, for the frame after an id
+        self.msg_id = b""
+        self.framed_with_id = b""
 
     def frame(self, data: bytes) -> bytes:
         """``data`` as one frame: one copy per message, shared by every recipient (one queue
@@ -89,6 +102,17 @@ class Frames:
             self.last = data
             self.framed = frame_header(self.opcode, len(data)) + data
         return self.framed
+
+    def frame_with_id(self, data: bytes, msg_id: bytes) -> bytes:
+        """``data`` as one frame after ``ID_MARK``, its message's id and a newline: one copy
+        per message too, shared by every recipient that reads ids (b"" alone: the id of a
+        sender's own line, for it)."""
+        if data is not self.last_with_id or msg_id != self.msg_id:
+            self.last_with_id = data
+            self.msg_id = msg_id
+            head = ID_MARK + msg_id + b"\n"
+            self.framed_with_id = frame_header(self.opcode, len(head) + len(data)) + head + data
+        return self.framed_with_id
 
 
 def frame_header(opcode: int, size: int) -> bytes:
@@ -103,15 +127,18 @@ def frame_header(opcode: int, size: int) -> bytes:
 
 class WebConnection(Connection):
     __slots__ = ("ws", "frames", "limit", "lines", "partial", "partial_size", "closing_code",
-                 "refusal", "goodbye", "ping_timer", "pinged")
+                 "refusal", "goodbye", "ping_timer", "pinged", "ids")
 
     def __init__(self, sock: socket.socket, peer: str, hub: Hub, *, ws: WSConnection,
                  accept: bytes, trailing: bytes, frames: Frames, limit: int,
-                 bytes_in: int = 0) -> None:
+                 bytes_in: int = 0, resume: Resume | None = None) -> None:
         """``accept``: the 101 answer, queued first; ``trailing``: what came after the request;
-        ``bytes_in``: what HTTP read of it (the request and ``trailing``)."""
+        ``bytes_in``: what HTTP read of it (the request and ``trailing``); ``resume``: what the
+        handshake asked for (chat mode: ids, a room and what it showed last)."""
         super().__init__(sock, peer, hub)
         self.bytes_in = bytes_in
+        self.asked = resume
+        self.ids = resume is not None and resume.ids  # room messages' frames after their id
         self.ws = ws
         self.frames = frames
         self.limit = limit  # the longest message it may send
@@ -133,7 +160,8 @@ class WebConnection(Connection):
     # -- out --------------------------------------------------------------------------------
 
     def enqueue(self, data: bytes) -> None:
-        framed = self.frames.frame(data)
+        msg_id = self.hub.delivering if self.ids else b""
+        framed = self.frames.frame_with_id(data, msg_id) if msg_id else self.frames.frame(data)
         size = self.queue.nbytes + len(data)  # (its header aside: the largest message fits the
         # smallest --max-queue-bytes, as for a TCP client)
         if size > self.flow.high_water and not self.may_grow(size):

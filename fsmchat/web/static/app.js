@@ -15,6 +15,18 @@
 // the topic lines. Replayed history ("*** recent messages:" ... "*** end of recent messages",
 // each line after its HH:MM) is shown muted, and changes none of that: it is the past.
 //
+// Coming back: the page asks for the subprotocol "fsmchat.ids"; a chat-mode server that takes
+// it puts the id of every room message in front of its frame ("\x1e" ID "\n", then the lines),
+// history included, and sends the id of each public line of ours alone (it does not echo them).
+// The page keeps the last SEEN_IDS ids it showed, and the room they are of; a connection made
+// again asks "/ws?room=ROOM&after=ID,...,ID" (newest last), so that the server (this one or
+// another of the same chat) seats it in that room ("*** you are now in ROOM") and, instead of
+// the room's history, sends only what was said after them ("*** missed while you were away:"
+// ... "*** end of missed messages", each line after its HH:MM, shown muted as history is), or
+// nothing if nothing was; or says the gap is too old, then gives the history. Of what was
+// missed, the page leaves out what it showed itself: our old name's leave, and our lines whose
+// id never came back before the connection was lost. A new room (/join) starts a new list.
+//
 // When the server closes or turns us away it says why: a "*** " line (chat mode), and the same
 // words as the close frame's reason, whose code says what to do: 1013 (try again later: the
 // chat is full, too many connections from this address, we read too slowly) is retried, with
@@ -55,6 +67,10 @@
   // A burst of joins and leaves (a class arriving) is one "/rooms", not one each.
   const ROOMS_DEBOUNCE_MS = 500;
   const MASK = "••••"; // in place of a password: always four, whatever its length
+  const IDS = "fsmchat.ids"; // the subprotocol of a page that reads the ids of messages
+  const ID_MARK = "\x1e"; // starts the id in front of a frame
+  const SEEN_IDS = 16; // the ids of the last messages shown, sent when coming back
+  const OWN_LINES = 16; // our own lines whose id has not come back, kept at most
 
   const WELCOME = /^\*\*\* welcome, you are (\S+) \(/;
   const RENAMED = /^\*\*\* you are now (\S+)$/;
@@ -68,6 +84,9 @@
   const PROMPT = /^\*\*\* this chat needs a password/;
   const RECENT = "*** recent messages:";
   const END_OF_RECENT = "*** end of recent messages";
+  const MISSED = "*** missed while you were away:";
+  const END_OF_MISSED = "*** end of missed messages";
+  const LEFT = /^\*\*\* (\S+) left (\S+)$/;
   const STAMPED = /^(\d\d:\d\d) (.*)$/s; // a replayed line: its time, then the line
   const SAID = /^<([^>\s]+)> (.*)$/s;
   const ACTION = /^\* (\S+) (.*)$/s;
@@ -101,6 +120,12 @@
   let roomsAsked = 0; // answers to /rooms the page asked for itself, still to come
   let roomsTimer = 0;
   let drawn = ""; // what the room list shows (drawRooms)
+  let seen = []; // the ids of the last messages shown (SEEN_IDS at most), newest last
+  let seenRoom = null; // the room they are of (null: the one a welcome seats us in, the lobby)
+  let ownLines = []; // our public lines sent whose id has not come back, as others see them
+  let unconfirmed = []; // the same, of the connection before this one (left out of "missed")
+  let previous = null; // our name on the connection before this one
+  let missed = null; // between "*** missed while you were away:" and its end: the lines
 
   // ---- the log ------------------------------------------------------------------------------
 
@@ -173,6 +198,11 @@
   }
 
   function showChatLine(line, mine) {
+    if (missed !== null && !mine) {
+      if (line === END_OF_MISSED) showMissed();
+      else missed.push(line);
+      return;
+    }
     if (past && !mine) {
       showPast(line);
       return;
@@ -199,13 +229,61 @@
     add("past " + kind, span("time", match[1] + " "), ...parts);
   }
 
+  // What was missed, once its frame is whole: shown as history is, without what we showed
+  // ourselves already; nothing at all if that was all.
+  function showMissed() {
+    const lines = missed.filter((line) => !shownBefore(line));
+    missed = null;
+    unconfirmed = [];
+    if (lines.length === 0) return;
+    add("notice frame", MISSED);
+    for (const line of lines) showPast(line);
+    add("notice frame", END_OF_MISSED);
+  }
+
+  // Whether a missed line (after its time) is one the page showed itself: our old name's leave
+  // (said once we were gone), or a line of ours whose id did not come back before the loss.
+  function shownBefore(line) {
+    const match = STAMPED.exec(line);
+    if (match === null) return false;
+    const text = match[2];
+    const left = LEFT.exec(text);
+    if (left !== null && previous !== null && left[1].toLowerCase() === previous.toLowerCase()) {
+      return true;
+    }
+    const index = unconfirmed.indexOf(text);
+    if (index < 0) return false;
+    unconfirmed.splice(index, 1);
+    return true;
+  }
+
+  // An id that came in front of a frame: the newest message shown. An id alone is one of our
+  // own lines': it is no longer unconfirmed.
+  function takeId(id, alone) {
+    if (seen[seen.length - 1] !== id) seen.push(id);
+    if (seen.length > SEEN_IDS) seen.shift();
+    if (alone) ownLines.shift();
+  }
+
+  // Where a connection made again asks to come back: the room the ids are of, and the ids.
+  function wsUrl() {
+    if (seen.length === 0 && seenRoom === null) return WS_URL;
+    const asked = [];
+    if (seenRoom !== null) asked.push("room=" + encodeURIComponent(seenRoom));
+    if (seen.length > 0) asked.push("after=" + seen.join(","));
+    return WS_URL + "?" + asked.join("&");
+  }
+
   // What a live "*** " line tells the page; true if it is not to be shown (an answer to the
   // page's own /rooms, or a refusal seen already).
   function notice(line) {
     let match;
     said = line;
     if ((match = WELCOME.exec(line))) {
+      previous = me;
       me = match[1];
+      unconfirmed = ownLines; // (what was missed comes next, if anything)
+      ownLines = [];
       welcomed = true;
       asked = false;
       refusal = "";
@@ -223,11 +301,18 @@
       past = true;
       add("notice frame", line);
       return true;
+    } else if (line === MISSED) {
+      missed = [];
+      return true;
     } else if ((match = ROOMS.exec(line))) {
       const mine = roomsAsked > 0;
       if (mine) roomsAsked -= 1;
       if (takeRooms(match[1])) return mine;
     } else if ((match = MOVED.exec(line))) {
+      if (match[1] && !sameRoom(match[1], seenRoom)) { // a new room: its ids start here
+        seen = [];
+        seenRoom = match[1];
+      }
       enter(match[1] || match[2]);
       askRooms();
     } else if ((match = WHO.exec(line))) {
@@ -284,15 +369,24 @@
     if (raw || me === null) {
       add("plain mine", text);
     } else if (text.startsWith("//")) {
-      showChatLine("<" + me + "> " + text.slice(1), true);
+      showSaid("<" + me + "> " + text.slice(1));
     } else if (command === "/me" && rest !== "") {
-      showChatLine("* " + me + " " + rest, true);
+      showSaid("* " + me + " " + rest);
     } else if (command === "/msg") {
       // The server answers: "-> *name* text" once it is sent, a "*** " line if not.
     } else if (text.startsWith("/")) {
       add("command mine", text); // /nick, /who, /quit: the server answers with a notice
     } else {
-      showChatLine("<" + me + "> " + text, true);
+      showSaid("<" + me + "> " + text);
+    }
+  }
+
+  // A public line of ours: shown now, and kept until its id comes back.
+  function showSaid(line) {
+    showChatLine(line, true);
+    if (socket !== null && socket.protocol === IDS) {
+      ownLines.push(line);
+      if (ownLines.length > OWN_LINES) ownLines.shift();
     }
   }
 
@@ -451,7 +545,7 @@
   function connect() {
     retryTimer = 0;
     setStatus(everConnected ? "reconnecting…" : "connecting…", down);
-    const ws = new WebSocket(WS_URL);
+    const ws = new WebSocket(wsUrl(), [IDS]); // (a raw-mode server takes no subprotocol)
     let opened = false;
     ws.binaryType = "arraybuffer";
     socket = ws;
@@ -463,6 +557,7 @@
       said = "";
       tail = "";
       past = false;
+      missed = null;
       forgetRooms();
       decoder = new TextDecoder("utf-8");
       setStatus(everConnected ? "connected again" : "connected", false);
@@ -472,8 +567,16 @@
       stableTimer = setTimeout(() => { delay = FIRST_DELAY_MS; }, STABLE_MS);
     };
     ws.onmessage = (event) => {
-      if (typeof event.data === "string") onText(event.data);
-      else onBytes(new Uint8Array(event.data));
+      if (typeof event.data !== "string") {
+        onBytes(new Uint8Array(event.data));
+      } else if (ws.protocol === IDS && event.data.startsWith(ID_MARK)) {
+        const end = event.data.indexOf("\n");
+        const text = event.data.slice(end + 1);
+        if (end > 0) takeId(event.data.slice(1, end), text === "");
+        if (text !== "") onText(text);
+      } else {
+        onText(event.data);
+      }
     };
     ws.onclose = (event) => {
       clearTimeout(stableTimer);
