@@ -1,19 +1,21 @@
 """What Redis streams cost against plain pub/sub: CPU per delivery, and XREAD BLOCK fan-out.
 
-    python bench/streams.py [--quick] [--instances 1,2,4] [--repeats 3] [--history 100]
-                            [--before DIR] [--no-fanout | --fanout-only] [--fsmchat DIR]
-                            [--out DIR] [--json PATH]
+    python bench/streams.py [--quick] [--instances 1,2,4] [--repeats 3] [--modes raw,chat]
+                            [--history 100] [--before DIR] [--no-fanout | --fanout-only]
+                            [--fsmchat DIR] [--out DIR] [--json PATH]
 
 Part 1, fsmchat. One redis-server of its own (``multi.Redis``: loopback, no persistence), then
-for each instance count N (1, 2, 4) runs alternating ``pubsub``, ``streams``, ``pubsub``, ...
-(``--repeats`` of each). A run empties Redis (FLUSHALL), starts N fresh instances on one port,
+per mode (raw, then chat) and instance count N (1, 2, 4) runs alternating ``pubsub``,
+``streams``, ``pubsub``, ... (``--repeats`` of each). A run empties Redis (FLUSHALL), starts N
+fresh instances on one port,
 
     python -m fsmchat --port P --reuse-port --redis redis://127.0.0.1:R --history 100
-        --log-level info --drain-timeout 2 [--no-redis-streams]
+        --mode M --log-level info --drain-timeout 2 [--no-redis-streams]
 
 (``pubsub``: with ``--no-redis-streams``, or the build in ``--before DIR`` without it: a
 checkout before streams), waits for their links (and, with streams, their first
-``redis.synced``), connects 200 clients of ``multi.py``'s generator to P and runs its fixed load:
+``redis.synced``), connects 200 clients to P (raw: ``multi.py``'s generator; chat:
+``chat.py``'s line clients, all in the lobby) and runs ``multi.py``'s fixed load:
 200 clients x 2 msg/s of 64 bytes for 10 s (3 s with ``--quick``), every message its own
 ``send``, per-sender order verified. Over the step: deliveries counted by the generator, the
 CPU seconds of every instance and of redis-server (/proc/PID/stat, all threads), and Redis's
@@ -24,7 +26,8 @@ configuration and N and the ratio streams / pubsub; the goal is at most 1.2.
 
 Part 2, ``--fanout``: Redis alone, raw RESP over sockets (hiredis packs and parses), no
 fsmchat. K readers (K = the instance counts), each a process of its own, receive M messages of
-64 bytes from one paced publisher, either
+64 bytes from one publisher (one command at a time, its reply awaited), paced at 2,000/s,
+then unpaced, either
 
 - ``pubsub``: each reader SUBSCRIBEs; the publisher runs EVALSHA of a script that XADDs the
   message to a stream (``MAXLEN ~ 1000``) and PUBLISHes it; or
