@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -289,8 +290,15 @@ class FakeSession:
         return True
 
     def greet(self) -> str:
-        """Answer the link's greeting as Redis would: PING (publish) or SUBSCRIBE (subscribe)."""
+        """Answer the link's greeting as Redis would: PING (publish) or SUBSCRIBE (subscribe),
+        after the TIME a subscriber with streams asks first."""
         command = self.command()
+        if command is not None and command[0].upper() == b"TIME":
+            now = time.time()
+            seconds, micros = b"%d" % int(now), b"%d" % int(now % 1 * 1e6)
+            self.send(b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+                len(seconds), seconds, len(micros), micros))
+            command = self.command()
         if command is None:
             return ""
         if command[0].upper() == b"SUBSCRIBE":

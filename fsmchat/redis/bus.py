@@ -191,6 +191,7 @@ class Round:
 
     known: dict[bytes, tuple[EntryId, int]]
     high: EntryId | None
+    subscribed_ms: int = 0  # Redis's clock just before the subscription (0: unknown)
     live: set[tuple[bytes, EntryId]] | None = field(default_factory=set)
 
 
@@ -447,6 +448,7 @@ class SubscribeLink(RedisLink):
         self.held_bytes = 0
         self.clock_offset = 0  # Redis's clock less this one's, in ms, as the last sync told
         self.recovered: set[bytes] = set()  # streams the last sync delivered missed entries of
+        self.subscribed_ms = 0  # Redis's clock just before this session subscribed
         self.seed: Callable[[bytes, bytes, int], None] | None = None  # the history's past
         self.on_gap: Callable[[bytes], None] | None = None  # told the stream of each gap
         self.foreign_head: Callable[[bytes], bytes] | None = None  # what goes before an entry
@@ -459,14 +461,21 @@ class SubscribeLink(RedisLink):
         self.skipped = 0
 
     def greeting(self) -> list[tuple[bytes, ...]]:
-        # One SUBSCRIBE per channel: each is one reply, as the greeting counts them.
-        return [(b"SUBSCRIBE", channel) for channel in (self.channel, *self.also)]
+        # One SUBSCRIBE per channel: each is one reply, as the greeting counts them. With
+        # streams, Redis's clock just before: what is made after that millisecond comes live.
+        clock: list[tuple[bytes, ...]] = [(b"TIME",)] if self.streams else []
+        return clock + [(b"SUBSCRIBE", channel) for channel in (self.channel, *self.also)]
+
+    def greeting_reply(self, reply: Any) -> None:
+        if (type(reply) is list and len(reply) == 2
+                and all(type(part) is bytes and part.isdigit() for part in reply)):
+            self.subscribed_ms = int(reply[0]) * 1000 + int(reply[1]) // 1000
 
     def ready(self) -> None:
         self.pinged = False
         if self.streams:  # live messages wait until the sync says what was missed
             self.holding = True
-            self.round = Round(dict(self.last_ids), self.high)
+            self.round = Round(dict(self.last_ids), self.high, self.subscribed_ms)
         for told in self.subscribed:  # what was said while unsubscribed was missed
             told()
 
@@ -552,7 +561,12 @@ class SubscribeLink(RedisLink):
                       missed=sum(entry.deliver for entry in done.entries),
                       past=sum(not entry.deliver for entry in done.entries),
                       gaps=len(done.gaps), held=len(self.held))
-        self._take(done, round_.live or set())
+        coming = set(round_.live or ())  # delivered live already, or held to be: not missed
+        for payload in self.held:
+            entry = parse_live(payload) if payload[:10] == PREFIX else None
+            if entry is not None:
+                coming.add((entry[0], entry[1]))
+        self._take(done, coming, round_.subscribed_ms or done.redis_ms)
         round_.live = None
         if first:  # from now on this process hears every entry, or knows it missed it
             since = (done.redis_ms - 1, 1 << 62)
@@ -561,13 +575,15 @@ class SubscribeLink(RedisLink):
         if self.holding:
             self.release()
 
-    def _take(self, done: Synced, delivered: set[tuple[bytes, EntryId]]) -> None:
+    def _take(self, done: Synced, coming: set[tuple[bytes, EntryId]], since: int) -> None:
+        """``coming``: entries the channel brought or holds (none of them missed); so is one
+        made after the millisecond ``since`` (when the subscription began): on its way."""
         fresh = self.fresh = set()
         self.recovered = set()
         for entry in done.entries:
             where = (entry.stream, entry.key)
-            if where in delivered:
-                continue  # the channel brought it already
+            if where in coming or (entry.deliver and entry.key[0] > since):
+                continue
             self._seen(entry.stream, entry.key, entry.number)
             if entry.payload is None:
                 self.skipped += 1

@@ -365,6 +365,7 @@ class RedisLink(LoopSocket, lifecycle=REDIS_LINK):
                     self.lose(str(reply))
                     return
                 self.greeting_left -= 1
+                self.greeting_reply(reply)
                 if not self.greeting_left:
                     self.fire(LinkTrigger.GREETED)
                 continue
@@ -439,6 +440,9 @@ class RedisLink(LoopSocket, lifecycle=REDIS_LINK):
     def greeting(self) -> list[tuple[bytes, ...]]:
         """Commands after the login; the link is ready once all are answered without error."""
         return [(b"PING",)]
+
+    def greeting_reply(self, reply: Any) -> None:
+        """One reply of the greeting (not an error), in order."""
 
     def ready(self) -> None:
         """The greeting was answered: start doing the link's work."""
