@@ -226,10 +226,9 @@ class Acceptor(Extension):
             self._handshakes[fd] = conn
         hub.counts.accepted += 1
         if trigger == Trigger.UPGRADE:
-            self.log.info("connection.accepted", fd=fd, peer=conn.peer, tls=conn.tls, web=True)
+            hub.events.accepted(fd, conn.peer, conn.tls, web=True)
         else:
-            self.log.info("connection.accepted", fd=fd, peer=conn.peer,
-                          tls=trigger == Trigger.SECURE)
+            hub.events.accepted(fd, conn.peer, trigger == Trigger.SECURE)
         conn.fire_safely(trigger)
 
     def _make_room_for_handshake(self) -> None:

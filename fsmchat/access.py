@@ -12,6 +12,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 
@@ -45,8 +46,11 @@ def _client_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
     return address
 
 
+@functools.lru_cache(maxsize=4096)
 def address_key(host: str) -> str:
-    """What a client from ``host`` counts against: its IPv4 address, or its IPv6 /64."""
+    """What a client from ``host`` counts against: its IPv4 address, or its IPv6 /64.
+    (Remembered: clients come back from the same few addresses, and parsing one is most of
+    what taking a connection in costs in Python.)"""
     address = _client_address(host)
     if isinstance(address, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((address, 64), strict=False))

@@ -88,8 +88,9 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
     # -- triggers -------------------------------------------------------------------------
 
     def changing(self, source: str, dest: str, trigger: str) -> None:
-        self.log.debug("connection.state", fd=self.fd, **{"from": source, "to": dest},
-                       trigger=trigger)
+        trace = self.hub.trace
+        if trace is not None:
+            trace.state(self.fd, source, dest, trigger)
 
     def close_because(self, reason: str) -> None:
         """Close without delivering what is queued, unless it is closing already.
@@ -139,11 +140,16 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
             queue.nbytes = len(head)
 
     def enqueue(self, data: bytes) -> None:
-        """Queue a message; over the limit, leave it out and have the hub close this client."""
-        size = self.queue.nbytes + len(data)
+        """Queue a message; over the limit, leave it out and have the hub close this client.
+        (``push``, inlined: this runs once per recipient of every message.)"""
+        queue = self.queue
+        size = queue.nbytes + len(data)
         if size > self.flow.high_water and not self.may_grow(size):
             return
-        self.push(data)
+        if not queue:
+            self.loop.want_write(self.fd, True)
+        queue.append(data)
+        queue.nbytes = size
 
     def may_grow(self, size: int) -> bool:
         """Over the high-water mark: whether the queue may grow to ``size`` (congested), or
@@ -250,7 +256,9 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
             self.fire(Trigger.HANGUP)
             return
         self.bytes_in += len(data)
-        self.log.debug("data.received", fd=self.fd, bytes=len(data))
+        trace = self.hub.trace
+        if trace is not None:
+            trace.received(self.fd, len(data))
         limits = self.limits
         if limits.idle_timeout or limits.max_recv_rate:
             self._heard(len(data))
@@ -278,7 +286,9 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
             return
         queue = self.queue
         self.bytes_out += sent
-        self.log.debug("data.sent", fd=self.fd, bytes=sent, queued=queue.nbytes)
+        trace = self.hub.trace
+        if trace is not None:
+            trace.sent(self.fd, sent, queue.nbytes)
         if self.congested and queue.nbytes <= self.flow.low_water:
             self.flow.caught_up(self)
         if not queue and self.state == State.DRAINING:
@@ -368,9 +378,9 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
         self.sock.close()
         self.machine.remove_model(self)
         self.hub.forget(self)
-        self.log.info("connection.closed", fd=self.fd, peer=self.peer, reason=self.reason,
-                          bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-                          seconds=round(time.monotonic() - self.opened, 3))
+        self.hub.events.closed(self.fd, self.peer, self.reason, bytes_in=self.bytes_in,
+                               bytes_out=self.bytes_out,
+                               seconds=round(time.monotonic() - self.opened, 3))
 
     def _cancel_timers(self) -> None:
         for timer in (self.timer, self.credit_timer):

@@ -48,6 +48,7 @@ from fsmchat import lifecycle
 from fsmchat.flow import FlowControl
 from fsmchat.lifecycle import IN_CHAT, Trigger
 from fsmchat.net.loop import EventLoop
+from fsmchat.ops.events import HotEvents, hot_events
 from fsmchat.reasons import Reason
 
 if TYPE_CHECKING:
@@ -168,6 +169,9 @@ class Hub:
                  gone: Callable[[Connection], None], chat_mode: bool = False) -> None:
         self.loop = loop
         self.log = log
+        self.events = hot_events(log)  # the events it emits most, rendered cheaply
+        self.trace: HotEvents | None = self.events if self.events.debug else None
+        """The events per read, per write and per state change: None above debug."""
         self.limits = limits
         self.chat_mode = chat_mode  # clients read lines: one closed or turned away is told why
         self.max_queue_bytes = limits.max_queue_bytes

@@ -1,7 +1,7 @@
 """Each model's two ways to fire a trigger agree, and both follow its lifecycle table.
 
-``Connection.fire`` dispatches internal rows itself (the hot path) and hands state changes to
-the shared ``transitions`` machine; the machine's own ``Event.trigger`` does everything itself.
+``Connection.fire`` is the table compiled (``machine.TableModel``): one lookup, the state set,
+the action run; the shared ``transitions`` machine's own ``Event.trigger`` is the reference.
 Fed the same triggers, both must reach the same states through the same actions, and refuse
 the same triggers.
 """
@@ -16,13 +16,13 @@ from typing import ClassVar, Protocol
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from transitions import Machine, MachineError
+from transitions import MachineError
 
 from fsmchat import lifecycle
 from fsmchat.connection import MACHINE, Connection
 from fsmchat.hub import Hub
-from fsmchat.lifecycle import InvalidTrigger, LinkTrigger, State, Trigger
-from fsmchat.machine import TableModel
+from fsmchat.lifecycle import InvalidTrigger, LinkState, LinkTrigger, State, Trigger
+from fsmchat.machine import TableMachine, TableModel
 from fsmchat.net.http import HttpConnection
 from fsmchat.net.loop import EventLoop
 from fsmchat.ops.events import make_logger
@@ -87,7 +87,7 @@ def test_the_machine_is_built_from_the_table() -> None:
 class Recorder(Protocol):
     ran: list[str]
     state: str
-    machine: ClassVar[Machine]
+    machine: ClassVar[TableMachine]
 
     def fire(self, trigger: str) -> None: ...
 
@@ -185,3 +185,27 @@ def test_a_model_may_not_name_an_attribute_like_a_trigger() -> None:
     """The machine would silently replace it with its trigger function (model_override)."""
     with pytest.raises(TypeError, match="fail"):
         type("Clashing", (RedisLink,), {"fail": lambda self: None})
+
+
+def test_the_machine_keeps_its_models_in_order_and_each_once() -> None:
+    machine = RedisLink.machine
+    links = [RecordingLink() for _ in range(3)]  # each adds itself
+    try:
+        assert all(link in machine.models for link in links)
+        assert all(link.state == LinkState.IDLE for link in links)
+        machine.add_model(links[0])  # again: nothing changes
+        machine.remove_model(links[1])
+        assert links[1] not in machine.models
+        assert [m for m in machine.models if m in links] == [links[0], links[2]]
+        with pytest.raises(ValueError, match="not a model"):
+            machine.remove_model(links[1])
+    finally:
+        for link in (links[0], links[2]):
+            machine.remove_model(link)
+
+
+@pytest.mark.parametrize("name", ["is_ready", "may_dial", "on_enter_backoff", "trigger"])
+def test_a_model_may_not_name_what_the_machine_binds(name: str) -> None:
+    """``add_model`` binds nothing, which holds only while no model declares these."""
+    with pytest.raises(TypeError, match=name):
+        type("Clashing", (RedisLink,), {name: lambda self: None})

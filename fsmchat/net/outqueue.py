@@ -51,10 +51,14 @@ class OutQueue(deque[Buffer]):
         if len(self) == 1:
             sent = sock.send(self[0])
         elif gather:
-            sent = sock.sendmsg(self.chunk())
+            sent = sock.sendmsg(self if len(self) <= IOV_MAX else self.chunk())
         else:
             sent = sock.send(self.joined())
-        self.consume(sent)
+        if sent == self.nbytes:  # all of it, the usual case: ``consume`` inlined
+            deque.clear(self)
+            self.nbytes = 0
+        else:
+            self.consume(sent)
         return sent
 
     def joined(self) -> bytes:

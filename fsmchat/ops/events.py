@@ -9,7 +9,11 @@ it.
 
 Rules it keeps:
 - Debug-level calls cost a no-op method call when the level is higher (structlog's filtering
-  logger), so per-read and per-write events are free at ``--log-level info``.
+  logger); the per-read, per-write and per-state-change events (``HotEvents``, the hub's ``trace``)
+  cost not even that: above debug there is no trace, and the hot path checks for one.
+- In JSON, the hot events are rendered straight into the stream, the same line ``_json_line``
+  makes (the tests hold them to it), without structlog's chain: that chain was most of what
+  ``--log-level debug`` cost a busy server, and a good part of what a connection cost.
 - Every line a processor chain returns is one whole line, ending in a newline.
 """
 
@@ -26,7 +30,7 @@ from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
 from fsmchat.ops.logstream import LEVELS, LogStream
 
-__all__ = ["CATALOGUE", "FORMATS", "LEVELS", "EventSpec", "make_logger"]
+__all__ = ["CATALOGUE", "FORMATS", "LEVELS", "EventSpec", "HotEvents", "hot_events", "make_logger"]
 
 FORMATS = ("auto", "json", "console")
 """``auto``: console when stdout is a terminal, json otherwise (structlog's own convention)."""
@@ -216,14 +220,26 @@ class _Clock:
     def __init__(self) -> None:
         self._second = -1
         self._prefix = ""
+        self._prefix_bytes = b""
 
     def now(self) -> str:
         now = time.time()
         second = int(now)
         if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._tick(second)
         return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+
+    def now_bytes(self) -> bytes:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._tick(second)
+        return b"%s.%06dZ" % (self._prefix_bytes, int((now - second) * 1e6))
+
+    def _tick(self, second: int) -> None:
+        self._second = second
+        self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        self._prefix_bytes = self._prefix.encode()
 
 
 def _json_line(logger: WrappedLogger, level: str, event: EventDict) -> bytes:
@@ -245,6 +261,93 @@ def _console_line() -> Callable[[WrappedLogger, str, EventDict], bytes]:
 
 
 _CLOCK = _Clock()
+
+
+class HotEvents:
+    """The events a busy server emits most: per read, per write and per state change at debug
+    (``trace``), and a connection's ``connection.accepted`` and ``connection.closed`` at info.
+    This one goes through ``log``, as every other event does (the console format, a test's
+    logger); ``hot_events`` gives the JSON one where it can."""
+
+    def __init__(self, log: FilteringBoundLogger) -> None:
+        self._log = log
+        self.debug = log.is_enabled_for(logging.DEBUG)
+        self.info = log.is_enabled_for(logging.INFO)
+
+    def received(self, fd: int, size: int) -> None:
+        self._log.debug("data.received", fd=fd, bytes=size)
+
+    def sent(self, fd: int, size: int, queued: int) -> None:
+        self._log.debug("data.sent", fd=fd, bytes=size, queued=queued)
+
+    def state(self, fd: int, source: str, dest: str, trigger: str) -> None:
+        self._log.debug("connection.state", fd=fd, **{"from": source, "to": dest},
+                        trigger=trigger)
+
+    def accepted(self, fd: int, peer: str, tls: bool, *, web: bool = False) -> None:
+        if web:
+            self._log.info("connection.accepted", fd=fd, peer=peer, tls=tls, web=True)
+        else:
+            self._log.info("connection.accepted", fd=fd, peer=peer, tls=tls)
+
+    def closed(self, fd: int, peer: str, reason: str, *, bytes_in: int, bytes_out: int,
+               seconds: float) -> None:
+        self._log.info("connection.closed", fd=fd, peer=peer, reason=reason,
+                       bytes_in=bytes_in, bytes_out=bytes_out, seconds=seconds)
+
+
+class JsonHotEvents(HotEvents):
+    """The same lines as ``_json_line`` makes, straight into the stream: the per-read and
+    per-write ones from a bytes template (numbers only), the others one orjson call each."""
+
+    def __init__(self, log: FilteringBoundLogger, stream: LogStream) -> None:
+        super().__init__(log)
+        self._debug = stream.debug
+        self._info = stream.info
+        self._now = _CLOCK.now_bytes
+
+    def received(self, fd: int, size: int) -> None:
+        self._debug(b'{"timestamp":"%s","level":"debug","event":"data.received","fd":%d,'
+                    b'"bytes":%d}\n' % (self._now(), fd, size))
+
+    def sent(self, fd: int, size: int, queued: int) -> None:
+        self._debug(b'{"timestamp":"%s","level":"debug","event":"data.sent","fd":%d,'
+                    b'"bytes":%d,"queued":%d}\n' % (self._now(), fd, size, queued))
+
+    def state(self, fd: int, source: str, dest: str, trigger: str) -> None:
+        self._debug(orjson.dumps({"timestamp": _CLOCK.now(), "level": "debug",
+                                  "event": "connection.state", "fd": fd, "from": source,
+                                  "to": dest, "trigger": trigger}, option=_NEWLINE))
+
+    def accepted(self, fd: int, peer: str, tls: bool, *, web: bool = False) -> None:
+        if not self.info:
+            return
+        line = {"timestamp": _CLOCK.now(), "level": "info", "event": "connection.accepted",
+                "fd": fd, "peer": peer, "tls": tls}
+        if web:
+            line["web"] = True
+        self._info(orjson.dumps(line, option=_NEWLINE))
+
+    def closed(self, fd: int, peer: str, reason: str, *, bytes_in: int, bytes_out: int,
+               seconds: float) -> None:
+        if self.info:
+            self._info(orjson.dumps({"timestamp": _CLOCK.now(), "level": "info",
+                                     "event": "connection.closed", "fd": fd, "peer": peer,
+                                     "reason": reason, "bytes_in": bytes_in,
+                                     "bytes_out": bytes_out, "seconds": seconds},
+                                    option=_NEWLINE))
+
+
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
+
+
+def hot_events(log: FilteringBoundLogger) -> HotEvents:
+    """The hot events of ``log``: rendered here for a JSON logger over a ``LogStream``, else
+    through ``log``."""
+    stream = getattr(log, "_logger", None)
+    if isinstance(stream, LogStream) and getattr(log, "_processors", None) == [_json_line]:
+        return JsonHotEvents(log, stream)
+    return HotEvents(log)
 
 
 def make_logger(stream: LogStream, level: str, fmt: str) -> FilteringBoundLogger:

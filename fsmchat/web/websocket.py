@@ -188,7 +188,9 @@ class WebConnection(Connection):
             self.fire(Trigger.HANGUP)
             return
         self.bytes_in += len(data)
-        self.log.debug("data.received", fd=self.fd, bytes=len(data))
+        trace = self.hub.trace
+        if trace is not None:
+            trace.received(self.fd, len(data))
         if self.limits.max_recv_rate:  # every byte it sends: pings and fragments too
             self._charge(len(data), time.monotonic())
         self.ws.receive_data(data)
