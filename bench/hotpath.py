@@ -70,6 +70,7 @@ LABELS = {"plain": "plain TCP", "tls": "TLS", "ws": "WebSocket"}
 STEP = "64B@20"  # the transports' one workload
 PARTS = ("cpu", "churn", "scaling", "transports")
 
+Y_TICKS = (1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500)  # the chart's
 GOALS = {"cpu": 0.85, "churn": 1.0, "debug": 1.3}  # fsmchat-info/asyncio, /select, debug/info
 
 
@@ -407,7 +408,7 @@ def chart(res: Results, path: Path) -> str | None:
         return "matplotlib is not installed: no chart (pip install matplotlib)"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(8, 5.2))
     for name in SCALING_SERVERS:
@@ -430,8 +431,13 @@ def chart(res: Results, path: Path) -> str | None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(list(SCALING_CLIENTS))
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    low_y, high_y = ax.get_ylim()
+    ax.set_yticks([t for t in Y_TICKS if low_y <= t <= high_y])
+    ax.set_ylim(low_y, high_y)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # not 2 x 10^1
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_title(f"server CPU per delivery, every client at {res.rate:g} msg/s, 64 B")
     ax.set_xlabel("connected clients (deliveries/s = clients x rate x (clients - 1))")
     ax.set_ylabel("CPU per delivery, us (schedstat)")
