@@ -457,7 +457,7 @@ def parse(args_list: list[str]) -> tuple[argparse.Namespace, Profile]:
         description="fsmchat's hot-path goals in one run: CPU per delivery against asyncio "
         "and select, debug against info, churn, scaling with clients, TLS and WebSocket")
     parser.add_argument("--quick", action="store_true",
-                        help="short steps, 2 runs of each, 1 of the scaling: about 5 minutes")
+                        help="short steps, 2 runs of each, 1 of the scaling: about 4 minutes")
     parser.add_argument("--repeats", type=int, metavar="N",
                         help="runs of each server in every part (default: 3; --quick: 2, and "
                              "1 for the scaling)")
