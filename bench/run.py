@@ -156,13 +156,25 @@ def record(fig: Figures, key: str, res: StepResult, why: list[str], server_cpu: 
 
 def idle_figures(gen: LoadGen, srv: Server, fig: Figures, prof: Profile) -> None:
     """Figures 4 and 5: memory per idle connection, then connections set up and torn down."""
-    warm = gen.connect(HOST, srv.port, 20, barrier_timeout=10)  # first-use allocations
+    warm_up(gen, srv, fig)
+    memory_figure(gen, srv, fig, prof)
+    churn_figure(gen, srv, fig, prof)
+
+
+def warm_up(gen: LoadGen, srv: Server, fig: Figures) -> None:
+    """20 clients come and go: first-use allocations are out of the way, and the generator
+    knows the server's address (``churn_figure`` connects to it)."""
+    warm = gen.connect(HOST, srv.port, 20, barrier_timeout=10)
     gen.disconnect()
     fds0 = srv.fd_count()
     srv.wait_fds(fds0, 5)
     if not warm.in_chat:
         fail(fig, "idle: 20 warm-up clients were not all relayed to")
     time.sleep(0.3)
+
+
+def memory_figure(gen: LoadGen, srv: Server, fig: Figures, prof: Profile) -> None:
+    """Figure 4: VmRSS growth over ``prof.idle_clients`` idle clients, per descriptor gained."""
     fds0, rss0 = srv.fd_count(), srv.rss_kib()
     conn = gen.connect(HOST, srv.port, prof.idle_clients, timeout=30, barrier_timeout=15)
     time.sleep(1.0)
@@ -179,6 +191,12 @@ def idle_figures(gen: LoadGen, srv: Server, fig: Figures, prof: Profile) -> None
     gen.disconnect()
     if not srv.wait_fds(fds0, 30):
         fail(fig, "idle: the server did not close every idle connection in 30 s")
+
+
+def churn_figure(gen: LoadGen, srv: Server, fig: Figures, prof: Profile) -> None:
+    """Figure 5: ``prof.churn`` connections, 8 at a time, each relayed once and closed, per
+    second until the server's descriptor count is back (the generator must have connected
+    to this server before: ``warm_up``)."""
     fds0 = srv.fd_count()
     churn = gen.churn(prof.churn, concurrency=8, timeout=60)
     if "error" in churn:
@@ -274,7 +292,10 @@ def n500_figures(gen: LoadGen, srv: Server, fig: Figures, prof: Profile) -> None
     gen.disconnect()
 
 
-PHASES: list[tuple[str, Callable[[LoadGen, Server, Figures, Profile], None]]] = [
+Phase = Callable[[LoadGen, Server, Figures, Profile], None]
+"""One figure (or several) measured on a server just started, into ``Figures``."""
+
+PHASES: list[tuple[str, Phase]] = [
     ("idle connections and accept rate", idle_figures),
     ("CPU per delivery", cpu_figure),
     ("latency and capacity at 100 clients", n100_figures),
@@ -374,6 +395,29 @@ def chart(figs: list[Figures], path: Path) -> str | None:
     return None
 
 
+def measure_one(gen: LoadGen, spec: Spec, fig: Figures, title: str, phase: Phase, *,
+                prof: Profile, logdir: Path, name: str | None = None) -> None:
+    """One phase in a fresh server process of ``spec`` (named ``name`` in the logs), stopped
+    at the end whatever happens; errors, wall time and the server's problems go to ``fig``."""
+    srv = Server(name or spec.name, spec.argv, logdir, fixed_port=spec.fixed_port)
+    t0 = time.monotonic()
+    try:
+        srv.start()
+        phase(gen, srv, fig, prof)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        fail(fig, f"{title}: {type(exc).__name__}: {exc}")
+        with contextlib.suppress(Exception):
+            gen.disconnect()
+    finally:
+        srv.stop()
+        fig.seconds[title] = round(time.monotonic() - t0, 1)
+        say(f"  ({fig.seconds[title]:.1f}s)")
+        for problem, count in srv.problems.items():
+            fig.problems[f"{title}: {problem}"] = count
+        room = 20 - len(fig.problem_lines)
+        fig.problem_lines += srv.problem_lines[:max(0, room)]
+
+
 def run_phases(servers: list[Spec], figs: dict[str, Figures], prof: Profile,
                logdir: Path) -> None:
     """Every phase for every server, a fresh server process each time; all stopped at the end."""
@@ -383,24 +427,7 @@ def run_phases(servers: list[Spec], figs: dict[str, Figures], prof: Profile,
             say(f"== {title}")
             for spec in servers:
                 say(f"- {spec.name}")
-                srv = Server(spec.name, spec.argv, logdir, fixed_port=spec.fixed_port)
-                fig = figs[spec.name]
-                t0 = time.monotonic()
-                try:
-                    srv.start()
-                    phase(gen, srv, fig, prof)
-                except (RuntimeError, TimeoutError, OSError) as exc:
-                    fail(fig, f"{title}: {type(exc).__name__}: {exc}")
-                    with contextlib.suppress(Exception):
-                        gen.disconnect()
-                finally:
-                    srv.stop()
-                    fig.seconds[title] = round(time.monotonic() - t0, 1)
-                    say(f"  ({fig.seconds[title]:.1f}s)")
-                    for name, count in srv.problems.items():
-                        fig.problems[f"{title}: {name}"] = count
-                    room = 20 - len(fig.problem_lines)
-                    fig.problem_lines += srv.problem_lines[:max(0, room)]
+                measure_one(gen, spec, figs[spec.name], title, phase, prof=prof, logdir=logdir)
     finally:
         gen.close()
         stop_all()

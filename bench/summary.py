@@ -19,8 +19,8 @@ from typing import Any
 
 from harness.report import RESULTS, Table
 
-ORDER = ("run", "tls", "websocket", "chat", "rooms", "logs", "multi", "presence", "streams",
-         "soak", "micro")
+ORDER = ("run", "hotpath", "tls", "websocket", "chat", "rooms", "logs", "multi", "presence",
+         "streams", "soak", "micro")
 
 
 def load(results: Path) -> list[tuple[Path, dict[str, Any]]]:

@@ -1,7 +1,9 @@
 """What the kernel says about a process and the machine: /proc, read the same way everywhere.
 
-CPU times are ``utime + stime`` (fields 14 and 15 of /proc/PID/stat, every thread), memory is
-VmRSS, descriptors are the entries of /proc/PID/fd. A process that is gone raises OSError.
+CPU times are ``utime + stime`` (fields 14 and 15 of /proc/PID/stat, every thread), counted in
+ticks of 10 ms; ``cpu_ns`` is the scheduler's own count in nanoseconds (/proc/PID/task/*/schedstat)
+for steps too short or too light for ticks. Memory is VmRSS, descriptors are the entries of
+/proc/PID/fd. A process that is gone raises OSError.
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ class Proc:
     def cpu_seconds(self) -> float:
         user, system = self.cpu_times()
         return user + system
+
+    def cpu_ns(self) -> int:
+        """Nanoseconds on a CPU so far, user and kernel together, summed over the live threads
+        (the first field of each /proc/PID/task/TID/schedstat): exact where ``cpu_times``
+        counts 10 ms ticks, but a thread that has ended is no longer in the sum."""
+        total = 0
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                total += int(Path(f"/proc/{self.pid}/task/{tid}/schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError):  # that thread ended in between
+                continue
+        return total
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
