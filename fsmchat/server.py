@@ -507,6 +507,7 @@ def _serve(server: Server, stream: LogStream, signals: SignalWatch) -> None:
     seconds), or a stop signal comes. Nothing the server scheduled runs any more, so
     ``server.stopped`` stays the last line."""
     loop = server.loop
+    gc.collect()  # start-up's garbage first: what is frozen is never collected
     gc.freeze()  # what start-up made lives as long as the server: collections never walk it
     loop.run()
     loop.cancel_timers()

@@ -317,7 +317,7 @@ class JsonHotEvents(HotEvents):
     def state(self, fd: int, source: str, dest: str, trigger: str) -> None:
         self._debug(orjson.dumps({"timestamp": _CLOCK.now(), "level": "debug",
                                   "event": "connection.state", "fd": fd, "from": source,
-                                  "to": dest, "trigger": trigger}, option=_NEWLINE))
+                                  "to": dest, "trigger": trigger}, default=str, option=_NEWLINE))
 
     def accepted(self, fd: int, peer: str, tls: bool, *, web: bool = False) -> None:
         if not self.info:
@@ -326,7 +326,7 @@ class JsonHotEvents(HotEvents):
                 "fd": fd, "peer": peer, "tls": tls}
         if web:
             line["web"] = True
-        self._info(orjson.dumps(line, option=_NEWLINE))
+        self._info(orjson.dumps(line, default=str, option=_NEWLINE))
 
     def closed(self, fd: int, peer: str, reason: str, *, bytes_in: int, bytes_out: int,
                seconds: float) -> None:
@@ -335,7 +335,7 @@ class JsonHotEvents(HotEvents):
                                      "event": "connection.closed", "fd": fd, "peer": peer,
                                      "reason": reason, "bytes_in": bytes_in,
                                      "bytes_out": bytes_out, "seconds": seconds},
-                                    option=_NEWLINE))
+                                    default=str, option=_NEWLINE))
 
 
 _NEWLINE = orjson.OPT_APPEND_NEWLINE
