@@ -51,7 +51,7 @@ class OutQueue(deque[Buffer]):
         if len(self) == 1:
             sent = sock.send(self[0])
         elif gather:
-            sent = sock.sendmsg(self if len(self) <= IOV_MAX else self.chunk())
+            sent = sock.sendmsg(self.chunk())
         else:
             sent = sock.send(self.joined())
         if sent == self.nbytes:  # all of it, the usual case: ``consume`` inlined
