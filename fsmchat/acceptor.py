@@ -56,13 +56,26 @@ KEEPALIVE_IDLE = 300
 """Seconds of silence before TCP probes a client (then every 30 s, 4 times): a peer that
 vanished without a FIN or RST is found without any chat traffic."""
 
+CLIENT_OPTIONS: tuple[tuple[int, int, int], ...] = (
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    *(((socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE),
+       (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 30),
+       (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4))
+      if hasattr(socket, "TCP_KEEPIDLE") else ()),  # Linux; elsewhere the system's defaults
+)
+"""(level, option, value) of every client's TCP socket: no Nagle (no message waits on a timer),
+and keepalive."""
+
+_TCP = (socket.AF_INET, socket.AF_INET6)
+
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 Listener = tuple[socket.socket, ssl.SSLContext | None]
 """A listening socket, and the TLS context its clients are served with (None: plain TCP)."""
 
-Take = Callable[[socket.socket, object], None]
-"""What a listener's accepted sockets go to: (socket, address)."""
+Take = Callable[[socket.socket, object, "ClientOptions"], None]
+"""What a listener's accepted sockets go to: (socket, address, what sets their options)."""
 
 
 class Acceptor(Extension):
@@ -91,19 +104,22 @@ class Acceptor(Extension):
     def listen(self, listener: socket.socket, take: Take) -> None:
         """Accept from ``listener`` in the loop, and hand each socket to ``take``."""
         self._listening.append(listener)
-        self.loop.register(listener.fileno(), Reader(partial(self._accept, listener, take)))
+        options = ClientOptions(listener)
+        self.loop.register(listener.fileno(),
+                           Reader(partial(self._accept, listener, take, options)))
 
     def serve(self, listener: socket.socket, site: Site) -> None:
         """Accept from ``listener`` for an HTTP site (the metrics, the web page); the chat's
         ``--allow``/``--deny`` apply there too."""
         self.listen(listener, partial(self._take_http, site))
 
-    def _take_http(self, site: Site, sock: socket.socket, address: object) -> None:
+    def _take_http(self, site: Site, sock: socket.socket, address: object,
+                   options: ClientOptions) -> None:
         peer = format_peer(address)
         host = address[0] if isinstance(address, tuple) else ""
         if self.permits(address):
             try:
-                sock = prepare(sock, site.tls)
+                sock = prepare(sock, site.tls, options)
             except OSError as exc:  # gone already
                 reason = Reason.TLS_ERROR if isinstance(exc, ssl.SSLError) else error_reason(exc)
                 self.log.warning("http.rejected", site=site.name, peer=peer, reason=reason)
@@ -122,7 +138,7 @@ class Acceptor(Extension):
         if self._timer is not None:
             self._timer.cancel()
 
-    def _accept(self, listener: socket.socket, take: Take) -> None:
+    def _accept(self, listener: socket.socket, take: Take, options: ClientOptions) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, address = listener.accept()
@@ -136,12 +152,12 @@ class Acceptor(Extension):
             if self._failures:
                 self.log.info("accept.resumed", failures=self._failures)
                 self._failures = 0
-            take(sock, address)
+            take(sock, address, options)
 
-    def _take_client(self, tls: ssl.SSLContext | None, sock: socket.socket,
-                     address: object) -> None:
+    def _take_client(self, tls: ssl.SSLContext | None, sock: socket.socket, address: object,
+                     options: ClientOptions) -> None:
         self.admit(sock, format_peer(address), tls,
-                   address[0] if isinstance(address, tuple) else "")
+                   address[0] if isinstance(address, tuple) else "", options)
 
     def permits(self, address: object) -> bool:
         """Whether ``--allow``/``--deny`` let a peer at ``address`` in."""
@@ -159,13 +175,14 @@ class Acceptor(Extension):
         return ""
 
     def admit(self, sock: socket.socket, peer: str, tls: ssl.SSLContext | None = None,
-              host: str = "") -> None:
+              host: str = "", options: ClientOptions | None = None) -> None:
         """Take an accepted socket into the hub, or turn it away: not allowed, no room, or gone
-        before it could be taken in (a reset before TLS began)."""
+        before it could be taken in (a reset before TLS began). ``options``: its listener's
+        (by default they are set on this socket)."""
         reason = self.refusal(host)
         if not reason:
             try:
-                sock = prepare(sock, tls)
+                sock = prepare(sock, tls, options or ClientOptions())
             except OSError as exc:  # gone already: that client only, never the loop
                 reason = Reason.TLS_ERROR if isinstance(exc, ssl.SSLError) else error_reason(exc)
         if not reason:
@@ -278,16 +295,49 @@ class Acceptor(Extension):
                 self.loop.want_read(listener.fileno(), True)
 
 
-def prepare(sock: socket.socket, tls: ssl.SSLContext | None) -> socket.socket:
+def prepare(sock: socket.socket, tls: ssl.SSLContext | None,
+            options: ClientOptions) -> socket.socket:
     """Non-blocking, no Nagle, keepalive, and TLS if asked: OSError if the client is gone."""
     sock.setblocking(False)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _keepalive(sock)
+    options.apply(sock)
     if tls is not None:
         _still_connected(sock)
         sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     return sock
+
+
+class ClientOptions:
+    """``CLIENT_OPTIONS`` on a listener's sockets: set on each one, or found there already.
+
+    Linux copies a listener's socket options to every socket accepted from it, so the listener
+    is given them, and its first TCP socket is checked: if that one came with all of them, the
+    others are trusted to (five system calls fewer per connection); if not (another system),
+    each is set as it comes."""
+
+    __slots__ = ("inherited",)
+
+    def __init__(self, listener: socket.socket | None = None) -> None:
+        self.inherited: bool | None = False  # None: the listener's first socket will tell
+        if listener is not None and listener.family in _TCP:
+            with contextlib.suppress(OSError):  # then set on each socket, as without a listener
+                set_options(listener)
+                self.inherited = None
+
+    def apply(self, sock: socket.socket) -> None:
+        """``CLIENT_OPTIONS`` on ``sock`` (a TCP one): OSError if the client is gone."""
+        if self.inherited or sock.family not in _TCP:
+            return
+        if self.inherited is None:
+            self.inherited = all(sock.getsockopt(level, option) == value
+                                 for level, option, value in CLIENT_OPTIONS)
+            if self.inherited:
+                return
+        set_options(sock)
+
+
+def set_options(sock: socket.socket) -> None:
+    for level, option, value in CLIENT_OPTIONS:
+        sock.setsockopt(level, option, value)
 
 
 def _still_connected(sock: socket.socket) -> None:
@@ -300,14 +350,6 @@ def _still_connected(sock: socket.socket) -> None:
     except OSError as exc:
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or exc.errno or 0
         raise OSError(code, os.strerror(code)) from None
-
-
-def _keepalive(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; elsewhere the system's defaults apply
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 30)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
 
 
 def format_peer(address: object) -> str:

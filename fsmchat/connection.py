@@ -147,7 +147,7 @@ class Connection(LoopSocket, lifecycle=lifecycle.CONNECTION):
         if size > self.flow.high_water and not self.may_grow(size):
             return
         if not queue:
-            self.loop.want_write(self.fd, True)
+            self.loop.writes.add(self.fd)
         queue.append(data)
         queue.nbytes = size
 

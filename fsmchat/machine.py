@@ -14,8 +14,9 @@ connection makes, which at a few thousand connections per second was most of the
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from transitions import Machine
@@ -130,16 +131,31 @@ class TableModel:
             cls._dispatch = dispatch_table(lifecycle)
 
     def fire(self, trigger: str) -> None:
-        state = self.state
-        row = self._dispatch[state].get(trigger)
+        firing(trigger)(self)
+
+    def changing(self, source: str, dest: str, trigger: str) -> None:
+        """Called before a state change: where a model logs it."""
+
+
+@functools.cache
+def firing(trigger: str) -> Callable[[TableModel], None]:
+    """``fire(trigger)`` as a function of the model alone, one per trigger name (the rows are
+    the model's own table's): as a method (``on_readable = firing("readable")``) what the loop
+    calls on every readiness is one call, not two."""
+    trigger = str(trigger)
+
+    def fire(model: TableModel) -> None:
+        state = model.state
+        row = model._dispatch[state].get(trigger)
         if row is None:
             raise InvalidTrigger(state, trigger)
         dest, action = row
         if dest is not None:
-            self.changing(state, dest, trigger)
-            self.state = dest
+            model.changing(state, dest, trigger)
+            model.state = dest
         if action:
-            getattr(self, action)()
+            getattr(model, action)()
 
-    def changing(self, source: str, dest: str, trigger: str) -> None:
-        """Called before a state change: where a model logs it."""
+    fire.__name__ = fire.__qualname__ = f"fire_{trigger}"
+    return fire
+

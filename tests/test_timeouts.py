@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ from tls_certs import (
     tls_port_of,
 )
 
+from fsmchat.acceptor import CLIENT_OPTIONS, ClientOptions
 from fsmchat.options import MAX_SECONDS
 
 #: Slack on the server's timers: a timer may fire this much early (clock granularity) ...
@@ -271,11 +273,51 @@ def test_accepted_sockets_have_tcp_keepalive(start_server: StartServer, sockets:
     # probe is due after more than 30 minutes (TCP_KEEPIDLE left at Linux's two hours).
     if not os.path.exists("/proc/self/net/tcp"):
         pytest.skip("no /proc/net/tcp here")
+    # Every one of several: the first is checked, the later ones trust their listener's options.
     server = start_server()
-    client = connect_plain(server, sockets)
-    kind, left = tcp_timer(server.pid, server.port, client.sock.getsockname()[1])
-    assert kind == 2, f"timer kind {kind}: no keepalive timer on the server's socket"
-    assert 10 <= left <= 1800, f"first keepalive probe in {left:.0f} s"
+    for _ in range(3):
+        client = connect_plain(server, sockets)
+        kind, left = tcp_timer(server.pid, server.port, client.sock.getsockname()[1])
+        assert kind == 2, f"timer kind {kind}: no keepalive timer on the server's socket"
+        assert 10 <= left <= 1800, f"first keepalive probe in {left:.0f} s"
+
+
+def accepted_from(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    """(accepted, client) of one loopback connection to ``listener``."""
+    client = socket.create_connection(listener.getsockname()[:2])
+    accepted, _ = listener.accept()
+    return accepted, client
+
+
+def options_of(sock: socket.socket) -> list[int]:
+    return [sock.getsockopt(level, option) for level, option, _ in CLIENT_OPTIONS]
+
+
+def test_client_sockets_get_their_options_from_the_listener_or_one_by_one() -> None:
+    # No Nagle and keepalive on every client socket, without five setsockopt calls per
+    # connection where the listener's options come with its sockets (Linux). Fails if a socket
+    # ends up without the options: taken from a listener that did not pass them on, trusted
+    # wrongly, or never set.
+    wanted = [value for _, _, value in CLIENT_OPTIONS]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        options = ClientOptions(listener)
+        for _ in range(3):
+            accepted, client = accepted_from(listener)
+            with accepted, client:
+                options.apply(accepted)
+                assert options_of(accepted) == wanted
+        assert options.inherited is True, "Linux passes a listener's options on"
+        options = ClientOptions(listener)
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # one not passed on
+        for _ in range(2):
+            accepted, client = accepted_from(listener)
+            with accepted, client:
+                options.apply(accepted)
+                assert options_of(accepted) == wanted
+        assert options.inherited is False
+    unix, other = socket.socketpair()  # not TCP: nothing to set, nothing fails
+    with unix, other:
+        ClientOptions().apply(unix)
 
 
 # --------------------------------------------------------------------------

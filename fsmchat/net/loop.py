@@ -7,7 +7,9 @@ chat, connections or logging; handlers decide what readiness means.
 
 Rules it keeps:
 - A descriptor is watched for writing only while someone asked for it (``want_write``); callers
-  ask only while they have output pending, so an idle socket never wakes the loop.
+  ask only while they have output pending, so an idle socket never wakes the loop. The interest
+  sets are the loop's public state (``reads``, ``writes``): a socket's per-message path adds to
+  and discards from ``writes`` itself, one C call where ``want_write`` is a Python one.
 - Interest is re-checked before each dispatch: a handler may drop another descriptor's interest
   (or unregister it) in the same turn, and a dropped descriptor is then not called.
 - The select timeout is the time to the nearest timer, at most ``MAX_WAIT``; with no timer the
@@ -98,8 +100,8 @@ class Timer:
 class EventLoop:
     def __init__(self, on_crash: CrashHook = _reraise) -> None:
         self._handlers: dict[int, Handler] = {}  # fd -> who handles its readiness
-        self._reads: set[int] = set()  # fds select watches for reading
-        self._writes: set[int] = set()  # fds select watches for writing
+        self.reads: set[int] = set()  # fds select watches for reading
+        self.writes: set[int] = set()  # fds select watches for writing
         self._timers: list[Timer] = []  # heap by deadline; cancelled ones drop out when due
         self._seq = itertools.count()  # ties between equal deadlines go first-come first-served
         self._running = False
@@ -115,24 +117,24 @@ class EventLoop:
             raise FdLimit(fd)
         self._handlers[fd] = handler
         if read:
-            self._reads.add(fd)
+            self.reads.add(fd)
 
     def unregister(self, fd: int) -> None:
         self._handlers.pop(fd, None)
-        self._reads.discard(fd)
-        self._writes.discard(fd)
+        self.reads.discard(fd)
+        self.writes.discard(fd)
 
     def want_read(self, fd: int, on: bool) -> None:
         if on:
-            self._reads.add(fd)
+            self.reads.add(fd)
         else:
-            self._reads.discard(fd)
+            self.reads.discard(fd)
 
     def want_write(self, fd: int, on: bool) -> None:
         if on:
-            self._writes.add(fd)
+            self.writes.add(fd)
         else:
-            self._writes.discard(fd)
+            self.writes.discard(fd)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         timer = Timer(time.monotonic() + delay, next(self._seq), callback)
@@ -149,7 +151,7 @@ class EventLoop:
 
     def run(self) -> None:
         self._running = True
-        reads, writes = self._reads, self._writes
+        reads, writes = self.reads, self.writes
         while self._running:
             self.before_sleep()
             if not self._running:
@@ -171,7 +173,7 @@ class EventLoop:
         """Hand what select reported to the handlers: reads first, then writes, each only if
         its interest still holds. A handler that raises goes to ``on_crash``; the rest of the
         turn goes on (the iterator keeps its place, so nothing is called twice)."""
-        reads, writes, handlers = self._reads, self._writes, self._handlers
+        reads, writes, handlers = self.reads, self.writes, self._handlers
         handler: Handler | None = None  # reset before each lookup: a crash names who raised
         ready = iter(readable)
         while True:

@@ -3,14 +3,14 @@
 A broadcast appends the *same* bytes object to every recipient's queue, so a message costs one
 reference per recipient, never a copy. A send that takes only part of the queue leaves the unsent
 tail of the first unfinished buffer at the head, as a memoryview (still no copy). ``chunk`` says
-what to hand to ``send``/``sendmsg`` and ``consume`` records what was taken, so the bookkeeping is
-tested without sockets; ``send_to`` is the one socket call that puts them together.
+what to hand to ``sendmsg`` (``joined``: to ``send``, where there is no ``sendmsg``) and ``consume``
+records what was taken, so the bookkeeping is tested without sockets; ``sock.LoopSocket``'s
+``send_queued`` is the one socket call that puts them together.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from collections import deque
 from itertools import islice
 
@@ -42,24 +42,6 @@ class OutQueue(deque[Buffer]):
         if len(self) <= IOV_MAX:
             return list(self)
         return list(islice(self, IOV_MAX))
-
-    def send_to(self, sock: socket.socket, *, gather: bool = True) -> int:
-        """One ``send`` (one buffer, the usual case at chat rates, is cheaper than ``sendmsg``) or
-        ``sendmsg`` of the head of the queue; returns the bytes taken. Raises ``OSError``,
-        ``BlockingIOError`` included. Without ``gather`` (TLS sockets have no ``sendmsg``), the
-        head buffers are joined into one ``send`` of at most ``JOIN_MAX`` bytes."""
-        if len(self) == 1:
-            sent = sock.send(self[0])
-        elif gather:
-            sent = sock.sendmsg(self.chunk())
-        else:
-            sent = sock.send(self.joined())
-        if sent == self.nbytes:  # all of it, the usual case: ``consume`` inlined
-            deque.clear(self)
-            self.nbytes = 0
-        else:
-            self.consume(sent)
-        return sent
 
     def joined(self) -> bytes:
         """The head buffers as one, up to ``JOIN_MAX`` bytes (or the first buffer, if larger)."""
