@@ -11,7 +11,9 @@ drift spreads over all), ``--repeats`` runs of each (3; ``--quick``: 2), medians
    over the deliveries, and the user-space share) for fsmchat at ``--log-level info`` and at
    the default ``debug``, the asyncio relay and the textbook select relay;
 2. churn: connections per second that connect, have one frame relayed to an observer and
-   close (``run.py``'s figure 5), for fsmchat-info, select and asyncio;
+   close (``run.py``'s figure 5), for fsmchat-info, select and asyncio, and the server's CPU
+   per connection (schedstat), which the load generator's own pace on a small machine does
+   not move;
 3. scaling: CPU per delivery at 10, 50, 200 and 1,000 connected clients, every client at the
    same rate (``--scaling-rate``, 0.05 msg/s: the 1,000-client step stays under a core for
    the server and the generator alike), for fsmchat-info and asyncio, alternating at each N
@@ -312,6 +314,13 @@ def main_table(res: Results, hp: Profile) -> Table:
         row(name, summary(per_s[name]), "{:,.0f}")
     for peer in ("select", "asyncio"):
         row(f"fsmchat-info / {peer}", ratio(per_s["fsmchat-info"], per_s[peer]), "{:.2f}x")
+    table.add("churn: server CPU per connection, us (schedstat; the pace above is the "
+              "generator's too)")
+    cpu = {name: attr(res.churn.get(name, []), "accept_cpu_us") for name in CHURN_SERVERS}
+    for name in CHURN_SERVERS:
+        row(name, summary(cpu[name]), "{:.0f}")
+    for peer in ("select", "asyncio"):
+        row(f"fsmchat-info / {peer}", ratio(cpu["fsmchat-info"], cpu[peer]), "{:.2f}x")
 
     table.add(f"scaling: CPU per delivery, us, every client at {res.rate:g} msg/s")
     for name in SCALING_SERVERS:

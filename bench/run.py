@@ -126,6 +126,7 @@ class Figures:
     mem_idle_accepted: int | None = None
     accept_per_s: float | None = None
     accept_failed: int | None = None
+    accept_cpu_us: float | None = None  # server CPU per churned connection (schedstat)
     steps: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     problems: dict[str, int] = field(default_factory=dict)  # warning/error events, fsmchat
     problem_lines: list[str] = field(default_factory=list)
@@ -198,6 +199,7 @@ def churn_figure(gen: LoadGen, srv: Server, fig: Figures, prof: Profile) -> None
     second until the server's descriptor count is back (the generator must have connected
     to this server before: ``warm_up``)."""
     fds0 = srv.fd_count()
+    ns0 = srv.cpu_ns()
     churn = gen.churn(prof.churn, concurrency=8, timeout=60)
     if "error" in churn:
         fail(fig, f"accept: {churn['error']}")
@@ -206,6 +208,8 @@ def churn_figure(gen: LoadGen, srv: Server, fig: Figures, prof: Profile) -> None
     settled = srv.wait_fds(fds0, 10)
     seconds = churn["seconds"] + (time.monotonic() - t0)
     fig.accept_per_s = churn["done"] / seconds if settled else None
+    if settled and churn["done"]:  # what the server spent, whatever the generator's pace
+        fig.accept_cpu_us = (srv.cpu_ns() - ns0) / churn["done"] / 1000
     fig.accept_failed = churn["failed"]
     if churn["failed"] or not settled:
         fail(fig, f"accept: {churn['done']} relayed, {churn['failed']} failed "
