@@ -11,6 +11,10 @@ with ``--redis``, the bus's own work per message: wrapping one for PUBLISH, and 
 checking and handing on one from another instance (no socket I/O in either); and chat mode's
 ``clean`` of one line: ASCII, accented Latin, CJK, emoji, and a line that needs the full walk.
 Each figure is the best of 5 runs of many calls; the table goes to ``results/micro-<date>.json``.
+A second table counts instead of timing (``sys.setprofile``: the same on a busy machine as on
+an idle one): the Python and C calls of one delivery, and of one connection's life on loopback
+TCP through the server's listener (accept, one message relayed, EOF, release), with its
+``setsockopt`` calls.
 
 The calls are timed in a child process of the checkout measured (``harness.checkout``: this
 one, or ``--fsmchat DIR``), which imports that checkout's fsmchat and prints its rows as JSON.
@@ -24,9 +28,11 @@ import json
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import FrameType
 
 from harness.checkout import current
 from harness.report import Table
@@ -109,6 +115,90 @@ def measure() -> list[tuple[str, float]]:
     return rows
 
 
+class Calls:
+    """Counts the calls the server makes inside ``count``: Python functions, C functions, and
+    the C ones by name. Unlike a time, a count is the same on a busy machine and an idle one."""
+
+    def __init__(self) -> None:
+        self.python = 0
+        self.c: Counter[str] = Counter()
+
+    def _profile(self, frame: FrameType, event: str, arg: object) -> None:
+        if event == "call":
+            self.python += 1
+        elif event == "c_call":
+            self.c[getattr(arg, "__name__", "?")] += 1
+
+    def count(self, work: Callable[[], object]) -> None:
+        sys.setprofile(self._profile)
+        try:
+            work()
+        finally:
+            sys.setprofile(None)
+
+
+def call_rows() -> list[tuple[str, float]]:
+    """Calls per delivery and per connection's life, on loopback TCP through the server's own
+    listener: accept, one 64-byte message relayed to one observer, EOF, release."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)  # as the server's own are
+    server = Server(Options(host=None, port=0), [(listener, None)],
+                    make_logger(LogStream.memory(io.BytesIO()), "info", "json"),
+                    loop=EventLoop())
+    loop, hub = server.loop, server.hub
+    address = listener.getsockname()[:2]
+
+    def arrive() -> tuple[socket.socket, Callable[[], None]]:
+        """A client, and the server's turn that takes it."""
+        client = socket.create_connection(address)
+        return client, lambda: loop.dispatch([listener.fileno()], [])
+
+    observer, accept = arrive()
+    accept()
+    watching = next(iter(hub.connections.values()))
+
+    def life(calls: Calls) -> None:
+        client, accept = arrive()
+        run = calls.count
+        run(accept)
+        conn = next(c for c in hub.connections.values() if c is not watching)
+        client.sendall(b"m" * 64)
+        run(lambda: loop.dispatch([conn.fd], []))
+        run(lambda: loop.dispatch([], [watching.fd]))
+        observer.recv(1 << 16)
+        client.close()
+        time.sleep(0.01)  # the FIN's way over loopback: nothing to wait on from here
+        run(lambda: loop.dispatch([conn.fd], []))
+        run(loop.before_sleep)
+        assert conn.state == "closed", conn
+
+    for _ in range(3):  # warm: the listener's first socket, the caches
+        life(Calls())
+    lives, per_life = 20, Calls()
+    for _ in range(lives):
+        life(per_life)
+    delivery = Calls()
+    message = b"m" * 64
+
+    def deliveries() -> None:
+        for _ in range(100):
+            hub.deliver(message)
+            loop.dispatch([], [watching.fd])
+
+    delivery.count(deliveries)
+    observer.close()
+    listener.close()
+    return [
+        ("Python calls per delivery (hub.deliver to one, its writable turn)",
+         delivery.python / 100),
+        ("C calls per delivery", sum(delivery.c.values()) / 100),
+        ("Python calls per connection (accept, one message relayed, EOF, release)",
+         per_life.python / lives),
+        ("C calls per connection", sum(per_life.c.values()) / lives),
+        ("setsockopt calls per connection", per_life.c["setsockopt"] / lives),
+    ]
+
+
 def bus_rows(n: int) -> list[tuple[str, float]]:
     loop, address = EventLoop(), RedisAddress("127.0.0.1")
     log = make_logger(LogStream.memory(io.BytesIO()), "info", "json")
@@ -155,7 +245,7 @@ CHILD = "--measure-here"  # the child process: time the calls, print the rows as
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list == [CHILD]:
-        print(json.dumps(measure()))
+        print(json.dumps([measure(), call_rows()]))
         return 0
     parser = argparse.ArgumentParser(description="fsmchat: per-event costs inside one process")
     add_options(parser)
@@ -165,10 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     if done.returncode:
         print(f"micro.py: the measuring process failed:\n{done.stderr}", file=sys.stderr)
         return 1
+    timed, counted = json.loads(done.stdout)
     table = Table("", ["call", "us per call"])
-    for name, micros in json.loads(done.stdout):
+    for name, micros in timed:
         table.add(name, f"{micros:.2f}")
-    session.finish([table], [], {"rows": table.rows})
+    calls = Table("calls, counted (sys.setprofile): the same on a busy machine", ["", "calls"])
+    for name, count in counted:
+        calls.add(name, f"{count:.1f}")
+    session.finish([table, calls], [], {"rows": table.rows, "calls": calls.rows})
     return 0
 
 
