@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from fsmchat import __version__, diagrams, docs
+from fsmchat import __version__
 from fsmchat.lifecycle import LIFECYCLES
 from fsmchat.options import (
     ConfigError,
@@ -125,6 +125,7 @@ def connect_main(argv: list[str]) -> int:
 
 
 def build_diagrams_parser() -> argparse.ArgumentParser:
+    from fsmchat import diagrams  # noqa: PLC0415 - drawing (graphviz) is not loaded to serve
     parser = _Parser(
         prog="fsmchat diagrams",
         description="Draw every lifecycle the server runs, from the same tables it runs: "
@@ -140,6 +141,7 @@ def build_diagrams_parser() -> argparse.ArgumentParser:
 
 
 def diagrams_main(argv: list[str]) -> int:
+    from fsmchat import diagrams  # noqa: PLC0415 - as above
     args = build_diagrams_parser().parse_args(argv)
     formats: list[str] = args.formats or list(diagrams.FORMATS)
     have_dot = shutil.which("dot") is not None
@@ -179,6 +181,7 @@ def build_docs_parser() -> argparse.ArgumentParser:
 
 
 def docs_main(argv: list[str]) -> int:
+    from fsmchat import docs  # noqa: PLC0415 - it draws diagrams, not loaded to serve
     args = build_docs_parser().parse_args(argv)
     folder: Path = args.dir
     paths = sorted(folder.glob("*.md"))

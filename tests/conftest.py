@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -62,6 +64,18 @@ def server_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "fsmchat", *args]
 
 
+PYCACHE = tempfile.mkdtemp(prefix="fsmchat-tests-pycache-")
+"""Where the servers the tests start keep their compiled modules, for this run only: a machine
+that writes no bytecode (PYTHONDONTWRITEBYTECODE) would have each of them compile every module
+again, most of its start-up, as an installed server never does."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pycache() -> Iterator[None]:
+    yield
+    shutil.rmtree(PYCACHE, ignore_errors=True)
+
+
 def server_env() -> dict[str, str]:
     """The environment for the server: inherited, minus output-buffering crutches.
 
@@ -69,6 +83,8 @@ def server_env() -> dict[str, str]:
     """
     env = dict(os.environ)
     env.pop("PYTHONUNBUFFERED", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = PYCACHE
     return env
 
 
