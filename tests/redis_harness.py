@@ -381,6 +381,8 @@ class FakeRedis:
             return [s for s in self.sessions if s.link == link]
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accepting thread (a close alone does not)
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         with self.cond:
             sessions = list(self.sessions)
