@@ -208,7 +208,8 @@ def churn_figure(gen: LoadGen, srv: Server, fig: Figures, prof: Profile) -> None
     settled = srv.wait_fds(fds0, 10)
     seconds = churn["seconds"] + (time.monotonic() - t0)
     fig.accept_per_s = churn["done"] / seconds if settled else None
-    if settled and churn["done"]:  # what the server spent, whatever the generator's pace
+    if settled and churn["done"] and not churn["failed"]:  # what the server spent, whatever
+        # the generator's pace (failed connections cost it too, but are not in ``done``)
         fig.accept_cpu_us = (srv.cpu_ns() - ns0) / churn["done"] / 1000
     fig.accept_failed = churn["failed"]
     if churn["failed"] or not settled:
